@@ -1,0 +1,204 @@
+"""`llm4es`: one thin command per pipeline stage.
+
+Each command parses its options, makes one call on the `Pipeline` facade and prints the result.
+Domain errors become a readable message and exit code 1 in one place (`_errors`).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from producers.pipeline import Pipeline
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+HELP = """Turn raw user event histories into user embeddings served from a feature store.
+
+\b
+Typical run on the built-in MovieLens-100k dataset:
+  llm4es ingest movielens-100k      load the raw files into the DuckDB warehouse
+  llm4es validate movielens-100k    run the data-quality gate (Great Expectations)
+  llm4es demo                       all of the above, with a summary
+
+Data lives under --home (default: $LLM4ES_HOME or the current directory) in
+data/warehouse.duckdb; reports under reports/. Downloads (default model and dataset)
+are cached under --cache (default: $LLM4ES_CACHE or ~/.cache/llm4es).
+"""
+
+
+def _errors(fn):
+    """Map every domain error to a short message and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from producers.cache import FetchError
+        from producers.datasets.definition import DefinitionError
+        from producers.ingest import IngestError
+        from producers.ingest.source_files import SourceError
+        from producers.warehouse import WarehouseError
+        from validation.gate import ValidationGateError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError) as e:
+            err_console.print(f"[bold red]error:[/] {e}")
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_HOME",
+              help="Where data/ and reports/ live. [default: $LLM4ES_HOME or .]")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_CACHE",
+              help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
+    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {msg}[/]"))
+
+
+dataset_arg = click.argument("dataset")
+mapping_opt = click.option("--mapping", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                           help="YAML file describing your own dataset (see README: 'Describing your own data').")
+reject_opt = click.option("--max-reject-share", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+                          help="Largest share of malformed rows per file before the run fails.")
+
+
+@cli.command()
+@click.pass_obj
+def datasets(p: Pipeline) -> None:
+    """List built-in datasets and what the warehouse holds."""
+    from producers.datasets.definition import builtin_names, load_builtin
+    from producers.warehouse import ingested_datasets
+
+    table = Table("dataset", "kind", "in warehouse", "description")
+    present = set()
+    if p.home.warehouse_path.exists():
+        con = p.home.connect(read_only=True)
+        present = set(ingested_datasets(con))
+        con.close()
+    for name in builtin_names():
+        table.add_row(name, "built-in", "yes" if name in present else "", load_builtin(name).description)
+    for name in sorted(present - set(builtin_names())):
+        table.add_row(name, "mapping", "yes", "")
+    console.print(table)
+
+
+@cli.command()
+@click.option("--model", default=None, help="Registry name of the model to cache. [default: smollm2-135m]")
+@click.pass_obj
+@_errors
+def fetch(p: Pipeline, model: str | None) -> None:
+    """Download the default dataset and model into the cache (safe to re-run)."""
+    for name, path in p.fetch(model).items():
+        console.print(f"[green]✓[/] {name}: {path}")
+
+
+@cli.command()
+@dataset_arg
+@click.option("--source", type=click.Path(exists=True, path_type=Path),
+              help="Folder or zip with the dataset's raw files. [default: the cached copy, where one exists]")
+@mapping_opt
+@reject_opt
+@click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
+@click.pass_obj
+@_errors
+def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
+           force: bool) -> None:
+    """Load DATASET's raw files into the warehouse (atomic: all tables or none).
+
+    DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
+    mapping file declares. Malformed rows go to the `rejects` table with a reason.
+    """
+    t0 = time.perf_counter()
+    r = p.ingest(dataset, source, mapping, max_reject_share, force)
+    verb = "already ingested" if r.skipped else f"ingested in {time.perf_counter() - t0:.1f}s"
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
+                  f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")
+    table = Table("file", "rows read", "rejected", "share", title="source files", title_justify="left")
+    for f in r.files:
+        table.add_row(f.file, f"{f.rows_read:,}", f"{f.rows_rejected:,}", f"{f.reject_share:.2%}")
+    console.print(table)
+    if r.n_rejects:
+        console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
+
+
+@cli.command()
+@dataset_arg
+@reject_opt
+@click.option("--chunk-rows", type=click.IntRange(1000), default=2_000_000, show_default=True,
+              help="Events validated per chunk (chunks hold whole users).")
+@click.option("--no-data-docs", is_flag=True, help="Skip writing GX's HTML Data Docs.")
+@click.pass_obj
+@_errors
+def validate(p: Pipeline, dataset: str, max_reject_share: float, chunk_rows: int, no_data_docs: bool) -> None:
+    """Run DATASET's data-quality checks (Great Expectations) on the warehouse.
+
+    Prints a table of checks, writes a JSON result and HTML Data Docs under
+    reports/validation/, and exits 1 if any check fails. Later stages refuse to run on a
+    dataset whose last validation failed.
+    """
+    report = p.validate(dataset, max_reject_share, chunk_rows, not no_data_docs)
+    print_validation(report)
+    if not report.success:
+        sys.exit(1)
+
+
+def print_validation(report) -> None:
+    table = Table("", "check", "table", "checked", "failed", "examples", title=f"validation of {report.dataset}",
+                  title_justify="left")
+    for r in report.results:
+        mark = "[green]✓[/]" if r.success else "[red]✗[/]"
+        examples = r.error or ", ".join(str(x) for x in r.examples)
+        table.add_row(mark, r.check, r.batch, f"{r.checked:,}", f"{r.failed:,}" if r.failed else "", examples)
+    console.print(table)
+    verdict = "[green]passed[/]" if report.success else f"[red]FAILED[/] ({len(report.failed)} checks)"
+    console.print(f"{report.dataset}: {verdict}; result {report.json_path}")
+    if report.data_docs:
+        console.print(f"Data Docs: {report.data_docs}")
+
+
+@cli.command()
+@click.option("--dataset", default="movielens-100k", show_default=True)
+@click.pass_obj
+@_errors
+def demo(p: Pipeline, dataset: str) -> None:
+    """Run the pipeline end to end on the built-in dataset and print a summary."""
+    t0 = time.perf_counter()
+    console.rule(f"[bold]1/2 ingest {dataset}")
+    r = p.ingest(dataset)
+    console.print(f"{r.n_events:,} events, {r.n_users:,} users, {r.n_rejects:,} rejected rows"
+                  f"{' (unchanged source, reused)' if r.skipped else ''}")
+    console.rule(f"[bold]2/2 validate {dataset}")
+    report = p.validate(dataset)
+    print_validation(report)
+    if not report.success:
+        sys.exit(1)
+    console.rule("[bold]summary")
+    print_summary(p.summary(dataset))
+    console.print(f"done in {time.perf_counter() - t0:.1f}s; warehouse {p.home.warehouse_path}")
+
+
+def print_summary(s: dict) -> None:
+    lo, med, hi = s["events_per_user"]
+    console.print(f"{s['dataset']}: {s['events']:,} events by {s['users_with_events']:,} users "
+                  f"({s['users']:,} in users), {s['first_event']} .. {s['last_event']}")
+    console.print(f"events per user: min {lo}, median {med:g}, max {hi}; rejected rows: {s['rejects']}")
+    console.print(f"event fields: {', '.join(s['fields'])}")
+    for name, value in s["labels"].items():
+        if isinstance(value, tuple):
+            console.print(f"label {name}: mean {value[0]}, range {value[1]}..{value[2]}, {value[3]} users")
+        else:
+            console.print(f"label {name}: " + ", ".join(f"{k}={v}" for k, v in value))
+    console.print(f"ingest {s['ingest_id']}, data version {s['source_hash']}")
+
+
+def main() -> None:
+    cli(prog_name="llm4es")

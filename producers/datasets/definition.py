@@ -1,0 +1,246 @@
+"""What a dataset is: its raw files, how they become typed events and users, and field metadata.
+
+One definition format serves every dataset. The built-in datasets are YAML files in
+`builtin/`, and a user's own data is described by the same YAML (the "generic" adapter), so
+ingestion, validation and serialization never need code per dataset. The format is documented
+in the README ("Describing your own data").
+
+Expressions (`sql:`) are DuckDB SQL over the raw columns, which are all read as VARCHAR and
+qualified by their table name (`movies.movie_title`). A field's value is
+`TRY_CAST(<column or sql> AS <dtype>)`; a row whose raw value is present but does not parse is
+rejected with a reason instead of being loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
+
+
+class DefinitionError(ValueError):
+    """The dataset definition (mapping file) is malformed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableSource(_Strict):
+    """One raw input file. `file` may list alternatives: the first one found in the source is used."""
+
+    file: str | list[str]
+    delimiter: str | None = None  # CSV only; DuckDB sniffs it when absent
+    header: bool = True
+    columns: list[str] | None = None  # names to give the columns (required when header is false)
+    encoding: Literal["utf-8", "utf-16", "latin-1"] = "utf-8"
+    quote: str | None = '"'
+
+    @property
+    def candidates(self) -> list[str]:
+        return [self.file] if isinstance(self.file, str) else list(self.file)
+
+
+class TimeSpec(_Strict):
+    """How the event time is read.
+
+    format: a strptime pattern (`%Y-%m-%d %H:%M:%S`), `auto` (any ISO-like timestamp), `unix`
+    (seconds), `unix_ms`, `day_index` (integer days since `origin`) or `day_index_time`
+    (`"<days> HH:MM:SS"` since `origin`, as in the Sber gender dataset).
+    """
+
+    column: str | None = None
+    sql: str | None = None
+    format: str = "auto"
+    origin: str | None = None  # a date: day 0 of day-index formats
+    # A plausible window: events outside it fail validation (not ingestion).
+    window: tuple[str, str] = ("1970-01-01", "2100-01-01")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TimeSpec":
+        if (self.column is None) == (self.sql is None):
+            raise ValueError("give exactly one of `column` or `sql`")
+        if self.format.startswith("day_index") and not self.origin:
+            raise ValueError(f"format {self.format!r} needs an `origin` date (day 0)")
+        return self
+
+
+class FieldSpec(_Strict):
+    """One typed column of the events (or users) table."""
+
+    name: str  # column name in the warehouse
+    label: str | None = None  # human-readable name (serialization header); defaults to name
+    kind: Literal["categorical", "numeric", "text"] = "text"
+    column: str | None = None  # raw column (qualified or not)
+    sql: str | None = None  # or an expression over raw columns
+    dtype: str = "VARCHAR"
+    codes: str | None = None  # name of a code table giving each value's text description
+    values: list[str | int | float | bool] | None = None  # allowed values (validation)
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "FieldSpec":
+        if not IDENTIFIER.match(self.name):
+            raise ValueError(f"name {self.name!r} must be a plain identifier (letters, digits, _)")
+        if self.column is None and self.sql is None:
+            raise ValueError("give `column` or `sql`")
+        if self.dtype.upper() not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}")
+        return self
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class LabelSpec(FieldSpec):
+    """A user-level target. binary/multiclass labels are categorical, regression numeric."""
+
+    task: Literal["binary", "multiclass", "regression"] = "binary"
+    kind: Literal["categorical", "numeric", "text"] = "categorical"
+
+
+class Lookup(_Strict):
+    """A table joined to the events by key (e.g. movie attributes by movie id)."""
+
+    table: str
+    join: dict[str, str]  # events raw column -> lookup table column (not `on`: YAML reads it as true)
+
+
+class EventsSpec(_Strict):
+    table: str
+    user: str  # raw user column
+    user_dtype: Literal["VARCHAR", "BIGINT"] = "VARCHAR"
+    time: TimeSpec
+    fields: list[FieldSpec]
+    lookups: list[Lookup] = Field(default_factory=list)
+    key: list[str] | None = None  # warehouse columns that identify an event uniquely
+    min_events_per_user: int = 1
+
+
+class UsersSpec(_Strict):
+    table: str
+    user: str
+    labels: list[LabelSpec] = Field(default_factory=list)
+    attributes: list[FieldSpec] = Field(default_factory=list)
+    # True where the users file lists every user (MovieLens); label files of the bank datasets
+    # cover only the training users, so their events may have users the file lacks.
+    covers_all_events: bool = False
+
+
+class CodeSource(_Strict):
+    """Where a code table's descriptions come from: a raw table, inline values, or iso18245."""
+
+    table: str | None = None
+    code: str | None = None
+    description: str | None = None
+    values: dict[str, str] | None = None
+    iso18245: bool = False  # MCC descriptions from the iso18245 package
+
+
+class CodeTable(_Strict):
+    # Sources in priority order: the first that knows a code gives its description.
+    sources: list[CodeSource]
+    # Codes are compared as text; `pad` left-pads them with zeros (MCC 742 -> "0742").
+    pad: int | None = None
+
+
+class DatasetDefinition(_Strict):
+    name: str
+    description: str = ""
+    tables: dict[str, TableSource]
+    events: EventsSpec
+    users: UsersSpec | None = None
+    codes: dict[str, CodeTable] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "DatasetDefinition":
+        tables = set(self.tables)
+        refs = [self.events.table, *(lk.table for lk in self.events.lookups)]
+        if self.users:
+            refs.append(self.users.table)
+        refs += [s.table for ct in self.codes.values() for s in ct.sources if s.table]
+        for ref in refs:
+            if ref not in tables:
+                raise ValueError(f"table {ref!r} is used but not declared under `tables`")
+        names = [f.name for f in self.events.fields]
+        dupes = {n for n in names if names.count(n) > 1} | ({"user_id", "event_time"} & set(names))
+        if dupes:
+            raise ValueError(f"events.fields: duplicate or reserved names {sorted(dupes)}")
+        for f in self.all_fields:
+            if f.codes and f.codes not in self.codes:
+                raise ValueError(f"field {f.name!r} uses code table {f.codes!r}, not declared under `codes`")
+        for col in self.events.key or []:
+            if col not in {"user_id", "event_time", *names}:
+                raise ValueError(f"events.key: {col!r} is not an events column")
+        return self
+
+    @property
+    def schema(self) -> str:
+        """The warehouse schema: the dataset name as an identifier."""
+        return schema_name(self.name)
+
+    @property
+    def all_fields(self) -> list[FieldSpec]:
+        users = [*self.users.labels, *self.users.attributes] if self.users else []
+        return [*self.events.fields, *users]
+
+    def fingerprint(self) -> str:
+        """A stable hash of the definition: recorded with everything produced from it."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def schema_name(dataset: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", dataset).lower()
+    return name if IDENTIFIER.match(name) else f"d_{name}"
+
+
+def builtin_names() -> list[str]:
+    files = resources.files("producers.datasets").joinpath("builtin").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def load_builtin(name: str) -> DatasetDefinition:
+    path = resources.files("producers.datasets").joinpath("builtin", f"{name}.yaml")
+    if not path.is_file():
+        raise DefinitionError(
+            f"unknown dataset {name!r}: built-in datasets are {', '.join(builtin_names())}; "
+            "describe your own with --mapping FILE.yaml"
+        )
+    return parse_definition(path.read_text(), origin=f"built-in {name}.yaml")
+
+
+def load_mapping(path: Path) -> DatasetDefinition:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise DefinitionError(f"{path}: cannot read the mapping file ({e.strerror})") from e
+    return parse_definition(text, origin=str(path))
+
+
+def parse_definition(text: str, origin: str) -> DatasetDefinition:
+    """Parse YAML into a definition; errors name the file and the path of the bad entry."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DefinitionError(f"{origin}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise DefinitionError(f"{origin}: expected a mapping at the top level")
+    try:
+        return DatasetDefinition.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise DefinitionError(f"{origin}: invalid dataset definition\n" + "\n".join(lines)) from None

@@ -1,0 +1,3 @@
+from producers.ingest.run import IngestConfig, IngestError, IngestResult, ingest
+
+__all__ = ["IngestConfig", "IngestError", "IngestResult", "ingest"]

@@ -1,0 +1,91 @@
+"""SQL expressions that turn raw text columns into typed warehouse columns.
+
+Each typed value comes with a reject condition: the raw value is present, but the typed value
+is NULL, so it did not parse. Pure functions from the definition to SQL text, so they can be
+read and tested without a database.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from producers.datasets.definition import FieldSpec, TimeSpec
+from producers.ingest.raw_load import sql_str
+
+
+@dataclass(frozen=True)
+class TypedColumn:
+    name: str
+    value: str  # SQL giving the typed value
+    raw: str | None  # SQL giving the raw text the value came from (None: nothing to check)
+    what: str  # how a failure is described: "INTEGER", "timestamp as unix seconds", ...
+
+    def failed(self) -> str:
+        """SQL that is true when the raw text is present but did not parse."""
+        if self.raw is None:
+            return "false"
+        return f"(nullif(trim({self.raw}), '') IS NOT NULL AND ({self.value}) IS NULL)"
+
+    def reason(self) -> str:
+        """SQL giving the reject reason for this column, or NULL when it parsed."""
+        return (f"CASE WHEN {self.failed()} THEN 'field {self.name}: cannot read ' || "
+                f"'\"' || {self.raw} || '\" as {self.what}' END")
+
+
+def qualify(column: str, table: str) -> str:
+    """`rating` -> `"ratings"."rating"`; an already qualified `movies.movie_title` is quoted as is."""
+    if "." in column and not column.startswith('"'):
+        tbl, col = column.split(".", 1)
+        return f'"{tbl}"."{col}"'
+    return f'"{table}"."{column}"'
+
+
+def user_column(raw_column: str, dtype: str, table: str) -> TypedColumn:
+    raw = qualify(raw_column, table)
+    return TypedColumn("user_id", f"TRY_CAST(trim({raw}) AS {dtype})", raw, dtype)
+
+
+def time_column(spec: TimeSpec, table: str) -> TypedColumn:
+    raw = qualify(spec.column, table) if spec.column else f"({spec.sql})"
+    text = f"trim({raw})"
+    fmt = spec.format
+    if fmt == "auto":
+        value, what = f"TRY_CAST({text} AS TIMESTAMP)", "a timestamp"
+    elif fmt in ("unix", "unix_ms"):
+        scale = 1_000_000 if fmt == "unix" else 1_000
+        value = f"TRY(make_timestamp(CAST(TRY_CAST({text} AS DOUBLE) * {scale} AS BIGINT)))"
+        what = "unix seconds" if fmt == "unix" else "unix milliseconds"
+    elif fmt == "day_index":
+        value = f"TIMESTAMP {sql_str(spec.origin)} + to_days(TRY_CAST({text} AS INTEGER))"
+        what = f"a day index (day 0 = {spec.origin})"
+    elif fmt == "day_index_time":
+        # "<days> HH:MM:SS"; seconds may read 60, so add seconds instead of casting to TIME.
+        parts = f"regexp_extract({text}, '^(\\d+) (\\d{{1,2}}):(\\d{{1,2}}):(\\d{{1,2}})$', ['d', 'h', 'm', 's'])"
+        secs = (f"TRY_CAST(nullif({parts}.h, '') AS INTEGER) * 3600 + "
+                f"TRY_CAST(nullif({parts}.m, '') AS INTEGER) * 60 + TRY_CAST(nullif({parts}.s, '') AS INTEGER)")
+        value = (f"TIMESTAMP {sql_str(spec.origin)} + to_days(TRY_CAST(nullif({parts}.d, '') AS INTEGER))"
+                 f" + to_seconds({secs})")
+        what = f"'<day index> HH:MM:SS' (day 0 = {spec.origin})"
+    else:
+        value, what = f"try_strptime({text}, {sql_str(fmt)})", f"a time in format {fmt}"
+    return TypedColumn("event_time", value, raw, what.replace("'", "''"))
+
+
+def field_column(spec: FieldSpec, table: str) -> TypedColumn:
+    dtype = spec.dtype.upper()
+    raw = qualify(spec.column, table) if spec.column else None
+    source = f"({spec.sql})" if spec.sql else raw
+    if dtype == "VARCHAR":
+        value = source
+    else:
+        value = f"TRY_CAST(trim({source}) AS {dtype})"
+    # A computed field is checked against its own expression: present text that fails the cast.
+    check_raw = raw if raw is not None else (source if dtype != "VARCHAR" else None)
+    return TypedColumn(spec.name, value, check_raw, dtype)
+
+
+def reasons(columns: list[TypedColumn]) -> str:
+    """SQL joining every failed column's reason; NULL when the row parsed."""
+    parts = [c.reason() for c in columns if c.raw is not None]
+    if not parts:
+        return "NULL"
+    return f"nullif(concat_ws('; ', {', '.join(parts)}), '')"

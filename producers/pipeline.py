@@ -1,0 +1,75 @@
+"""The facade the CLI drives: one method per command, typed arguments, no printing.
+
+Each method resolves names (built-in dataset or mapping file, default source or --source),
+calls the stage's library function and returns its result; the CLI prints it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from producers.cache import default_cache_dir
+from producers.datasets.default_sources import fetch_default_source
+from producers.datasets.definition import DatasetDefinition, DefinitionError, load_builtin, load_mapping
+from producers.warehouse import Home
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    home: Home
+    cache_dir: Path
+    log: Log = lambda _: None
+
+    @classmethod
+    def create(cls, home: str | Path | None = None, cache_dir: str | Path | None = None,
+               log: Log = lambda _: None) -> "Pipeline":
+        return cls(Home.resolve(home), Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), log)
+
+    def definition(self, dataset: str, mapping: Path | None = None) -> DatasetDefinition:
+        """A built-in dataset by name, or the one a mapping file describes (its name must match)."""
+        if mapping is None:
+            return load_builtin(dataset)
+        definition = load_mapping(mapping)
+        if dataset != definition.name:
+            raise DefinitionError(f"{mapping}: describes dataset {definition.name!r}, not {dataset!r}")
+        return definition
+
+    def ingest(self, dataset: str, source: Path | None = None, mapping: Path | None = None,
+               max_reject_share: float = 0.01, force: bool = False):
+        from producers.ingest import IngestConfig, ingest
+        from producers.ingest.source_files import SourceError
+
+        definition = self.definition(dataset, mapping)
+        if source is None:
+            self.log(f"{dataset}: no --source given, using the default copy in {self.cache_dir}")
+            source = fetch_default_source(dataset, self.cache_dir)
+            if source is None:
+                raise SourceError(f"{dataset} has no default source: pass --source with the folder or zip of its files")
+        return ingest(self.home, definition, IngestConfig(Path(source), max_reject_share, force), self.log)
+
+    def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
+                 data_docs: bool = True):
+        from validation.run import ValidateConfig, validate
+
+        return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs), self.log)
+
+    def fetch(self, model: str | None = None) -> dict[str, Path]:
+        """Put the default dataset and model in the cache (idempotent, fast when already there)."""
+        from training.models import DEFAULT_MODEL, resolve_model
+
+        fetched = {"movielens-100k": fetch_default_source("movielens-100k", self.cache_dir)}
+        name = model or DEFAULT_MODEL
+        fetched[name] = Path(resolve_model(name, cache_dir=self.cache_dir, progress=self.log))
+        return fetched
+
+    def summary(self, dataset: str) -> dict:
+        from producers.summary import dataset_summary
+
+        con = self.home.connect(read_only=True)
+        try:
+            return dataset_summary(con, dataset)
+        finally:
+            con.close()

@@ -1,0 +1,120 @@
+"""The DuckDB warehouse: one file under the home directory, one schema per dataset.
+
+Every dataset schema holds `events`, `users`, `codes`, `rejects`, `dataset_meta` (the
+definition the data was ingested with), `ingest_log` and `validation_log`. Tables are only ever
+replaced by `swap_tables`, which renames fully built staging tables into place in one
+transaction, so a reader sees either the old tables or the new ones, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+from producers.datasets.definition import DatasetDefinition, DefinitionError, schema_name
+
+STAGING_SUFFIX = "__staging"
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse lacks what a stage needs (e.g. the dataset was never ingested)."""
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where llm4es keeps its data: `--home`, else `$LLM4ES_HOME`, else the current directory."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, home: str | Path | None = None) -> "Home":
+        chosen = home or os.environ.get("LLM4ES_HOME") or "."
+        return cls(Path(chosen).expanduser().resolve())
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.data_dir / "warehouse.duckdb"
+
+    def reports_dir(self, *parts: str) -> Path:
+        path = self.root.joinpath("reports", *parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        if read_only and not self.warehouse_path.exists():
+            raise WarehouseError(f"no warehouse at {self.warehouse_path}: run `llm4es ingest` first")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return duckdb.connect(str(self.warehouse_path), read_only=read_only)
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+        [schema, table],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def table_names(con: duckdb.DuckDBPyConnection, schema: str) -> list[str]:
+    rows = con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = ? ORDER BY 1", [schema]
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def swap_tables(con: duckdb.DuckDBPyConnection, schema: str, names: Iterator[str] | list[str]) -> None:
+    """Replace `schema.<name>` by `schema.<name>__staging` for every name, all or nothing."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for name in names:
+            _swap_one(con, schema, name)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _swap_one(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> None:
+    con.execute(f'DROP TABLE IF EXISTS "{schema}"."{name}"')
+    con.execute(f'ALTER TABLE "{schema}"."{name}{STAGING_SUFFIX}" RENAME TO "{name}"')
+
+
+def drop_staging(con: duckdb.DuckDBPyConnection, schema: str) -> None:
+    for name in table_names(con, schema):
+        if name.endswith(STAGING_SUFFIX):
+            con.execute(f'DROP TABLE IF EXISTS "{schema}"."{name}"')
+
+
+def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDefinition:
+    """The definition the dataset was last ingested with: later stages read fields from it."""
+    schema = schema_name(dataset)
+    if not table_exists(con, schema, "dataset_meta"):
+        raise WarehouseError(f"dataset {dataset!r} is not in the warehouse: run `llm4es ingest {dataset}` first")
+    (blob,) = con.execute(f'SELECT definition FROM "{schema}".dataset_meta').fetchone()
+    try:
+        return DatasetDefinition.model_validate(json.loads(blob))
+    except ValueError as e:  # written by an older, incompatible version
+        raise DefinitionError(f"stored definition of {dataset!r} is unreadable ({e}); re-run ingest") from e
+
+
+def ingested_datasets(con: duckdb.DuckDBPyConnection) -> list[str]:
+    rows = con.execute(
+        "SELECT table_schema FROM information_schema.tables WHERE table_name = 'dataset_meta' ORDER BY 1"
+    ).fetchall()
+    return [con.execute(f'SELECT name FROM "{r[0]}".dataset_meta').fetchone()[0] for r in rows]
+
+
+def last_ingest(con: duckdb.DuckDBPyConnection, schema: str) -> dict | None:
+    if not table_exists(con, schema, "ingest_log"):
+        return None
+    cur = con.execute(f'SELECT * FROM "{schema}".ingest_log ORDER BY finished_at DESC LIMIT 1')
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row)) if row else None

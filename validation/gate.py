@@ -1,0 +1,31 @@
+"""Later stages run only on data whose last validation passed."""
+from __future__ import annotations
+
+import duckdb
+
+from producers.warehouse import last_ingest, stored_definition, table_exists
+
+
+class ValidationGateError(RuntimeError):
+    """The dataset has not passed validation since it was last ingested."""
+
+
+def require_valid(con: duckdb.DuckDBPyConnection, dataset: str, force: bool = False) -> None:
+    if force:
+        return
+    schema = stored_definition(con, dataset).schema
+    ingest = last_ingest(con, schema)
+    last = None
+    if table_exists(con, schema, "validation_log"):
+        last = con.execute(f'SELECT run_id, ingest_id, success, n_failed, report FROM "{schema}".validation_log '
+                           "ORDER BY started_at DESC LIMIT 1").fetchone()
+    if last is None:
+        raise ValidationGateError(f"{dataset} has not been validated: run `llm4es validate {dataset}` "
+                                  "(or pass --force to skip the gate)")
+    run_id, ingest_id, success, n_failed, report = last
+    if ingest and ingest_id != ingest["ingest_id"]:
+        raise ValidationGateError(f"{dataset} was re-ingested after its last validation: run "
+                                  f"`llm4es validate {dataset}` (or pass --force)")
+    if not success:
+        raise ValidationGateError(f"{dataset} failed its last validation ({n_failed} checks failed, see {report}); "
+                                  "fix the data and re-ingest, or pass --force to run anyway")

@@ -1,0 +1,204 @@
+"""Run a dataset's checks with Great Expectations on the warehouse tables.
+
+GX Core has no DuckDB data source (its generic SQL source fails on DuckDB), so each batch is a
+pandas frame produced by a DuckDB query. Events are validated in chunks of at most
+`chunk_rows` rows that hold whole users (partitioned by a hash of user_id), so per-user and
+per-key checks stay exact while memory stays bounded; per-user counts and reject shares are
+computed in SQL and validated as small frames.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+import pandas as pd
+
+from producers.datasets.definition import DatasetDefinition
+from producers.provenance import code_version
+from producers.warehouse import Home, last_ingest, stored_definition, table_exists
+from validation.suites import BATCHES, Check, dataset_checks
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
+
+EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    chunk_rows: int = 2_000_000
+    max_reject_share: float = 0.01
+    data_docs: bool = True
+
+
+@dataclass
+class CheckResult:
+    batch: str
+    check: str
+    expectation: str
+    column: str
+    success: bool
+    checked: int = 0  # rows (or values) looked at
+    failed: int = 0
+    examples: list[Any] = field(default_factory=list)
+    error: str | None = None  # the check could not run (e.g. the column is missing)
+
+
+@dataclass
+class ValidationReport:
+    dataset: str
+    run_id: str
+    ingest_id: str
+    success: bool
+    results: list[CheckResult]
+    json_path: Path
+    data_docs: Path | None
+    started_at: str
+    code_version: str
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if not r.success]
+
+
+def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig(),
+             log: Callable[[str], None] = lambda _: None) -> ValidationReport:
+    con = home.connect()
+    try:
+        definition = stored_definition(con, dataset)
+        ingest = last_ingest(con, definition.schema)
+        started = datetime.now(timezone.utc).replace(tzinfo=None)
+        run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        out_dir = home.reports_dir("validation", definition.schema)
+        checks = dataset_checks(definition, config.max_reject_share)
+        results = _run_checks(con, definition, checks, config, out_dir / "data_docs", log)
+        report = ValidationReport(
+            dataset=definition.name, run_id=run_id, ingest_id=ingest["ingest_id"],
+            success=all(r.success for r in results), results=results,
+            json_path=out_dir / f"{run_id}.json",
+            data_docs=(out_dir / "data_docs" / "index.html") if config.data_docs else None,
+            started_at=started.isoformat(), code_version=code_version(),
+        )
+        _write_json(report, out_dir)
+        _log_run(con, definition.schema, report)
+        return report
+    finally:
+        con.close()
+
+
+def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: list[Check],
+                config: ValidateConfig, docs_dir: Path, log: Callable[[str], None]) -> list[CheckResult]:
+    import great_expectations as gx
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # we print our own progress
+    if config.data_docs:
+        context.add_data_docs_site(site_name="llm4es", site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        })
+    source = context.data_sources.add_pandas(d.schema)
+    merged: dict[int, CheckResult] = {}
+    for batch in BATCHES:
+        batch_checks = [(i, c) for i, c in enumerate(checks) if c.batch == batch]
+        if not batch_checks:
+            continue
+        checkpoint = _checkpoint(context, gx, source, batch, batch_checks, config.data_docs)
+        for frame, params in _frames(con, d, batch, config.chunk_rows):
+            log(f"checking {batch} ({len(frame):,} rows)")
+            result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=params)
+            for vr in result.run_results.values():
+                for er in vr.results:
+                    index = er.expectation_config.meta["index"]
+                    _merge(merged, index, checks[index], er)
+    return [merged[i] for i in sorted(merged)]
+
+
+def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, Check]], data_docs: bool):
+    import great_expectations.expectations as gxe
+
+    suite = context.suites.add(gx.ExpectationSuite(name=f"{source.name}.{batch}"))
+    for index, check in batch_checks:
+        cls = getattr(gxe, check.expectation)
+        suite.add_expectation(cls(**check.kwargs, meta={"index": index, "check": check.description}))
+    asset = source.add_dataframe_asset(batch)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(
+        name=f"{source.name}.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["llm4es"])] if data_docs else []
+    return context.checkpoints.add(gx.Checkpoint(
+        name=f"{source.name}.{batch}", validation_definitions=[definition], actions=actions,
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}))
+
+
+def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int):
+    """(frame, expectation parameters) for each chunk of a batch."""
+    s = f'"{d.schema}"'
+    if batch == "schema":
+        rows = con.execute(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name IN ('events', 'users')", [d.schema]).fetchall()
+        yield pd.DataFrame({name: [dtype] for name, dtype in rows}), {}
+    elif batch == "events":
+        n = con.execute(f"SELECT count(*) FROM {s}.events").fetchone()[0]
+        parts = max(1, math.ceil(n / chunk_rows))
+        for k in range(parts):
+            where = f"hash(user_id) % {parts} = {k}"
+            frame = con.execute(f"SELECT * FROM {s}.events WHERE {where}").df()
+            known = [r[0] for r in con.execute(f"SELECT user_id FROM {s}.users WHERE {where}").fetchall()]
+            yield frame, {"known_users": known}
+    elif batch == "users":
+        yield con.execute(f"SELECT * FROM {s}.users").df(), {}
+    elif batch == "activity":
+        yield con.execute(f"SELECT user_id, count(*) AS n_events FROM {s}.events GROUP BY user_id").df(), {}
+    elif batch == "rejects":
+        files = json.loads(last_ingest(con, d.schema)["files"])
+        yield pd.DataFrame([{"file": f["file"], "rows_read": f["rows_read"], "rows_rejected": f["rows_rejected"],
+                             "reject_share": (f["rows_rejected"] / f["rows_read"]) if f["rows_read"] else 0.0}
+                            for f in files]), {}
+
+
+def _merge(merged: dict[int, CheckResult], index: int, check: Check, er) -> None:
+    """Fold one chunk's expectation result into the check's running result."""
+    res = merged.setdefault(index, CheckResult(check.batch, check.description, check.expectation, check.column, True))
+    exc = er.exception_info or {}
+    if exc.get("raised_exception"):
+        res.success = False
+        res.error = (exc.get("exception_message") or "the check could not run").splitlines()[0]
+        return
+    r = er.result or {}
+    res.success = res.success and bool(er.success)
+    res.checked += int(r.get("element_count") or 0)
+    res.failed += int(r.get("unexpected_count") or 0)
+    if not er.success and not r.get("unexpected_count") and "observed_value" in r:
+        res.examples.append(r["observed_value"])
+    for value in r.get("partial_unexpected_list") or []:
+        if len(res.examples) < EXAMPLES:
+            res.examples.append(value)
+
+
+def _write_json(report: ValidationReport, out_dir: Path) -> None:
+    payload = asdict(report)
+    text = json.dumps(payload, indent=2, default=str)
+    tmp = report.json_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, report.json_path)
+    (out_dir / "latest.json").write_text(text)
+
+
+def _log_run(con: duckdb.DuckDBPyConnection, schema: str, report: ValidationReport) -> None:
+    if not table_exists(con, schema, "validation_log"):
+        con.execute(f'CREATE TABLE "{schema}".validation_log (run_id VARCHAR, ingest_id VARCHAR, '
+                    "started_at TIMESTAMP, success BOOLEAN, n_checks INTEGER, n_failed INTEGER, "
+                    "report VARCHAR, code_version VARCHAR)")
+    con.execute(f'INSERT INTO "{schema}".validation_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+                [report.run_id, report.ingest_id, report.started_at, report.success, len(report.results),
+                 len(report.failed), str(report.json_path), report.code_version])

@@ -1,0 +1,112 @@
+"""The data-quality checks of a dataset, derived from its definition.
+
+Checks are grouped by the batch they run on, because each batch is a differently shaped frame:
+- `schema`: one row whose columns are the warehouse columns and whose values are their types
+- `events`: the events (validated in chunks that hold whole users, see `validation.run`)
+- `users`: the users table
+- `activity`: events per user, computed in SQL
+- `rejects`: each source file's rejected-row share, from the ingest log
+This module only declares; it runs nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from producers.datasets.definition import DatasetDefinition, FieldSpec
+
+BATCHES = ("schema", "events", "users", "activity", "rejects")
+
+
+@dataclass(frozen=True)
+class Check:
+    batch: str
+    expectation: str  # GX expectation class name, e.g. "ExpectColumnValuesToNotBeNull"
+    kwargs: dict[str, Any]
+    description: str  # what a person reads in the report
+
+    @property
+    def column(self) -> str:
+        return self.kwargs.get("column") or ", ".join(self.kwargs.get("column_list", []))
+
+
+def dataset_checks(d: DatasetDefinition, max_reject_share: float = 0.01) -> list[Check]:
+    ev = d.events
+    checks = _schema_checks(d)
+    checks += [
+        Check("events", "ExpectColumnValuesToNotBeNull", {"column": "user_id"}, "every event has a user"),
+        Check("events", "ExpectColumnValuesToNotBeNull", {"column": "event_time"}, "every event has a time"),
+        Check("events", "ExpectColumnValuesToBeBetween",
+              {"column": "event_time", "min_value": datetime.fromisoformat(ev.time.window[0]),
+               "max_value": datetime.fromisoformat(ev.time.window[1])},
+              f"event times within the plausible window {ev.time.window[0]} .. {ev.time.window[1]}"),
+    ]
+    checks += [c for f in ev.fields for c in _domain_checks("events", f)]
+    if ev.key:
+        if len(ev.key) == 1:
+            checks.append(Check("events", "ExpectColumnValuesToBeUnique", {"column": ev.key[0]},
+                                f"{ev.key[0]} identifies an event"))
+        else:
+            checks.append(Check("events", "ExpectCompoundColumnsToBeUnique", {"column_list": list(ev.key)},
+                                f"({', '.join(ev.key)}) identifies an event"))
+    if d.users and d.users.covers_all_events:
+        checks.append(Check("events", "ExpectColumnValuesToBeInSet",
+                            {"column": "user_id", "value_set": {"$PARAMETER": "known_users"}},
+                            "every event's user is in users"))
+    checks += [
+        Check("users", "ExpectColumnValuesToNotBeNull", {"column": "user_id"}, "every user row has an id"),
+        Check("users", "ExpectColumnValuesToBeUnique", {"column": "user_id"},
+              "one row per user (a repeated id means conflicting labels)"),
+    ]
+    if d.users:
+        checks += [c for f in [*d.users.labels, *d.users.attributes] for c in _domain_checks("users", f)]
+    checks += [
+        Check("activity", "ExpectColumnValuesToBeBetween", {"column": "n_events", "min_value": ev.min_events_per_user},
+              f"every user has at least {ev.min_events_per_user} events"),
+        Check("rejects", "ExpectColumnValuesToBeBetween",
+              {"column": "reject_share", "min_value": 0, "max_value": max_reject_share},
+              f"each file's rejected-row share is at most {max_reject_share:.2%}"),
+    ]
+    return checks
+
+
+def expected_types(d: DatasetDefinition) -> dict[str, dict[str, str]]:
+    """Warehouse column -> DuckDB type, per table, as ingestion writes them."""
+    user = {"user_id": d.events.user_dtype}
+    events = {**user, "event_time": "TIMESTAMP", **{f.name: _duck_type(f) for f in d.events.fields}}
+    users = dict(user)
+    if d.users:
+        users.update({f.name: _duck_type(f) for f in [*d.users.labels, *d.users.attributes]})
+    return {"events": events, "users": users}
+
+
+def _duck_type(f: FieldSpec) -> str:
+    return f.dtype.upper()
+
+
+def _schema_checks(d: DatasetDefinition) -> list[Check]:
+    checks = []
+    for table, cols in expected_types(d).items():
+        checks.append(Check("schema", "ExpectTableColumnsToMatchSet",
+                            {"column_set": [f"{table}.{c}" for c in cols], "exact_match": False},
+                            f"{table} has its required columns"))
+        checks += [Check("schema", "ExpectColumnValuesToBeInSet", {"column": f"{table}.{c}", "value_set": [t]},
+                         f"{table}.{c} is {t}") for c, t in cols.items()]
+    return checks
+
+
+def _domain_checks(batch: str, f: FieldSpec) -> list[Check]:
+    checks = []
+    if f.values is not None:
+        checks.append(Check(batch, "ExpectColumnValuesToBeInSet", {"column": f.name, "value_set": list(f.values)},
+                            f"{f.name} in {list(f.values)}"))
+    if f.min is not None or f.max is not None:
+        checks.append(Check(batch, "ExpectColumnValuesToBeBetween",
+                            {"column": f.name, "min_value": f.min, "max_value": f.max},
+                            f"{f.name} between {_num(f.min)} and {_num(f.max)}"))
+    return checks
+
+
+def _num(x: float | None) -> str:
+    return "-inf" if x is None else f"{x:g}"
