@@ -45,10 +45,16 @@ def _errors(fn):
         from producers.warehouse import WarehouseError
         from validation.gate import ValidationGateError
 
+        import duckdb
+
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
+            sys.exit(1)
+        except (duckdb.IOException, duckdb.ConnectionException) as e:
+            err_console.print(f"[bold red]error:[/] cannot open the warehouse (is another llm4es process "
+                              f"using it?): {e}")
             sys.exit(1)
 
     return wrapper

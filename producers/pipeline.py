@@ -43,6 +43,8 @@ class Pipeline:
         from producers.ingest.source_files import SourceError
 
         definition = self.definition(dataset, mapping)
+        if source is None and mapping is not None:
+            source = mapping.parent  # a mapping's files usually sit beside it
         if source is None:
             self.log(f"{dataset}: no --source given, using the default copy in {self.cache_dir}")
             source = fetch_default_source(dataset, self.cache_dir)

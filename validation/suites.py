@@ -104,9 +104,9 @@ def _domain_checks(batch: str, f: FieldSpec) -> list[Check]:
     if f.min is not None or f.max is not None:
         checks.append(Check(batch, "ExpectColumnValuesToBeBetween",
                             {"column": f.name, "min_value": f.min, "max_value": f.max},
-                            f"{f.name} between {_num(f.min)} and {_num(f.max)}"))
+                            f"{f.name} between {_num(f.min, '-inf')} and {_num(f.max, 'inf')}"))
     return checks
 
 
-def _num(x: float | None) -> str:
-    return "-inf" if x is None else f"{x:g}"
+def _num(x: float | None, unbounded: str) -> str:
+    return unbounded if x is None else f"{x:g}"

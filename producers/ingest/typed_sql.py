@@ -71,16 +71,18 @@ def time_column(spec: TimeSpec, table: str) -> TypedColumn:
 
 
 def field_column(spec: FieldSpec, table: str) -> TypedColumn:
+    """A raw column is trimmed and cast; an `sql` expression is cast as it is (it may not be text).
+
+    Only a field with a raw `column` is checked for parse failures: a computed value has no
+    raw text of its own to blame (give both `column` and `sql` to check the input column).
+    """
     dtype = spec.dtype.upper()
     raw = qualify(spec.column, table) if spec.column else None
-    source = f"({spec.sql})" if spec.sql else raw
-    if dtype == "VARCHAR":
-        value = source
+    if spec.sql:
+        value = f"({spec.sql})" if dtype == "VARCHAR" else f"TRY_CAST(({spec.sql}) AS {dtype})"
     else:
-        value = f"TRY_CAST(trim({source}) AS {dtype})"
-    # A computed field is checked against its own expression: present text that fails the cast.
-    check_raw = raw if raw is not None else (source if dtype != "VARCHAR" else None)
-    return TypedColumn(spec.name, value, check_raw, dtype)
+        value = raw if dtype == "VARCHAR" else f"TRY_CAST(trim({raw}) AS {dtype})"
+    return TypedColumn(spec.name, value, raw, dtype)
 
 
 def reasons(columns: list[TypedColumn]) -> str:
