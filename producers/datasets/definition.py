@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
@@ -145,6 +145,12 @@ class CodeSource(_Strict):
     description: str | None = None
     values: dict[str, str] | None = None
     iso18245: bool = False  # MCC descriptions from the iso18245 package
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _codes_as_text(cls, v):
+        # YAML reads `810: Russian ruble` with an integer key; codes are compared as text.
+        return {str(k): str(val) for k, val in v.items()} if isinstance(v, dict) else v
 
 
 class CodeTable(_Strict):

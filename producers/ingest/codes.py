@@ -7,10 +7,11 @@ import duckdb
 
 from producers.datasets.definition import CodeSource, CodeTable
 from producers.ingest.raw_load import sql_str
-from producers.ingest.typed_sql import qualify
+from producers.ingest.typed_sql import pad_code, qualify
 
 # Card-network lists first: their wording is what people see on statements. Ranges last, so
 # a code missing from every list still gets its ISO 18245 range ("Airlines", "Lodging", ...).
+RANGE_PRIORITY = 1_000_000
 ISO18245_LISTS = ["mastercard_list", "visa_list", "iso18245_official_list", "amex_list",
                   "usda_list", "stripe_list", "alipay_list"]
 
@@ -28,16 +29,18 @@ def iso18245_sql() -> str:
         path = sql_str(str(data.joinpath(f"{name}.csv")))
         ranges.append(f"SELECT \"MCC START\"::INTEGER AS lo, \"MCC END\"::INTEGER AS hi, DESCRIPTION AS d, "
                       f"{rank} AS priority FROM read_csv({path}, all_varchar = true, header = true)")
-    # Expand ranges into single codes so one equality join serves both kinds.
-    parts.append(f"SELECT lpad(c::VARCHAR, 4, '0') AS code, d AS description, priority "
-                 f"FROM ({' UNION ALL '.join(ranges)}) r, range(r.lo, r.hi + 1) t(c)")
+    # Expand ranges into single codes so one equality join serves both kinds. A range is only a
+    # fallback: RANGE_PRIORITY puts it after every source of the table, the dataset's own too.
+    parts.append(f"SELECT lpad(c::VARCHAR, 4, '0') AS code, d AS description, {RANGE_PRIORITY} + priority AS priority "
+                 f"FROM ({' UNION ALL '.join(ranges)}) r, range(r.lo, r.hi + 1) t(c) WHERE d <> 'Reserved'")
     return " UNION ALL ".join(parts)
 
 
 def _source_sql(src: CodeSource, rank: int, raw_tables: dict[str, str]) -> str:
     base = rank * 100  # keeps each source's internal priorities below the next source's
     if src.iso18245:
-        return f"SELECT code, description, {base} + priority AS priority FROM ({iso18245_sql()})"
+        return (f"SELECT code, description, if(priority >= {RANGE_PRIORITY}, priority, {base} + priority) AS priority "
+                f"FROM ({iso18245_sql()})")
     if src.values is not None:
         rows = ", ".join(f"({sql_str(str(k))}, {sql_str(str(v))})" for k, v in src.values.items()) or "(NULL, NULL)"
         return f"SELECT code, description, {base} AS priority FROM (VALUES {rows}) v(code, description)"
@@ -49,7 +52,7 @@ def _source_sql(src: CodeSource, rank: int, raw_tables: dict[str, str]) -> str:
 def code_table_sql(name: str, table: CodeTable, raw_tables: dict[str, str]) -> str:
     """(code_table, code, description): one description per code, the highest-priority source's."""
     union = " UNION ALL ".join(_source_sql(s, i, raw_tables) for i, s in enumerate(table.sources))
-    code = "trim(code)" if table.pad is None else f"lpad(trim(code), {table.pad}, '0')"
+    code = "trim(code)" if table.pad is None else pad_code("trim(code)", table.pad)
     return (f"SELECT {sql_str(name)} AS code_table, {code} AS code, "
             f"arg_min(trim(description), priority) AS description "
             f"FROM ({union}) WHERE nullif(trim(code), '') IS NOT NULL AND nullif(trim(description), '') IS NOT NULL "

@@ -100,7 +100,12 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     raw: dict[str, RawTable] = {}
     for table, src in files.items():
         log(f"reading {src.path.name} ({table})")
-        raw[table] = load_raw(con, schema, src, definition.tables[table])
+        try:
+            raw[table] = load_raw(con, schema, src, definition.tables[table])
+        except duckdb.Error as e:
+            first = str(e).strip().splitlines()[0]
+            raise IngestError(f"{src.path.name}: cannot be read ({first}); check its delimiter, quote and "
+                              f"encoding in the definition of table {table!r}") from e
     _check_columns(definition, files, raw)
 
     stg = lambda name: f'"{schema}"."{name}{STAGING_SUFFIX}"'  # noqa: E731
@@ -193,7 +198,7 @@ def _build_events(con, definition: DatasetDefinition, raw: dict[str, RawTable], 
                   target: str, rejects: str) -> str:
     ev = definition.events
     columns = [user_column(ev.user, ev.user_dtype, ev.table), time_column(ev.time, ev.table)]
-    columns += [field_column(f, ev.table) for f in ev.fields]
+    columns += [field_column(f, ev.table, _pad(definition, f)) for f in ev.fields]
     from_sql = f'{raw[ev.table].table} AS "{ev.table}"'
     for lk in ev.lookups:
         _check_unique_lookup(con, raw[lk.table].table, lk.table, list(lk.join.values()), files[lk.table])
@@ -209,12 +214,16 @@ def _build_users(con, definition: DatasetDefinition, raw: dict[str, RawTable], f
                  target: str, rejects: str) -> str:
     us = definition.users
     columns = [user_column(us.user, definition.events.user_dtype, us.table)]
-    columns += [field_column(f, us.table) for f in [*us.labels, *us.attributes]]
+    columns += [field_column(f, us.table, _pad(definition, f)) for f in [*us.labels, *us.attributes]]
     delimiter = definition.tables[us.table].delimiter or ","
     sql = _typed_select(columns, us.table, f'{raw[us.table].table} AS "{us.table}"', raw[us.table].columns, delimiter)
     # Label files of transaction datasets repeat the user's label on every row: keep one.
     sql = f"SELECT DISTINCT ON (_reason IS NULL, {', '.join(c.name for c in columns)}) * FROM ({sql})"
     return _split(con, sql, target, rejects, files[us.table].path.name, [c.name for c in columns], "user_id")
+
+
+def _pad(definition: DatasetDefinition, f) -> int | None:
+    return definition.codes[f.codes].pad if f.codes else None
 
 
 def _check_unique_lookup(con, table: str, name: str, keys: list[str], src: SourceFile) -> None:

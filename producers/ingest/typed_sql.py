@@ -12,6 +12,9 @@ from producers.datasets.definition import FieldSpec, TimeSpec
 from producers.ingest.raw_load import sql_str
 
 
+INTEGER_TYPES = {"BIGINT", "INTEGER"}
+
+
 @dataclass(frozen=True)
 class TypedColumn:
     name: str
@@ -41,7 +44,7 @@ def qualify(column: str, table: str) -> str:
 
 def user_column(raw_column: str, dtype: str, table: str) -> TypedColumn:
     raw = qualify(raw_column, table)
-    return TypedColumn("user_id", f"TRY_CAST(trim({raw}) AS {dtype})", raw, dtype)
+    return TypedColumn("user_id", cast(f"trim({raw})", dtype), raw, dtype)
 
 
 def time_column(spec: TimeSpec, table: str) -> TypedColumn:
@@ -55,13 +58,13 @@ def time_column(spec: TimeSpec, table: str) -> TypedColumn:
         value = f"TRY(make_timestamp(CAST(TRY_CAST({text} AS DOUBLE) * {scale} AS BIGINT)))"
         what = "unix seconds" if fmt == "unix" else "unix milliseconds"
     elif fmt == "day_index":
-        value = f"TIMESTAMP {sql_str(spec.origin)} + to_days(TRY_CAST({text} AS INTEGER))"
+        value = f"TIMESTAMP {sql_str(spec.origin)} + to_days({cast(text, 'INTEGER')})"
         what = f"a day index (day 0 = {spec.origin})"
     elif fmt == "day_index_time":
         # "<days> HH:MM:SS"; seconds may read 60, so add seconds instead of casting to TIME.
         parts = f"regexp_extract({text}, '^(\\d+) (\\d{{1,2}}):(\\d{{1,2}}):(\\d{{1,2}})$', ['d', 'h', 'm', 's'])"
-        secs = (f"TRY_CAST(nullif({parts}.h, '') AS INTEGER) * 3600 + "
-                f"TRY_CAST(nullif({parts}.m, '') AS INTEGER) * 60 + TRY_CAST(nullif({parts}.s, '') AS INTEGER)")
+        h, m, sec = (f"TRY_CAST(nullif({parts}.{k}, '') AS INTEGER)" for k in "hms")
+        secs = f"CASE WHEN {h} < 24 AND {m} < 60 AND {sec} <= 60 THEN {h} * 3600 + {m} * 60 + {sec} END"
         value = (f"TIMESTAMP {sql_str(spec.origin)} + to_days(TRY_CAST(nullif({parts}.d, '') AS INTEGER))"
                  f" + to_seconds({secs})")
         what = f"'<day index> HH:MM:SS' (day 0 = {spec.origin})"
@@ -70,18 +73,33 @@ def time_column(spec: TimeSpec, table: str) -> TypedColumn:
     return TypedColumn("event_time", value, raw, what.replace("'", "''"))
 
 
-def field_column(spec: FieldSpec, table: str) -> TypedColumn:
+def cast(text: str, dtype: str) -> str:
+    """TRY_CAST, except that text with a fraction never becomes an integer (DuckDB would round 6.5 to 7)."""
+    if dtype in INTEGER_TYPES:
+        return f"CASE WHEN regexp_full_match({text}, '[+-]?\\d+') THEN TRY_CAST({text} AS {dtype}) END"
+    return f"TRY_CAST({text} AS {dtype})"
+
+
+def pad_code(text: str, width: int) -> str:
+    """Left-pad a code with zeros (MCC 742 -> 0742) without cutting longer codes (lpad would)."""
+    return f"lpad({text}, greatest({width}, length({text}))::INTEGER, '0')"
+
+
+def field_column(spec: FieldSpec, table: str, pad: int | None = None) -> TypedColumn:
     """A raw column is trimmed and cast; an `sql` expression is cast as it is (it may not be text).
 
     Only a field with a raw `column` is checked for parse failures: a computed value has no
     raw text of its own to blame (give both `column` and `sql` to check the input column).
+    `pad` is the width of the field's code table, so values match its codes by equality.
     """
     dtype = spec.dtype.upper()
     raw = qualify(spec.column, table) if spec.column else None
     if spec.sql:
         value = f"({spec.sql})" if dtype == "VARCHAR" else f"TRY_CAST(({spec.sql}) AS {dtype})"
+    elif dtype == "VARCHAR":
+        value = pad_code(f"nullif(trim({raw}), '')", pad) if pad else raw
     else:
-        value = raw if dtype == "VARCHAR" else f"TRY_CAST(trim({raw}) AS {dtype})"
+        value = cast(f"trim({raw})", dtype)
     return TypedColumn(spec.name, value, raw, dtype)
 
 

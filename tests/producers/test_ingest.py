@@ -145,3 +145,9 @@ def test_lookup_with_repeated_keys_is_refused(home, grouplens):
     append_lines(grouplens / "u.item", ["1|Toy Story again (1995)|01-Jan-1995||x|" + "|".join(["0"] * 19)])
     with pytest.raises(IngestError, match="u.item.*repeat"):
         run(home, grouplens)
+
+
+def test_an_unreadable_csv_names_the_file(home, grouplens):
+    (grouplens / "u.user").write_bytes(b'1|24|M|"technician|85711\n2|53|F|other|94043\n')
+    with pytest.raises(IngestError, match=r"u\.user: cannot be read .*people"):
+        run(home, grouplens)
