@@ -162,13 +162,27 @@ def print_validation(report) -> None:
                   title_justify="left")
     for r in report.results:
         mark = "[green]✓[/]" if r.success else "[red]✗[/]"
-        examples = r.error or ", ".join(str(x) for x in r.examples)
+        examples = r.error or _examples(r)
         table.add_row(mark, r.check, r.batch, f"{r.checked:,}", f"{r.failed:,}" if r.failed else "", examples)
     console.print(table)
     verdict = "[green]passed[/]" if report.success else f"[red]FAILED[/] ({len(report.failed)} checks)"
-    console.print(f"{report.dataset}: {verdict}; result {report.json_path}")
+    console.print(f"{report.dataset}: {verdict}; result {report.json_path}", soft_wrap=True)
     if report.data_docs:
-        console.print(f"Data Docs: {report.data_docs}")
+        console.print(f"Data Docs: {report.data_docs}", soft_wrap=True)
+
+
+def _examples(r) -> str:
+    """Failing values, each with the key of its row where GX gave one: `user_id=13: 5`."""
+    def text(v) -> str:
+        return "null" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    if r.where:
+        parts = []
+        for row in r.where:
+            key = ", ".join(f"{k}={text(v)}" for k, v in row.items() if k != r.column)
+            parts.append(f"{key}: {text(row.get(r.column))}" if r.column in row else key)
+        return "; ".join(parts)
+    return ", ".join(text(x) for x in r.examples)
 
 
 @cli.command()

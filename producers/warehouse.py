@@ -97,7 +97,13 @@ def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDe
     """The definition the dataset was last ingested with: later stages read fields from it."""
     schema = schema_name(dataset)
     if not table_exists(con, schema, "dataset_meta"):
-        raise WarehouseError(f"dataset {dataset!r} is not in the warehouse: run `llm4es ingest {dataset}` first")
+        from producers.datasets.definition import builtin_names
+
+        held = ", ".join(ingested_datasets(con)) or "nothing yet"
+        if dataset in builtin_names():
+            raise WarehouseError(f"dataset {dataset!r} is not in the warehouse: run `llm4es ingest {dataset}` first")
+        raise WarehouseError(f"unknown dataset {dataset!r}: the warehouse holds {held}; built-in datasets are "
+                             f"{', '.join(builtin_names())} (your own data: `llm4es ingest NAME --mapping FILE`)")
     (blob,) = con.execute(f'SELECT definition FROM "{schema}".dataset_meta').fetchone()
     try:
         return DatasetDefinition.model_validate(json.loads(blob))

@@ -28,6 +28,9 @@ from validation.suites import BATCHES, Check, dataset_checks
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
 
 EXAMPLES = 5
+# Columns that say which row failed, shown next to each failing value.
+INDEX_COLUMNS = {"events": ["user_id", "event_time"], "users": ["user_id"], "activity": ["user_id"],
+                 "rejects": ["file"]}
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class CheckResult:
     success: bool
     checked: int = 0  # rows (or values) looked at
     failed: int = 0
-    examples: list[Any] = field(default_factory=list)
+    examples: list[Any] = field(default_factory=list)  # failing values
+    where: list[dict] = field(default_factory=list)  # failing rows: the value with its row's key
     error: str | None = None  # the check could not run (e.g. the column is missing)
 
 
@@ -112,7 +116,7 @@ def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: li
         batch_checks = [(i, c) for i, c in enumerate(checks) if c.batch == batch]
         if not batch_checks:
             continue
-        checkpoint = _checkpoint(context, gx, source, batch, batch_checks, config.data_docs)
+        checkpoint = _checkpoint(context, gx, source, batch, batch_checks, config.data_docs, INDEX_COLUMNS.get(batch))
         for frame, params in _frames(con, d, batch, config.chunk_rows):
             log(f"checking {batch} ({len(frame):,} rows)")
             result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=params)
@@ -123,7 +127,8 @@ def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: li
     return [merged[i] for i in sorted(merged)]
 
 
-def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, Check]], data_docs: bool):
+def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, Check]], data_docs: bool,
+                index_columns: list[str] | None):
     import great_expectations.expectations as gxe
 
     suite = context.suites.add(gx.ExpectationSuite(name=f"{source.name}.{batch}"))
@@ -136,7 +141,8 @@ def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, C
     actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["llm4es"])] if data_docs else []
     return context.checkpoints.add(gx.Checkpoint(
         name=f"{source.name}.{batch}", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}))
+        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
+                       **({"unexpected_index_column_names": index_columns} if index_columns else {})}))
 
 
 def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int):
@@ -158,7 +164,9 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
     elif batch == "users":
         yield con.execute(f"SELECT * FROM {s}.users").df(), {}
     elif batch == "activity":
-        yield con.execute(f"SELECT user_id, count(*) AS n_events FROM {s}.events GROUP BY user_id").df(), {}
+        # Events without a user are the null-key check's to report, not a user of their own.
+        yield con.execute(f"SELECT user_id, count(*) AS n_events FROM {s}.events WHERE user_id IS NOT NULL "
+                          "GROUP BY user_id").df(), {}
     elif batch == "rejects":
         files = json.loads(last_ingest(con, d.schema)["files"])
         yield pd.DataFrame([{"file": f["file"], "rows_read": f["rows_read"], "rows_rejected": f["rows_rejected"],
@@ -169,20 +177,52 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
 def _merge(merged: dict[int, CheckResult], index: int, check: Check, er) -> None:
     """Fold one chunk's expectation result into the check's running result."""
     res = merged.setdefault(index, CheckResult(check.batch, check.description, check.expectation, check.column, True))
-    exc = er.exception_info or {}
-    if exc.get("raised_exception"):
-        res.success = False
-        res.error = (exc.get("exception_message") or "the check could not run").splitlines()[0]
+    error = _raised(er.exception_info or {})
+    if error:
+        res.success, res.error = False, error
         return
     r = er.result or {}
     res.success = res.success and bool(er.success)
     res.checked += int(r.get("element_count") or 0)
     res.failed += int(r.get("unexpected_count") or 0)
-    if not er.success and not r.get("unexpected_count") and "observed_value" in r:
-        res.examples.append(r["observed_value"])
+    missing = ((r.get("details") or {}).get("mismatched") or {}).get("missing")
+    if missing:
+        res.examples += [f"missing: {c}" for c in missing]
+    elif not er.success and not r.get("unexpected_count") and "observed_value" in r:
+        res.examples.append(_plain(r["observed_value"]))
     for value in r.get("partial_unexpected_list") or []:
         if len(res.examples) < EXAMPLES:
-            res.examples.append(value)
+            res.examples.append(_plain(value))
+    for row in r.get("partial_unexpected_index_list") or []:
+        if isinstance(row, dict) and len(res.where) < EXAMPLES:  # without index columns GX gives row numbers
+            res.where.append({k: _plain(v) for k, v in row.items()})
+
+
+def _raised(info: dict) -> str | None:
+    """The first error message in GX's exception info, which 1.x nests per metric."""
+    infos = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    for i in infos:
+        if i.get("raised_exception"):
+            return (i.get("exception_message") or "the check could not run").strip().splitlines()[0]
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """numpy and pandas scalars as plain Python (NaN/NaT/NA as None), for JSON and printing."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    return value
 
 
 def _write_json(report: ValidationReport, out_dir: Path) -> None:

@@ -67,9 +67,10 @@ def _load_csv(con: duckdb.DuckDBPyConnection, schema: str, target: str, src: Sou
     con.execute(
         f"CREATE OR REPLACE TABLE {rejects} AS "
         f"SELECT {sql_str(src.path.name)} AS source, line AS row_number, "
-        f"any_value(csv_line) AS raw_record, "
-        f"string_agg(DISTINCT error_type || ': ' || error_message, '; ') AS reason "
-        f"FROM rejects_{src.table} GROUP BY line"
+        f"any_value(csv_line) AS raw_record, string_agg(reason, '; ' ORDER BY reason) AS reason "
+        # DuckDB reports a short line once per missing column: keep one message per kind of error.
+        f"FROM (SELECT line, any_value(csv_line) AS csv_line, min(error_type || ': ' || error_message) AS reason "
+        f"      FROM rejects_{src.table} GROUP BY line, error_type) GROUP BY line"
     )
     header_lines = 1 if spec.header else 0
     # The k-th accepted row sits at line k + header + (rejected lines before it). g = accepted

@@ -104,10 +104,15 @@ def test_validate_after_a_planted_defect_fails_and_names_the_check(llm4es, group
     assert isinstance(result.exception, SystemExit)
     assert "movielens-100k: FAILED (2 checks)" in result.stdout
     n = f"{n_ratings(grouplens):,}"
+    # The failing value comes with its row's key, so a person can find it.
+    from datetime import datetime, timezone
+
+    when = datetime.fromtimestamp(int(first[3]), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    example = f"user_id={first[0]}, event_time={when}: 9"
     assert table_row(result.stdout, "rating in [1, 2, 3, 4, 5]") == ["✗", "rating in [1, 2, 3, 4, 5]", "events",
-                                                                     n, "1", "9"]
+                                                                     n, "1", example]
     assert table_row(result.stdout, "rating between 1 and 5") == ["✗", "rating between 1 and 5", "events",
-                                                                  n, "1", "9"]
+                                                                  n, "1", example]
 
 
 def test_unknown_dataset_lists_the_builtins(llm4es):
@@ -124,7 +129,7 @@ def test_validate_of_a_dataset_not_in_the_warehouse(llm4es):
     assert "dataset 'movielens-100k' is not in the warehouse: run `llm4es ingest movielens-100k` first" in result.stderr
 
 
-def test_ingest_with_too_many_garbled_lines_names_the_file(llm4es, grouplens, tmp_path):
+def test_ingest_with_too_many_garbled_lines_names_the_file(llm4es, grouplens):
     replace_lines(grouplens / "u.data", {n: b"garbage line" for n in range(5, 40)})
     result = llm4es("ingest", "movielens-100k", "--source", grouplens)
     assert_clean_exit_1(result)

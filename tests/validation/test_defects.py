@@ -147,9 +147,6 @@ def test_null_user_id(home, grouplens):
     assert len(res.examples) == 1 and pd.isna(res.examples[0])
 
 
-@pytest.mark.xfail(strict=True, reason="validation/run.py _frames('activity') groups the NULL user_id as a user, "
-                                       "so one null user id also fails 'every user has at least 20 events' "
-                                       "with example 1")
 def test_null_user_id_is_not_also_a_user_with_too_few_events(home, grouplens):
     set_rating_field(grouplens, 1, 0, "")
     report = run(home, grouplens)
@@ -298,9 +295,6 @@ def test_column_with_the_wrong_type(retyped):
     assert failed(retyped)[RATING_SET].failed == failed(retyped)[RATING_SET].checked > 0
 
 
-@pytest.mark.xfail(strict=True, reason="validation/run.py _merge reads exception_info['raised_exception'], but GX 1.x "
-                                       "nests it per metric ({metric_id: {'raised_exception': ...}}), so a check "
-                                       "that could not run fails with checked=0, failed=0 and no error text")
 def test_a_check_that_cannot_run_says_why(retyped):
     res = failed(retyped)[RATING_RANGE]  # comparing text with numbers raises inside GX
     assert res.error and "same type" in res.error
