@@ -80,7 +80,7 @@ def _load_csv(con: duckdb.DuckDBPyConnection, schema: str, target: str, src: Sou
         f"WITH r AS (SELECT row_number - {header_lines} - row_number() OVER (ORDER BY row_number) AS g, "
         f"                  row_number() OVER (ORDER BY row_number) AS j FROM {rejects}), "
         f"     b AS (SELECT rowid + 1 AS _k, * FROM {body}) "
-        f"SELECT b._k + {header_lines} + coalesce(r.j, 0) AS _line, b.* EXCLUDE (_k) "
+        f"SELECT (b._k + {header_lines} + coalesce(r.j, 0))::BIGINT AS _line, b.* EXCLUDE (_k) "
         f"FROM b ASOF LEFT JOIN r ON b._k > r.g ORDER BY _line"
     )
     con.execute(f"DROP TABLE {body}")
