@@ -42,6 +42,7 @@ def _errors(fn):
         from producers.datasets.definition import DefinitionError
         from producers.ingest import IngestError
         from producers.ingest.source_files import SourceError
+        from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
         from validation.gate import ValidationGateError
 
@@ -49,7 +50,8 @@ def _errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError) as e:
+        except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
+                SerializeError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -183,6 +185,37 @@ def _examples(r) -> str:
             parts.append(f"{key}: {text(row.get(r.column))}" if r.column in row else key)
         return "; ".join(parts)
     return ", ".join(text(x) for x in r.examples)
+
+
+force_opt = click.option("--force", is_flag=True,
+                         help="Run even though the dataset has not passed validation since it was ingested.")
+model_opt = click.option("--model", default="smollm2-135m", show_default=True,
+                         help="Registry name, local Hugging Face folder or hub id (its tokenizer counts tokens).")
+
+
+@cli.command()
+@dataset_arg
+@model_opt
+@click.option("--max-tokens", type=click.IntRange(0), default=2048, show_default=True,
+              help="Token budget per user (0: none). The oldest events are dropped first; the header stays.")
+@click.option("--time-format", type=click.Choice(["readable", "day-index"]), default="readable", show_default=True,
+              help="Dates as the definition displays them, or the paper's raw day index.")
+@force_opt
+@click.pass_obj
+@_errors
+def serialize(p: Pipeline, dataset: str, model: str, max_tokens: int, time_format: str, force: bool) -> None:
+    """Write each user's history as text (the `serialized` rows of the texts table).
+
+    A header line names the fields, then one line per event in time order, values separated
+    by ", ", codes replaced by their descriptions. Also written to data/<schema>/texts.parquet.
+    """
+    t0 = time.perf_counter()
+    r = p.serialize(dataset, model, max_tokens, time_format, force)
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_texts:,} texts from {r.n_events:,} of {r.n_events_total:,} events "
+                  f"in {time.perf_counter() - t0:.1f}s; {r.n_cut:,} users cut to the {max_tokens}-token budget "
+                  f"(largest text {r.max_tokens_seen:,} tokens)")
+    console.print(f"header: {r.header}", soft_wrap=True)
+    console.print(f"texts: table texts, {r.parquet}", soft_wrap=True)
 
 
 @cli.command()

@@ -58,6 +58,12 @@ class Pipeline:
 
         return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs), self.log)
 
+    def serialize(self, dataset: str, model: str, max_tokens: int, time_format: str, force: bool = False):
+        from producers.serialize.run import SerializeConfig, serialize
+
+        config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, force=force)
+        return serialize(self.home, dataset, config, self.log)
+
     def fetch(self, model: str | None = None) -> dict[str, Path]:
         """Put the default dataset and model in the cache (idempotent, fast when already there)."""
         from training.models import DEFAULT_MODEL, resolve_model

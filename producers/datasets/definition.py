@@ -61,6 +61,8 @@ class TimeSpec(_Strict):
     sql: str | None = None
     format: str = "auto"
     origin: str | None = None  # a date: day 0 of day-index formats
+    label: str = "Date"  # the time's name in serialized text
+    display: str = "%Y-%m-%d %H:%M"  # how serialized text shows the time (strftime)
     # A plausible window: events outside it fail validation (not ingestion).
     window: tuple[str, str] = ("1970-01-01", "2100-01-01")
 
@@ -86,6 +88,8 @@ class FieldSpec(_Strict):
     values: list[str | int | float | bool] | None = None  # allowed values (validation)
     min: float | None = None
     max: float | None = None
+    serialize: bool = True  # part of the user's text (false for ids that repeat another field)
+    decimals: int = 2  # DOUBLE values are shown with this many decimals
 
     @model_validator(mode="after")
     def _check(self) -> "FieldSpec":
@@ -116,6 +120,19 @@ class Lookup(_Strict):
     join: dict[str, str]  # events raw column -> lookup table column (not `on`: YAML reads it as true)
 
 
+class SummarySpec(_Strict):
+    """How a prose summary groups a history: per category of `group_by`, a count and `measures`.
+
+    `split` breaks a multi-valued text (MovieLens genres "Action, Comedy") into categories.
+    """
+
+    group_by: str
+    split: str | None = None
+    measures: list[str] = Field(default_factory=list)
+    stat: Literal["sum", "mean"] = "sum"
+    unit: str = ""  # appended to measures in prose ("rubles")
+
+
 class EventsSpec(_Strict):
     table: str
     user: str  # raw user column
@@ -125,6 +142,7 @@ class EventsSpec(_Strict):
     lookups: list[Lookup] = Field(default_factory=list)
     key: list[str] | None = None  # warehouse columns that identify an event uniquely
     min_events_per_user: int = 1
+    summary: SummarySpec | None = None
 
 
 class UsersSpec(_Strict):
@@ -163,6 +181,7 @@ class CodeTable(_Strict):
 class DatasetDefinition(_Strict):
     name: str
     description: str = ""
+    event_noun: str = "events"  # what one event is, in prompts and prose ("card transactions")
     tables: dict[str, TableSource]
     events: EventsSpec
     users: UsersSpec | None = None
@@ -185,6 +204,11 @@ class DatasetDefinition(_Strict):
         for f in self.all_fields:
             if f.codes and f.codes not in self.codes:
                 raise ValueError(f"field {f.name!r} uses code table {f.codes!r}, not declared under `codes`")
+        summary = self.events.summary
+        if summary:
+            for name in [summary.group_by, *summary.measures]:
+                if name not in names:
+                    raise ValueError(f"events.summary: {name!r} is not an events field")
         for col in self.events.key or []:
             if col not in {"user_id", "event_time", *names}:
                 raise ValueError(f"events.key: {col!r} is not an events column")
@@ -194,6 +218,10 @@ class DatasetDefinition(_Strict):
     def schema(self) -> str:
         """The warehouse schema: the dataset name as an identifier."""
         return schema_name(self.name)
+
+    @property
+    def serialized_fields(self) -> list[FieldSpec]:
+        return [f for f in self.events.fields if f.serialize]
 
     @property
     def all_fields(self) -> list[FieldSpec]:

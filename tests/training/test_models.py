@@ -21,43 +21,9 @@ from training.models import (
     resolve_model,
 )
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
-TINY = dict(hidden=32, ffn=64, layers=3, heads=4, kv_heads=2)
-
-
-def _byte_level_vocab() -> list[str]:
-    """Special tokens, the 256 byte-level symbols, then the merged tokens: enough to encode any text."""
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    return SPECIALS + sorted(ByteLevel.alphabet()) + ["".join(pair) for pair in MERGES]
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(_byte_level_vocab())}
-    backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-
-
-def _tiny_llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(_byte_level_vocab()),
-        hidden_size=TINY["hidden"],
-        intermediate_size=TINY["ffn"],
-        num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"],
-        num_key_value_heads=TINY["kv_heads"],
-        max_position_embeddings=128,
-    )
+from tests.fixtures.tiny_model import MERGES, SPECIALS, TINY, byte_level_vocab as _byte_level_vocab  # noqa: E402
+from tests.fixtures.tiny_model import tiny_llama_config as _tiny_llama_config  # noqa: E402
+from tests.fixtures.tiny_model import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture

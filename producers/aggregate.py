@@ -1,0 +1,312 @@
+"""Aggregate features ("agg", the LLM4ES paper's hand-crafted baseline), computed in DuckDB SQL.
+
+One row per user who has at least one event at or before `as_of` (the snapshot's point in
+time; default: the dataset's last event). Only those events count. Columns, in this order:
+
+- `user_id`, `feature_timestamp` (= as_of, the same on every row);
+- activity: `n_events`, `active_days` (distinct calendar dates), `span_days` (last minus first
+  event, fractional days), `events_per_active_day`, `recency_days` (as_of minus the last event,
+  fractional days). First and last event times themselves are not features (they leak dates);
+- per numeric event field (numeric dtype), in definition order: `{field}_count` (non-null
+  values), `_mean`, `_std` (sample standard deviation; NULL for one value), `_min`, `_max`, `_sum`;
+- per categorical event field, in definition order: `{field}_n_distinct` (distinct categories of
+  the user), then for each of the `top_n` most frequent categories (counted over all users'
+  events up to as_of; ties broken by the category value), by rank: `{field}__{slug}_count`
+  (the user's events in that category) and, when there is an amount field,
+  `{field}__{slug}_{amount}_sum` (the sum of the amount over those events).
+
+Text fields and user attributes/labels are never used (labels would leak the targets). The
+amount field is `AggregateConfig.amount_field`, else a numeric field named `amount`, else none
+(MovieLens has ratings, not amounts: counts only). A slug is the category value lower-cased with
+each run of characters other than a-z and 0-9 replaced by `_` (at most 40 characters);
+colliding names get `_2`, `_3`...; the value each column stands for is recorded in the
+provenance (`categories`).
+
+Written atomically: `<schema>.agg_features` and `<schema>.agg_features_meta` (one row: what
+produced the table) are built as staging tables and swapped in together, and a Parquet copy
+`data/<schema>/agg_features.parquet` replaces the old one by rename; the Parquet file carries
+the same provenance as JSON under the key-value metadata key `llm4es`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+
+from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
+from producers.provenance import code_version
+from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables, table_exists
+
+TABLE = "agg_features"
+META_TABLE = "agg_features_meta"
+PARQUET_KEY = b"llm4es"
+NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
+NUMERIC_STATS = ("count", "mean", "std", "min", "max", "sum")
+ACTIVITY = ("n_events", "active_days", "span_days", "events_per_active_day", "recency_days")
+SLUG_MAX = 40
+_US_PER_DAY = 86_400_000_000
+
+
+class AggregateError(DefinitionError):
+    """The aggregate configuration does not fit the dataset (unknown amount field, no events)."""
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    top_n: int = 10  # categories per categorical field
+    as_of: datetime | None = None  # snapshot time (UTC); default: the dataset's last event
+    amount_field: str | None = None  # default: a numeric field named `amount`, if any
+    force: bool = False  # run even if the dataset has not passed validation
+
+
+@dataclass
+class AggregateResult:
+    dataset: str
+    n_users: int
+    n_features: int
+    columns: list[str]
+    parquet_path: Path
+    as_of: datetime
+    table: str = ""  # "<schema>.agg_features"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def aggregate(home: Home, dataset: str, config: AggregateConfig = AggregateConfig(),
+              log: Callable[[str], None] = lambda _: None) -> AggregateResult:
+    from validation.gate import require_valid
+
+    if config.top_n < 0:
+        raise AggregateError(f"top_n must be at least 0, not {config.top_n}")
+    con = home.connect()
+    try:
+        require_valid(con, dataset, config.force)
+        definition = stored_definition(con, dataset)
+        schema = definition.schema
+        staging = [f"{TABLE}{STAGING_SUFFIX}", f"{META_TABLE}{STAGING_SUFFIX}"]
+        _drop(con, schema, staging)
+        try:
+            return _aggregate(con, home, definition, config, log)
+        finally:
+            _drop(con, schema, staging)
+    finally:
+        con.close()
+
+
+def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, config: AggregateConfig,
+               log: Callable[[str], None]) -> AggregateResult:
+    schema = d.schema
+    events = f'"{schema}".events'
+    first, last = con.execute(f"SELECT min(event_time), max(event_time) FROM {events}").fetchone()
+    if last is None:
+        raise AggregateError(f"{d.name} has no events")
+    as_of = _utc_naive(config.as_of) if config.as_of is not None else last
+    if as_of < first:
+        raise AggregateError(f"{d.name}: no events at or before {as_of} (events run from {first} to {last})")
+
+    numeric, skipped = [], []
+    for f in d.events.fields:
+        if f.kind == "numeric":
+            (numeric if f.dtype.upper() in NUMERIC_DTYPES else skipped).append(f)
+    if skipped:
+        log(f"skipping numeric fields without a numeric dtype: {', '.join(f.name for f in skipped)}")
+    categorical = [f for f in d.events.fields if f.kind == "categorical"]
+    amount = _amount_field(d, config.amount_field, numeric)
+
+    names = _Names(["user_id", "feature_timestamp", *ACTIVITY])
+    params: dict[str, Any] = {"as_of": as_of}
+    where = "event_time <= $as_of AND user_id IS NOT NULL"
+    select = [
+        "user_id",
+        "CAST($as_of AS TIMESTAMP) AS feature_timestamp",
+        "count(*) AS n_events",
+        "count(DISTINCT CAST(event_time AS DATE)) AS active_days",
+        f"(epoch_us(max(event_time)) - epoch_us(min(event_time))) / {_US_PER_DAY}.0 AS span_days",
+        "count(*) / count(DISTINCT CAST(event_time AS DATE))::DOUBLE AS events_per_active_day",
+        f"(epoch_us(CAST($as_of AS TIMESTAMP)) - epoch_us(max(event_time))) / {_US_PER_DAY}.0 AS recency_days",
+    ]
+    for f in numeric:
+        col = f'"{f.name}"'
+        integral = f.dtype.upper() != "DOUBLE"
+        exprs = {
+            "count": f"count({col})",
+            "mean": f"avg({col})",
+            "std": f"stddev_samp({col})",
+            "min": f"min({col})",
+            "max": f"max({col})",
+            # sum of an integer column is HUGEINT in DuckDB: keep it a plain BIGINT
+            "sum": f"CAST(sum({col}) AS BIGINT)" if integral else f"sum({col})",
+        }
+        select += [f'{exprs[stat]} AS "{names.take(f"{f.name}_{stat}")}"' for stat in NUMERIC_STATS]
+
+    categories: dict[str, list[dict]] = {}
+    for f in categorical:
+        col = f'"{f.name}"'
+        select.append(f'count(DISTINCT {col}) AS "{names.take(f"{f.name}_n_distinct")}"')
+        top = con.execute(f"SELECT {col} AS v, count(*) AS n FROM {events} WHERE {where} AND {col} IS NOT NULL "
+                          f"GROUP BY 1 ORDER BY n DESC, v LIMIT {int(config.top_n)}", {"as_of": as_of}).fetchall()
+        slugs: set[str] = set()
+        categories[f.name] = []
+        for rank, (value, n) in enumerate(top, start=1):
+            slug = _unique(slugify(value), slugs)
+            p = f"c_{len(params)}"
+            params[p] = value
+            entry = {"rank": rank, "value": value, "events": n,
+                     "count_column": names.take(f"{f.name}__{slug}_count")}
+            select.append(f'count(*) FILTER (WHERE {col} = ${p}) AS "{entry["count_column"]}"')
+            if amount is not None:
+                entry["sum_column"] = names.take(f"{f.name}__{slug}_{amount.name}_sum")
+                zero = "0" if amount.dtype.upper() != "DOUBLE" else "0.0"
+                total = f'sum("{amount.name}") FILTER (WHERE {col} = ${p})'
+                if amount.dtype.upper() != "DOUBLE":
+                    total = f"CAST({total} AS BIGINT)"
+                select.append(f'coalesce({total}, {zero}) AS "{entry["sum_column"]}"')
+            categories[f.name].append(entry)
+
+    log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
+        f"({len(numeric)} numeric, {len(categorical)} categorical fields, top {config.top_n}"
+        f"{f', amount {amount.name}' if amount else ', no amount field'})")
+    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
+    con.execute(f"CREATE TABLE {stg} AS SELECT {', '.join(select)} FROM {events} WHERE {where} "
+                "GROUP BY user_id ORDER BY user_id", params)
+    columns = [r[0] for r in con.execute(f"DESCRIBE {stg}").fetchall()]
+    assert columns == names.taken, (columns, names.taken)
+    n_users = con.execute(f"SELECT count(*) FROM {stg}").fetchone()[0]
+
+    ingest = last_ingest(con, schema) or {}
+    validation = _last_validation(con, schema)
+    produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    provenance = {
+        "output": TABLE,
+        "dataset": d.name,
+        "table": f"{schema}.{TABLE}",
+        "produced_at": produced_at.isoformat(),
+        "code_version": code_version(),
+        "ingest_id": ingest.get("ingest_id"),
+        "source_hash": ingest.get("source_hash"),
+        "definition_fingerprint": d.fingerprint(),
+        "validation_run_id": validation[0] if validation else None,
+        "validation_passed": validation[1] if validation else None,
+        "as_of": as_of.isoformat(),
+        "n_users": n_users,
+        "n_features": len(columns) - 2,
+        "config": {"top_n": config.top_n, "as_of": as_of.isoformat(),
+                   "amount_field": amount.name if amount else None, "force": config.force},
+        "columns": columns,
+        "categories": categories,
+    }
+    blob = json.loads(json.dumps(provenance, default=str))  # category values such as dates as text
+    con.execute(
+        f'CREATE TABLE "{schema}"."{META_TABLE}{STAGING_SUFFIX}" AS SELECT CAST(? AS TIMESTAMP) AS produced_at, '
+        "? AS dataset, CAST(? AS TIMESTAMP) AS as_of, CAST(? AS BIGINT) AS n_users, CAST(? AS INTEGER) AS n_features, "
+        "? AS code_version, ? AS ingest_id, ? AS source_hash, ? AS definition_fingerprint, "
+        "? AS validation_run_id, CAST(? AS BOOLEAN) AS validation_passed, ? AS config, ? AS columns, "
+        "? AS categories, ? AS parquet_path",
+        [produced_at, d.name, as_of, n_users, len(columns) - 2, blob["code_version"], blob["ingest_id"],
+         blob["source_hash"], blob["definition_fingerprint"], blob["validation_run_id"], blob["validation_passed"],
+         json.dumps(blob["config"]), json.dumps(columns), json.dumps(blob["categories"]),
+         str(_parquet_path(home, schema))])
+
+    parquet = _parquet_path(home, schema)
+    tmp = _write_parquet_tmp(con, stg, parquet, blob)
+    try:
+        log(f"swapping {schema}.{TABLE} into place")
+        swap_tables(con, schema, [TABLE, META_TABLE])
+        os.replace(tmp, parquet)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return AggregateResult(d.name, n_users, len(columns) - 2, columns, parquet, as_of, f"{schema}.{TABLE}", blob)
+
+
+def slugify(value: Any) -> str:
+    """A category value as part of an identifier: `Sci-Fi` -> `sci_fi`, `0742` -> `0742`."""
+    slug = re.sub(r"[^a-z0-9]+", "_", str(value).lower()).strip("_")[:SLUG_MAX].strip("_")
+    return slug or "value"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+class _Names:
+    """Column names in order, unique ignoring case (DuckDB identifiers are case-insensitive)."""
+
+    def __init__(self, initial: list[str]):
+        self.taken: list[str] = []
+        self._lower: set[str] = set()
+        for name in initial:
+            self.take(name)
+
+    def take(self, name: str) -> str:
+        candidate, k = name, 1
+        while candidate.lower() in self._lower:
+            k += 1
+            candidate = f"{name}_{k}"
+        self._lower.add(candidate.lower())
+        self.taken.append(candidate)
+        return candidate
+
+
+def _amount_field(d: DatasetDefinition, requested: str | None, numeric: list[FieldSpec]) -> FieldSpec | None:
+    by_name = {f.name: f for f in numeric}
+    if requested is not None:
+        if requested not in by_name:
+            raise AggregateError(
+                f"amount field {requested!r} is not a numeric event field of {d.name}; numeric fields: "
+                f"{', '.join(by_name) or 'none'}")
+        return by_name[requested]
+    return by_name.get("amount")
+
+
+def _utc_naive(t: datetime) -> datetime:
+    """Event times are naive UTC in the warehouse: compare with a naive UTC as_of."""
+    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _last_validation(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[str, bool] | None:
+    if not table_exists(con, schema, "validation_log"):
+        return None
+    return con.execute(f'SELECT run_id, success FROM "{schema}".validation_log '
+                       "ORDER BY started_at DESC LIMIT 1").fetchone()
+
+
+def _parquet_path(home: Home, schema: str) -> Path:
+    return home.data_dir / schema / f"{TABLE}.parquet"
+
+
+def _write_parquet_tmp(con: duckdb.DuckDBPyConnection, stg: str, parquet: Path, provenance: dict) -> Path:
+    """Write the staged table to a temporary file beside `parquet` (renamed into place by the caller)."""
+    import pyarrow.parquet as pq
+
+    rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
+    table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+    metadata = dict(table.schema.metadata or {})
+    metadata[PARQUET_KEY] = json.dumps(provenance).encode()
+    table = table.replace_schema_metadata(metadata)
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        pq.write_table(table, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _drop(con: duckdb.DuckDBPyConnection, schema: str, tables: list[str]) -> None:
+    for t in tables:
+        con.execute(f'DROP TABLE IF EXISTS "{schema}"."{t}"')

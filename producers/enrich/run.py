@@ -1,0 +1,113 @@
+"""`llm4es enrich`: K rewrites of every user's history, written as `template` or `llm` texts.
+
+The histories are the events the serialized texts kept (run `llm4es serialize` first), rendered
+in DuckDB exactly as serialization renders them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Literal
+
+import pandas as pd
+
+from producers.enrich.base import EnrichReport, UserHistory
+from producers.enrich.options import LLMOptions
+from producers.provenance import code_version
+from producers.serialize.budget import count_tokens
+from producers.serialize.render import line_sql, rendered_events_sql
+from producers.texts import config_json, export_parquet, replace_kind
+from producers.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
+from validation.gate import require_valid
+
+
+@dataclass(frozen=True)
+class EnrichConfig:
+    enricher: Literal["template", "llm"] = "template"
+    variants: int = 7
+    seed: int = 0
+    limit_users: int | None = None  # the first N users by id (trying the LLM on a few)
+    tokenizer: str = "smollm2-135m"  # counts n_tokens of the rewrites
+    llm: LLMOptions = field(default_factory=LLMOptions)
+    force: bool = False
+
+
+def load_histories(con, dataset: str, limit_users: int | None = None) -> list[UserHistory]:
+    """The events each serialized text kept, as rendered values, oldest first."""
+    d = stored_definition(con, dataset)
+    s = f'"{d.schema}"'
+    if not table_exists(con, d.schema, "texts") or not con.execute(
+            f"SELECT count(*) FROM {s}.texts WHERE kind = 'serialized'").fetchone()[0]:
+        raise WarehouseError(f"{dataset} has no serialized texts: run `llm4es serialize {dataset}` first")
+    columns = ["time", *(f.name for f in d.serialized_fields)]
+    labels = [d.events.time.label, *(f.display for f in d.serialized_fields)]
+    values = ", ".join(f'"t_{c}"' for c in columns)
+    limit = f"LIMIT {int(limit_users)}" if limit_users else ""
+    # The same order as serialization (time, then the line), so the kept events are the same ones.
+    rows = con.execute(f"""
+        WITH users AS (SELECT user_id, n_events, text FROM {s}.texts
+                       WHERE kind = 'serialized' AND variant = 0 ORDER BY user_id {limit}),
+             lines AS (SELECT r.*, {line_sql(d)} AS line FROM ({rendered_events_sql(d)}) r
+                       WHERE r.user_id IN (SELECT user_id FROM users))
+        SELECT u.user_id, u.n_events, u.text, list([{values}] ORDER BY l.event_time, l.line) AS rows
+        FROM users u JOIN lines l USING (user_id) GROUP BY ALL ORDER BY u.user_id""").fetchall()
+    return [UserHistory(user_id, columns, labels, event_rows[len(event_rows) - n:] if n else [], text)
+            for user_id, n, text, event_rows in rows]
+
+
+def make_enricher(config: EnrichConfig, home: Home, schema: str, log: Callable[[str], None]):
+    from producers.enrich.templates import TemplateEnricher
+
+    template = TemplateEnricher(seed=config.seed)
+    if config.enricher == "template":
+        return template
+    from producers.enrich.llm import LLMEnricher
+
+    return LLMEnricher(config.llm, fallback=template, home=home, schema=schema, seed=config.seed, log=log)
+
+
+def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], None] = lambda _: None,
+           tokenizer=None) -> EnrichReport:
+    from training.models import load_tokenizer, resolve_model
+
+    t0 = time.perf_counter()
+    con = home.connect()
+    try:
+        require_valid(con, dataset, config.force)
+        d = stored_definition(con, dataset)
+        histories = load_histories(con, dataset, config.limit_users)
+        log(f"{len(histories):,} user histories, {config.variants} variants each ({config.enricher})")
+        if tokenizer is None:
+            tokenizer = load_tokenizer(resolve_model(config.tokenizer, progress=log))
+        enricher = make_enricher(config, home, d.schema, log)
+        report = EnrichReport(d.name, config.enricher, len(histories), config.variants)
+        frames = []
+        for variant in range(config.variants):
+            rewrites = enricher.rewrite(d, histories, variant)
+            frames.append(pd.DataFrame({
+                "user_id": [h.user_id for h in histories], "variant": variant,
+                "format": [r.format for r in rewrites], "text": [r.text for r in rewrites],
+                "n_events": [len(h.rows) for h in histories],
+                "n_tokens": count_tokens(tokenizer, [r.text for r in rewrites]),
+            }))
+            for r in rewrites:
+                report.by_format[r.format] = report.by_format.get(r.format, 0) + 1
+        for key, value in getattr(enricher, "stats", {}).items():
+            setattr(report, key, value)
+        rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        ingest = last_ingest(con, d.schema)
+        rows = rows.assign(kind=config.enricher, tokenizer=config.tokenizer, producer_version=code_version(),
+                           source_hash=ingest["source_hash"], config=config_json(config),
+                           produced_at=datetime.now(timezone.utc).replace(tzinfo=None))
+        con.register("enriched_rows", rows)
+        con.execute("CREATE OR REPLACE TEMP TABLE enriched_staging AS SELECT * FROM enriched_rows")
+        con.unregister("enriched_rows")
+        # A partial run (--limit-users) replaces only the rows it made; a full one replaces the kind.
+        report.written = replace_kind(con, d.schema, config.enricher, "enriched_staging",
+                                      only_staged_users=config.limit_users is not None)
+        export_parquet(home, con, d.schema)
+        report.seconds = time.perf_counter() - t0
+        return report
+    finally:
+        con.close()

@@ -1,0 +1,87 @@
+"""`llm4es serialize`: each user's history as text, cut to a token budget, into the `texts` table.
+
+The lines are built in DuckDB (one ordered aggregation per user); Python only tokenizes the
+finished texts to enforce the budget exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import pandas as pd
+
+from producers.provenance import code_version
+from producers.serialize.budget import count_tokens, fit_texts
+from producers.serialize.render import TimeFormat, header, user_bodies_sql
+from producers.texts import config_json, ensure_table, export_parquet, replace_kind
+from producers.warehouse import Home, last_ingest, stored_definition
+from validation.gate import require_valid
+
+
+class SerializeError(ValueError):
+    """The serialization cannot be done as asked (e.g. the budget is smaller than the header)."""
+
+
+@dataclass(frozen=True)
+class SerializeConfig:
+    model: str = "smollm2-135m"  # whose tokenizer counts the budget
+    max_tokens: int = 2048  # per user text; 0 = no budget
+    time_format: TimeFormat = "readable"
+    force: bool = False  # run even if the dataset failed validation
+
+
+@dataclass
+class SerializeResult:
+    dataset: str
+    n_texts: int
+    n_events: int  # events kept in texts
+    n_events_total: int
+    n_cut: int  # users whose oldest events were dropped to fit the budget
+    max_tokens_seen: int
+    parquet: str
+    header: str
+
+
+def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[str], None] = lambda _: None,
+              tokenizer=None) -> SerializeResult:
+    from training.models import load_tokenizer, resolve_model
+
+    con = home.connect()
+    try:
+        require_valid(con, dataset, config.force)
+        d = stored_definition(con, dataset)
+        ingest = last_ingest(con, d.schema)
+        if tokenizer is None:
+            log(f"loading the tokenizer of {config.model}")
+            tokenizer = load_tokenizer(resolve_model(config.model, progress=log))
+        head = header(d)
+        if config.max_tokens and count_tokens(tokenizer, [head])[0] >= config.max_tokens:
+            raise SerializeError(f"the header alone takes {config.max_tokens} tokens or more; raise --max-tokens")
+        # No text can hold more events than tokens, so the SQL already drops what cannot fit.
+        max_lines = config.max_tokens or None
+        log("building event lines in DuckDB")
+        bodies = con.execute(user_bodies_sql(d, config.time_format, max_lines) + " ORDER BY user_id").df()
+        log(f"counting tokens for {len(bodies):,} texts")
+        fitted = fit_texts(tokenizer, head, bodies["body"].tolist(), config.max_tokens)
+        rows = pd.DataFrame({
+            "user_id": bodies["user_id"], "kind": "serialized", "variant": 0, "format": "plain",
+            "text": [f.text for f in fitted], "n_events": [f.n_events for f in fitted],
+            "n_tokens": [f.n_tokens for f in fitted], "tokenizer": config.model,
+            "producer_version": code_version(), "source_hash": ingest["source_hash"],
+            "config": config_json(config), "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        })
+        ensure_table(con, d.schema, d.events.user_dtype)
+        con.register("serialized_rows", rows)
+        con.execute("CREATE OR REPLACE TEMP TABLE serialized_staging AS SELECT * FROM serialized_rows")
+        con.unregister("serialized_rows")
+        replace_kind(con, d.schema, "serialized", "serialized_staging")
+        parquet = export_parquet(home, con, d.schema)
+        n_total = int(bodies["n_events_total"].sum())
+        kept = int(rows["n_events"].sum())
+        return SerializeResult(
+            dataset=d.name, n_texts=len(rows), n_events=kept, n_events_total=n_total,
+            n_cut=int((rows["n_events"].to_numpy() < bodies["n_events_total"].to_numpy()).sum()),
+            max_tokens_seen=int(rows["n_tokens"].max()) if len(rows) else 0, parquet=str(parquet), header=head)
+    finally:
+        con.close()

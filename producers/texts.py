@@ -1,0 +1,68 @@
+"""The `texts` table: every text a user is represented by (serialized, template- or LLM-enriched).
+
+One table per dataset schema, one row per (user, kind, variant). A producer replaces all rows of
+its kind at once (staging table, then delete + insert in one transaction), and the whole table
+is exported to `data/<schema>/texts.parquet` after every change.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+
+from producers.warehouse import Home, table_exists
+
+KINDS = ("serialized", "template", "llm")
+COLUMNS = """user_id {user_type}, kind VARCHAR, variant INTEGER, format VARCHAR, text VARCHAR,
+    n_events INTEGER, n_tokens INTEGER, tokenizer VARCHAR, producer_version VARCHAR,
+    source_hash VARCHAR, config VARCHAR, produced_at TIMESTAMP"""
+
+
+def ensure_table(con: duckdb.DuckDBPyConnection, schema: str, user_type: str) -> None:
+    con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".texts ({COLUMNS.format(user_type=user_type)})')
+
+
+def replace_kind(con: duckdb.DuckDBPyConnection, schema: str, kind: str, staging: str,
+                 only_staged_users: bool = False) -> int:
+    """Swap the rows of `kind` for those in `staging`, atomically.
+
+    With `only_staged_users`, only the (user, variant) pairs present in `staging` are replaced,
+    so a run over some users keeps the other users' rows.
+    """
+    where = f"kind = '{kind}'"
+    if only_staged_users:
+        where += f" AND (user_id, variant) IN (SELECT (user_id, variant) FROM {staging})"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f'DELETE FROM "{schema}".texts WHERE {where}')
+        con.execute(f'INSERT INTO "{schema}".texts BY NAME SELECT * FROM {staging}')
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return con.execute(f"SELECT count(*) FROM {staging}").fetchone()[0]
+
+
+def export_parquet(home: Home, con: duckdb.DuckDBPyConnection, schema: str, table: str = "texts") -> Path:
+    """Write the table to `data/<schema>/<table>.parquet` (temp file, then rename)."""
+    folder = home.data_dir / schema
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{table}.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    con.execute(f'COPY (SELECT * FROM "{schema}"."{table}" ORDER BY ALL) TO \'{tmp}\' (FORMAT parquet)')
+    os.replace(tmp, path)
+    return path
+
+
+def kinds_present(con: duckdb.DuckDBPyConnection, schema: str) -> dict[str, int]:
+    if not table_exists(con, schema, "texts"):
+        return {}
+    return dict(con.execute(f'SELECT kind, count(*) FROM "{schema}".texts GROUP BY 1').fetchall())
+
+
+def config_json(config) -> str:
+    from dataclasses import asdict, is_dataclass
+
+    return json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True, default=str)

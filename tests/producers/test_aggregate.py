@@ -1,0 +1,234 @@
+"""Aggregate features: checked against hand computations in plain Python from the fixture files."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+import pytest
+
+from producers.aggregate import ACTIVITY, AggregateConfig, AggregateError, aggregate, slugify
+from producers.datasets.definition import load_builtin
+from producers.ingest import IngestConfig, ingest
+from producers.warehouse import Home, last_ingest
+from tests.fixtures.bank_files import write_gender
+from tests.fixtures.movielens_files import write_grouplens
+from validation.gate import ValidationGateError
+from validation.run import ValidateConfig, validate
+
+SCHEMA = "movielens_100k"
+
+
+def utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc).replace(tzinfo=None)
+
+
+@pytest.fixture(scope="module")
+def ml(tmp_path_factory):
+    """A validated grouplens fixture (ingest + validate once per module) and its raw ratings."""
+    root = tmp_path_factory.mktemp("agg")
+    source = write_grouplens(root / "ml-100k")
+    home = Home.resolve(root / "home")
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
+    assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
+    years = {}
+    for line in (source / "u.item").read_text(encoding="latin-1").splitlines():
+        cells = line.split("|")
+        found = re.search(r"\((\d{4})\)\s*$", cells[1])
+        years[int(cells[0])] = int(found.group(1) if found else cells[2][-4:])
+    ratings = []  # (user, movie, rating, unix time, year)
+    for line in (source / "u.data").read_text().splitlines():
+        u, m, r, t = map(int, line.split("\t"))
+        ratings.append((u, m, r, t, years[m]))
+    return home, ratings
+
+
+def rows(home: Home, table: str = "agg_features") -> tuple[list[str], dict[int, dict]]:
+    con = home.connect(read_only=True)
+    try:
+        cur = con.execute(f"SELECT * FROM {SCHEMA}.{table} ORDER BY user_id")
+        columns = [d[0] for d in cur.description]
+        return columns, {r[0]: dict(zip(columns, r)) for r in cur.fetchall()}
+    finally:
+        con.close()
+
+
+def top_movies(ratings, n: int) -> list[int]:
+    counts = Counter(m for _, m, *_ in ratings)
+    return sorted(counts, key=lambda m: (-counts[m], m))[:n]
+
+
+def stats(values: list[float]) -> dict:
+    return {"count": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "sum": sum(values)}
+
+
+def expected_features(ratings, as_of: int, top_n: int = 10) -> dict[int, dict]:
+    """Every feature of every user, computed in plain Python from the raw ratings."""
+    seen = [r for r in ratings if r[3] <= as_of]
+    top = top_movies(seen, top_n)
+    by_user = defaultdict(list)
+    for r in seen:
+        by_user[r[0]].append(r)
+    out = {}
+    for user, rs in by_user.items():
+        times = [t for _, _, _, t, _ in rs]
+        days = {utc(t).date() for t in times}
+        f = {"user_id": user, "feature_timestamp": utc(as_of), "n_events": len(rs), "active_days": len(days),
+             "span_days": (max(times) - min(times)) / 86400, "events_per_active_day": len(rs) / len(days),
+             "recency_days": (as_of - max(times)) / 86400}
+        for name, values in (("year", [y for *_, y in rs]), ("rating", [r for _, _, r, _, _ in rs])):
+            f.update({f"{name}_{k}": v for k, v in stats(values).items()})
+        movies = Counter(m for _, m, *_ in rs)
+        f["movie_id_n_distinct"] = len(movies)
+        f.update({f"movie_id__{m}_count": movies.get(m, 0) for m in top})
+        out[user] = f
+    return out
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert list(got) == list(want)  # same columns, same order
+    for k, v in want.items():
+        if isinstance(v, float):
+            assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+        else:
+            assert got[k] == v, k
+
+
+def test_every_feature_matches_a_hand_computation(ml):
+    home, ratings = ml
+    result = aggregate(home, "movielens-100k")
+    as_of = max(t for *_, t, _ in ratings)
+    want = expected_features(ratings, as_of)
+    columns, got = rows(home)
+    assert result.n_users == len(got) == len(want) == 12  # one row per user
+    assert result.as_of == utc(as_of) and result.n_features == len(columns) - 2 == 28
+    assert columns == result.columns == list(next(iter(want.values())))
+    assert columns[:2 + len(ACTIVITY)] == ["user_id", "feature_timestamp", *ACTIVITY]
+    assert not any("title" in c or "genres" in c for c in columns)  # text fields are skipped
+    user = ratings[0][0]
+    assert_same(got[user], want[user])
+    for u in want:  # and the others too: it costs nothing
+        assert_same(got[u], want[u])
+
+
+def test_columns_are_stable_and_parquet_matches_the_table(ml):
+    home, ratings = ml
+    first = aggregate(home, "movielens-100k")
+    second = aggregate(home, "movielens-100k")
+    assert first.columns == second.columns
+    columns, got = rows(home)
+    assert columns == second.columns
+    table = pq.read_table(second.parquet_path)
+    assert table.column_names == columns
+    assert [tuple(r.values()) for r in table.to_pylist()] == [tuple(r.values()) for r in got.values()]
+    assert not list(second.parquet_path.parent.glob("*.tmp"))
+    # provenance: in the Parquet file and in the meta table, naming the ingest it was built from
+    meta = json.loads(table.schema.metadata[b"llm4es"])
+    con = home.connect(read_only=True)
+    ingest_row = last_ingest(con, SCHEMA)
+    (n, ingest_id, source_hash, config, cols, validated) = con.execute(
+        f"SELECT count(*) OVER (), ingest_id, source_hash, config, columns, validation_passed "
+        f"FROM {SCHEMA}.agg_features_meta").fetchone()
+    con.close()
+    assert n == 1 and ingest_id == meta["ingest_id"] == ingest_row["ingest_id"]
+    assert source_hash == meta["source_hash"] == ingest_row["source_hash"]
+    assert json.loads(cols) == meta["columns"] == columns and validated is True
+    assert json.loads(config) == meta["config"] == {"top_n": 10, "as_of": utc(max(r[3] for r in ratings)).isoformat(),
+                                                    "amount_field": None, "force": False}
+    assert meta["code_version"] and meta["produced_at"]
+
+
+def test_top_n_categories_are_the_most_frequent(ml):
+    home, ratings = ml
+    result = aggregate(home, "movielens-100k", AggregateConfig(top_n=3))
+    top = top_movies(ratings, 3)
+    assert [c for c in result.columns if c.startswith("movie_id__")] == [f"movie_id__{m}_count" for m in top]
+    assert [e["value"] for e in result.provenance["categories"]["movie_id"]] == top
+    counts = Counter(m for _, m, *_ in ratings)
+    _, got = rows(home)
+    for m in top:
+        assert sum(r[f"movie_id__{m}_count"] for r in got.values()) == counts[m]
+    # nothing outside the top 3 is more frequent than the third
+    assert all(counts[m] <= counts[top[-1]] for m in counts if m not in top)
+    none = aggregate(home, "movielens-100k", AggregateConfig(top_n=0))
+    assert "movie_id_n_distinct" in none.columns and not any(c.startswith("movie_id__") for c in none.columns)
+
+
+def test_as_of_excludes_later_events(ml):
+    home, ratings = ml
+    firsts = sorted({min(t for u2, _, _, t, _ in ratings if u2 == u) for u, *_ in ratings})
+    cut = firsts[5]  # users whose first rating is later are absent
+    result = aggregate(home, "movielens-100k", AggregateConfig(as_of=utc(cut)))
+    want = expected_features(ratings, cut)
+    columns, got = rows(home)
+    assert result.as_of == utc(cut) and set(got) == set(want) and len(got) == 6
+    assert {r["feature_timestamp"] for r in got.values()} == {utc(cut)}
+    assert any(t > cut for *_, t, _ in ratings)
+    for u in want:
+        assert_same(got[u], want[u])
+    # an aware as_of means the same instant
+    aware = aggregate(home, "movielens-100k", AggregateConfig(as_of=datetime.fromtimestamp(cut, timezone.utc)))
+    assert aware.as_of == utc(cut) and aware.n_users == 6
+    with pytest.raises(AggregateError, match="no events at or before"):
+        aggregate(home, "movielens-100k", AggregateConfig(as_of=datetime(1990, 1, 1)))
+
+
+def test_unknown_amount_field_is_refused(ml):
+    home, _ = ml
+    with pytest.raises(AggregateError, match="'price' is not a numeric event field"):
+        aggregate(home, "movielens-100k", AggregateConfig(amount_field="price"))
+    # an explicit numeric field works as the amount
+    r = aggregate(home, "movielens-100k", AggregateConfig(top_n=2, amount_field="rating"))
+    assert [c for c in r.columns if c.startswith("movie_id__")][1].endswith("_rating_sum")
+
+
+def test_the_gate_refuses_unvalidated_data_unless_forced(home, grouplens):
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=grouplens))
+    with pytest.raises(ValidationGateError, match="has not been validated"):
+        aggregate(home, "movielens-100k")
+    con = home.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'agg_features%'"
+                       ).fetchone()[0] == 0
+    con.close()
+    forced = aggregate(home, "movielens-100k", AggregateConfig(force=True))
+    assert forced.n_users == 12 and forced.provenance["validation_passed"] is None
+
+
+def test_slugs_are_safe_identifiers():
+    assert slugify("Sci-Fi") == "sci_fi" and slugify("0742") == "0742" and slugify(True) == "true"
+    assert slugify("Переводы") == "value" and len(slugify("x" * 100)) == 40
+
+
+def test_bank_amount_sums_per_mcc(home, tmp_path):
+    source = write_gender(tmp_path / "gender")
+    ingest(home, load_builtin("gender"), IngestConfig(source=source))
+    assert validate(home, "gender", ValidateConfig(data_docs=False)).success
+    result = aggregate(home, "gender")
+    with open(source / "transactions.csv", encoding="utf-8") as f:
+        txns = [(int(r["customer_id"]), r["mcc_code"].zfill(4), float(r["amount"])) for r in csv.DictReader(f)]
+    counts = Counter(mcc for _, mcc, _ in txns)
+    top = sorted(counts, key=lambda c: (-counts[c], c))[:10]
+    mcc_cols = [c for c in result.columns if c.startswith("mcc__")]
+    assert mcc_cols == [name for c in top for name in (f"mcc__{c}_count", f"mcc__{c}_amount_sum")]
+    sums, n = defaultdict(float), Counter()
+    for user, mcc, amount in txns:
+        sums[user, mcc] += amount
+        n[user, mcc] += 1
+    con = home.connect(read_only=True)
+    cur = con.execute("SELECT * FROM gender.agg_features")
+    cols = [d[0] for d in cur.description]
+    got = {r[0]: dict(zip(cols, r)) for r in cur.fetchall()}
+    con.close()
+    assert set(got) == {u for u, _, _ in txns}
+    for user, row in got.items():
+        assert row["amount_sum"] == pytest.approx(sum(a for u, _, a in txns if u == user))
+        assert row["mcc_n_distinct"] == len({m for u, m, _ in txns if u == user})
+        for c in top:
+            assert row[f"mcc__{c}_count"] == n[user, c]
+            assert row[f"mcc__{c}_amount_sum"] == pytest.approx(sums[user, c], abs=1e-6)
