@@ -42,6 +42,7 @@ def _errors(fn):
         from producers.datasets.definition import DefinitionError
         from producers.ingest import IngestError
         from producers.ingest.source_files import SourceError
+        from producers.enrich.mixture import MixtureError
         from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
         from validation.gate import ValidationGateError
@@ -51,7 +52,7 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
-                SerializeError) as e:
+                SerializeError, MixtureError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -62,7 +63,14 @@ def _errors(fn):
     return wrapper
 
 
-@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class PipelineOrder(click.Group):
+    """Lists commands in the order a pipeline runs them, not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=PipelineOrder, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_HOME",
               help="Where data/ and reports/ live. [default: $LLM4ES_HOME or .]")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_CACHE",
@@ -216,6 +224,92 @@ def serialize(p: Pipeline, dataset: str, model: str, max_tokens: int, time_forma
                   f"(largest text {r.max_tokens_seen:,} tokens)")
     console.print(f"header: {r.header}", soft_wrap=True)
     console.print(f"texts: table texts, {r.parquet}", soft_wrap=True)
+
+
+@cli.command()
+@dataset_arg
+@click.option("--top-n", type=click.IntRange(0), default=10, show_default=True,
+              help="Most frequent categories of each categorical field that get their own columns.")
+@click.option("--as-of", type=click.DateTime(), default=None,
+              help="Snapshot time (UTC, e.g. 1998-03-01T00:00:00): later events are ignored. "
+                   "[default: the dataset's last event]")
+@click.option("--amount-field", default=None,
+              help="Numeric field summed per category. [default: a numeric field named `amount`, if any]")
+@force_opt
+@click.pass_obj
+@_errors
+def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | None, force: bool) -> None:
+    """Compute aggregate features per user (the paper's "agg" baseline) in SQL.
+
+    One row per user with events up to --as-of, stamped feature_timestamp = as-of:
+    activity (n_events, active_days, span_days, events_per_active_day, recency_days);
+    count, mean, std, min, max and sum of each numeric field; for each categorical field,
+    the number of distinct categories and, for its --top-n most frequent categories, the
+    user's event count (and amount sum) in each. Text fields are not used. Written to table
+    agg_features (what produced it: agg_features_meta) and data/<schema>/agg_features.parquet.
+    """
+    t0 = time.perf_counter()
+    r = p.aggregate(dataset, top_n, as_of, amount_field, force)
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_users:,} rows (users), {r.n_features} features as of {r.as_of} "
+                  f"in {time.perf_counter() - t0:.1f}s", soft_wrap=True)
+    console.print(f"features: table {r.table}, {r.parquet_path}", soft_wrap=True)
+
+
+@cli.command()
+@dataset_arg
+@click.option("--enricher", type=click.Choice(["template", "llm"]), default="template", show_default=True,
+              help="template: deterministic formats (JSON, tables, YAML, XML, CSV, prose) with paraphrased names; "
+                   "llm: an instruct model rewrites each history (the paper's Table 1 prompt).")
+@click.option("--variants", type=click.IntRange(1, 50), default=7, show_default=True,
+              help="Rewrites per user (the paper found 7 mixed formats best).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit-users", type=click.IntRange(1), default=None, help="Only the first N users (to try the LLM).")
+@click.option("--tokenizer", "tokenizer", default="smollm2-135m", show_default=True,
+              help="Model whose tokenizer counts the rewrites' tokens.")
+@click.option("--llm-backend", type=click.Choice(["local", "openai"]), default="local", show_default=True,
+              help="local: a transformers model on this machine; openai: any OpenAI-compatible server "
+                   "(vLLM, llama.cpp server, Ollama).")
+@click.option("--llm-model", default="smollm2-135m", show_default=True,
+              help="local: registry name, folder or hub id; openai: the served model's name.")
+@click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True, help="Requests in flight (openai).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
+              help="Seconds per request (openai).")
+@click.option("--retries", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Prompts per batch (local).")
+@click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(16), default=1024, show_default=True)
+@force_opt
+@click.pass_obj
+@_errors
+def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, limit_users: int | None,
+           tokenizer: str, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int,
+           timeout_s: float, retries: int, batch_size: int, temperature: float, top_p: float,
+           max_new_tokens: int, force: bool) -> None:
+    """Rewrite every user's serialized history into VARIANTS diverse texts (needs `serialize`).
+
+    LLM outputs are cached per (user, variant, model, prompt), so an interrupted run resumes
+    where it stopped; outputs that fail the checks (empty, too short or long, an echo of the
+    input) are replaced by a template rewrite and counted.
+    """
+    from producers.enrich.options import LLMOptions
+    from producers.enrich.run import EnrichConfig
+
+    if llm_backend == "openai" and enricher == "llm" and not endpoint:
+        raise click.UsageError("--llm-backend openai needs --endpoint")
+    llm = LLMOptions(backend=llm_backend, model=llm_model, endpoint=endpoint, concurrency=concurrency,
+                     timeout_s=timeout_s, retries=retries, batch_size=batch_size, temperature=temperature,
+                     top_p=top_p, max_new_tokens=max_new_tokens)
+    r = p.enrich(dataset, EnrichConfig(enricher=enricher, variants=variants, seed=seed, limit_users=limit_users,
+                                       tokenizer=tokenizer, llm=llm, force=force))
+    console.print(f"[green]✓[/] {r.dataset}: {r.written:,} {r.enricher} texts for {r.users:,} users "
+                  f"x {r.variants} variants in {r.seconds:.1f}s")
+    console.print("formats: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r.by_format.items())))
+    if r.enricher == "llm":
+        refusals = ", ".join(f"{k} {v}" for k, v in sorted(r.refusals.items())) or "none"
+        console.print(f"LLM: {r.generated:,} generated, {r.cached:,} from the cache, {r.fallbacks:,} fell back to "
+                      f"a template (refused: {refusals})")
 
 
 @cli.command()

@@ -6,6 +6,7 @@ calls the stage's library function and returns its result; the CLI prints it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +64,18 @@ class Pipeline:
 
         config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, force=force)
         return serialize(self.home, dataset, config, self.log)
+
+    def aggregate(self, dataset: str, top_n: int = 10, as_of: datetime | None = None,
+                  amount_field: str | None = None, force: bool = False):
+        from producers.aggregate import AggregateConfig, aggregate
+
+        config = AggregateConfig(top_n=top_n, as_of=as_of, amount_field=amount_field, force=force)
+        return aggregate(self.home, dataset, config, self.log)
+
+    def enrich(self, dataset: str, config):
+        from producers.enrich.run import enrich
+
+        return enrich(self.home, dataset, config, self.log)
 
     def fetch(self, model: str | None = None) -> dict[str, Path]:
         """Put the default dataset and model in the cache (idempotent, fast when already there)."""

@@ -8,6 +8,7 @@ change the count, the cut text is tokenized once more and moved on by one line u
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -39,39 +40,37 @@ def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
 
 
 def fit_texts(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
-    """`header + "\\n" + body` for each body, cut to at most `budget` tokens (0: no budget)."""
+    """`header + "\n" + body` for each body, cut to at most `budget` tokens (0: no budget)."""
     texts = [f"{header}\n{body}" if body else header for body in bodies]
+    encoded = encode(tokenizer, texts)
     if budget <= 0:
-        return [Fitted(t, _n_lines(b), n) for t, b, n in zip(texts, bodies, count_tokens(tokenizer, texts))]
+        return [Fitted(t, _n_lines(b), len(ids)) for t, b, (ids, _) in zip(texts, bodies, encoded)]
     header_tokens = count_tokens(tokenizer, [header])[0]
-    out = []
-    for text, body, (ids, offsets) in zip(texts, bodies, encode(tokenizer, texts)):
+    out: list[Fitted | None] = []
+    pending: dict[int, tuple[str, list[int], int]] = {}  # index -> (text, newline positions, line to start at)
+    for i, (text, body, (ids, offsets)) in enumerate(zip(texts, bodies, encoded)):
         if len(ids) <= budget:
             out.append(Fitted(text, _n_lines(body), len(ids)))
-        else:
-            out.append(_cut(tokenizer, header, header_tokens, text, offsets, budget))
-    return out
-
-
-def _cut(tokenizer: Any, header: str, header_tokens: int, text: str, offsets: Sequence[tuple[int, int]],
-         budget: int) -> Fitted:
-    # Each event line starts right after a newline; the kept text is header + text[newline:].
-    breaks = [i for i, ch in enumerate(text) if ch == "\n"]
-    starts = [start for start, _ in offsets]
-    n_tokens = len(offsets)
-    # The first line whose suffix fits: suffix tokens = tokens starting at or after its newline.
-    k = len(breaks)
-    for j, pos in enumerate(breaks):
-        if header_tokens + n_tokens - bisect.bisect_left(starts, pos) <= budget:
-            k = j
-            break
-    while k < len(breaks):
-        candidate = header + text[breaks[k]:]
-        n = count_tokens(tokenizer, [candidate])[0]
-        if n <= budget:
-            return Fitted(candidate, len(breaks) - k, n)
-        k += 1
-    return Fitted(header, 0, header_tokens)  # not even the newest event fits
+            continue
+        breaks = [m.start() for m in re.finditer("\n", text)]
+        starts = [start for start, _ in offsets]
+        # The oldest line whose suffix fits, counting the tokens that start at or after its newline.
+        k = next((j for j, pos in enumerate(breaks)
+                  if header_tokens + len(ids) - bisect.bisect_left(starts, pos) <= budget), len(breaks))
+        out.append(None)
+        pending[i] = (text, breaks, k)
+    # BPE merges across the cut can change the count: verify every cut text exactly, all in one
+    # batch, and move the rare ones that do not fit on by a line.
+    while pending:
+        items = [(i, t, b, k) for i, (t, b, k) in pending.items()]
+        candidates = [header + t[b[k]:] if k < len(b) else header for _, t, b, k in items]
+        pending = {}
+        for (i, text, breaks, k), candidate, n in zip(items, candidates, count_tokens(tokenizer, candidates)):
+            if n <= budget or k >= len(breaks):
+                out[i] = Fitted(candidate, len(breaks) - k, n)
+            else:
+                pending[i] = (text, breaks, k + 1)
+    return out  # type: ignore[return-value]
 
 
 def _n_lines(body: str) -> int:
