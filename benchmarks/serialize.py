@@ -100,7 +100,7 @@ def serialize_pandas(events: pd.DataFrame, codes: pd.DataFrame, d: DatasetDefini
         elif f.dtype.upper() == "DOUBLE":
             text = col.map(lambda v: "" if pd.isna(v) else f"{v:.{f.decimals}f}")
         else:
-            text = col.astype("string")
+            text = col.astype("string").str.replace("\r", " ").str.replace("\n", " ") if f.dtype.upper() == "VARCHAR" else col.astype("string")
         parts.append(text.fillna(""))
     df["line"] = parts[0].str.cat(parts[1:], sep=VALUE_SEP)
     head = HEADER_SEP.join([d.events.time.label, *(f.display for f in d.serialized_fields)])

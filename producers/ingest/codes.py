@@ -54,7 +54,7 @@ def code_table_sql(name: str, table: CodeTable, raw_tables: dict[str, str]) -> s
     union = " UNION ALL ".join(_source_sql(s, i, raw_tables) for i, s in enumerate(table.sources))
     code = "trim(code)" if table.pad is None else pad_code("trim(code)", table.pad)
     return (f"SELECT {sql_str(name)} AS code_table, {code} AS code, "
-            f"arg_min(trim(description), priority) AS description "
+            f"arg_min(trim(regexp_replace(description, '\\s+', ' ', 'g')), priority) AS description "
             f"FROM ({union}) WHERE nullif(trim(code), '') IS NOT NULL AND nullif(trim(description), '') IS NOT NULL "
             f"GROUP BY ALL")
 

@@ -43,7 +43,10 @@ def value_text(f: FieldSpec, col: str, code_alias: str | None) -> str:
     if code_alias:
         text = f"coalesce({code_alias}.description, CAST({col} AS VARCHAR))"
     elif dtype == "DOUBLE":
-        text = f"CAST(TRY_CAST({col} AS DECIMAL(38, {f.decimals})) AS VARCHAR)"
+        # DECIMAL(18, d) is a plain 64-bit integer inside (twice as fast as 38 digits); values too
+        # large for it keep DuckDB's own rendering.
+        text = (f"coalesce(CAST(TRY_CAST({col} AS DECIMAL(18, {f.decimals})) AS VARCHAR), "
+                f"CAST({col} AS VARCHAR))")
     elif dtype == "VARCHAR":
         # A line break inside a value would split the event into two lines.
         text = f"replace(replace({col}, chr(13), ' '), chr(10), ' ')"
