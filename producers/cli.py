@@ -317,20 +317,46 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.pass_obj
 @_errors
 def demo(p: Pipeline, dataset: str) -> None:
-    """Run the pipeline end to end on the built-in dataset and print a summary."""
+    """Run the pipeline end to end on the built-in dataset and print a summary.
+
+    ingest -> validate -> serialize (2048-token budget) -> enrich (7 template variants) ->
+    aggregate. Ingest reuses an unchanged source; the other steps rebuild their outputs.
+    """
+    from producers.enrich.run import EnrichConfig
+
     t0 = time.perf_counter()
-    console.rule(f"[bold]1/2 ingest {dataset}")
+    steps = 5
+
+    def step(i: int, title: str) -> None:
+        console.rule(f"[bold]{i}/{steps} {title}")
+
+    step(1, f"ingest {dataset}")
     r = p.ingest(dataset)
     console.print(f"{r.n_events:,} events, {r.n_users:,} users, {r.n_rejects:,} rejected rows"
                   f"{' (unchanged source, reused)' if r.skipped else ''}")
-    console.rule(f"[bold]2/2 validate {dataset}")
+    step(2, f"validate {dataset}")
     report = p.validate(dataset)
     print_validation(report)
     if not report.success:
         sys.exit(1)
+    step(3, "serialize histories to text")
+    s = p.serialize(dataset, "smollm2-135m", 2048, "readable")
+    console.print(f"{s.n_texts:,} texts from {s.n_events:,} of {s.n_events_total:,} events; {s.n_cut:,} users cut to "
+                  f"the 2048-token budget (largest text {s.max_tokens_seen:,} tokens)")
+    step(4, "enrich: 7 template rewrites per user")
+    e = p.enrich(dataset, EnrichConfig(enricher="template", variants=7))
+    console.print(f"{e.written:,} texts in {e.seconds:.1f}s; formats: "
+                  + ", ".join(f"{k} {v:,}" for k, v in sorted(e.by_format.items())))
+    step(5, "aggregate features")
+    a = p.aggregate(dataset)
+    console.print(f"{a.n_users:,} users x {a.n_features} features as of {a.as_of}")
     console.rule("[bold]summary")
     print_summary(p.summary(dataset))
-    console.print(f"done in {time.perf_counter() - t0:.1f}s; warehouse {p.home.warehouse_path}")
+    sample = p.sample_text(dataset)
+    if sample:
+        console.print("a serialized history (first lines):")
+        console.print("\n".join("  " + line for line in sample.splitlines()[:6]), soft_wrap=True)
+    console.print(f"done in {time.perf_counter() - t0:.1f}s; warehouse {p.home.warehouse_path}", soft_wrap=True)
 
 
 def print_summary(s: dict) -> None:
