@@ -55,11 +55,16 @@ class Home:
         return duckdb.connect(str(self.warehouse_path), read_only=read_only)
 
 
+def one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
+    """The first row of a query, reading the result to its end (DuckDB 2 refuses new work on a
+    connection that still has a half-read result)."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
-    row = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-        [schema, table],
-    ).fetchone()
+    row = one(con, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+              [schema, table])
     return bool(row and row[0])
 
 
@@ -104,7 +109,7 @@ def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDe
             raise WarehouseError(f"dataset {dataset!r} is not in the warehouse: run `llm4es ingest {dataset}` first")
         raise WarehouseError(f"unknown dataset {dataset!r}: the warehouse holds {held}; built-in datasets are "
                              f"{', '.join(builtin_names())} (your own data: `llm4es ingest NAME --mapping FILE`)")
-    (blob,) = con.execute(f'SELECT definition FROM "{schema}".dataset_meta').fetchone()
+    (blob,) = one(con, f'SELECT definition FROM "{schema}".dataset_meta')
     try:
         return DatasetDefinition.model_validate(json.loads(blob))
     except ValueError as e:  # written by an older, incompatible version
@@ -115,12 +120,12 @@ def ingested_datasets(con: duckdb.DuckDBPyConnection) -> list[str]:
     rows = con.execute(
         "SELECT table_schema FROM information_schema.tables WHERE table_name = 'dataset_meta' ORDER BY 1"
     ).fetchall()
-    return [con.execute(f'SELECT name FROM "{r[0]}".dataset_meta').fetchone()[0] for r in rows]
+    return [one(con, f'SELECT name FROM "{r[0]}".dataset_meta')[0] for r in rows]
 
 
 def last_ingest(con: duckdb.DuckDBPyConnection, schema: str) -> dict | None:
     if not table_exists(con, schema, "ingest_log"):
         return None
     cur = con.execute(f'SELECT * FROM "{schema}".ingest_log ORDER BY finished_at DESC LIMIT 1')
-    row = cur.fetchone()
-    return dict(zip([d[0] for d in cur.description], row)) if row else None
+    rows = cur.fetchall()  # fetchall, not fetchone: DuckDB 2 keeps a half-read result open on the connection
+    return dict(zip([d[0] for d in cur.description], rows[0])) if rows else None

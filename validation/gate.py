@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import duckdb
 
-from producers.warehouse import last_ingest, stored_definition, table_exists
+from producers.warehouse import last_ingest, one, stored_definition, table_exists
 
 
 class ValidationGateError(RuntimeError):
@@ -17,8 +17,8 @@ def require_valid(con: duckdb.DuckDBPyConnection, dataset: str, force: bool = Fa
     ingest = last_ingest(con, schema)
     last = None
     if table_exists(con, schema, "validation_log"):
-        last = con.execute(f'SELECT run_id, ingest_id, success, n_failed, report FROM "{schema}".validation_log '
-                           "ORDER BY started_at DESC LIMIT 1").fetchone()
+        last = one(con, f'SELECT run_id, ingest_id, success, n_failed, report FROM "{schema}".validation_log '
+                   "ORDER BY started_at DESC LIMIT 1")
     if last is None:
         raise ValidationGateError(f"{dataset} has not been validated: run `llm4es validate {dataset}` "
                                   "(or pass --force to skip the gate)")

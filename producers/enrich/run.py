@@ -6,7 +6,7 @@ in DuckDB exactly as serialization renders them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable, Literal
 
@@ -29,6 +29,7 @@ class EnrichConfig:
     seed: int = 0
     limit_users: int | None = None  # the first N users by id (trying the LLM on a few)
     tokenizer: str = "smollm2-135m"  # counts n_tokens of the rewrites
+    max_tokens: int = 2048  # template rewrites drop their oldest events to fit (0: no budget)
     llm: LLMOptions = field(default_factory=LLMOptions)
     force: bool = False
 
@@ -54,6 +55,29 @@ def load_histories(con, dataset: str, limit_users: int | None = None) -> list[Us
         FROM users u JOIN lines l USING (user_id) GROUP BY ALL ORDER BY u.user_id""").fetchall()
     return [UserHistory(user_id, columns, labels, event_rows[len(event_rows) - n:] if n else [], text)
             for user_id, n, text, event_rows in rows]
+
+
+def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrites: list, counts: list[int],
+                 budget: int, tokenizer) -> tuple[list[UserHistory], list, list[int]]:
+    """Re-render over-budget rewrites from fewer (the most recent) events until they fit.
+
+    Richer formats (JSON, XML) take up to 3x the tokens of the serialized text the history was
+    cut for; fine-tuning would otherwise truncate them mid-structure. Each round keeps the
+    share of events the budget allows, so it converges in two or three rounds.
+    """
+    kept, rewrites, counts = list(histories), list(rewrites), list(counts)
+    for _ in range(6):
+        over = [i for i, n in enumerate(counts) if n > budget and kept[i].rows]
+        if not over:
+            break
+        for i in over:
+            rows = kept[i].rows
+            keep = min(len(rows) - 1, int(len(rows) * budget / counts[i] * 0.95))
+            kept[i] = replace(kept[i], rows=rows[len(rows) - keep:] if keep > 0 else [])
+        redone = enricher.rewrite(d, [kept[i] for i in over], variant)
+        for i, r, n in zip(over, redone, count_tokens(tokenizer, [r.text for r in redone])):
+            rewrites[i], counts[i] = r, n
+    return kept, rewrites, counts
 
 
 def make_enricher(config: EnrichConfig, home: Home, schema: str, log: Callable[[str], None]):
@@ -85,11 +109,15 @@ def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], 
         frames = []
         for variant in range(config.variants):
             rewrites = enricher.rewrite(d, histories, variant)
+            counts = count_tokens(tokenizer, [r.text for r in rewrites])
+            kept = list(histories)
+            if config.enricher == "template" and config.max_tokens:
+                kept, rewrites, counts = fit_rewrites(enricher, d, histories, variant, rewrites, counts,
+                                                      config.max_tokens, tokenizer)
             frames.append(pd.DataFrame({
                 "user_id": [h.user_id for h in histories], "variant": variant,
                 "format": [r.format for r in rewrites], "text": [r.text for r in rewrites],
-                "n_events": [len(h.rows) for h in histories],
-                "n_tokens": count_tokens(tokenizer, [r.text for r in rewrites]),
+                "n_events": [len(h.rows) for h in kept], "n_tokens": counts,
             }))
             for r in rewrites:
                 report.by_format[r.format] = report.by_format.get(r.format, 0) + 1

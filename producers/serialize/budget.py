@@ -36,6 +36,10 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> list[tuple[list[int], list[t
 
 
 def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.20: no offsets, ~2x faster
+    if texts and fast is not None:
+        return [len(e.ids) for e in fast(list(texts), add_special_tokens=False)]
     return [len(ids) for ids, _ in encode(tokenizer, texts)]
 
 
