@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field

@@ -2,25 +2,7 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-import pytest
-from click.testing import CliRunner
-from rich.console import Console
 
-import producers.cli
-from producers.cli import cli
-
-
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
-
-
-@pytest.fixture
-def llm4es(tmp_path):
-    runner = CliRunner()
-    base = ["--home", str(tmp_path / "home"), "--cache", str(tmp_path / "cache")]
-    return lambda *args: runner.invoke(cli, [*base, *map(str, args)])
 
 
 def test_aggregate_after_validation(llm4es, grouplens, tmp_path):

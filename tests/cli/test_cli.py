@@ -10,30 +10,11 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from rich.console import Console
 
-import producers.cli
 from producers.cli import cli
 from producers.datasets.definition import builtin_names
+from tests.cli.conftest import assert_clean_exit_1
 from tests.fixtures.movielens_files import replace_lines
-
-
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
-
-
-@pytest.fixture
-def llm4es(tmp_path):
-    """Run `llm4es --home <tmp> --cache <tmp> ARGS...` and return click's Result."""
-    runner = CliRunner()
-    base = ["--home", str(tmp_path / "home"), "--cache", str(tmp_path / "cache")]
-
-    def invoke(*args: str):
-        return runner.invoke(cli, [*base, *map(str, args)])
-
-    return invoke
 
 
 def n_ratings(source) -> int:
@@ -45,13 +26,6 @@ def table_row(output: str, first_cell: str) -> list[str]:
     lines = [line for line in output.splitlines() if first_cell in line]
     assert len(lines) == 1, f"expected one row with {first_cell!r} in:\n{output}"
     return [cell.strip() for cell in re.split(r"[│┃|]", lines[0]) if cell.strip()]
-
-
-def assert_clean_exit_1(result) -> None:
-    """Exit code 1 from the CLI's own error handling, not from an uncaught exception."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
 
 
 def test_help_lists_the_commands():

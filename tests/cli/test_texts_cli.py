@@ -2,17 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from rich.console import Console
 
-import producers.cli
-from tests.cli.test_cli import assert_clean_exit_1, llm4es  # noqa: F401  (fixture)
+from tests.cli.conftest import assert_clean_exit_1
 from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def wide_consoles(monkeypatch):
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
 
 
 @pytest.fixture(scope="module")
