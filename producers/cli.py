@@ -43,6 +43,7 @@ def _errors(fn):
         from producers.ingest import IngestError
         from producers.ingest.source_files import SourceError
         from producers.enrich.mixture import MixtureError
+        from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
         from validation.gate import ValidationGateError
@@ -52,7 +53,7 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
-                SerializeError, MixtureError) as e:
+                SerializeError, MixtureError, FinetuneError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -313,6 +314,55 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 
 
 @cli.command()
+@dataset_arg
+@model_opt
+@click.option("--mixture", default="template:7", show_default=True,
+              help="Texts to train on, KIND:N,... over serialized/template/llm (the paper's best: template:7).")
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Texts per device per step.")
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-length", type=click.IntRange(16), default=2048, show_default=True)
+@click.option("--packing", is_flag=True, help="Pack texts into max-length rows (attention never crosses texts).")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--trainable-layers", type=click.IntRange(1), default=None,
+              help="Train only the top N blocks (CPU-friendly). Default: full fine-tuning, as in the paper.")
+@click.option("--lora-r", type=click.IntRange(1), default=None, help="LoRA rank (peft); the paper found LoRA worse.")
+@click.option("--save-every-steps", type=click.IntRange(1), default=None, help="Checkpoint every N steps too.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--run-name", default=None, help="Folder under runs/<dataset>/; re-running a name resumes it.")
+@force_opt
+@click.pass_obj
+@_errors
+def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
+             batch_size: int, grad_accum: int, max_length: int, packing: bool, gradient_checkpointing: bool,
+             trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
+             run_name: str | None, force: bool) -> None:
+    """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
+
+    Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
+    finetune ...`; bf16 autocast on GPU. A checkpoint is saved at every epoch end (and every
+    --save-every-steps); re-running the same --run-name resumes from the last one. Each epoch's
+    model goes to runs/<dataset>/<run>/models/epoch-E for `llm4es embed`.
+    """
+    from training.finetune import FinetuneConfig
+
+    config = FinetuneConfig(model=model, mixture=mixture, epochs=epochs, max_steps=max_steps, lr=lr,
+                            batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+                            gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
+                            lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
+                            force=force)
+    r = p.finetune(dataset, config)
+    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({r.epochs_done} epochs) on {r.n_texts:,} texts, "
+                  f"final loss {r.final_loss:.4f}, {r.tokens_per_second:,.0f} tokens/s"
+                  f"{f' (resumed from {r.resumed_from})' if r.resumed_from else ''}")
+    console.print(f"run: {r.run_dir}", soft_wrap=True)
+    for m in r.models:
+        console.print(f"model: {m}", soft_wrap=True)
+
+
+@cli.command()
 @click.option("--dataset", default="movielens-100k", show_default=True)
 @click.pass_obj
 @_errors
@@ -375,3 +425,7 @@ def print_summary(s: dict) -> None:
 
 def main() -> None:
     cli(prog_name="llm4es")
+
+
+if __name__ == "__main__":  # `accelerate launch -m producers.cli finetune ...`
+    main()

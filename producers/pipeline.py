@@ -77,6 +77,16 @@ class Pipeline:
 
         return enrich(self.home, dataset, config, self.log)
 
+    def finetune(self, dataset: str, config):
+        from training.finetune import finetune
+
+        return finetune(self.home, dataset, config, self.log)
+
+    def embed(self, dataset: str, config):
+        from training.embed import embed
+
+        return embed(self.home, dataset, config, self.log)
+
     def fetch(self, model: str | None = None) -> dict[str, Path]:
         """Put the default dataset and model in the cache (idempotent, fast when already there)."""
         from training.models import DEFAULT_MODEL, resolve_model

@@ -1,0 +1,295 @@
+"""Tests for `training.finetune` and `training.data`: a tiny random Llama on the small MovieLens fixture."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from producers.datasets.definition import load_builtin
+from producers.ingest import IngestConfig, ingest
+from producers.serialize.run import SerializeConfig, serialize
+from producers.warehouse import Home
+from tests.fixtures.movielens_files import write_grouplens
+from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer
+from training.data import IGNORE_INDEX, epoch_batches, make_collate, pack_items
+from training.finetune import CHECKPOINT_MARKER, FinetuneConfig, FinetuneError, config_hash, finetune
+from training.models import load_causal_lm
+from validation.gate import ValidationGateError
+from validation.run import ValidateConfig, validate
+
+CORPUS = ["1997-10-05 14:02, Toy Story, 1995, Animation, Children's, Comedy, 4",
+          "Date | Title | Year | Genres | Rating"] * 50
+DATASET = "movielens-100k"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model gains nothing from threads, and two OpenMP threads on a busy 2-core machine
+    run up to 10x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return trained_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tok) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer=tok, max_positions=640)
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory, tok) -> Path:
+    """Input and output embeddings shared, as in SmolLM2 (checkpoints then store the matrix once)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.fixtures.tiny_model import tiny_llama_config
+
+    folder = tmp_path_factory.mktemp("tied-llama")
+    config = tiny_llama_config(vocab_size=len(tok), max_positions=640)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built_home(tmp_path_factory, tok) -> Home:
+    """A home with the 12-user MovieLens fixture ingested, validated and serialized (12 texts)."""
+    root = tmp_path_factory.mktemp("built")
+    home = Home.resolve(root / "home")
+    ingest(home, load_builtin(DATASET), IngestConfig(source=write_grouplens(root / "ml-100k")))
+    assert validate(home, DATASET, ValidateConfig(data_docs=False)).success
+    serialize(home, DATASET, SerializeConfig(model="tiny", max_tokens=300), tokenizer=tok)
+    return home
+
+
+@pytest.fixture
+def home(built_home, tmp_path) -> Home:
+    """A private copy of the built home, so runs never see each other."""
+    shutil.copytree(built_home.root, tmp_path / "home")
+    return Home.resolve(tmp_path / "home")
+
+
+def cfg(model: Path, **overrides) -> FinetuneConfig:
+    base = dict(model=str(model), mixture="serialized:1", max_length=48, batch_size=2, lr=3e-3, warmup_steps=0)
+    return FinetuneConfig(**{**base, **overrides})
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_module_import_does_not_pull_in_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, training.finetune; sys.exit('torch' in sys.modules or 'accelerate' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_loss_falls(home, tiny_model):
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=20, lr=1e-2))
+    assert r.steps == 20 and len(r.losses) == 20 and r.n_texts == 12
+    assert np.mean(r.losses[-3:]) < np.mean(r.losses[:3]) - 0.5
+    assert r.tokens_seen == 20 * 2 * 48  # every text is cut to max_length, so no padding
+    assert r.tokens_per_second > 0 and r.final_loss == r.losses[-1]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_killed_run_resumes_to_the_uninterrupted_result(home, tiny_model, tied_model, tied):
+    # 12 texts, batch 1, 2 micro-batches per step: 6 steps an epoch, 10 steps end inside epoch 2.
+    # Checkpoints at steps 4, 6 (epoch end), 8 and 10.
+    config = cfg(tied_model if tied else tiny_model, max_steps=10, batch_size=1, grad_accum=2, save_every_steps=4)
+    whole = finetune(home, DATASET, FinetuneConfig(**{**config.__dict__, "run_name": "whole"}))
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at(at: int):
+        def on_step(step: int, loss: float) -> None:
+            if step == at:
+                raise Killed
+        return on_step
+
+    killed = FinetuneConfig(**{**config.__dict__, "run_name": "killed"})
+    state_file = home.root / "runs" / "movielens_100k" / "killed" / "state.json"
+    with pytest.raises(Killed):  # killed right after the checkpoint of step 4, inside epoch 1
+        finetune(home, DATASET, killed, on_step=kill_at(4))
+    assert json.loads(state_file.read_text())["checkpoint"] == "checkpoints/step-4"
+    with pytest.raises(Killed):  # killed at step 9, one step past the checkpoint of step 8, in epoch 2
+        finetune(home, DATASET, killed, on_step=kill_at(9))
+    state = json.loads(state_file.read_text())
+    assert (state["checkpoint"], state["epoch"], state["step_in_epoch"]) == ("checkpoints/step-8", 1, 2)
+    resumed = finetune(home, DATASET, killed)
+
+    assert resumed.resumed_from == 8 and resumed.steps == whole.steps == 10
+    np.testing.assert_allclose(resumed.losses, whole.losses, rtol=0, atol=1e-6)
+    assert resumed.tokens_seen == whole.tokens_seen
+    assert [m.name for m in resumed.models] == [m.name for m in whole.models] == ["epoch-1", "step-10"]
+    for name in ("epoch-1", "step-10"):
+        a, b = weights(whole.run_dir / "models" / name), weights(resumed.run_dir / "models" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_run_folder_layout(home, tiny_model):
+    config = cfg(tiny_model, epochs=2, save_every_steps=2, keep_checkpoints=2)  # 6 steps an epoch
+    r = finetune(home, DATASET, config)
+    run = home.root / "runs" / "movielens_100k" / "movielens-100k__tiny-llama0__serialized-1"
+    assert r.run_dir == run and r.steps == r.total_steps == 12 and r.epochs_done == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-10", "step-12"]
+    assert sorted(p.name for p in (run / "models").iterdir()) == ["epoch-1", "epoch-2"]
+    saved_state = {p.name for p in (run / "checkpoints" / "step-12").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= saved_state
+
+    state = json.loads((run / "state.json").read_text())
+    assert state["global_step"] == 12 and state["completed_epochs"] == 2 and state["finished"]
+    assert (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    assert state["checkpoint"] == "checkpoints/step-12" and state["checkpoints"] == ["step-10", "step-12"]
+    assert state["models"] == ["epoch-1", "epoch-2"] and len(state["losses"]) == 12
+
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["lr"] == config.lr and saved["model_path"] == str(tiny_model)
+    assert saved["data"]["n_texts"] == 12 and saved["data"]["texts_per_kind"] == {"serialized": 12}
+    assert saved["data"]["source_hashes"] and len(saved["data"]["texts_sha256"]) == 64
+    assert saved["schedule"] == {"steps_per_epoch": 6, "total_steps": 12, "epochs": 2, "warmup_steps": 0,
+                                 "num_processes": 1, "effective_batch_size": 2}
+    assert saved["code_version"]
+
+    for epoch in (1, 2):
+        folder = run / "models" / f"epoch-{epoch}"
+        assert {"config.json", "model.safetensors", "tokenizer.json", CHECKPOINT_MARKER} <= {
+            p.name for p in folder.iterdir()}
+        marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
+        assert marker["epoch"] == epoch and marker["global_step"] == 6 * epoch and marker["dataset"] == DATASET
+        assert marker["mixture"] == "serialized:1" and marker["config_hash"] == config_hash(config)
+        assert marker["model_source"] == str(tiny_model) and marker["produced_at"]
+    assert not weights(run / "models" / "epoch-1")["model.norm.weight"].equal(
+        weights(run / "models" / "epoch-2")["model.norm.weight"])
+    assert load_causal_lm(str(run / "models" / "epoch-2")).config.num_hidden_layers == 3
+    assert not any(p.name.startswith(".") for d in (run, run / "models", run / "checkpoints") for p in d.iterdir())
+
+    again = finetune(home, DATASET, config)  # finished: nothing to do, same answer
+    assert again.steps == 12 and again.losses == r.losses and again.seconds == 0.0
+
+
+def test_changed_config_is_refused_on_resume(home, tiny_model):
+    finetune(home, DATASET, cfg(tiny_model, max_steps=2, run_name="r"))
+    with pytest.raises(FinetuneError, match=r"lr: 0.003 -> 0.001.*new run_name"):
+        finetune(home, DATASET, cfg(tiny_model, max_steps=2, run_name="r", lr=1e-3))
+    with pytest.raises(FinetuneError, match="max_length: 48 -> 32"):
+        finetune(home, DATASET, cfg(tiny_model, max_steps=2, run_name="r", max_length=32))
+    # Where and how often it saves may change.
+    assert finetune(home, DATASET, cfg(tiny_model, max_steps=2, run_name="r", keep_checkpoints=3)).steps == 2
+
+
+def test_trainable_layers_freezes_all_but_the_top_blocks(home, tiny_model):
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=4, trainable_layers=1))
+    before, after = weights(tiny_model), weights(r.models[-1])
+    assert before.keys() == after.keys()
+    trained = {k for k in before if not before[k].equal(after[k])}
+    assert trained and all(k.startswith("model.layers.2.") or k == "model.norm.weight" for k in trained)
+    assert {k for k in before if k.startswith("model.layers.2.") and k.endswith("proj.weight")} <= trained
+
+
+def test_lora_saves_an_adapter_and_a_merged_model(home, tiny_model):
+    import torch
+    from peft import PeftModel
+
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=3, lora_r=4))
+    folder = r.models[-1]
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((folder / CHECKPOINT_MARKER).read_text())["lora_merged"] is True
+    merged = load_causal_lm(str(folder), dtype=torch.float32)
+    assert not any("lora" in k for k in merged.state_dict())
+    adapted = PeftModel.from_pretrained(load_causal_lm(str(tiny_model), dtype=torch.float32), str(folder / "adapter"))
+    base = load_causal_lm(str(tiny_model), dtype=torch.float32)
+    ids = torch.tensor([[5, 80, 120, 7, 33, 250]])
+    with torch.no_grad():
+        want, got, plain = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the adapter did learn something
+
+
+def test_packing_trains_on_fewer_rows(home, tiny_model):
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=2, batch_size=1, max_length=640, packing=True))
+    saved = json.loads((r.run_dir / "config.json").read_text())["data"]
+    assert saved["n_rows"] < saved["n_texts"] == 12 and saved["n_truncated"] == 0
+    assert r.steps == 2 and all(np.isfinite(r.losses))
+
+
+def test_gate_refuses_unvalidated_data(tmp_path, tiny_model):
+    home = Home.resolve(tmp_path / "home")
+    ingest(home, load_builtin(DATASET), IngestConfig(source=write_grouplens(tmp_path / "ml-100k")))
+    with pytest.raises(ValidationGateError, match="validate"):
+        finetune(home, DATASET, cfg(tiny_model, max_steps=1))
+    assert not (home.root / "runs").exists()
+
+
+# --- training.data -----------------------------------------------------------------------------
+
+def test_packed_rows_give_each_text_its_own_logits(tiny_model):
+    """Position ids restarting per text make transformers keep attention inside each text."""
+    import torch
+
+    model = load_causal_lm(str(tiny_model), dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(3, 300, n).astype(np.int32) for n in (7, 12, 4)]
+    packed = make_collate(pad_id=2, packed=True)([texts, texts[:1]])  # second row: one text + 16 pad
+    assert "attention_mask" not in packed and packed["n_tokens"].item() == 23 + 7
+    assert packed["position_ids"][0].tolist() == [*range(7), *range(12), *range(4)]
+    labels = packed["labels"][0].tolist()
+    assert labels[0] == labels[7] == labels[19] == IGNORE_INDEX and labels[1] == int(texts[0][1])
+    assert packed["labels"][1, 7:].eq(IGNORE_INDEX).all()
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers does not look for packed sequences
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        at = 0
+        for t in texts:
+            alone = model(input_ids=torch.from_numpy(t.astype(np.int64))[None]).logits[0]
+            torch.testing.assert_close(logits[0, at:at + len(t)], alone, atol=1e-5, rtol=1e-5)
+            at += len(t)
+        torch.testing.assert_close(logits[1, :7], logits[0, :7], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_batches_mask_padding_by_position_not_by_id():
+    texts = [np.array([5, 6, 2], dtype=np.int32), np.array([7, 2], dtype=np.int32)]
+    batch = make_collate(pad_id=2, packed=False)([[texts[0]], [texts[1]]])  # pad id == EOS id
+    assert batch["input_ids"].tolist() == [[5, 6, 2], [7, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
+
+
+def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
+    lengths = np.random.default_rng(1).integers(5, 100, 23)
+    first = epoch_batches(lengths, 4, seed=0, epoch=0, group_by_length=True)
+    assert first == epoch_batches(lengths, 4, seed=0, epoch=0, group_by_length=True)
+    assert first != epoch_batches(lengths, 4, seed=0, epoch=1, group_by_length=True)
+    assert first != epoch_batches(lengths, 4, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in first for i in b) == list(range(23))
+    assert [len(b) for b in first] == [4] * 5 + [3]  # the short batch stays last
+    spans = sorted((min(lengths[b]), max(lengths[b])) for b in first)
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))  # batches do not overlap
+
+
+def test_pack_items_fits_every_text_once():
+    lengths = np.random.default_rng(2).integers(1, 60, 200)
+    packs = pack_items(lengths, 64)
+    assert sorted(i for p in packs for i in p) == list(range(200))
+    assert all(sum(lengths[list(p)]) <= 64 for p in packs)
+    assert len(packs) <= int(np.ceil(lengths.sum() / 64 * 1.25))  # close to the bound

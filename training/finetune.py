@@ -1,0 +1,507 @@
+"""`llm4es finetune`: next-token fine-tuning of a causal LLM on a mixture of user texts (paper, section 2).
+
+One flat accelerate loop in the shape of transformers' `run_clm_no_trainer.py`: `prepare`, a step
+inside `accelerator.accumulate`, counted when `sync_gradients`, `save_state` every N steps and at
+every epoch end, `load_state` + `skip_first_batches` to resume, and `unwrap_model(...).save_pretrained`
+for the models the embedding step reads. The same code runs on a CPU, one GPU or several
+(`accelerate launch`).
+
+Layout of a run, `home/runs/<schema>/<run_name>/`:
+
+    config.json            resolved config, model path, data provenance, code version
+    state.json             global_step, epoch, step_in_epoch, completed_epochs, checkpoints, models, losses
+    checkpoints/step-<N>/  accelerator.save_state: model, optimizer, scheduler, RNG states (last K kept)
+    models/epoch-<E>/      plain Hugging Face model + tokenizer + llm4es_checkpoint.json, one per epoch
+    models/step-<N>/       the same, when `max_steps` ends training inside an epoch
+
+Every folder is written under a temporary name and renamed into place, and state.json (written
+atomically after the rename) only ever names complete folders, so a killed run resumes from its
+newest checkpoint and ends in the state an uninterrupted run would have reached: the batches of
+an epoch are a pure function of (seed, epoch), and the schedule, optimizer and RNG states come
+back from the checkpoint.
+
+The loss of a micro-batch is the model's own: the mean over its real target tokens (labels are
+-100 on padding); with `grad_accum` > 1 a step averages its micro-batches' means, as
+`run_clm_no_trainer.py` does. Several processes: `accelerate launch` (or torchrun) on GPUs; on
+CPUs set `ACCELERATE_USE_CPU=true`, else accelerate does not see the processes as one job.
+
+torch, transformers, accelerate and peft are imported inside functions, so importing this module
+(for `FinetuneConfig`) stays instant.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Literal
+
+from producers.enrich.mixture import Mixture
+from producers.provenance import code_version
+from producers.warehouse import Home, stored_definition
+from validation.gate import require_valid
+
+CHECKPOINT_MARKER = "llm4es_checkpoint.json"
+"""Written into every `models/...` folder: what the embedding step needs to know about it."""
+
+RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient_checkpointing", "precision",
+                               "force", "run_name"})
+"""Config fields a resumed run may change: they change neither the data order nor the maths."""
+
+Log = Callable[[str], None]
+
+
+class FinetuneError(ValueError):
+    """The fine-tuning cannot run as asked (bad config, incompatible resume, ...)."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: str = "smollm2-135m"  # registry name, local folder or hub id (training.models.resolve_model)
+    mixture: str = "template:7"  # producers.enrich.mixture.Mixture spec
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; when set it decides, not `epochs`
+    lr: float = 1e-4  # peak; full fine-tuning of a ~100M-3B model
+    weight_decay: float = 0.01  # on matrices only, not on norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_ratio: float = 0.03  # of all optimizer steps, then cosine decay to 0
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    max_grad_norm: float | None = 1.0
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    max_length: int = 2048  # tokens per text (EOS included), or per pack
+    group_by_length: bool = True  # batches of similar lengths, batch order shuffled per epoch
+    packing: bool = False  # several texts per row, attention kept within each text
+    gradient_checkpointing: bool = False
+    trainable_layers: int | None = None  # None: full fine-tuning; N: top N blocks + final norm only
+    lora_r: int | None = None  # LoRA on all linear projections (merged into the saved models)
+    lora_alpha: int | None = None  # default 2 * lora_r
+    save_every_steps: int | None = None  # accelerate checkpoints besides the one at every epoch end
+    keep_checkpoints: int = 2  # accelerate checkpoints kept (models/ keeps every epoch)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    run_name: str | None = None  # default: <dataset>__<model>__<mixture>
+    force: bool = False  # train on data that failed validation
+
+    def __post_init__(self) -> None:
+        Mixture.parse(self.mixture)  # MixtureError (a ValueError) on a malformed spec
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "keep_checkpoints": self.keep_checkpoints, "max_steps": self.max_steps,
+                    "save_every_steps": self.save_every_steps, "trainable_layers": self.trainable_layers,
+                    "lora_r": self.lora_r}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise FinetuneError(f"{name} must be at least 1, got {value}")
+        if self.max_length < 2:
+            raise FinetuneError("max_length must be at least 2")
+        if self.lora_r is not None and self.trainable_layers is not None:
+            raise FinetuneError("choose LoRA (lora_r) or partial fine-tuning (trainable_layers), not both")
+        if not 0 <= self.warmup_ratio < 1:
+            raise FinetuneError("warmup_ratio must be in [0, 1)")
+        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise FinetuneError(f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-'")
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    dataset: str
+    model: str  # the resolved model path (or hub id)
+    mixture: str
+    n_texts: int
+    steps: int  # optimizer steps done, over all runs of this run_name
+    total_steps: int
+    epochs_done: int  # complete epochs
+    final_loss: float | None
+    losses: list[float]  # one per optimizer step, from step 1 (resumed runs included)
+    tokens_seen: int  # real (non-pad) tokens, all processes, all runs of this run_name
+    tokens_per_second: float  # real tokens per second of training in this call, saving excluded
+    seconds: float  # wall time of the training loop in this call (model loading excluded, saving included)
+    save_seconds: float  # of which writing checkpoints and models
+    peak_memory_mb: float  # CUDA: max allocated; CPU: the process's max RSS
+    models: list[Path] = field(default_factory=list)  # models/epoch-E (and step-N) folders, oldest first
+    checkpoints: list[Path] = field(default_factory=list)  # accelerate checkpoints kept
+    resumed_from: int | None = None  # the global step this call resumed from
+
+
+def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda _: None, tokenizer=None,
+             on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
+    """Fine-tune `config.model` on the `config.mixture` texts of `dataset`; resume the run if it exists.
+
+    `tokenizer` overrides the model folder's own. `on_step(global_step, loss)` is called after
+    every optimizer step, once that step's checkpoint (if any) is on disk; an exception raised
+    there stops training as a kill would.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from training.data import (EpochBatchSampler, ItemDataset, make_collate, pack_items, read_mixture_tokens,
+                               single_items)
+    from training.models import load_tokenizer, resolve_model
+
+    mixture = Mixture.parse(config.mixture)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_precision(config))
+    say = log if accelerator.is_main_process else (lambda _: None)
+    con = home.connect(read_only=True)
+    try:
+        require_valid(con, dataset, config.force)
+        definition = stored_definition(con, dataset)
+        model_path = resolve_model(config.model, progress=say)
+        tokenizer = tokenizer or load_tokenizer(model_path)
+        texts, tokens = read_mixture_tokens(con, definition.schema, mixture, tokenizer, config.max_length)
+    finally:
+        con.close()  # before training: other stages may want to write the warehouse meanwhile
+    run_name = config.run_name or default_run_name(definition.name, config.model, mixture)
+    run_dir = home.root / "runs" / definition.schema / run_name
+    say(f"{len(tokens):,} texts of {dataset} ({mixture}), {int(tokens.lengths.sum()):,} tokens -> {run_dir}")
+    items = pack_items(tokens.lengths, config.max_length) if config.packing else single_items(len(tokens))
+    if tokens.n_truncated:
+        say(f"{tokens.n_truncated:,} texts cut to max_length={config.max_length} tokens")
+    if config.packing:
+        say(f"packed {len(tokens):,} texts into {len(items):,} rows of up to {config.max_length} tokens")
+    dataset_ = ItemDataset(tokens, items)
+    sampler = EpochBatchSampler(dataset_.lengths, config.batch_size, config.seed, config.group_by_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_dl = torch.utils.data.DataLoader(dataset_, batch_sampler=sampler,
+                                           collate_fn=make_collate(pad_id, config.packing))
+    train_dl = accelerator.prepare(train_dl)  # sharded: shorter on several processes
+
+    steps_per_epoch = math.ceil(len(train_dl) / config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
+
+    record = {
+        "config": asdict(config), "run_name": run_name, "model_path": model_path,
+        "schedule": {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": num_epochs,
+                     "warmup_steps": warmup, "num_processes": accelerator.num_processes,
+                     "effective_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes},
+        "data": {"dataset": definition.name, "schema": definition.schema, "mixture": str(mixture),
+                 "n_texts": len(tokens), "texts_per_kind": texts.per_kind, "n_rows": len(items),
+                 "n_tokens": int(tokens.lengths.sum()), "n_truncated": tokens.n_truncated,
+                 "source_hashes": texts.source_hashes, "texts_sha256": texts.sha256},
+        "code_version": code_version(),
+    }
+    state = _open_run(run_dir, record, accelerator)
+    accelerator.wait_for_everyone()
+    if state.get("finished"):
+        say(f"{run_name} already finished at step {state['global_step']}: nothing to do")
+        return _result(run_dir, record, state, seconds=0.0, tokens_run=0, resumed_from=None, save_seconds=0.0)
+
+    set_seed(config.seed)
+    model = _build_model(model_path, config, say)
+    optimizer = _optimizer(model, config)
+    from transformers import get_cosine_schedule_with_warmup
+
+    # The prepared scheduler steps once per process at every optimizer step (run_clm_no_trainer).
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * accelerator.num_processes,
+                                                total_steps * accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    resumed_from = None
+    if state.get("checkpoint"):
+        accelerator.load_state(str(run_dir / state["checkpoint"]))
+        resumed_from = state["global_step"]
+        say(f"resuming {run_name} from {state['checkpoint']} (epoch {state['epoch']}, "
+            f"step {state['step_in_epoch']} of {steps_per_epoch})")
+    global_step, epoch, step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
+    say(f"training {total_steps} steps ({num_epochs} epoch(s) of {steps_per_epoch}), "
+        f"{_count_trainable(model)}, precision {accelerator.mixed_precision}")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=global_step, desc=run_name, disable=not accelerator.is_local_main_process)
+    log_every = max(1, total_steps // 20)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tokens_run, t0, save_s = 0, time.perf_counter(), 0.0
+    window_loss, window_tokens = [], 0
+    try:
+        while epoch < num_epochs and global_step < total_steps:
+            model.train()
+            sampler.set_epoch(epoch)
+            train_dl.set_epoch(epoch)
+            loader = train_dl
+            if step_in_epoch:
+                loader = accelerator.skip_first_batches(train_dl, step_in_epoch * config.grad_accum)
+                loader.set_epoch(epoch)
+            for batch in loader:
+                n_tokens = batch.pop("n_tokens")
+                with accelerator.accumulate(model):
+                    loss = model(**batch, use_cache=False).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                window_loss.append(loss.detach().float())
+                window_tokens = window_tokens + n_tokens
+                if not accelerator.sync_gradients:
+                    continue
+                # Mean loss of the step's micro-batches, averaged over processes; tokens summed.
+                step = accelerator.reduce(torch.stack([torch.stack(window_loss).mean(),
+                                                       torch.as_tensor(window_tokens, dtype=torch.float32,
+                                                                       device=accelerator.device)]), "sum")
+                step_loss = step[0].item() / accelerator.num_processes
+                tokens_run += int(step[1].item())
+                window_loss, window_tokens = [], 0
+                global_step += 1
+                step_in_epoch += 1
+                state["losses"].append(step_loss)
+                state["tokens_seen"] += int(step[1].item())
+                speed = tokens_run / max(time.perf_counter() - t0 - save_s, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
+                if global_step % log_every == 0 or global_step == total_steps:
+                    say(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
+                        f"lr {scheduler.get_last_lr()[0]:.3g} {speed:,.0f} tok/s")
+                state.update(global_step=global_step, epoch=epoch, step_in_epoch=step_in_epoch)
+                epoch_done = step_in_epoch == steps_per_epoch
+                t_save = time.perf_counter()
+                if epoch_done or global_step == total_steps:
+                    _finish_epoch(accelerator, model, tokenizer, run_dir, record, state, steps_per_epoch, say)
+                elif config.save_every_steps and global_step % config.save_every_steps == 0:
+                    _checkpoint(accelerator, run_dir, state, config.keep_checkpoints, say)
+                save_s += time.perf_counter() - t_save
+                if on_step is not None:
+                    on_step(global_step, step_loss)
+                if epoch_done or global_step == total_steps:
+                    break
+            epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    say(f"done: {global_step} steps, loss {state['losses'][-1]:.4f}, "
+        f"{tokens_run / max(seconds - save_s, 1e-9):,.0f} tok/s, {seconds:.1f}s of which {save_s:.1f}s saving; "
+        f"models in {run_dir / 'models'}")
+    result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s)
+    accelerator.free_memory()
+    return result
+
+
+def default_run_name(dataset: str, model: str, mixture: Mixture) -> str:
+    from training.models import REGISTRY
+
+    model_tag = model if model in REGISTRY else Path(model.rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset}__{model_tag}__{mixture}").strip("-")
+
+
+def config_hash(config: FinetuneConfig) -> str:
+    """Of the fields that decide the trained weights (not where or how often they are saved)."""
+    decisive = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _precision(config: FinetuneConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _build_model(model_path: str, config: FinetuneConfig, say: Log):
+    import torch
+
+    from training.models import load_causal_lm
+
+    model = load_causal_lm(model_path, dtype=torch.float32)  # fp32 master weights; autocast does bf16
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha or 2 * config.lora_r, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    elif config.trainable_layers is not None:
+        decoder = model.get_decoder()
+        layers, norm = decoder.layers, getattr(decoder, "norm", None)
+        if config.trainable_layers > len(layers) or norm is None:
+            raise FinetuneError(f"trainable_layers={config.trainable_layers}: the model has {len(layers)} decoder "
+                                f"blocks{'' if norm is not None else ' and no final norm named `norm`'}")
+        model.requires_grad_(False)
+        for module in [*layers[-config.trainable_layers:], norm]:
+            module.requires_grad_(True)
+    return model.train()
+
+
+def _optimizer(model, config: FinetuneConfig):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def _count_trainable(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable:,} of {total:,} parameters trained"
+
+
+# --- the run folder ---------------------------------------------------------------------------
+
+def _open_run(run_dir: Path, record: dict, accelerator) -> dict:
+    """Create the run folder, or check that resuming it keeps what decides the weights; return its state."""
+    saved = _read_json(run_dir / "config.json")
+    if saved is not None:
+        _check_resumable(run_dir, saved, record)
+    state = _read_json(run_dir / "state.json") or {
+        "global_step": 0, "epoch": 0, "step_in_epoch": 0, "completed_epochs": 0, "checkpoint": None,
+        "checkpoints": [], "models": [], "losses": [], "tokens_seen": 0, "finished": False}
+    if accelerator.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "models").mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(run_dir, state)
+        if saved is None:
+            _write_json(run_dir / "config.json", {**record, "created_at": _now()})
+    return state
+
+
+def _check_resumable(run_dir: Path, saved: dict, record: dict) -> None:
+    changed = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in record["config"].items()
+               if k not in RESUMABLE_CHANGES and saved["config"].get(k) != v]
+    for section, key in [("schedule", "num_processes"), ("data", "texts_sha256")]:
+        if saved.get(section, {}).get(key) != record[section][key]:
+            changed.append(f"{key}: {saved.get(section, {}).get(key)!r} -> {record[section][key]!r}")
+    if saved.get("model_path") != record["model_path"]:
+        changed.append(f"model_path: {saved.get('model_path')!r} -> {record['model_path']!r}")
+    if changed:
+        raise FinetuneError(f"run {run_dir.name!r} exists with another config ({'; '.join(changed)}); resuming it "
+                            f"would not give the run it started. Give a new run_name, or delete {run_dir}")
+
+
+def _remove_leftovers(run_dir: Path, state: dict) -> None:
+    """Temporary folders of a killed save, and checkpoints state.json no longer names."""
+    for parent, keep in [(run_dir / "checkpoints", state["checkpoints"]), (run_dir / "models", state["models"])]:
+        for path in parent.iterdir():
+            if path.name.startswith(".") or (parent.name == "checkpoints" and path.name not in keep):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _checkpoint(accelerator, run_dir: Path, state: dict, keep: int, say: Log) -> None:
+    """`save_state` into a temporary folder, rename it, then point state.json at it and prune old ones."""
+    name = f"step-{state['global_step']}"
+    final, tmp = run_dir / "checkpoints" / name, run_dir / "checkpoints" / f".{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _replace_folder(tmp, final)
+        kept = [c for c in state["checkpoints"] if c != name] + [name]
+        dropped, kept = kept[:-keep], kept[-keep:]
+        state.update(checkpoint=f"checkpoints/{name}", checkpoints=kept)
+        _write_json(run_dir / "state.json", {**state, "updated_at": _now()})
+        for old in dropped:
+            shutil.rmtree(run_dir / "checkpoints" / old, ignore_errors=True)
+        say(f"checkpoint {final}")
+    else:
+        state.update(checkpoint=f"checkpoints/{name}")
+    accelerator.wait_for_everyone()
+
+
+def _finish_epoch(accelerator, model, tokenizer, run_dir: Path, record: dict, state: dict, steps_per_epoch: int,
+                  say: Log) -> None:
+    """At an epoch end (or where max_steps stops): a model folder for the embedding step, then a checkpoint."""
+    whole = state["step_in_epoch"] == steps_per_epoch
+    if whole:
+        state.update(completed_epochs=state["completed_epochs"] + 1, epoch=state["epoch"] + 1, step_in_epoch=0)
+    name = f"epoch-{state['completed_epochs']}" if whole else f"step-{state['global_step']}"
+    config = record["config"]
+    marker = {
+        "dataset": record["data"]["dataset"], "schema": record["data"]["schema"], "run_name": record["run_name"],
+        "epoch": state["completed_epochs"] if whole else round(state["global_step"] / steps_per_epoch, 4),
+        "global_step": state["global_step"], "model_source": config["model"], "model_path": record["model_path"],
+        "mixture": record["data"]["mixture"], "config_hash": config_hash(FinetuneConfig(**config)),
+        "lora_merged": bool(config["lora_r"]), "code_version": record["code_version"], "produced_at": _now(),
+    }
+    _save_model(accelerator, model, tokenizer, run_dir / "models" / name, marker, lora=bool(config["lora_r"]))
+    state["models"] = [m for m in state["models"] if m != name] + [name]
+    say(f"model {run_dir / 'models' / name}")
+    state["finished"] = state["global_step"] >= record["schedule"]["total_steps"]
+    _checkpoint(accelerator, run_dir, state, config["keep_checkpoints"], say)
+
+
+def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora: bool) -> None:
+    """The weights as a plain Hugging Face folder that `training.models.load_causal_lm` loads.
+
+    A LoRA model is saved merged (base + adapter, so the embedding step needs no peft), with the
+    adapter alone in `adapter/`; the merge happens on a copy, so training goes on unmerged.
+    """
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if lora:
+        if accelerator.is_main_process:
+            adapted = accelerator.unwrap_model(model)
+            adapted.save_pretrained(tmp / "adapter")
+            copy.deepcopy(adapted).merge_and_unload().save_pretrained(tmp)
+    else:
+        state_dict = accelerator.get_state_dict(model)  # every process (sharded models gather here)
+        accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
+                                                        state_dict=state_dict)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        _write_json(tmp / CHECKPOINT_MARKER, marker)
+        _replace_folder(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def _result(run_dir: Path, record: dict, state: dict, seconds: float, tokens_run: int,
+            resumed_from: int | None, save_seconds: float) -> FinetuneResult:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    losses = state["losses"]
+    return FinetuneResult(
+        run_dir=run_dir, dataset=record["data"]["dataset"], model=record["model_path"],
+        mixture=record["data"]["mixture"], n_texts=record["data"]["n_texts"], steps=state["global_step"],
+        total_steps=record["schedule"]["total_steps"], epochs_done=state["completed_epochs"],
+        final_loss=losses[-1] if losses else None, losses=list(losses), tokens_seen=state["tokens_seen"],
+        tokens_per_second=tokens_run / (seconds - save_seconds) if seconds > save_seconds else 0.0,
+        seconds=seconds, save_seconds=save_seconds, peak_memory_mb=peak,
+        models=[run_dir / "models" / m for m in state["models"]],
+        checkpoints=[run_dir / "checkpoints" / c for c in state["checkpoints"]], resumed_from=resumed_from)
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    from training.models import _swap_into_place
+
+    _swap_into_place(new, dest)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
