@@ -43,6 +43,7 @@ def _errors(fn):
         from producers.ingest import IngestError
         from producers.ingest.source_files import SourceError
         from producers.enrich.mixture import MixtureError
+        from training.embed import EmbedError
         from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
@@ -53,7 +54,7 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
-                SerializeError, MixtureError, FinetuneError) as e:
+                SerializeError, MixtureError, FinetuneError, EmbedError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -360,6 +361,45 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     console.print(f"run: {r.run_dir}", soft_wrap=True)
     for m in r.models:
         console.print(f"model: {m}", soft_wrap=True)
+
+
+@cli.command()
+@dataset_arg
+@model_opt
+@click.option("--checkpoint", default=None,
+              help="An epoch folder (runs/<dataset>/<run>/models/epoch-E), or a run folder for every epoch. "
+                   "Default: the base model (LLM4ES without fine-tuning).")
+@click.option("--kind", type=click.Choice(["serialized", "template", "llm"]), default="serialized",
+              show_default=True, help="Which texts to embed (variant 0).")
+@click.option("--layers", default="9:", show_default=True,
+              help="Hidden states averaged: '9:' (the authors' code: index 9 to the last), '-4:', 'a:b', 'all', "
+                   "'last' or one index.")
+@click.option("--max-length", type=click.IntRange(16), default=2048, show_default=True,
+              help="Tokens per text; longer texts keep their end (the most recent events).")
+@click.option("--batch-tokens", type=click.IntRange(256), default=16384, show_default=True,
+              help="Padded tokens per batch (texts sorted by length).")
+@click.option("--limit-users", type=click.IntRange(1), default=None, help="Only the first N users.")
+@force_opt
+@click.pass_obj
+@_errors
+def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
+          batch_tokens: int, limit_users: int | None, force: bool) -> None:
+    """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
+
+    Batches are sorted by length and written as they finish, so a killed run resumes where it
+    stopped. Output: the embeddings table and a Parquet file per (model, checkpoint, layers,
+    kind) under data/<schema>/, with what produced them.
+    """
+    from training.embed import EmbedConfig
+
+    r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
+                                     max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
+                                     force=force))
+    for s in r.sets:
+        console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
+                      f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"
+                      f"{f', {s.n_resumed:,} resumed' if s.n_resumed else ''}")
+        console.print(f"  {s.parquet}", soft_wrap=True)
 
 
 @cli.command()

@@ -1,0 +1,295 @@
+"""`training.embed`: pooling by hand, batch/padding invariance, resume, one set per epoch folder."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import pytest
+
+from producers.datasets.definition import load_builtin
+from producers.ingest import IngestConfig, ingest
+from producers.serialize.run import SerializeConfig, serialize
+from producers.warehouse import Home
+from tests.fixtures.movielens_files import write_grouplens
+from tests.fixtures.tiny_model import TINY, save_tiny_model, tiny_tokenizer
+from training import embed as embed_mod
+from training.embed import (
+    CHECKPOINT_FILE,
+    EmbedConfig,
+    EmbedError,
+    Embedder,
+    embed,
+    find_checkpoints,
+    plan_batches,
+    read_provenance,
+    resolve_layers,
+)
+from validation.gate import ValidationGateError
+from validation.run import ValidateConfig, validate
+
+MAX_LENGTH = 120  # the tiny model has 128 positions
+N_HIDDEN = TINY["layers"] + 1
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), tiny_tokenizer(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def built_home(tmp_path_factory):
+    """MovieLens fixture, ingested, validated and serialized with the tiny tokenizer (built once)."""
+    root = tmp_path_factory.mktemp("embed-home")
+    home = Home.resolve(root / "home")
+    source = write_grouplens(root / "ml-100k")
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
+    assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
+    serialize(home, "movielens-100k", SerializeConfig(model="tiny", max_tokens=110), tokenizer=tiny_tokenizer())
+    return home
+
+
+@pytest.fixture
+def ready_home(built_home, tmp_path):
+    target = tmp_path / "home"
+    shutil.copytree(built_home.root, target)
+    return Home.resolve(target)
+
+
+def user_texts(home):
+    con = duckdb.connect(str(home.warehouse_path), read_only=True)
+    try:
+        return con.execute("SELECT user_id, text FROM movielens_100k.texts WHERE kind = 'serialized' "
+                           "ORDER BY user_id").fetchall()
+    finally:
+        con.close()
+
+
+def table_rows(home):
+    con = duckdb.connect(str(home.warehouse_path), read_only=True)
+    try:
+        return con.execute("SELECT user_id, vector, dim, model, checkpoint, epoch, layers, text_kind "
+                           "FROM movielens_100k.embeddings ORDER BY checkpoint, user_id").fetchall()
+    finally:
+        con.close()
+
+
+def embedder(model_dir, layers="1:", padding_side="right", attn="sdpa"):
+    config = EmbedConfig(model=str(model_dir), layers=layers, max_length=MAX_LENGTH, padding_side=padding_side,
+                         attn_implementation=attn)
+    return Embedder.load(str(model_dir), str(model_dir), config)
+
+
+def config(model_dir, **kw):
+    return EmbedConfig(model=str(model_dir), layers="1:", max_length=MAX_LENGTH, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers and pooling
+
+
+def test_layer_specs_resolve_like_python_slices_of_hidden_states():
+    assert resolve_layers("9:", 31) == range(9, 31)
+    assert resolve_layers("-4:", 31) == range(27, 31)
+    assert resolve_layers("all", 31) == range(0, 31)
+    assert resolve_layers("last", 31) == range(30, 31)
+    assert resolve_layers("2:5", 31) == range(2, 5)
+    assert resolve_layers("-1", 31) == range(30, 31)
+    for bad in ("9:", "x", "10", "3:1"):
+        with pytest.raises(EmbedError):
+            resolve_layers(bad, 4)
+
+
+@pytest.mark.parametrize("layers", ["1:", "-2:", "all", "last", "0:2"])
+def test_pooling_matches_a_hand_computation(model_dir, layers):
+    import torch
+
+    from training.models import load_causal_lm, load_tokenizer
+
+    texts = ["the cat sat on the mat with the hat", "a dog", "in the beginning there was the word"]
+    e = embedder(model_dir, layers=layers)
+    got = e.encode(texts).vectors
+    e.close()
+
+    tok = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), dtype=torch.float32)
+    chosen = resolve_layers(layers, N_HIDDEN)
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        assert len(hidden) == N_HIDDEN
+        want = torch.stack([hidden[k][0] for k in chosen]).mean(dim=0).mean(dim=0).numpy()
+        np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=0)
+
+
+def test_output_hidden_states_fallback_agrees_with_the_hooks(model_dir):
+    texts = ["the cat sat on the mat", "a dog", "in the beginning"]
+    e = embedder(model_dir, layers="0:3")
+    hooked = e.encode(texts).vectors
+    e.close()  # no hooks: the generic output_hidden_states path
+    assert e._sum is None
+    np.testing.assert_allclose(e.encode(texts).vectors, hooked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_user_gets_the_same_vector_alone_and_in_any_batch(built_home, model_dir, side, attn):
+    texts = [t for _, t in user_texts(built_home)]
+    lengths = [len(t) for t in texts]
+    assert max(lengths) > min(lengths) + 20  # padding really happens
+    e = embedder(model_dir, layers="all", padding_side=side, attn=attn)
+    alone = np.stack([e.encode([t]).vectors[0] for t in texts])
+    order = np.argsort(lengths)
+    compositions = [
+        [list(range(len(texts)))],  # everyone together
+        [list(order[::-1])],  # longest first
+        [[int(order[0]), int(order[-1])], [int(order[1]), int(order[-2]), int(order[2])]],  # shortest with longest
+        [list(range(0, len(texts), 2)), list(range(1, len(texts), 2))],
+    ]
+    worst = 0.0
+    for batches in compositions:
+        for batch in batches:
+            got = e.encode([texts[i] for i in batch]).vectors
+            worst = max(worst, float(np.abs(got - alone[batch]).max()))
+    e.close()
+    assert worst < 1e-4, worst
+
+
+def test_batches_are_sorted_by_length_and_hold_the_token_budget():
+    lengths = [5, 50, 7, 30, 30, 100, 1]
+    batches = plan_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [5]
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 100 or len(b) == 1
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def test_one_row_per_user_with_the_hidden_size_and_provenance(ready_home, model_dir):
+    logs = []
+    r = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=400), log=logs.append)
+    users = [u for u, _ in user_texts(ready_home)]
+    rows = table_rows(ready_home)
+    assert [row[0] for row in rows] == users and r.n_users == len(users) == 12
+    assert all(row[2] == len(row[1]) == TINY["hidden"] == r.dim for row in rows)
+    assert {row[3:] for row in rows} == {(str(model_dir), "base", None, "1:4", "serialized")}
+    (s,) = r.sets
+    assert s.n_computed == 12 and s.n_resumed == 0 and s.tokens > 0 and s.tokens_per_s > 0
+    meta = read_provenance(s.parquet)
+    assert meta["layers"] == "1:4" and meta["layers_spec"] == "1:" and meta["max_length"] == MAX_LENGTH
+    assert meta["checkpoint"] == "base" and meta["n_users"] == 12 and meta["tokens"] == s.tokens
+    assert meta["code_version"] and meta["model_path"] == str(model_dir)
+    import pyarrow.parquet as pq
+
+    exported = pq.read_table(s.parquet)
+    assert exported.num_rows == 12 and exported.column("user_id").to_pylist() == users
+    assert not (ready_home.data_dir / "movielens_100k" / "embeddings_parts" / s.run_key).exists()
+
+    # A second run replaces the set rather than adding to it.
+    embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=10_000))
+    again = table_rows(ready_home)
+    assert len(again) == 12
+    for a, b in zip(rows, again):
+        np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
+def test_a_run_over_some_users_keeps_the_others(ready_home, model_dir):
+    embed(ready_home, "movielens-100k", config(model_dir))
+    before = {row[0]: row[1] for row in table_rows(ready_home)}
+    r = embed(ready_home, "movielens-100k", config(model_dir, limit_users=5))
+    assert r.n_users == 5 and r.sets[0].n_computed == 5
+    after = {row[0]: row[1] for row in table_rows(ready_home)}
+    assert sorted(after) == sorted(before) and len(after) == 12
+    # The exported file holds the whole set, not only the users of the last run.
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(r.parquet[0]).num_rows == 12
+
+
+def test_refuses_unvalidated_data(home, grouplens, model_dir):
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=grouplens))
+    with pytest.raises(ValidationGateError):
+        embed(home, "movielens-100k", config(model_dir))
+
+
+def test_an_empty_layer_range_is_refused(ready_home, model_dir):
+    with pytest.raises(EmbedError, match="select none"):
+        embed(ready_home, "movielens-100k", EmbedConfig(model=str(model_dir), max_length=MAX_LENGTH))  # "9:" of 4
+
+
+def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_home, tmp_path, model_dir, monkeypatch):
+    reference_home = Home.resolve(tmp_path / "reference")
+    shutil.copytree(built_home.root, reference_home.root)
+    embed(reference_home, "movielens-100k", config(model_dir, batch_tokens=250))
+    reference = table_rows(reference_home)
+
+    real_write = embed_mod._write_part
+    written: list[list] = []
+
+    def write_then_die(path, users, enc, hashes):
+        if written:
+            raise KeyboardInterrupt("killed")
+        real_write(path, users, enc, hashes)
+        written.append(list(users))
+
+    monkeypatch.setattr(embed_mod, "_write_part", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
+    first = written[0]
+    assert 0 < len(first) < 12
+    parts = list((ready_home.data_dir / "movielens_100k" / "embeddings_parts").glob("*/batch-*.parquet"))
+    assert len(parts) == 1
+
+    resumed: list[list] = []
+
+    def record(path, users, enc, hashes):
+        real_write(path, users, enc, hashes)
+        resumed.append(list(users))
+
+    monkeypatch.setattr(embed_mod, "_write_part", record)
+    r = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
+    (s,) = r.sets
+    remaining = sorted(u for b in resumed for u in b)
+    assert s.n_resumed == len(first) and s.n_computed == 12 - len(first) == len(remaining)
+    assert sorted(first + remaining) == [u for u, _ in user_texts(ready_home)]
+    got = table_rows(ready_home)
+    assert [row[0] for row in got] == [row[0] for row in reference]
+    for a, b in zip(got, reference):
+        assert a[2:] == b[2:]
+        np.testing.assert_allclose(a[1], b[1], atol=1e-5)
+
+
+def fake_run(home, model_dir, run="run-1"):
+    """Two epoch folders, as fine-tuning leaves them: a model, its tokenizer and llm4es_checkpoint.json."""
+    folder = home.root / "runs" / "movielens_100k" / run
+    for epoch, seed in ((1, 1), (2, 2)):
+        out = save_tiny_model(folder / "models" / f"epoch-{epoch}", tiny_tokenizer(), seed=seed)
+        (out / CHECKPOINT_FILE).write_text(json.dumps({"epoch": epoch, "base_model": str(model_dir), "step": 10 * epoch}))
+    return folder
+
+
+def test_a_run_folder_gives_one_set_per_epoch(ready_home, model_dir):
+    run = fake_run(ready_home, model_dir)
+    found = find_checkpoints(ready_home, str(run))
+    assert [c.epoch for c in found] == [1, 2]
+    assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/epoch-{e}" for e in (1, 2)]
+
+    r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint=str(run)))
+    assert [s.epoch for s in r.sets] == [1, 2] and len(set(r.parquet)) == 2
+    rows = table_rows(ready_home)
+    assert len(rows) == 24 and {row[5] for row in rows} == {1, 2}
+    by_epoch = {e: np.array([row[1] for row in rows if row[5] == e]) for e in (1, 2)}
+    assert np.abs(by_epoch[1] - by_epoch[2]).max() > 1e-3  # different weights, different vectors
+    for s in r.sets:
+        meta = read_provenance(s.parquet)
+        assert meta["epoch"] == s.epoch and meta["checkpoint_info"]["step"] == 10 * s.epoch
+
+    # One epoch folder alone (relative to the home) replaces only its own set.
+    one = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/run-1/models/epoch-2"))
+    assert [s.epoch for s in one.sets] == [2] and len(table_rows(ready_home)) == 24

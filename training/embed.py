@@ -1,0 +1,712 @@
+"""`llm4es embed`: user embeddings from a causal LLM's hidden states (paper §2, "Embeddings Extraction").
+
+For each user text: the hidden states of the selected layers are averaged (mean over layers),
+then averaged over the text's real tokens (the attention mask), in float32. The default layer
+range is the authors' `hidden_states[9:]` of `output_hidden_states=True`, where index 0 is the
+embedding output and the last index is the final (normed) hidden state.
+
+The vector does not depend on how texts are batched: padding is masked out of attention and
+of the mean, and positions come from the mask, so left padding gives what right padding gives.
+
+How a run is laid out (per embeddings *set* = one model, checkpoint, layer range and text kind):
+
+- `data/<schema>/embeddings_parts/<run_key>/batch-00012.parquet`: one file per batch, written
+  atomically (temp file, then rename) as soon as the batch is done; `run.json` beside them holds
+  what the run key was computed from. `run_key` hashes the model, checkpoint, layers, text kind
+  and variant, max length, truncation, dtype and the texts themselves, so a run resumed after a
+  crash reuses exactly the parts made from the same inputs and skips the users they hold.
+- at the end the parts are merged into the DuckDB table `"<schema>".embeddings` in one
+  transaction (rows with the same key `(user_id, model, checkpoint, layers, text_kind)` are
+  replaced; a run over all users replaces the whole set), and the parts folder is deleted;
+- the set is exported to `data/<schema>/embeddings/<model>__<checkpoint>__L<a>-<b>__<kind>-<hash>.parquet`
+  (one file per set, so one file per epoch of a fine-tuning run), with the run's provenance as
+  JSON under the `llm4es` key of the Parquet key-value metadata.
+
+Column meanings: `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
+folder relative to the home directory (absolute when outside it); `layers` is the resolved
+hidden-state range `start:stop` (e.g. `9:31` for SmolLM2-135M's 31 hidden states), so `9:` and
+`-22:` name the same set.
+
+torch and transformers are imported lazily: the CLI imports this module for its config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from producers.provenance import code_version
+from producers.warehouse import Home, stored_definition, table_exists
+from training.models import DEFAULT_MODEL, resolve_model
+from validation.gate import require_valid
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "llm4es_checkpoint.json"
+BASE_CHECKPOINT = "base"
+TABLE = "embeddings"
+KV_KEY = "llm4es"
+POOLING = "mean over the selected hidden states, then mean over the attention-masked tokens, in float32"
+
+Log = Callable[[str], None]
+
+
+class EmbedError(ValueError):
+    """The embedding run cannot be done as asked (no texts, an empty layer range, a bad checkpoint...)."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = DEFAULT_MODEL  # registry name, model folder or hub id; the base of `checkpoint`
+    checkpoint: str | None = None  # None: the base model; an `epoch-E` folder; or a run folder (every epoch)
+    kind: str = "serialized"  # which texts to embed
+    variant: int = 0
+    layers: str = "9:"  # hidden-state range: "9:" (the authors'), "-4:", "a:b", "all", "last", or one index
+    max_length: int = 2048  # tokens per text; longer texts are cut on `truncation_side`
+    batch_tokens: int = 16384  # padded tokens per batch (texts sorted by length)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16 | float16
+    device: str = "auto"  # auto: cuda when available; or cpu | cuda | cuda:1 ...
+    padding_side: str = "right"  # the vectors do not depend on it; right keeps real tokens at positions 0..n-1
+    truncation_side: str = "left"  # left keeps the most recent events, as `serialize` does
+    add_special_tokens: bool = True  # the tokenizer's own default (SmolLM2 adds none, Llama 3 a BOS)
+    attn_implementation: str | None = "sdpa"  # sdpa | eager (both mask padding); None: transformers' choice
+    limit_users: int | None = None  # the first N users by id
+    force: bool = False  # run even if the dataset failed validation
+
+
+@dataclass
+class EmbedSet:
+    """One embeddings set: one model + checkpoint + layer range + text kind."""
+
+    model: str
+    checkpoint: str
+    epoch: int | None
+    layers: str
+    text_kind: str
+    n_users: int  # users in the set after this run (resumed + computed)
+    n_computed: int  # users embedded by this call
+    n_resumed: int  # users taken from the parts of an interrupted run
+    n_truncated: int  # texts cut to max_length (this call)
+    dim: int
+    tokens: int  # real tokens embedded by this call
+    padded_tokens: int  # tokens fed to the model, padding included
+    seconds: float  # the batch loop (tokenize, forward, pool, write parts), wall clock
+    cpu_seconds: float  # the same loop in process CPU time (steadier on a shared machine)
+    wall_seconds: float  # the whole set: loading, batches, merge, export
+    tokens_per_s: float
+    parquet: str
+    run_key: str
+
+
+@dataclass
+class EmbedResult:
+    dataset: str
+    sets: list[EmbedSet] = field(default_factory=list)
+
+    @property
+    def n_users(self) -> int:
+        return max((s.n_users for s in self.sets), default=0)
+
+    @property
+    def dim(self) -> int:
+        return self.sets[0].dim if self.sets else 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.sets)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.sets)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def parquet(self) -> list[str]:
+        return [s.parquet for s in self.sets]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers and checkpoints
+
+
+def resolve_layers(spec: str, n_hidden_states: int) -> range:
+    """The hidden-state indices `spec` selects out of `n_hidden_states` (= layers + 1).
+
+    `"9:"` is `hidden_states[9:]`, `"-4:"` the last four, `"a:b"` a Python slice, `"all"` every
+    one (embedding output included), `"last"` the final hidden state, `"12"` just index 12.
+    """
+    s = spec.strip().lower()
+    n = n_hidden_states
+    try:
+        if s == "all":
+            chosen = range(n)
+        elif s == "last":
+            chosen = range(n - 1, n)
+        elif ":" in s:
+            a, b = s.split(":", 1)
+            chosen = range(n)[slice(int(a) if a.strip() else None, int(b) if b.strip() else None)]
+        else:
+            i = int(s)
+            if not -n <= i < n:
+                raise EmbedError(f"layer {i} does not exist: the model has {n} hidden states (0 to {n - 1})")
+            chosen = range(i % n, i % n + 1)
+    except ValueError as e:
+        if isinstance(e, EmbedError):
+            raise
+        raise EmbedError(f"layers {spec!r}: expected 'a:b' (either side optional), one index, 'all' or 'last'") from e
+    if len(chosen) == 0:
+        raise EmbedError(f"layers {spec!r} select none of the model's {n} hidden states "
+                         f"(0 = embedding output, {n - 1} = last)")
+    return chosen
+
+
+def layers_label(chosen: range) -> str:
+    return f"{chosen.start}:{chosen.stop}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What to load: the base model (`path=None`) or a fine-tuned folder."""
+
+    path: Path | None
+    label: str  # the `checkpoint` column
+    epoch: int | None
+    info: dict  # llm4es_checkpoint.json
+
+
+def find_checkpoints(home: Home, checkpoint: str | None) -> list[Checkpoint]:
+    """The checkpoints `checkpoint` names: the base model, one epoch folder, or every epoch of a run folder."""
+    if checkpoint is None:
+        return [Checkpoint(None, BASE_CHECKPOINT, None, {})]
+    path = Path(checkpoint).expanduser()
+    if not path.is_absolute() and not path.exists() and (home.root / path).exists():
+        path = home.root / path
+    path = path.resolve()
+    if not path.is_dir():
+        raise EmbedError(f"checkpoint {checkpoint}: no such folder")
+    if (path / "config.json").is_file():
+        return [_checkpoint(home, path)]
+    epochs = [p for folder in (path / "models", path) if folder.is_dir()
+              for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"epoch-\d+", p.name)
+              and (p / "config.json").is_file()]
+    if not epochs:
+        raise EmbedError(f"checkpoint {checkpoint}: neither a model folder (config.json) nor a run folder "
+                         "with models/epoch-*/ in it")
+    found = sorted((_checkpoint(home, p) for p in epochs), key=lambda c: (c.epoch is None, c.epoch, c.label))
+    return found
+
+
+def _checkpoint(home: Home, path: Path) -> Checkpoint:
+    info: dict = {}
+    if (path / CHECKPOINT_FILE).is_file():
+        try:
+            info = json.loads((path / CHECKPOINT_FILE).read_text())
+        except ValueError as e:
+            raise EmbedError(f"{path / CHECKPOINT_FILE}: not valid JSON ({e})") from e
+    epoch = info.get("epoch") if isinstance(info, dict) else None
+    if not isinstance(epoch, int):
+        m = re.fullmatch(r"epoch-(\d+)", path.name)
+        epoch = int(m.group(1)) if m else None
+    try:
+        label = str(path.relative_to(home.root))
+    except ValueError:
+        label = str(path)
+    return Checkpoint(path, label, epoch, info if isinstance(info, dict) else {"value": info})
+
+
+# --------------------------------------------------------------------------------------------
+# The embedder: texts in, pooled vectors out
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut so that batch size x longest length <= batch_tokens.
+
+    The longest batch comes first, so running out of memory shows at once, not at the end.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        if not current:
+            longest = max(int(lengths[i]), 1)
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _LayerSum:
+    """Forward hooks adding each selected hidden state's masked token sum into a float32 (batch, hidden) total.
+
+    Works for decoder stacks shaped like Llama (`layers` + final `norm`); hidden state 0 is the
+    first layer's input, state i the output of layer i-1, and the last one the normed output,
+    as transformers' `output_hidden_states`. No hidden state outlives the layer after it.
+    """
+
+    def __init__(self, base: Any, chosen: range):
+        self.mask: torch.Tensor | None = None  # (batch, seq, 1) bool
+        self.total: torch.Tensor | None = None
+        layers, n = base.layers, len(base.layers) + 1
+        self.handles = []
+        if 0 in chosen:
+            self.handles.append(layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        for i in chosen:
+            if 1 <= i <= n - 2:
+                self.handles.append(layers[i - 1].register_forward_hook(self._hook))
+        if n - 1 in chosen:
+            self.handles.append(base.norm.register_forward_hook(self._hook))
+
+    @staticmethod
+    def supports(base: Any) -> bool:
+        import torch
+
+        return isinstance(getattr(base, "layers", None), torch.nn.ModuleList) and isinstance(
+            getattr(base, "norm", None), torch.nn.Module)
+
+    def _pre_hook(self, module, args, kwargs):
+        self.add(args[0] if args else kwargs["hidden_states"])
+
+    def _hook(self, module, args, output):
+        self.add(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def add(self, hidden: torch.Tensor) -> None:
+        import torch
+
+        # torch.where, not a product: a padded position may hold anything, NaN included.
+        part = torch.where(self.mask, hidden.float(), 0.0).sum(dim=1)
+        self.total = part if self.total is None else self.total.add_(part)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Encoded:
+    vectors: np.ndarray  # (n, hidden) float32
+    n_tokens: np.ndarray  # real tokens per text
+    padded_tokens: int
+
+
+class Embedder:
+    """A loaded model and tokenizer that turn texts into pooled vectors (no warehouse involved)."""
+
+    def __init__(self, model: Any, tokenizer: Any, layers: range, max_length: int, device: Any,
+                 padding_side: str = "right", truncation_side: str = "left", add_special_tokens: bool = True):
+        if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
+            raise EmbedError("padding_side and truncation_side must be 'left' or 'right'")
+        self.base = getattr(model, "base_model", model)
+        self.tokenizer = tokenizer
+        self.layers = layers
+        self.max_length = max_length
+        self.device = device
+        self.add_special_tokens = add_special_tokens
+        tokenizer.padding_side = padding_side
+        tokenizer.truncation_side = truncation_side
+        if tokenizer.pad_token is None:  # any id will do: padding is masked out
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            if tokenizer.pad_token is None:
+                raise EmbedError("the tokenizer has no pad, eos or unk token to pad with")
+        self._sum = _LayerSum(self.base, layers) if _LayerSum.supports(self.base) else None
+
+    @classmethod
+    def load(cls, model_path: str, tokenizer_path: str, config: EmbedConfig, log: Log = lambda _: None) -> "Embedder":
+        from transformers import AutoModel
+
+        from training.models import load_tokenizer
+
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if config.attn_implementation:
+            kwargs["attn_implementation"] = config.attn_implementation
+        log(f"loading {model_path} ({str(dtype).removeprefix('torch.')} on {device})")
+        # The bare decoder: no LM head, so no (batch, seq, vocab) logits are ever computed. Its load
+        # report always lists an unused lm_head; we check the report ourselves instead.
+        with _quiet_transformers():
+            model, info = AutoModel.from_pretrained(model_path, output_loading_info=True, **kwargs)
+        missing = info.get("missing_keys") or []
+        if missing:
+            raise EmbedError(f"{model_path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+        model = model.to(device).eval()
+        tokenizer = load_tokenizer(tokenizer_path)
+        n_hidden = n_hidden_states(model.config)
+        max_length = config.max_length
+        limit = getattr(_text_config(model.config), "max_position_embeddings", None)
+        if limit and max_length > limit:
+            log(f"max_length {max_length} exceeds the model's {limit} positions; using {limit}")
+            max_length = limit
+        return cls(model, tokenizer, resolve_layers(config.layers, n_hidden), max_length, device,
+                   config.padding_side, config.truncation_side, config.add_special_tokens)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(_text_config(self.base.config).hidden_size)
+
+    def lengths(self, texts: Sequence[str], chunk: int = 1024) -> list[int]:
+        """Token counts before truncation (so callers see what gets cut), in chunks so that no id lists pile up."""
+        out: list[int] = []
+        for start in range(0, len(texts), chunk):
+            ids = self.tokenizer(list(texts[start:start + chunk]), add_special_tokens=self.add_special_tokens,
+                                 return_attention_mask=False)["input_ids"]
+            out.extend(len(x) for x in ids)
+        return out
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        """Pooled float32 vectors of `texts`, run as one batch padded to its longest text."""
+        import numpy as np
+        import torch
+
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
+                             add_special_tokens=self.add_special_tokens, return_tensors="pt")
+        n_tokens = enc["attention_mask"].sum(dim=1)
+        if int(n_tokens.min()) == 0:
+            raise EmbedError("an empty text has no tokens to average")
+        ids = enc["input_ids"].to(self.device, non_blocking=True)
+        mask = enc["attention_mask"].to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            pooled = self._pool(ids, mask)
+        return Encoded(pooled.cpu().numpy().astype(np.float32, copy=False), n_tokens.numpy(), int(ids.numel()))
+
+    def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        # Positions from the mask: with left padding a text still starts at position 0.
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        keep = mask.bool().unsqueeze(-1)
+        if self._sum is not None:
+            self._sum.mask, self._sum.total = keep, None
+            try:
+                self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                total = self._sum.total
+            finally:
+                self._sum.mask, self._sum.total = None, None
+        else:
+            out = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                            output_hidden_states=True)
+            total = None
+            for i in self.layers:
+                part = torch.where(keep, out.hidden_states[i].float(), 0.0).sum(dim=1)
+                total = part if total is None else total + part
+            del out
+        counts = mask.sum(dim=1, keepdim=True).float()
+        return total / (counts * len(self.layers))
+
+    def close(self) -> None:
+        if self._sum is not None:
+            self._sum.remove()
+            self._sum = None
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def pick_device(device: str = "auto") -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: Any) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        chosen = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                  "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise EmbedError(f"dtype {dtype!r}: expected auto, float32, bfloat16 or float16") from None
+    return chosen
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter else config
+
+
+def n_hidden_states(config: Any) -> int:
+    """`len(output.hidden_states)`: the layers plus the embedding output."""
+    return int(_text_config(config).num_hidden_layers) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# The stage: warehouse texts in, table + Parquet out
+
+
+@dataclass
+class _Texts:
+    schema: str
+    user_type: str
+    users: list  # ordered by user_id
+    texts: list[str]
+    source_hashes: list[str | None]
+    digest: str  # of every (user, text) of this kind and variant, before limit_users
+
+
+def embed(home: Home, dataset: str, config: EmbedConfig = EmbedConfig(), log: Log = lambda _: None) -> EmbedResult:
+    """Embed every user's text with the model (or each checkpoint) into `"<schema>".embeddings` and Parquet."""
+    if config.batch_tokens < 1 or config.max_length < 1:
+        raise EmbedError("batch_tokens and max_length must be positive")
+    data = _read_texts(home, dataset, config)
+    checkpoints = find_checkpoints(home, config.checkpoint)
+    base_path = resolve_model(config.model, progress=log)
+    result = EmbedResult(dataset=dataset)
+    for ck in checkpoints:
+        if len(checkpoints) > 1:
+            log(f"checkpoint {ck.label} (epoch {ck.epoch})")
+        result.sets.append(_embed_set(home, data, config, base_path, ck, log))
+    return result
+
+
+def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
+    con = home.connect(read_only=True)
+    try:
+        require_valid(con, dataset, config.force)
+        d = stored_definition(con, dataset)
+        if not table_exists(con, d.schema, "texts"):
+            raise EmbedError(f"{dataset} has no texts: run `llm4es serialize {dataset}` first")
+        rows = con.execute(f'SELECT user_id, text, source_hash FROM "{d.schema}".texts '
+                           "WHERE kind = ? AND variant = ? ORDER BY user_id", [config.kind, config.variant]).fetchall()
+    finally:
+        con.close()
+    if not rows:
+        raise EmbedError(f"{dataset} has no {config.kind!r} texts (variant {config.variant}): run `llm4es "
+                         f"{'serialize' if config.kind == 'serialized' else 'enrich'} {dataset}` first")
+    h = hashlib.sha256()
+    for user, text, _ in rows:
+        h.update(f"{user}\x00{len(text)}\x00".encode())
+        h.update(text.encode())
+    if config.limit_users is not None:
+        rows = rows[:config.limit_users]
+    return _Texts(d.schema, d.events.user_dtype, [r[0] for r in rows], [r[1] for r in rows],
+                  [r[2] for r in rows], h.hexdigest())
+
+
+def _embed_set(home: Home, data: _Texts, config: EmbedConfig, base_path: str, ck: Checkpoint, log: Log) -> EmbedSet:
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    model_path = str(ck.path) if ck.path else base_path
+    tokenizer_path = model_path if ck.path is None or _has_tokenizer(ck.path) else base_path
+    embedder = Embedder.load(model_path, tokenizer_path, config, log)
+    try:
+        layers = layers_label(embedder.layers)
+        dtype = str(next(embedder.base.parameters()).dtype).removeprefix("torch.")
+        provenance = {
+            "model": config.model, "model_path": model_path, "tokenizer_path": tokenizer_path,
+            "checkpoint": ck.label, "checkpoint_info": ck.info, "epoch": ck.epoch,
+            "layers": layers, "layers_spec": config.layers, "n_hidden_states": n_hidden_states(embedder.base.config),
+            "pooling": POOLING, "text_kind": config.kind, "variant": config.variant,
+            "max_length": embedder.max_length, "truncation_side": config.truncation_side,
+            "add_special_tokens": config.add_special_tokens, "dtype": dtype,
+            "attn_implementation": config.attn_implementation, "texts_digest": data.digest,
+        }
+        run_key = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        parts = home.data_dir / data.schema / "embeddings_parts" / run_key
+        parts.mkdir(parents=True, exist_ok=True)
+        if not (parts / "run.json").exists():
+            _atomic_write_text(parts / "run.json", json.dumps(provenance, indent=2, default=str) + "\n")
+        done = _users_in_parts(parts)
+        todo = [i for i, u in enumerate(data.users) if u not in done]
+        n_resumed = len(data.users) - len(todo)
+        if n_resumed:
+            log(f"resuming {run_key}: {n_resumed:,} users already embedded, {len(todo):,} to go")
+        lengths = embedder.lengths([data.texts[i] for i in todo])
+        truncated = sum(n > embedder.max_length for n in lengths)
+        batches = plan_batches([min(n, embedder.max_length) for n in lengths], config.batch_tokens)
+        next_index = _next_part_index(parts)
+        tokens = padded = 0
+        loop_started, loop_cpu = time.perf_counter(), time.process_time()
+        bar = tqdm(batches, desc=f"embed {ck.label}", unit="batch", disable=None)
+        for b, batch in enumerate(bar):
+            rows = [todo[j] for j in batch]
+            enc = embedder.encode([data.texts[i] for i in rows])
+            _write_part(parts / f"batch-{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
+                        [data.source_hashes[i] for i in rows])
+            tokens += int(enc.n_tokens.sum())
+            padded += enc.padded_tokens
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - loop_started, 1e-9):,.0f} tok/s")
+        bar.close()
+        seconds, cpu_seconds = time.perf_counter() - loop_started, time.process_time() - loop_cpu
+        if truncated:
+            log(f"{truncated:,} texts were longer than {embedder.max_length} tokens and cut on the "
+                f"{config.truncation_side}")
+        provenance.update(code_version=code_version(), run_key=run_key, transformers_version=transformers.__version__,
+                          torch_version=torch.__version__, device=str(embedder.device))
+        key = {"model": config.model, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
+        n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch, full=config.limit_users is None,
+                                            expected_dim=embedder.hidden_size)
+        provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
+                          produced_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        parquet = _export(home, data.schema, key, provenance)
+        shutil.rmtree(parts, ignore_errors=True)
+    finally:
+        embedder.close()
+    return EmbedSet(model=config.model, checkpoint=ck.label, epoch=ck.epoch, layers=layers, text_kind=config.kind,
+                    n_users=n_users, n_computed=len(todo), n_resumed=n_resumed, n_truncated=truncated, dim=dim,
+                    tokens=tokens, padded_tokens=padded, seconds=seconds, cpu_seconds=cpu_seconds,
+                    wall_seconds=time.perf_counter() - started,
+                    tokens_per_s=tokens / seconds if seconds > 0 else 0.0, parquet=str(parquet), run_key=run_key)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _users_in_parts(parts: Path) -> set:
+    import pyarrow.parquet as pq
+
+    done: set = set()
+    for f in sorted(parts.glob("batch-*.parquet")):
+        done.update(pq.read_table(f, columns=["user_id"]).column("user_id").to_pylist())
+    return done
+
+
+def _next_part_index(parts: Path) -> int:
+    indices = [int(m.group(1)) for f in parts.glob("batch-*.parquet") if (m := re.fullmatch(r"batch-(\d+)\.parquet", f.name))]
+    return max(indices, default=-1) + 1
+
+
+def _write_part(path: Path, users: list, enc: Encoded, source_hashes: list) -> None:
+    """One batch's rows, written to a temp file and renamed: a part on disk is always whole."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = enc.vectors.shape
+    vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
+                                       pa.array(np.ascontiguousarray(enc.vectors, dtype=np.float32).reshape(-1)))
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    table = pa.table({"user_id": pa.array(users), "vector": vectors,
+                      "n_tokens": pa.array(enc.n_tokens.astype(np.int32)),
+                      "source_hash": pa.array(source_hashes, type=pa.string()),
+                      "produced_at": pa.array([now] * n, type=pa.timestamp("us"))})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def ensure_table(con: Any, schema: str, user_type: str) -> None:
+    con.execute(f'''CREATE TABLE IF NOT EXISTS "{schema}".{TABLE} (
+        user_id {user_type}, vector FLOAT[], dim INTEGER, model VARCHAR, checkpoint VARCHAR, epoch INTEGER,
+        layers VARCHAR, text_kind VARCHAR, produced_at TIMESTAMP, source_hash VARCHAR, code_version VARCHAR)''')
+
+
+def _merge(home: Home, data: _Texts, parts: Path, key: dict, epoch: int | None, full: bool,
+           expected_dim: int) -> tuple[int, int, int]:
+    """Parts -> table, replacing the set (or, for a partial run, its rows for these users) in one transaction."""
+    files = sorted(parts.glob("batch-*.parquet"))
+    if not files:
+        raise EmbedError("nothing was embedded")
+    listing = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+    where = " AND ".join(f"{k} = ${k}" for k in key)
+    con = home.connect()
+    try:
+        ensure_table(con, data.schema, data.user_type)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE embed_staging AS
+            SELECT user_id::{data.user_type} AS user_id, vector::FLOAT[] AS vector, len(vector)::INTEGER AS dim,
+                   $model AS model, $checkpoint AS checkpoint, $epoch::INTEGER AS epoch, $layers AS layers,
+                   $text_kind AS text_kind, produced_at, source_hash, $code_version AS code_version, n_tokens
+            FROM read_parquet({listing})
+            QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY produced_at DESC) = 1""",
+                    {**key, "epoch": epoch, "code_version": code_version()})
+        n_users, n_dims, min_dim, tokens = con.execute(
+            "SELECT count(*), count(DISTINCT dim), min(dim), sum(n_tokens) FROM embed_staging").fetchone()
+        if n_dims != 1 or min_dim != expected_dim:
+            raise EmbedError(f"the parts in {parts} hold vectors of other sizes than the model's hidden size "
+                             f"{expected_dim}; delete the folder and run again")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            scope = "" if full else " AND user_id IN (SELECT user_id FROM embed_staging)"
+            con.execute(f'DELETE FROM "{data.schema}".{TABLE} WHERE {where}{scope}', key)
+            con.execute(f'INSERT INTO "{data.schema}".{TABLE} BY NAME SELECT * EXCLUDE (n_tokens) FROM embed_staging')
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("DROP TABLE embed_staging")
+    finally:
+        con.close()
+    return int(n_users), int(min_dim), int(tokens or 0)
+
+
+def parquet_path(home: Home, schema: str, key: dict) -> Path:
+    """`data/<schema>/embeddings/<model>__<checkpoint>__L<a>-<b>__<kind>-<hash>.parquet`."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-80:] or "_"
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    name = (f"{slug(key['model'])}__{slug(key['checkpoint'])}__L{key['layers'].replace(':', '-')}"
+            f"__{slug(key['text_kind'])}-{digest}.parquet")
+    return home.data_dir / schema / TABLE / name
+
+
+def _export(home: Home, schema: str, key: dict, provenance: dict) -> Path:
+    import pyarrow.parquet as pq
+
+    path = parquet_path(home, schema, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = home.connect(read_only=True)
+    try:
+        where = " AND ".join(f"{k} = ${k}" for k in key)
+        rel = con.sql(f'SELECT * FROM "{schema}".{TABLE} WHERE {where} ORDER BY user_id', params=key)
+        table = (getattr(rel, "to_arrow_table", None) or rel.arrow)()  # DuckDB 1.x calls it arrow()
+    finally:
+        con.close()
+    meta = dict(table.schema.metadata or {})
+    meta[KV_KEY.encode()] = json.dumps(provenance, sort_keys=True, default=str).encode()
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_provenance(parquet: str | Path) -> dict:
+    """The `llm4es` key-value metadata of an exported embeddings file."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(parquet).metadata or {}
+    return json.loads(meta[KV_KEY.encode()])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
