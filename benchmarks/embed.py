@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import duckdb  # noqa: E402
-import numpy as np  # noqa: E402
+import duckdb
+import numpy as np
 
-from benchmarks.machine import describe, peak_rss_mib  # noqa: E402
+from benchmarks.machine import describe, peak_rss_mib
 
 DATASET = "movielens-100k"
 SCHEMA = "movielens_100k"
@@ -161,9 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     n_users = (0 if on_gpu else 64) if args.users is None else args.users
     max_length = args.max_length or (2048 if on_gpu else 512)
 
-    from training.embed import EmbedConfig, Embedder, embed, pick_device, pick_dtype, resolve_layers
-    from training.models import load_causal_lm, load_tokenizer, resolve_model
     from producers.warehouse import Home
+    from training.embed import (
+        EmbedConfig,
+        Embedder,
+        embed,
+        pick_device,
+        pick_dtype,
+    )
+    from training.models import load_causal_lm, load_tokenizer, resolve_model
 
     print(describe())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -22,7 +22,8 @@ How a run is laid out (per embeddings *set* = one model, checkpoint, layer range
   (one file per set, so one file per epoch of a fine-tuning run), with the run's provenance as
   JSON under the `llm4es` key of the Parquet key-value metadata.
 
-Column meanings: `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
+Column meanings: `model` is the model asked for, or for a fine-tuned checkpoint the base model
+its `llm4es_checkpoint.json` names (`model_source`); `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
 folder relative to the home directory (absolute when outside it); `layers` is the resolved
 hidden-state range `start:stop` (e.g. `9:31` for SmolLM2-135M's 31 hidden states), so `9:` and
 `-22:` name the same set.
@@ -38,11 +39,12 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from producers.provenance import code_version
 from producers.warehouse import Home, stored_definition, table_exists
@@ -70,7 +72,7 @@ class EmbedError(ValueError):
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    model: str = DEFAULT_MODEL  # registry name, model folder or hub id; the base of `checkpoint`
+    model: str = DEFAULT_MODEL  # registry name, model folder or hub id (a checkpoint's own marker names its base)
     checkpoint: str | None = None  # None: the base model; an `epoch-E` folder; or a run folder (every epoch)
     kind: str = "serialized"  # which texts to embed
     variant: int = 0
@@ -330,7 +332,7 @@ class Embedder:
         self._sum = _LayerSum(self.base, layers) if _LayerSum.supports(self.base) else None
 
     @classmethod
-    def load(cls, model_path: str, tokenizer_path: str, config: EmbedConfig, log: Log = lambda _: None) -> "Embedder":
+    def load(cls, model_path: str, tokenizer_path: str, config: EmbedConfig, log: Log = lambda _: None) -> Embedder:
         from transformers import AutoModel
 
         from training.models import load_tokenizer
@@ -484,12 +486,11 @@ def embed(home: Home, dataset: str, config: EmbedConfig = EmbedConfig(), log: Lo
         raise EmbedError("batch_tokens and max_length must be positive")
     data = _read_texts(home, dataset, config)
     checkpoints = find_checkpoints(home, config.checkpoint)
-    base_path = resolve_model(config.model, progress=log)
     result = EmbedResult(dataset=dataset)
     for ck in checkpoints:
         if len(checkpoints) > 1:
             log(f"checkpoint {ck.label} (epoch {ck.epoch})")
-        result.sets.append(_embed_set(home, data, config, base_path, ck, log))
+        result.sets.append(_embed_set(home, data, config, ck, log))
     return result
 
 
@@ -517,20 +518,28 @@ def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
                   [r[2] for r in rows], h.hexdigest())
 
 
-def _embed_set(home: Home, data: _Texts, config: EmbedConfig, base_path: str, ck: Checkpoint, log: Log) -> EmbedSet:
+def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, log: Log) -> EmbedSet:
     import torch
     import transformers
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    model_path = str(ck.path) if ck.path else base_path
-    tokenizer_path = model_path if ck.path is None or _has_tokenizer(ck.path) else base_path
+    # The base model is only fetched when needed: a checkpoint folder normally has its own tokenizer.
+    if ck.path is None:
+        model_path = tokenizer_path = resolve_model(config.model, progress=log)
+    else:
+        model_path = str(ck.path)
+        tokenizer_path = model_path if _has_tokenizer(ck.path) else resolve_model(config.model, progress=log)
+    # A fine-tuned checkpoint names its base model (`model_source` in llm4es_checkpoint.json).
+    model_name = str(ck.info.get("model_source") or config.model)
+    if model_name != config.model:
+        log(f"{ck.label} was fine-tuned from {model_name}: recorded as its model")
     embedder = Embedder.load(model_path, tokenizer_path, config, log)
     try:
         layers = layers_label(embedder.layers)
         dtype = str(next(embedder.base.parameters()).dtype).removeprefix("torch.")
         provenance = {
-            "model": config.model, "model_path": model_path, "tokenizer_path": tokenizer_path,
+            "model": model_name, "model_path": model_path, "tokenizer_path": tokenizer_path,
             "checkpoint": ck.label, "checkpoint_info": ck.info, "epoch": ck.epoch,
             "layers": layers, "layers_spec": config.layers, "n_hidden_states": n_hidden_states(embedder.base.config),
             "pooling": POOLING, "text_kind": config.kind, "variant": config.variant,
@@ -570,7 +579,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, base_path: str, ck
                 f"{config.truncation_side}")
         provenance.update(code_version=code_version(), run_key=run_key, transformers_version=transformers.__version__,
                           torch_version=torch.__version__, device=str(embedder.device))
-        key = {"model": config.model, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
+        key = {"model": model_name, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
         n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch, full=config.limit_users is None,
                                             expected_dim=embedder.hidden_size)
         provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
@@ -579,7 +588,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, base_path: str, ck
         shutil.rmtree(parts, ignore_errors=True)
     finally:
         embedder.close()
-    return EmbedSet(model=config.model, checkpoint=ck.label, epoch=ck.epoch, layers=layers, text_kind=config.kind,
+    return EmbedSet(model=model_name, checkpoint=ck.label, epoch=ck.epoch, layers=layers, text_kind=config.kind,
                     n_users=n_users, n_computed=len(todo), n_resumed=n_resumed, n_truncated=truncated, dim=dim,
                     tokens=tokens, padded_tokens=padded, seconds=seconds, cpu_seconds=cpu_seconds,
                     wall_seconds=time.perf_counter() - started,

@@ -18,8 +18,8 @@ from training import embed as embed_mod
 from training.embed import (
     CHECKPOINT_FILE,
     EmbedConfig,
-    EmbedError,
     Embedder,
+    EmbedError,
     embed,
     find_checkpoints,
     plan_batches,
@@ -92,7 +92,7 @@ def config(model_dir, **kw):
 def test_layer_specs_resolve_like_python_slices_of_hidden_states():
     assert resolve_layers("9:", 31) == range(9, 31)
     assert resolve_layers("-4:", 31) == range(27, 31)
-    assert resolve_layers("all", 31) == range(0, 31)
+    assert resolve_layers("all", 31) == range(31)
     assert resolve_layers("last", 31) == range(30, 31)
     assert resolve_layers("2:5", 31) == range(2, 5)
     assert resolve_layers("-1", 31) == range(30, 31)
@@ -268,16 +268,17 @@ def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_ho
 def fake_run(home, model_dir, run="run-1"):
     """Two epoch folders, as fine-tuning leaves them: a model, its tokenizer and llm4es_checkpoint.json."""
     folder = home.root / "runs" / "movielens_100k" / run
-    for epoch, seed in ((1, 1), (2, 2)):
-        out = save_tiny_model(folder / "models" / f"epoch-{epoch}", tiny_tokenizer(), seed=seed)
-        (out / CHECKPOINT_FILE).write_text(json.dumps({"epoch": epoch, "base_model": str(model_dir), "step": 10 * epoch}))
+    for name, epoch, seed in (("epoch-1", 1, 1), ("epoch-2", 2, 2), ("step-25", 2.5, 3), (".epoch-3.tmp", 3, 4)):
+        out = save_tiny_model(folder / "models" / name, tiny_tokenizer(), seed=seed)
+        marker = {"epoch": epoch, "model_source": str(model_dir), "global_step": 10 * epoch}
+        (out / CHECKPOINT_FILE).write_text(json.dumps(marker))
     return folder
 
 
 def test_a_run_folder_gives_one_set_per_epoch(ready_home, model_dir):
     run = fake_run(ready_home, model_dir)
     found = find_checkpoints(ready_home, str(run))
-    assert [c.epoch for c in found] == [1, 2]
+    assert [c.epoch for c in found] == [1, 2]  # whole epochs only: no step-N, no half-written folder
     assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/epoch-{e}" for e in (1, 2)]
 
     r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint=str(run)))
@@ -288,7 +289,8 @@ def test_a_run_folder_gives_one_set_per_epoch(ready_home, model_dir):
     assert np.abs(by_epoch[1] - by_epoch[2]).max() > 1e-3  # different weights, different vectors
     for s in r.sets:
         meta = read_provenance(s.parquet)
-        assert meta["epoch"] == s.epoch and meta["checkpoint_info"]["step"] == 10 * s.epoch
+        assert meta["epoch"] == s.epoch and meta["checkpoint_info"]["global_step"] == 10 * s.epoch
+        assert s.model == str(model_dir)
 
     # One epoch folder alone (relative to the home) replaces only its own set.
     one = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/run-1/models/epoch-2"))
