@@ -24,6 +24,17 @@ def ensure_table(con: duckdb.DuckDBPyConnection, schema: str, user_type: str) ->
     con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".texts ({COLUMNS.format(user_type=user_type)})')
 
 
+def stage_frame(con: duckdb.DuckDBPyConnection, name: str, rows) -> str:
+    """Copy a DataFrame into a temp table (the staging side of `replace_kind`); returns its name."""
+    view = f"{name}_frame"
+    con.register(view, rows)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {view}")
+    finally:
+        con.unregister(view)
+    return name
+
+
 def replace_kind(con: duckdb.DuckDBPyConnection, schema: str, kind: str, staging: str,
                  only_staged_users: bool = False) -> int:
     """Swap the rows of `kind` for those in `staging`, atomically.

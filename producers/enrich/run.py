@@ -17,7 +17,7 @@ from producers.enrich.options import LLMOptions
 from producers.provenance import code_version
 from producers.serialize.budget import count_tokens
 from producers.serialize.render import line_sql, rendered_events_sql
-from producers.texts import config_json, export_parquet, replace_kind
+from producers.texts import config_json, export_parquet, replace_kind, stage_frame
 from producers.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
 from validation.gate import require_valid
 
@@ -128,11 +128,9 @@ def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], 
         rows = rows.assign(kind=config.enricher, tokenizer=config.tokenizer, producer_version=code_version(),
                            source_hash=ingest["source_hash"], config=config_json(config),
                            produced_at=datetime.now(timezone.utc).replace(tzinfo=None))
-        con.register("enriched_rows", rows)
-        con.execute("CREATE OR REPLACE TEMP TABLE enriched_staging AS SELECT * FROM enriched_rows")
-        con.unregister("enriched_rows")
+        staging = stage_frame(con, "enriched_staging", rows)
         # A partial run (--limit-users) replaces only the rows it made; a full one replaces the kind.
-        report.written = replace_kind(con, d.schema, config.enricher, "enriched_staging",
+        report.written = replace_kind(con, d.schema, config.enricher, staging,
                                       only_staged_users=config.limit_users is not None)
         export_parquet(home, con, d.schema)
         report.seconds = time.perf_counter() - t0

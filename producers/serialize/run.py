@@ -14,7 +14,7 @@ import pandas as pd
 from producers.provenance import code_version
 from producers.serialize.budget import count_tokens, fit_texts
 from producers.serialize.render import TimeFormat, header, user_bodies_sql
-from producers.texts import config_json, ensure_table, export_parquet, replace_kind
+from producers.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
 from producers.warehouse import Home, last_ingest, stored_definition
 from validation.gate import require_valid
 
@@ -72,10 +72,7 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
             "config": config_json(config), "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
         })
         ensure_table(con, d.schema, d.events.user_dtype)
-        con.register("serialized_rows", rows)
-        con.execute("CREATE OR REPLACE TEMP TABLE serialized_staging AS SELECT * FROM serialized_rows")
-        con.unregister("serialized_rows")
-        replace_kind(con, d.schema, "serialized", "serialized_staging")
+        replace_kind(con, d.schema, "serialized", stage_frame(con, "serialized_staging", rows))
         parquet = export_parquet(home, con, d.schema)
         n_total = int(bodies["n_events_total"].sum())
         kept = int(rows["n_events"].sum())
