@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from producers.datasets.definition import DatasetDefinition, parse_definition  # noqa: E402
+from producers.ingest.raw_load import sql_str  # noqa: E402
 from producers.serialize.render import HEADER_SEP, VALUE_SEP, header, user_bodies_sql  # noqa: E402
 
 GENERATED = """
@@ -82,10 +83,6 @@ def serialize_sql(con: duckdb.DuckDBPyConnection, d: DatasetDefinition) -> dict:
     head = header(d)
     rows = con.execute(f"SELECT user_id, {sql_str(head)} || chr(10) || body FROM ({user_bodies_sql(d)})").fetchall()
     return dict(rows)
-
-
-def sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def serialize_pandas(events: pd.DataFrame, codes: pd.DataFrame, d: DatasetDefinition) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import duckdb
 
-from producers.warehouse import Home, table_exists
+from producers.warehouse import Home
 
 KINDS = ("serialized", "template", "llm")
 COLUMNS = """user_id {user_type}, kind VARCHAR, variant INTEGER, format VARCHAR, text VARCHAR,
@@ -65,12 +65,6 @@ def export_parquet(home: Home, con: duckdb.DuckDBPyConnection, schema: str, tabl
     con.execute(f'COPY (SELECT * FROM "{schema}"."{table}" ORDER BY ALL) TO \'{tmp}\' (FORMAT parquet)')
     os.replace(tmp, path)
     return path
-
-
-def kinds_present(con: duckdb.DuckDBPyConnection, schema: str) -> dict[str, int]:
-    if not table_exists(con, schema, "texts"):
-        return {}
-    return dict(con.execute(f'SELECT kind, count(*) FROM "{schema}".texts GROUP BY 1').fetchall())
 
 
 def config_json(config) -> str:
