@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	@# torch first and pinned: an unpinned torch would pull GBs of CUDA wheels on a CPU machine.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# CoLES: pytorch-lifestream pins spacy==3.7.4 (unused); its real deps are in pyproject.toml.
+	$(PY) -m pip install --quiet --no-deps pytorch-lifestream==0.7.0
 	@touch $(STAMP)
 
 # The default dataset and model into the cache ($$LLM4ES_CACHE or ~/.cache/llm4es); fast when present.

@@ -22,7 +22,8 @@ How a run is laid out (per embeddings *set* = one model, checkpoint, layer range
   (one file per set, so one file per epoch of a fine-tuning run), with the run's provenance as
   JSON under the `llm4es` key of the Parquet key-value metadata.
 
-Column meanings: `model` is the model asked for, or for a fine-tuned checkpoint the base model
+Column meanings: `feature_timestamp` is the time of the dataset's last event (the texts cover
+every event up to it), the key a feature store uses for point-in-time joins; `model` is the model asked for, or for a fine-tuned checkpoint the base model
 its `llm4es_checkpoint.json` names (`model_source`); `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
 folder relative to the home directory (absolute when outside it); `layers` is the resolved
 hidden-state range `start:stop` (e.g. `9:31` for SmolLM2-135M's 31 hidden states), so `9:` and
@@ -478,6 +479,7 @@ class _Texts:
     texts: list[str]
     source_hashes: list[str | None]
     digest: str  # of every (user, text) of this kind and variant, before limit_users
+    as_of: datetime | None = None  # the last event time: the features' point-in-time timestamp
 
 
 def embed(home: Home, dataset: str, config: EmbedConfig = EmbedConfig(), log: Log = lambda _: None) -> EmbedResult:
@@ -503,6 +505,8 @@ def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
             raise EmbedError(f"{dataset} has no texts: run `llm4es serialize {dataset}` first")
         rows = con.execute(f'SELECT user_id, text, source_hash FROM "{d.schema}".texts '
                            "WHERE kind = ? AND variant = ? ORDER BY user_id", [config.kind, config.variant]).fetchall()
+        # The texts describe every event, so the features hold as of the last one (point-in-time key).
+        as_of = con.execute(f'SELECT max(event_time) FROM "{d.schema}".events').fetchall()[0][0]
     finally:
         con.close()
     if not rows:
@@ -515,7 +519,7 @@ def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
     if config.limit_users is not None:
         rows = rows[:config.limit_users]
     return _Texts(d.schema, d.events.user_dtype, [r[0] for r in rows], [r[1] for r in rows],
-                  [r[2] for r in rows], h.hexdigest())
+                  [r[2] for r in rows], h.hexdigest(), as_of)
 
 
 def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, log: Log) -> EmbedSet:
@@ -635,7 +639,10 @@ def _write_part(path: Path, users: list, enc: Encoded, source_hashes: list) -> N
 def ensure_table(con: Any, schema: str, user_type: str) -> None:
     con.execute(f'''CREATE TABLE IF NOT EXISTS "{schema}".{TABLE} (
         user_id {user_type}, vector FLOAT[], dim INTEGER, model VARCHAR, checkpoint VARCHAR, epoch INTEGER,
-        layers VARCHAR, text_kind VARCHAR, produced_at TIMESTAMP, source_hash VARCHAR, code_version VARCHAR)''')
+        layers VARCHAR, text_kind VARCHAR, feature_timestamp TIMESTAMP, produced_at TIMESTAMP, source_hash VARCHAR,
+        code_version VARCHAR)''')
+    # Tables made before feature_timestamp existed get it (NULL until their sets are embedded again).
+    con.execute(f'ALTER TABLE "{schema}".{TABLE} ADD COLUMN IF NOT EXISTS feature_timestamp TIMESTAMP')
 
 
 def _merge(home: Home, data: _Texts, parts: Path, key: dict, epoch: int | None, full: bool,
@@ -652,10 +659,10 @@ def _merge(home: Home, data: _Texts, parts: Path, key: dict, epoch: int | None, 
         con.execute(f"""CREATE OR REPLACE TEMP TABLE embed_staging AS
             SELECT user_id::{data.user_type} AS user_id, vector::FLOAT[] AS vector, len(vector)::INTEGER AS dim,
                    $model AS model, $checkpoint AS checkpoint, $epoch::INTEGER AS epoch, $layers AS layers,
-                   $text_kind AS text_kind, produced_at, source_hash, $code_version AS code_version, n_tokens
+                   $text_kind AS text_kind, $feature_timestamp::TIMESTAMP AS feature_timestamp, produced_at, source_hash, $code_version AS code_version, n_tokens
             FROM read_parquet({listing})
             QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY produced_at DESC) = 1""",
-                    {**key, "epoch": epoch, "code_version": code_version()})
+                    {**key, "epoch": epoch, "code_version": code_version(), "feature_timestamp": data.as_of})
         n_users, n_dims, min_dim, tokens = con.execute(
             "SELECT count(*), count(DISTINCT dim), min(dim), sum(n_tokens) FROM embed_staging").fetchone()
         if n_dims != 1 or min_dim != expected_dim:
