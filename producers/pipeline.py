@@ -87,6 +87,11 @@ class Pipeline:
 
         return embed(self.home, dataset, config, self.log)
 
+    def evaluate(self, dataset: str, config):
+        from training.evaluate import evaluate
+
+        return evaluate(self.home, dataset, config, self.log)
+
     def fetch(self, model: str | None = None) -> dict[str, Path]:
         """Put the default dataset and model in the cache (idempotent, fast when already there)."""
         from training.models import DEFAULT_MODEL, resolve_model
