@@ -44,6 +44,7 @@ def _errors(fn):
         from producers.ingest.source_files import SourceError
         from producers.enrich.mixture import MixtureError
         from training.embed import EmbedError
+        from producers.publish import PublishError
         from training.evaluate.run import EvaluateError
         from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
@@ -55,7 +56,8 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
-                SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError) as e:
+                SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
+                PublishError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -404,6 +406,47 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"
                       f"{f', {s.n_resumed:,} resumed' if s.n_resumed else ''}")
         console.print(f"  {s.parquet}", soft_wrap=True)
+
+
+@cli.command()
+@dataset_arg
+@click.option("--llm4es-set", default=None,
+              help="The LLM4ES embeddings set served as <dataset>__llm4es_embedding (a view label, set id, file "
+                   "name or checkpoint). Default: the most recently produced set.")
+@click.option("--online-store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True,
+              help="Whose registry to apply to (and materialize into with --materialize).")
+@click.option("--redis-url", default=None, help="Redis as host:port[,db=N] [default: 127.0.0.1:6379]")
+@click.option("--materialize", is_flag=True, help="Also fill the online store (materialize-incremental up to now).")
+@click.pass_obj
+@_errors
+def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str, redis_url: str | None,
+            materialize: bool) -> None:
+    """Serve DATASET's features through Feast: snapshot the files, write the repo's manifest, `feast apply`.
+
+    Publishes what exists of agg_features, coles_embeddings and LLM4ES embeddings (every set: the
+    default one as <schema>__llm4es_embedding, the others as <schema>__llm4es__<label>). Snapshots
+    with other as-of times accumulate, so historical fetches stay point-in-time correct. Then:
+    `feast -c feature_repo materialize-incremental <now>` (or --materialize) fills the online store.
+    """
+    from producers.publish import PublishConfig
+
+    r = p.publish(dataset, PublishConfig(llm4es_set=llm4es_set, online_store=online_store, redis_url=redis_url,
+                                         materialize=materialize))
+    table = Table(title=f"{r.dataset}: Feast views ({r.online_store} online store)", title_justify="left")
+    for column in ("view", "kind", "features", "produced by", "as of"):
+        table.add_column(column)
+    for v in r.views:
+        what = v.model or ""
+        if v.kind == "llm4es":
+            what = f"{v.model} @ {v.checkpoint}, layers {v.layers}, {v.text_kind}"
+        features = f"vector[{v.dim}]" if v.dim else f"{len(v.features)} columns"
+        table.add_row(v.name + (" (default)" if v.is_default and v.kind == "llm4es" else ""), v.kind, features, what,
+                      v.feature_timestamps[-1] if v.feature_timestamps else "")
+    console.print(table)
+    console.print(f"[green]✓[/] repo {r.repo} applied in {r.seconds:.1f}s"
+                  f"{'; online store filled' if r.materialized else ''}", soft_wrap=True)
+    if not r.materialized:
+        console.print(f"next: feast -c {r.repo} materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)", soft_wrap=True)
 
 
 @cli.command()

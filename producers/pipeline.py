@@ -87,6 +87,21 @@ class Pipeline:
 
         return embed(self.home, dataset, config, self.log)
 
+    def publish(self, dataset: str, config):
+        from producers.publish import publish
+
+        return publish(self.home, dataset, config, self.log)
+
+    def materialize(self, online_store: str = "sqlite"):
+        from producers.publish import materialize
+
+        return materialize(self.home, online_store=online_store, log=self.log)
+
+    def online_features(self, dataset: str, views: list[str], user_ids: list, online_store: str = "sqlite"):
+        from producers.publish import online_features
+
+        return online_features(self.home, dataset, views, user_ids, online_store=online_store)
+
     def evaluate(self, dataset: str, config):
         from training.evaluate import evaluate
 

@@ -288,8 +288,7 @@ class FeastSource:
         from producers.publish import historical_features
 
         infos = {v.name: v for v in self.views()}
-        df = historical_features(self.home, self.dataset, views, entity_df)
-        df = df.set_index("user_id").loc[entity_df["user_id"].tolist()]
+        df = historical_features(self.home, self.dataset, views, entity_df)  # rows in entity_df's order
         out = {}
         for view in views:
             cols = [f"{view}__{f}" for f in infos[view].features]

@@ -1,0 +1,71 @@
+"""`llm4es publish` and `evaluate` through the CLI, on a fixture warehouse with a tiny model's embeddings."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from producers.warehouse import Home
+from tests.cli.conftest import assert_clean_exit_1
+from tests.fixtures.movielens_files import write_grouplens
+from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = trained_tokenizer(["1997-10-05 14:02, Toy Story, 1995, Animation, Children's, Comedy, 4"] * 30, 350)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), tok)
+
+
+def test_publish_then_evaluate_from_feast(llm4es, tmp_path, model_dir):
+    source = write_grouplens(tmp_path / "ml", n_users=40, n_movies=30, per_user=(20, 22))
+    assert llm4es("publish", "movielens-100k").exit_code != 0  # nothing ingested yet
+    for args in (("ingest", "movielens-100k", "--source", source), ("validate", "movielens-100k", "--no-data-docs")):
+        assert llm4es(*args).exit_code == 0
+    nothing = llm4es("publish", "movielens-100k")
+    assert_clean_exit_1(nothing)
+    assert "nothing to publish" in nothing.output and "llm4es aggregate" in nothing.output
+
+    for args in (("aggregate", "movielens-100k"),
+                 ("serialize", "movielens-100k", "--model", model_dir, "--max-tokens", "200"),
+                 ("embed", "movielens-100k", "--model", model_dir, "--max-length", "128", "--layers", "1:")):
+        result = llm4es(*args)
+        assert result.exit_code == 0, result.output
+
+    published = llm4es("publish", "movielens-100k", "--materialize")
+    assert published.exit_code == 0, published.output
+    assert "movielens_100k__llm4es_embedding (default)" in published.output
+    assert "movielens_100k__agg_features" in published.output and "online store filled" in published.output
+
+    evaluated = llm4es("evaluate", "movielens-100k", "--features", "agg,llm4es,agg+llm4es", "--cv-repeats", "1")
+    assert evaluated.exit_code == 0, evaluated.output
+    for name in ("agg", "llm4es", "agg+llm4es"):
+        assert f"│ {name} " in evaluated.output
+    assert "gender roc_auc" in evaluated.output and "age mae" in evaluated.output
+    report = json.loads((tmp_path / "home" / "reports" / "evaluate" / "movielens_100k" / "evaluation.json").read_text())
+    assert report["n_users"] == 40 and report["coverage"]["movielens_100k__llm4es_embedding"] == 1.0
+    entry = report["results"]["gender"]["agg+llm4es"]
+    dim = pq.read_table(next((tmp_path / "home" / "data" / "movielens_100k" / "embeddings").glob("*.parquet")))["dim"][0].as_py()
+    n_agg = len(report["views"]) and entry["n_features"] - dim
+    assert n_agg == report["results"]["gender"]["agg"]["n_features"] > 0
+    assert len(entry["protocols"]["paper"]["roc_auc"]["scores"]) == 5
+
+    # what a downstream service reads online equals the offline file
+    from producers.publish import online_features
+
+    home = Home.resolve(tmp_path / "home")
+    online = online_features(home, "movielens-100k", ["llm4es_embedding"], [1, 2, 3])
+    offline = pq.read_table(next((home.data_dir / "movielens_100k" / "embeddings").glob("*.parquet"))).to_pandas()
+    for uid, vec in zip(online["user_id"], online["movielens_100k__llm4es_embedding__vector"]):
+        expected = offline.loc[offline["user_id"] == uid, "vector"].iloc[0]
+        assert np.array_equal(np.asarray(vec, dtype=np.float32), np.asarray(expected, dtype=np.float32))
+
+
+def test_evaluate_before_publish_says_what_to_run(llm4es, grouplens):
+    for args in (("ingest", "movielens-100k", "--source", grouplens), ("validate", "movielens-100k", "--no-data-docs")):
+        assert llm4es(*args).exit_code == 0
+    result = llm4es("evaluate", "movielens-100k", "--features", "agg")
+    assert_clean_exit_1(result)
+    assert "llm4es aggregate" in result.output and "llm4es publish" in result.output

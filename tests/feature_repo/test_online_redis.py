@@ -1,0 +1,60 @@
+"""The Redis online store serves exactly the offline vectors; a republished timestamp replaces them there too.
+
+Every run uses its own dataset name, so its view names (Redis hash fields) are its own: parallel runs
+against one Redis never see each other's values. `.ci/run` starts Redis when it is not running.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import pytest
+
+from producers.publish import PublishConfig, get_store, online_features, publish
+from producers.warehouse import Home
+from tests.feature_repo import files
+from tests.feature_repo.conftest import T1, USERS, same_bits
+
+HOST, PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture
+def redis_home(tmp_path):
+    import redis
+
+    try:
+        redis.Redis(host=HOST, port=PORT, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        pytest.skip(f"no Redis at {HOST}:{PORT} ({e}); start one with `redis-server --port {PORT}` (.ci/run does)")
+    home = Home.resolve(tmp_path / "home")
+    dataset = f"redis-test-{uuid.uuid4().hex[:10]}"
+    yield home, dataset
+    if (home.data_dir / "feast" / "registry.redis.db").exists():  # remove this run's fields from Redis
+        store = get_store(home, "redis")
+        store.apply([], objects_to_delete=store.list_feature_views(), partial=False)
+
+
+def test_redis_serves_the_offline_vectors_bitwise(redis_home):
+    home, dataset = redis_home
+    schema = dataset.replace("-", "_")
+    _, vecs = files.embeddings_file(home.data_dir, dataset, T1, USERS, dim=32, produced_at=datetime(2025, 1, 1))
+    _, coles = files.coles_file(home.data_dir, dataset, T1, USERS)
+    files.agg_file(home.data_dir, dataset, T1, USERS)
+    result = publish(home, dataset, PublishConfig(online_store="redis", redis_url=f"redis://{HOST}:{PORT}/0",
+                                                  materialize=True))
+    assert result.online_store == "redis" and result.materialized
+    assert not (home.data_dir / "feast" / "registry.db").exists()  # only the Redis store's registry
+    df = online_features(home, dataset, ["llm4es_embedding", "coles_embedding", "agg_features"], [*USERS, 999],
+                         online_store="redis")
+    for i in range(len(USERS)):
+        assert same_bits(df[f"{schema}__llm4es_embedding__vector"][i], vecs[i])
+        assert same_bits(df[f"{schema}__coles_embedding__vector"][i], coles[i])
+    assert df[f"{schema}__llm4es_embedding__vector"].tolist()[-1] is None
+    assert df[f"{schema}__agg_features__n_events"].notna().sum() == len(USERS)
+
+    # the same set embedded again at the same feature_timestamp: Redis skips writes that are not newer,
+    # so publish drops the view's online rows first
+    _, again = files.embeddings_file(home.data_dir, dataset, T1, USERS, dim=32, salt=1, produced_at=datetime(2025, 1, 2))
+    publish(home, dataset, PublishConfig(online_store="redis", materialize=True))
+    df = online_features(home, dataset, ["llm4es_embedding"], USERS, online_store="redis")
+    assert all(same_bits(df[f"{schema}__llm4es_embedding__vector"][i], again[i]) for i in range(len(USERS)))
