@@ -44,6 +44,7 @@ def _errors(fn):
         from producers.ingest.source_files import SourceError
         from producers.enrich.mixture import MixtureError
         from training.embed import EmbedError
+        from producers.coles.config import ColesError
         from producers.publish import PublishError
         from training.evaluate.run import EvaluateError
         from training.finetune import FinetuneError
@@ -57,7 +58,7 @@ def _errors(fn):
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
                 SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
-                PublishError) as e:
+                PublishError, ColesError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -410,6 +411,46 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
 @cli.command()
 @dataset_arg
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
+              help="Training epochs; asking a finished run for more continues it.")
+@click.option("--hidden-size", type=click.IntRange(1), default=256, show_default=True,
+              help="GRU hidden size = the embedding's dimension.")
+@click.option("--batch-size", type=click.IntRange(2), default=64, show_default=True, help="Users per batch.")
+@click.option("--lr", type=float, default=0.002, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--as-of", type=click.DateTime(), default=None,
+              help="Only events up to this time (UTC). Default: the dataset's last event.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--restart", is_flag=True, help="Train from scratch even if a run with the same settings exists.")
+@force_opt
+@click.pass_obj
+@_errors
+def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int, as_of,
+          device: str, restart: bool, force: bool) -> None:
+    """CoLES user embeddings (the paper's strongest baseline), trained with pytorch-lifestream.
+
+    A GRU over each user's events (categorical fields embedded, numeric fields and the time since
+    the previous event as inputs), trained with CoLES's contrastive loss on random sub-sequences;
+    one vector per user. Checkpoints every epoch under runs/<dataset>/coles/<run>/; the same
+    command after an interruption resumes. Output: coles_embeddings table and Parquet file.
+    """
+    from datetime import timezone
+
+    from producers.coles import ColesConfig
+
+    config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
+                         as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
+                         resume=not restart, force=force)
+    r = p.coles(dataset, config)
+    trained = (f"{r.epochs_trained} epochs trained" if r.epochs_trained else "a finished run reused")
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_users:,} vectors of size {r.dim} ({r.model}, epoch {r.epoch}; "
+                  f"{trained}{f', resumed from epoch {r.resumed_from}' if r.resumed_from else ''}"
+                  f"{f', final loss {r.final_loss:.4f}' if r.final_loss is not None else ''}) in {r.seconds:.0f}s")
+    console.print(f"  {r.parquet_path}", soft_wrap=True)
+
+
+@cli.command()
+@dataset_arg
 @click.option("--llm4es-set", default=None,
               help="The LLM4ES embeddings set served as <dataset>__llm4es_embedding (a view label, set id, file "
                    "name or checkpoint). Default: the most recently produced set.")
@@ -507,21 +548,31 @@ def print_evaluation(r) -> None:
 
 @cli.command()
 @click.option("--dataset", default="movielens-100k", show_default=True)
+@click.option("--hardware", type=click.Choice(["auto", "gpu", "cpu-bf16", "cpu"]), default="auto", show_default=True,
+              help="Size the LLM stages for this machine class (auto: detect).")
 @click.pass_obj
 @_errors
-def demo(p: Pipeline, dataset: str) -> None:
-    """Run the pipeline end to end on the built-in dataset and print a summary.
+def demo(p: Pipeline, dataset: str, hardware: str) -> None:
+    """The whole pipeline end to end on the built-in dataset, then the results table and one online read.
 
-    ingest -> validate -> serialize (2048-token budget) -> enrich (7 template variants) ->
-    aggregate. Ingest reuses an unchanged source; the other steps rebuild their outputs.
+    ingest -> validate -> serialize -> enrich (7 templates) -> aggregate -> fine-tune -> embed ->
+    CoLES -> publish (Feast) -> materialize (SQLite) -> evaluate (LightGBM). On a CPU the LLM stages
+    are cut to fit about 20 minutes on 2 cores (the output says how); on a GPU they run as in the
+    paper. Stages that find their work done (ingest, fine-tuning and CoLES runs) reuse it.
     """
-    from producers.enrich.run import EnrichConfig
+    from producers import demo as demo_plan
+    from producers.coles import ColesConfig
+    from producers.publish import PublishConfig
 
     t0 = time.perf_counter()
-    steps = 5
+    plan = demo_plan.plan(demo_plan.detect_hardware() if hardware == "auto" else hardware)
+    steps = 12
+    console.print(f"[bold]llm4es demo[/] on {dataset}, hardware class [bold]{plan.hardware}[/]")
+    for cut in plan.cuts:
+        console.print(f"[yellow]CPU budget:[/] {cut}")
 
     def step(i: int, title: str) -> None:
-        console.rule(f"[bold]{i}/{steps} {title}")
+        console.rule(f"[bold]{i}/{steps} {title}[/] [dim]({time.perf_counter() - t0:.0f}s)[/]")
 
     step(1, f"ingest {dataset}")
     r = p.ingest(dataset)
@@ -533,23 +584,54 @@ def demo(p: Pipeline, dataset: str) -> None:
     if not report.success:
         sys.exit(1)
     step(3, "serialize histories to text")
-    s = p.serialize(dataset, "smollm2-135m", 2048, "readable")
+    s = p.serialize(dataset, plan.finetune.model, plan.serialize_max_tokens, "readable")
     console.print(f"{s.n_texts:,} texts from {s.n_events:,} of {s.n_events_total:,} events; {s.n_cut:,} users cut to "
-                  f"the 2048-token budget (largest text {s.max_tokens_seen:,} tokens)")
+                  f"the {plan.serialize_max_tokens}-token budget (largest text {s.max_tokens_seen:,} tokens)")
     step(4, "enrich: 7 template rewrites per user")
-    e = p.enrich(dataset, EnrichConfig(enricher="template", variants=7))
+    e = p.enrich(dataset, plan.enrich)
     console.print(f"{e.written:,} texts in {e.seconds:.1f}s; formats: "
                   + ", ".join(f"{k} {v:,}" for k, v in sorted(e.by_format.items())))
     step(5, "aggregate features")
     a = p.aggregate(dataset)
     console.print(f"{a.n_users:,} users x {a.n_features} features as of {a.as_of}")
-    console.rule("[bold]summary")
-    print_summary(p.summary(dataset))
-    sample = p.sample_text(dataset)
-    if sample:
-        console.print("a serialized history (first lines):")
-        console.print("\n".join("  " + line for line in sample.splitlines()[:6]), soft_wrap=True)
-    console.print(f"done in {time.perf_counter() - t0:.1f}s; warehouse {p.home.warehouse_path}", soft_wrap=True)
+    step(6, f"fine-tune {plan.finetune.model} on the {plan.finetune.mixture} mixture")
+    f = p.finetune(dataset, plan.finetune)
+    losses = f.losses
+    console.print(f"{f.steps} steps, loss {losses[0]:.3f} -> {f.final_loss:.3f}, {f.tokens_per_second:,.0f} tokens/s"
+                  if losses else f"{f.steps} steps")
+    step(7, "embed every user with the fine-tuned model")
+    from dataclasses import replace
+
+    em = p.embed(dataset, replace(plan.embed, checkpoint=str(f.models[-1])))
+    for es in em.sets:
+        console.print(f"{es.n_users:,} vectors of size {es.dim} from {es.checkpoint} at {es.tokens_per_s:,.0f} tokens/s")
+    step(8, "CoLES embeddings (pytorch-lifestream)")
+    c = p.coles(dataset, ColesConfig(seed=plan.evaluate.seed + 42))
+    console.print(f"{c.n_users:,} vectors of size {c.dim} ({c.model}, {c.epoch} epochs"
+                  f"{', reused' if not c.epochs_trained else f', final loss {c.final_loss:.3f}'})")
+    step(9, "publish to Feast (feast apply)")
+    pub = p.publish(dataset, PublishConfig())
+    console.print(f"{len(pub.views)} feature views: " + ", ".join(v.name for v in pub.views), soft_wrap=True)
+    step(10, "materialize into the online store (SQLite)")
+    p.materialize("sqlite")
+    step(11, "evaluate: LightGBM on features fetched from Feast")
+    ev = p.evaluate(dataset, plan.evaluate)
+    print_evaluation(ev)
+    step(12, "an online read, as a serving model would do it")
+    user = p.first_user(dataset)
+    online = p.online_features(dataset, ["llm4es_embedding", "coles_embedding", "agg_features"], [user])
+    row = online.iloc[0]
+    shown = []
+    for column, value in row.items():
+        if hasattr(value, "__len__") and not isinstance(value, str):
+            shown.append(f"{column}: [{', '.join(f'{x:.3f}' for x in value[:4])}, ...] ({len(value)} floats)")
+    console.print(f"get_online_features(user_id={user}):")
+    for line in shown:
+        console.print(f"  {line}", soft_wrap=True)
+    n_scalar = sum(1 for v in row.values if not (hasattr(v, "__len__") and not isinstance(v, str))) - 1
+    console.print(f"  ... and {n_scalar} aggregate features", soft_wrap=True)
+    console.print(f"done in {time.perf_counter() - t0:.0f}s; warehouse {p.home.warehouse_path}; "
+                  f"report {ev.paths['markdown']}", soft_wrap=True)
 
 
 def print_summary(s: dict) -> None:

@@ -87,6 +87,11 @@ class Pipeline:
 
         return embed(self.home, dataset, config, self.log)
 
+    def coles(self, dataset: str, config):
+        from producers.coles import coles
+
+        return coles(self.home, dataset, config, self.log)
+
     def publish(self, dataset: str, config):
         from producers.publish import publish
 
@@ -101,6 +106,17 @@ class Pipeline:
         from producers.publish import online_features
 
         return online_features(self.home, dataset, views, user_ids, online_store=online_store)
+
+    def first_user(self, dataset: str):
+        """The smallest user id with events (a user every feature view holds)."""
+        from producers.warehouse import stored_definition
+
+        con = self.home.connect(read_only=True)
+        try:
+            schema = stored_definition(con, dataset).schema
+            return con.execute(f'SELECT min(user_id) FROM "{schema}".events').fetchall()[0][0]
+        finally:
+            con.close()
 
     def evaluate(self, dataset: str, config):
         from training.evaluate import evaluate

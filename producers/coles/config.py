@@ -1,0 +1,100 @@
+"""What a CoLES run is asked to do (`ColesConfig`), what it did (`ColesResult`), and its error type.
+
+No torch here: the CLI imports this module for its options.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# Config fields that change neither the data nor the maths of an epoch: they are left out of the
+# run key, so a run asked for more epochs continues the same run, and a finished one is reused.
+NOT_IN_RUN_KEY = frozenset({"epochs", "device", "threads", "num_workers", "force", "resume", "progress"})
+
+
+class ColesError(ValueError):
+    """The CoLES run cannot be done as asked (bad config value, no events, no usable fields)."""
+
+
+@dataclass(frozen=True)
+class ColesConfig:
+    # encoder: ptls TrxEncoder (categorical embeddings + numeric inputs) -> GRU; the vector is its last hidden state
+    hidden_size: int = 256  # GRU hidden size = the embedding's dimension
+    embedding_dim: int = 16  # embedding size of each categorical field
+    max_categories: int = 1000  # per categorical field: the most frequent values get codes 1..K, the rest K+1
+    # training: CoLES (ptls CoLESModule, contrastive loss with hard negatives), Adam + StepLR per epoch
+    epochs: int = 10  # MovieLens-100k: about 8 s an epoch on 2 CPU cores (hidden_size 256)
+    batch_size: int = 64  # users per batch; each gives `split_count` subsequences
+    lr: float = 0.002
+    lr_gamma: float = 0.9  # learning rate x lr_gamma after every epoch
+    split_count: int = 5  # subsequences (positives) sampled per user and batch (ptls SampleSlices)
+    cnt_min: int = 15  # shortest subsequence, events
+    cnt_max: int = 100  # longest subsequence, events
+    max_seq_len: int = 1000  # events per user kept (the most recent), for training and inference
+    seed: int = 42
+    device: str = "auto"  # auto: cuda when available, else cpu; or cpu | cuda | cuda:1
+    threads: int | None = None  # torch CPU threads during the run; None: torch's default (all cores).
+    # Bit-for-bit equal vectors from run to run on a CPU need threads=1: with more, multi-threaded
+    # kernels can differ in the last bits (~1e-7) between runs of the same seed.
+    num_workers: int = 0  # DataLoader workers
+    as_of: datetime | None = None  # only events at or before it (UTC); default: the dataset's last event
+    force: bool = False  # run even if the dataset has not passed validation
+    resume: bool = True  # continue (or reuse) a run with the same key; False: start it again from scratch
+    progress: bool | None = None  # Lightning's progress bar; None: only on a terminal
+
+    def check(self) -> None:
+        """Raise ColesError naming the first bad value."""
+        positive = ("hidden_size", "embedding_dim", "max_categories", "epochs", "cnt_min", "cnt_max", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ColesError(f"{name} must be a whole number of at least 1, not {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ColesError(f"batch_size must be at least 2 (CoLES contrasts users in a batch), "
+                             f"not {self.batch_size!r}")
+        if not isinstance(self.split_count, int) or self.split_count < 2:
+            raise ColesError(f"split_count must be at least 2 (positives come in pairs), not {self.split_count!r}")
+        if self.cnt_min > self.cnt_max:
+            raise ColesError(f"cnt_min ({self.cnt_min}) must not exceed cnt_max ({self.cnt_max})")
+        if not self.lr > 0:
+            raise ColesError(f"lr must be positive, not {self.lr!r}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ColesError(f"lr_gamma must be in (0, 1], not {self.lr_gamma!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ColesError(f"threads must be at least 1 (or None for torch's default), not {self.threads!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ColesError(f"num_workers must be 0 or more, not {self.num_workers!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ColesError(f"seed must be a whole number in [0, 2**32), not {self.seed!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ColesError(f"device {self.device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["as_of"] = self.as_of.isoformat() if self.as_of is not None else None
+        return d
+
+
+@dataclass
+class ColesResult:
+    dataset: str
+    table: str  # "<schema>.coles_embeddings"
+    parquet_path: Path
+    n_users: int
+    dim: int
+    model: str  # "coles-gru-256"
+    checkpoint: str  # the checkpoint the vectors come from, relative to the home
+    epoch: int  # epochs the encoder was trained
+    epochs_trained: int  # epochs trained by this call (0: a finished run was reused)
+    resumed_from: int | None  # the epoch an interrupted run was resumed from
+    final_loss: float | None  # mean training loss of the last epoch
+    losses: list[float]  # mean training loss per epoch, from epoch 1
+    as_of: datetime  # = feature_timestamp
+    run_key: str
+    run_dir: Path
+    seconds: float  # wall clock, the whole call
+    train_seconds: float
+    provenance: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,228 @@
+"""The stage: warehouse events in, `"<schema>".coles_embeddings` and its Parquet copy out."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult
+from producers.provenance import code_version
+from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
+
+TABLE = "coles_embeddings"
+PARQUET_KEY = b"llm4es"
+
+Log = Callable[[str], None]
+
+
+def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Log = lambda _: None) -> ColesResult:
+    """Train (or resume, or reuse) a CoLES encoder on the dataset's events and embed every user."""
+    started = time.perf_counter()
+    config.check()
+    from validation.gate import require_valid
+
+    from producers.coles.records import read_records
+
+    con = home.connect(read_only=True)
+    try:
+        require_valid(con, dataset, config.force)
+        d = stored_definition(con, dataset)
+        records = read_records(con, d, config)
+        ingest = last_ingest(con, d.schema) or {}
+    finally:
+        con.close()  # before training: other stages may write the warehouse meanwhile
+    if records.n_users < 2:
+        raise ColesError(f"{d.name} has {records.n_users} user(s) with events up to {records.as_of}: "
+                         "CoLES contrasts users, it needs at least 2")
+    if records.skipped:
+        log(f"not used: {', '.join(records.skipped)}")
+    truncated = int((records.n_events > config.max_seq_len).sum())
+    log(f"{records.n_users:,} users, {records.n_kept:,} events up to {records.as_of}"
+        f"{f' ({truncated:,} users cut to their last {config.max_seq_len} events)' if truncated else ''}; "
+        f"categorical: {', '.join(f'{k} ({v} codes)' for k, v in records.categorical.items()) or 'none'}; "
+        f"numeric: {', '.join(records.numeric)}")
+
+    import pytorch_lightning as pl
+    import torch
+
+    from producers.coles import train as T
+
+    data_version = {"dataset": d.name, "schema": d.schema, "definition_fingerprint": d.fingerprint(),
+                    "ingest_id": ingest.get("ingest_id"), "source_hash": ingest.get("source_hash"),
+                    "as_of": records.as_of.isoformat(), "records_sha256": records.digest,
+                    "n_users": records.n_users, "n_events": records.n_kept}
+    keyed = {k: v for k, v in config.as_dict().items() if k not in NOT_IN_RUN_KEY}
+    keyed["as_of"] = records.as_of.isoformat()
+    key_blob = {"config": keyed, "records_sha256": records.digest, "definition_fingerprint": d.fingerprint(),
+                "ptls_version": _version("pytorch-lifestream")}
+    run_key = hashlib.sha256(json.dumps(key_blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run_dir = home.root / "runs" / d.schema / "coles" / run_key
+    if not config.resume and run_dir.exists():
+        log(f"resume=False: starting {run_key} again")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    versions = {"ptls": key_blob["ptls_version"], "torch": torch.__version__,
+                "pytorch_lightning": pl.__version__, "code_version": code_version()}
+    T.atomic_write_text(run_dir / "config.json", json.dumps(
+        {"run_key": run_key, "key": key_blob, "config": config.as_dict(), "data": data_version,
+         "vocabulary": records.vocabulary, "inputs": {"categorical": records.categorical, "numeric": records.numeric},
+         "versions": versions}, indent=2, default=str) + "\n")
+
+    device = T.pick_device(config.device)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        fit = _fit_and_embed(home, records, config, run_key, run_dir, device, log)
+    finally:
+        torch.set_num_threads(threads)
+    losses, final_loss, vectors, trained, resumed_from = (fit["losses"], fit["final_loss"], fit["vectors"],
+                                                          fit["trained"], fit["resumed_from"])
+    checkpoint = fit["checkpoint"]
+    produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    provenance = {
+        "output": TABLE, "dataset": d.name, "table": f"{d.schema}.{TABLE}", "model": model_name(config),
+        "checkpoint": checkpoint, "epoch": config.epochs, "run_key": run_key, "run_dir": _rel(home, run_dir),
+        "produced_at": produced_at.isoformat(), "feature_timestamp": records.as_of.isoformat(),
+        "config": config.as_dict(), "data": data_version, "vocabulary": records.vocabulary,
+        "inputs": {"categorical": records.categorical, "numeric": records.numeric, "skipped": records.skipped},
+        "epochs_trained": config.epochs, "epochs_trained_this_call": trained, "resumed_from": resumed_from,
+        "losses": losses, "final_loss": final_loss, "device": str(device),
+        "torch_threads": config.threads or threads, "dim": int(vectors.shape[1]),
+        "ptls_version": versions["ptls"], "torch_version": versions["torch"],
+        "pytorch_lightning_version": versions["pytorch_lightning"], "code_version": versions["code_version"],
+        "vector": "the GRU hidden state after the user's last kept event (not normalised)",
+    }
+    parquet = _write(home, d.schema, d.events.user_dtype, records.users, vectors, provenance, produced_at,
+                     ingest.get("source_hash"), log)
+    seconds = time.perf_counter() - started
+    log(f"{records.n_users:,} vectors of {vectors.shape[1]} -> {d.schema}.{TABLE}, {_rel(home, parquet)} "
+        f"({seconds:.1f}s{f', final loss {final_loss:.4f}' if final_loss is not None else ''})")
+    return ColesResult(dataset=d.name, table=f"{d.schema}.{TABLE}", parquet_path=parquet, n_users=records.n_users,
+                       dim=int(vectors.shape[1]), model=model_name(config), checkpoint=checkpoint, epoch=config.epochs,
+                       epochs_trained=trained, resumed_from=resumed_from, final_loss=final_loss, losses=losses,
+                       as_of=records.as_of, run_key=run_key, run_dir=run_dir, seconds=seconds,
+                       train_seconds=fit["train_seconds"], provenance=provenance)
+
+
+def _fit_and_embed(home: Home, records: Any, config: ColesConfig, run_key: str, run_dir: Path, device: Any,
+                   log: Log) -> dict[str, Any]:
+    """Train (or resume, or reuse) the run's encoder up to `config.epochs`, then embed every user."""
+    from producers.coles import train as T
+
+    T.seed_all(config.seed)
+    module = T.build_module(records, config)
+    checkpoints = T.list_checkpoints(run_dir)
+    losses: list[float] = list(T.read_state(run_dir).get("losses", []))
+    resumed_from, trained = None, 0
+    started = time.perf_counter()
+    if config.epochs in checkpoints:
+        log(f"run {run_key} already has epoch {config.epochs}: reusing {_rel(home, checkpoints[config.epochs])}")
+        T.load_weights(module, checkpoints[config.epochs])
+    else:
+        before = [e for e in checkpoints if e < config.epochs]
+        resume_ckpt = checkpoints[max(before)] if before else None
+        if resume_ckpt is not None:
+            resumed_from = max(before)
+            log(f"resuming run {run_key} from epoch {resumed_from} ({_rel(home, resume_ckpt)})")
+        else:
+            log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} -> {_rel(home, run_dir)}")
+        losses = T.train(module, records, config, run_dir, device, resume_ckpt, losses[:resumed_from or 0], log)
+        trained = config.epochs - (resumed_from or 0)
+        checkpoints = T.list_checkpoints(run_dir)
+    train_seconds = time.perf_counter() - started
+    losses = losses[: config.epochs]
+    return {"losses": losses, "final_loss": losses[config.epochs - 1] if len(losses) >= config.epochs else None,
+            "vectors": T.infer(module.seq_encoder, records, device), "trained": trained, "resumed_from": resumed_from,
+            "checkpoint": _rel(home, checkpoints[config.epochs]), "train_seconds": train_seconds}
+
+
+def model_name(config: ColesConfig) -> str:
+    return f"coles-gru-{config.hidden_size}"
+
+
+def parquet_path(home: Home, schema: str) -> Path:
+    return home.data_dir / schema / f"{TABLE}.parquet"
+
+
+def read_provenance(parquet: str | Path) -> dict:
+    """The `llm4es` key-value metadata of the Parquet copy."""
+    import pyarrow.parquet as pq
+
+    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
+
+
+def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, provenance: dict,
+           produced_at: datetime, source_hash: str | None, log: Log) -> Path:
+    """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    arrow = pa.table({"user_id": pa.array(users), "vector": pa.ListArray.from_arrays(offsets, flat)})
+    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
+    parquet = parquet_path(home, schema)
+    con = home.connect()
+    try:
+        con.execute(f"DROP TABLE IF EXISTS {stg}")
+        try:
+            con.register("coles_vectors", arrow)
+            con.execute(f"""CREATE TABLE {stg} AS
+                SELECT CAST(user_id AS {user_type}) AS user_id, CAST(vector AS FLOAT[]) AS vector,
+                       CAST(len(vector) AS INTEGER) AS dim, CAST($model AS VARCHAR) AS model,
+                       CAST($checkpoint AS VARCHAR) AS checkpoint, CAST($epoch AS INTEGER) AS epoch,
+                       CAST($feature_timestamp AS TIMESTAMP) AS feature_timestamp,
+                       CAST($produced_at AS TIMESTAMP) AS produced_at, CAST($source_hash AS VARCHAR) AS source_hash,
+                       CAST($code_version AS VARCHAR) AS code_version
+                FROM coles_vectors ORDER BY user_id""",
+                        {"model": provenance["model"], "checkpoint": provenance["checkpoint"],
+                         "epoch": provenance["epoch"], "feature_timestamp": provenance["feature_timestamp"],
+                         "produced_at": produced_at, "source_hash": source_hash,
+                         "code_version": provenance["code_version"]})
+            con.unregister("coles_vectors")
+            rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
+            table = rel.to_arrow_table()
+            meta = dict(table.schema.metadata or {})
+            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
+            parquet.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                pq.write_table(table.replace_schema_metadata(meta), tmp)
+                log(f"swapping {schema}.{TABLE} into place")
+                swap_tables(con, schema, [TABLE])
+                os.replace(tmp, parquet)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            con.execute(f"DROP TABLE IF EXISTS {stg}")
+    finally:
+        con.close()
+    return parquet
+
+
+def _rel(home: Home, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(home.root))
+    except ValueError:
+        return str(path)
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"

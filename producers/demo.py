@@ -1,0 +1,74 @@
+"""What `llm4es demo` runs, sized to the machine: the settings of every stage, chosen once.
+
+The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts the two LLM stages
+(and says so in its output); on a GPU it runs them as the paper does. Three hardware classes:
+
+- `gpu`: full fine-tuning in bf16 for one epoch of the template mixture, texts up to 2048
+  tokens; embeddings in bf16 from 2048 tokens.
+- `cpu-bf16` (a CPU with AMX or AVX512-BF16, where bf16 matmuls run ~3-4x faster than fp32):
+  full fine-tuning with bf16 autocast for a fixed number of steps on texts cut to their last 512
+  tokens; embeddings in bf16 from the same 512 tokens.
+- `cpu`: the top 4 blocks only (`trainable_layers`), fewer steps, 256 tokens; fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from producers.enrich.run import EnrichConfig
+from training.embed import EmbedConfig
+from training.evaluate import EvaluateConfig
+from training.finetune import FinetuneConfig
+
+DEMO_FEATURES = ("agg", "coles", "llm4es", "coles+llm4es", "coles+agg")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    hardware: str  # gpu | cpu-bf16 | cpu
+    serialize_max_tokens: int
+    enrich: EnrichConfig
+    finetune: FinetuneConfig
+    embed: EmbedConfig
+    evaluate: EvaluateConfig
+    cuts: list[str] = field(default_factory=list)  # what this plan leaves out compared with the paper's run
+
+
+def detect_hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "gpu"
+    cpu = getattr(torch, "cpu", None)
+    fast_bf16 = any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "cpu-bf16" if fast_bf16 else "cpu"
+
+
+def plan(hardware: str, model: str = "smollm2-135m", seed: int = 0) -> DemoPlan:
+    run_name = "demo"
+    enrich = EnrichConfig(enricher="template", variants=7, seed=seed)
+    evaluate = EvaluateConfig(features=DEMO_FEATURES, cv_repeats=3, seed=seed)
+    if hardware == "gpu":
+        return DemoPlan(
+            hardware, 2048, enrich,
+            FinetuneConfig(model=model, mixture="template:7", epochs=1, batch_size=8, max_length=2048,
+                           precision="bf16", seed=seed, run_name=run_name),
+            EmbedConfig(model=model, max_length=2048, dtype="bfloat16"), evaluate)
+    if hardware == "cpu-bf16":
+        steps, batch, length = 40, 4, 512
+        return DemoPlan(
+            hardware, 2048, enrich,
+            FinetuneConfig(model=model, mixture="template:7", max_steps=steps, batch_size=batch, max_length=length,
+                           warmup_steps=4, lr=1e-4, precision="bf16", seed=seed, run_name=run_name),
+            EmbedConfig(model=model, max_length=length, dtype="bfloat16"), evaluate,
+            cuts=[f"fine-tuning: {steps} steps of {batch} texts ({steps * batch} of the mixture's 6,601 texts, "
+                  f"under a tenth of an epoch), each cut to its last {length} tokens, bf16 autocast",
+                  f"embedding: each text's last {length} tokens (the paper uses up to 2048), bf16"])
+    steps, batch, length = 24, 4, 256
+    return DemoPlan(
+        hardware, 2048, enrich,
+        FinetuneConfig(model=model, mixture="template:7", max_steps=steps, batch_size=batch, max_length=length,
+                       warmup_steps=2, lr=2e-4, trainable_layers=4, seed=seed, run_name=run_name),
+        EmbedConfig(model=model, max_length=length), evaluate,
+        cuts=[f"fine-tuning: the top 4 of 30 blocks only, {steps} steps of {batch} texts cut to their last "
+              f"{length} tokens, fp32 (this CPU has no fast bf16)",
+              f"embedding: each text's last {length} tokens (the paper uses up to 2048)"])
