@@ -35,7 +35,7 @@ def test_help_lists_the_commands():
     # In the order a pipeline runs them, not alphabetically.
     names = [line.split()[0] for line in commands.strip().splitlines() if not line.startswith("    ")]
     assert names == ["datasets", "fetch", "ingest", "validate", "serialize", "aggregate", "enrich", "finetune",
-                     "embed", "demo"]
+                     "embed", "coles", "publish", "evaluate", "demo"]
 
 
 def test_datasets_lists_builtins_and_what_the_warehouse_holds(llm4es, grouplens):
