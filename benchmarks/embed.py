@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 512 on CPU, 2048 on GPU)")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="both paths run in this dtype (auto: bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--layers", default="9:")
     ap.add_argument("--home", type=Path, default=None, help="a home with (or to get) the serialized texts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -181,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure_texts(args.home, args.model)
     users, texts = read_texts(args.home, n_users or None)
     device = pick_device("auto")
-    dtype = pick_dtype("auto", device)
+    dtype = pick_dtype(args.dtype, device)
     config = EmbedConfig(model=args.model, layers=args.layers, max_length=max_length, batch_tokens=args.batch_tokens,
+                         dtype=args.dtype,
                          limit_users=n_users or None)
     lengths_probe = Embedder.load(model_path, model_path, config)
     full = lengths_probe.lengths(texts)

@@ -819,8 +819,26 @@ def materialize(home: Home, online_store: str = "sqlite", end: datetime | None =
     store = get_store(home, online_store, redis_url)
     end = end or datetime.now(timezone.utc)
     log(f"materializing into {online_store} up to {end.isoformat(timespec='seconds')}")
-    with _stdout_to(log):
-        store.materialize_incremental(end_date=end, feature_views=list(views) if views else None)
+    try:
+        with _stdout_to(log):
+            store.materialize_incremental(end_date=end, feature_views=list(views) if views else None)
+    finally:
+        _release_offline_connection()
+
+
+def _release_offline_connection() -> None:
+    """Drop the DuckDB connection ibis keeps as its default backend after Feast's offline reads.
+
+    Left alive, it is torn down during interpreter exit in the wrong order and DuckDB's bindings
+    print dozens of "nanobind: leaked instance" lines after every command.
+    """
+    import gc
+    import sys
+
+    ibis = sys.modules.get("ibis")
+    if ibis is not None:
+        ibis.options.default_backend = None
+    gc.collect()
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,8 +912,11 @@ def historical_features(home: Home, dataset: str, views: Sequence[str], entity_d
     if online_store is None:
         online_store = next((s for s in ONLINE_STORES if _registry_exists(home, s)), "sqlite")
     store = get_store(home, online_store)
-    with _quiet():
-        out = store.get_historical_features(entity_df=df, features=_refs(chosen), full_feature_names=True).to_df()
+    try:
+        with _quiet():
+            out = store.get_historical_features(entity_df=df, features=_refs(chosen), full_feature_names=True).to_df()
+    finally:
+        _release_offline_connection()
     out = out.sort_values("__llm4es_row").drop(columns="__llm4es_row").reset_index(drop=True)
     for col in _vector_columns(chosen):
         out[col] = _as_vectors(out[col].tolist())

@@ -149,6 +149,13 @@ def test_evaluate_ranks_planted_features_picks_the_epoch_and_writes_reports(ml_h
         assert gender["coles"]["protocols"][protocol]["roc_auc"]["mean"] < 0.8
         assert age["llm4es"]["protocols"][protocol]["mae"]["mean"] < 0.5 * age["coles"]["protocols"][protocol]["mae"]["mean"]
     assert len(gender["llm4es"]["protocols"]["paper"]["roc_auc"]["scores"]) == 5
+    # the constant baseline: AUC 0.5, accuracy = the majority share, MAE of the median
+    base = gender["no features"]["protocols"]["cv"]
+    majority = max(sum(g == "M" for g, _ in users.values()), sum(g == "F" for g, _ in users.values())) / len(users)
+    assert base["roc_auc"]["mean"] == 0.5 and abs(base["accuracy"]["mean"] - majority) < 0.03
+    ages = np.array([a for _, a in users.values()])
+    assert abs(age["no features"]["protocols"]["cv"]["mae"]["mean"] - np.abs(ages - np.median(ages)).mean()) < 1.0
+    assert r["feature_sets"][0] == "no features"
     assert len(gender["llm4es"]["protocols"]["cv"]["roc_auc"]["scores"]) == 5
     assert gender["coles+llm4es"]["views"] == ["ml__coles_embedding", "ml__llm4es_e2"]
     assert gender["coles+llm4es"]["n_features"] == 4 + 5

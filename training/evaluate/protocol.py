@@ -140,6 +140,25 @@ def run_protocol(name: str, X: np.ndarray, y: np.ndarray, task: Task, splits: li
     return result
 
 
+def constant_baseline(name: str, y: np.ndarray, task: Task, splits: list[Split]) -> ProtocolResult:
+    """The score of knowing no features: the training folds' class shares (AUC 0.5, accuracy = the
+    majority share) or their median (regression). Any feature set worth serving must beat it."""
+    result = ProtocolResult(protocol=name)
+    for split in splits:
+        train = y[split.train]
+        for rows, out in ((split.score, result.scores), (split.valid, result.valid_scores)):
+            if rows is None:
+                continue
+            if task == "regression":
+                pred = np.full(len(rows), np.median(train))
+            else:
+                shares = np.bincount(train, minlength=int(y.max()) + 1) / len(train)
+                pred = np.tile(shares, (len(rows), 1))
+            for metric, value in score(task, y[rows], pred).items():
+                out.setdefault(metric, []).append(value)
+    return result
+
+
 def best_candidate(results: dict[str, ProtocolResult], task: Task) -> str:
     """The candidate (e.g. an epoch's embeddings) with the best mean validation score of the primary metric."""
     metric = primary_metric(task)

@@ -24,12 +24,13 @@ import numpy as np
 from producers.provenance import code_version
 from producers.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
-from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate, cv_splits,
-                                        encode_labels, paper_splits, run_protocol)
+from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,
+                                        constant_baseline, cv_splits, encode_labels, paper_splits, run_protocol)
 
 Log = Callable[[str], None]
 KINDS = ("agg", "coles", "llm4es")
 PROTOCOLS = ("paper", "cv")
+BASELINE = "no features"  # the constant predictor every report starts with
 
 
 class EvaluateError(ValueError):
@@ -127,7 +128,8 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
                         "classes": [str(c) for c in classes]})
         splits = {"paper": paper_splits(y, task, config.seed, config.test_share, config.folds),
                   "cv": cv_splits(y, task, config.seed, config.folds, config.cv_repeats)}
-        results[target] = {}
+        results[target] = {BASELINE: {"views": [], "n_features": 0, "protocols": {
+            protocol: _summary(constant_baseline(protocol, y, task, splits[protocol])) for protocol in config.protocols}}}
         for name, parts in sets.items():
             log(f"{target}: {name}")
             chosen, candidates = _choose(parts, matrices, rows, y, task, splits["paper"], config)
@@ -143,7 +145,7 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
 
     report = {
         "dataset": dataset, "schema": definition.schema, "label_time": str(label_time),
-        "n_users": len(users), "targets": targets, "feature_sets": list(config.features),
+        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *config.features],
         "results": results, "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
         "config": _config_json(config), "code_version": code_version(),
         "produced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
