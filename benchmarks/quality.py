@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, config in runs.items():
         r = p.finetune(DATASET, config)
         checkpoints[name] = str(r.models[-1])
-        print(f"fine-tune {name} ({config.mixture}): {r.steps} steps, final loss {r.final_loss:.3f}, "
-              f"{r.tokens_per_second:,.0f} tokens/s")
+        speed = f"{r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else "finished run reused"
+        print(f"fine-tune {name} ({config.mixture}): {r.steps} steps, final loss {r.final_loss:.3f}, {speed}")
     for name, checkpoint in checkpoints.items():
         e = p.embed(DATASET, replace(plan.embed, checkpoint=checkpoint))
         s = e.sets[0]
-        print(f"embed {name}: {s.n_users} x {s.dim}, {s.tokens_per_s:,.0f} tokens/s, {s.wall_seconds:.0f}s")
+        speed = f"{s.tokens_per_s:,.0f} tokens/s, {s.wall_seconds:.0f}s" if s.n_computed else "finished set reused"
+        print(f"embed {name}: {s.n_users} x {s.dim}, {speed}")
 
     # the enriched run's set is the default view: embedded last, so newest
     p.publish(DATASET, PublishConfig(llm4es_set=checkpoints["enriched"]))

@@ -381,7 +381,7 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         if current[kind]:
             defaults[kind] = max(current[kind], key=lambda s: sets[s]["produced_at"] or "")
     if current["llm4es"]:
-        defaults["llm4es"] = _choose_llm4es(current["llm4es"], sets, config.llm4es_set, log)
+        defaults["llm4es"] = _choose_llm4es(current["llm4es"], sets, _home_relative(home, config.llm4es_set), log)
     elif config.llm4es_set:
         raise PublishError(f"LLM4ES set {config.llm4es_set!r} asked for, but {dataset} has no LLM4ES embeddings files")
     _name_sets(schema, sets)
@@ -549,7 +549,7 @@ def _run_of(checkpoint: str | None) -> str | None:
     if not checkpoint or checkpoint == "base":
         return None
     p = PurePosixPath(checkpoint.replace("\\", "/"))
-    if re.fullmatch(r"epoch-\d+", p.name):
+    if re.fullmatch(r"(epoch|step)-\d+", p.name):
         parent = p.parent
         return str(parent.parent if parent.name == "models" else parent)
     return None
@@ -565,8 +565,9 @@ def _labels(info: dict) -> list[str]:
     if checkpoint == "base":
         ck = f"base_{_slug(str(info['model']).rstrip('/').split('/')[-1])}"
     elif run is not None:
-        epoch = re.search(r"(\d+)$", PurePosixPath(checkpoint.replace("\\", "/")).name)
-        ck = f"{_slug(PurePosixPath(run).name)}_epoch_{epoch.group(1) if epoch else info.get('epoch')}"
+        # `epoch-2` -> <run>_epoch_2; `step-40` (max_steps ended inside an epoch) -> <run>_step_40
+        folder = PurePosixPath(checkpoint.replace("\\", "/")).name
+        ck = f"{_slug(PurePosixPath(run).name)}_{_slug(folder)}"
     else:
         ck = _slug("_".join(PurePosixPath(checkpoint.replace("\\", "/")).parts[-2:]))
     short = f"{ck}__{_slug(info.get('text_kind') or 'texts')}"
@@ -588,6 +589,16 @@ def _name_sets(schema: str, sets: dict[str, dict]) -> None:
         else:
             info["name"] = next(n for n in (f"{schema}__llm4es__{label}" for label in _labels(info)) if n not in taken)
         taken.add(info["name"])
+
+
+def _home_relative(home: Home, wanted: str | None) -> str | None:
+    """A checkpoint folder given as a path (absolute, or relative to the cwd) as the embeddings record it."""
+    if not wanted or not Path(wanted).exists():
+        return wanted
+    try:
+        return Path(wanted).resolve().relative_to(home.root.resolve()).as_posix()
+    except ValueError:
+        return str(Path(wanted).resolve())
 
 
 def _choose_llm4es(current: list[str], sets: dict[str, dict], wanted: str | None, log: Log) -> str:

@@ -552,6 +552,11 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             "attn_implementation": config.attn_implementation, "texts_digest": data.digest,
         }
         run_key = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = {"model": model_name, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
+        done_before = _finished_set(home, data, key, run_key, config)
+        if done_before is not None:
+            log(f"{ck.label}: this set was already embedded from the same texts and settings ({run_key}); reusing it")
+            return done_before
         parts = home.data_dir / data.schema / "embeddings_parts" / run_key
         parts.mkdir(parents=True, exist_ok=True)
         if not (parts / "run.json").exists():
@@ -583,7 +588,6 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                 f"{config.truncation_side}")
         provenance.update(code_version=code_version(), run_key=run_key, transformers_version=transformers.__version__,
                           torch_version=torch.__version__, device=str(embedder.device))
-        key = {"model": model_name, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
         n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch, full=config.limit_users is None,
                                             expected_dim=embedder.hidden_size)
         provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
@@ -597,6 +601,24 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                     tokens=tokens, padded_tokens=padded, seconds=seconds, cpu_seconds=cpu_seconds,
                     wall_seconds=time.perf_counter() - started,
                     tokens_per_s=tokens / seconds if seconds > 0 else 0.0, parquet=str(parquet), run_key=run_key)
+
+
+def _finished_set(home: Home, data: _Texts, key: dict, run_key: str, config: EmbedConfig) -> EmbedSet | None:
+    """The exported set, when a finished run with this run key made it for all users (else None)."""
+    path = parquet_path(home, data.schema, key)
+    if config.limit_users is not None or not path.is_file():
+        return None
+    try:
+        provenance = read_provenance(path)
+    except (KeyError, ValueError, OSError):
+        return None
+    if provenance.get("run_key") != run_key or provenance.get("n_users") != len(data.users):
+        return None
+    return EmbedSet(model=key["model"], checkpoint=key["checkpoint"], epoch=provenance.get("epoch"),
+                    layers=key["layers"], text_kind=key["text_kind"], n_users=provenance["n_users"], n_computed=0,
+                    n_resumed=provenance["n_users"], n_truncated=0, dim=provenance["dim"], tokens=0, padded_tokens=0,
+                    seconds=0.0, cpu_seconds=0.0, wall_seconds=0.0, tokens_per_s=0.0, parquet=str(path),
+                    run_key=run_key)
 
 
 def _has_tokenizer(folder: Path) -> bool:

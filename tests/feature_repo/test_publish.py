@@ -200,3 +200,18 @@ def test_user_id_types_must_agree(tmp_path):
     files.agg_file(home.data_dir, "mixed", T1, USERS)
     with pytest.raises(PublishError, match="disagree on the type of user_id"):
         publish(home, "mixed")
+
+
+def test_step_checkpoints_of_two_runs_get_distinct_names_and_a_path_picks_the_default(tmp_path):
+    """max_steps runs end in `models/step-N`: two runs' step-40 sets must not share a label."""
+    home = Home.resolve(tmp_path / "home")
+    for run, day in (("demo", 1), ("serialized-only", 2)):
+        files.embeddings_file(home.data_dir, DATASET, T1, USERS, checkpoint=f"runs/{SCHEMA}/{run}/models/step-40",
+                              produced_at=datetime(2025, 1, day))
+    checkpoint = home.root / "runs" / SCHEMA / "demo" / "models" / "step-40"
+    checkpoint.mkdir(parents=True)
+    result = publish(home, DATASET, PublishConfig(llm4es_set=str(checkpoint)))  # an absolute path, as a shell gives it
+    names = {v.name: v for v in result.views}
+    assert set(names) == {f"{SCHEMA}__llm4es_embedding", f"{SCHEMA}__llm4es__serialized_only_step_40__serialized"}
+    assert names[f"{SCHEMA}__llm4es_embedding"].checkpoint == f"runs/{SCHEMA}/demo/models/step-40"
+    assert names[f"{SCHEMA}__llm4es_embedding"].run == f"runs/{SCHEMA}/demo"

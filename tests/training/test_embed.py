@@ -191,8 +191,13 @@ def test_one_row_per_user_with_the_hidden_size_and_provenance(ready_home, model_
     assert exported.num_rows == 12 and exported.column("user_id").to_pylist() == users
     assert not (ready_home.data_dir / "movielens_100k" / "embeddings_parts" / s.run_key).exists()
 
-    # A second run replaces the set rather than adding to it.
-    embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=10_000))
+    # The same texts and settings again: the finished set is reused, nothing is recomputed.
+    reused = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=10_000)).sets[0]
+    assert reused.n_computed == 0 and reused.run_key == s.run_key and reused.parquet == s.parquet
+    assert table_rows(ready_home) == rows
+    # Other settings (here the max length) make another run, which replaces the set rather than adding to it.
+    embed(ready_home, "movielens-100k", EmbedConfig(model=str(model_dir), layers="1:", max_length=MAX_LENGTH + 1,
+                                                    batch_tokens=10_000))
     again = table_rows(ready_home)
     assert len(again) == 12
     for a, b in zip(rows, again):
