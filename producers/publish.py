@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from producers.datasets.definition import schema_name
+from producers.locks import file_lock
 from producers.provenance import code_version
 from producers.warehouse import Home
 
@@ -205,7 +206,7 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
         log(f"{dataset}: no {_describe(k)} to publish, skipping")
     feast = feast_dir(home)
     feast.mkdir(parents=True, exist_ok=True)
-    with _lock(feast / ".publish.lock"):
+    with file_lock(feast / ".publish.lock"):
         manifest = _read_manifest(manifest_path(home))
         clash = [d for d, e in manifest.get("datasets", {}).items() if d != dataset and e.get("schema") == schema]
         if clash:
@@ -244,21 +245,6 @@ def _find_inputs(home: Home, schema: str) -> dict[str, list[Path]]:
     found = {"agg": [src / "agg_features.parquet"], "coles": [src / "coles_embeddings.parquet"],
              "llm4es": sorted((src / "embeddings").glob("*.parquet")) if (src / "embeddings").is_dir() else []}
     return {k: [p for p in paths if p.is_file() and not p.name.startswith(".")] for k, paths in found.items()}
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -420,7 +406,7 @@ def _stage_agg(con, path: Path, id_sql: str, out: Path, writes: list, log: Log) 
     if not features:
         raise PublishError(f"{path} has no numeric feature columns")
     produced = _timestamp(prov.get("produced_at")) or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    produced_sql = (f'CAST("produced_at" AS TIMESTAMP)' if "produced_at" in types
+    produced_sql = ('CAST("produced_at" AS TIMESTAMP)' if "produced_at" in types
                     else f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)")
     snapshot = (f"SELECT {id_sql} AS user_id, CAST(feature_timestamp AS TIMESTAMP) AS feature_timestamp, "
                 f"{produced_sql} AS produced_at, {', '.join(features)} FROM read_parquet({_sql_path(path)})")

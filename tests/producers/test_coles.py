@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ from producers.datasets.definition import load_builtin, parse_definition
 from producers.ingest import IngestConfig, ingest
 from producers.warehouse import Home, last_ingest, stored_definition
 from tests.fixtures.bank_files import write_gender
-from tests.fixtures.movielens_files import write_grouplens
+from tests.fixtures.movielens_files import read_ratings, write_grouplens
 from validation.gate import ValidationGateError
 from validation.run import ValidateConfig, validate
 
@@ -44,16 +43,7 @@ def ml(tmp_path_factory):
     home = Home.resolve(root / "home")
     ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
     assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
-    years = {}
-    for line in (source / "u.item").read_text(encoding="latin-1").splitlines():
-        cells = line.split("|")
-        found = re.search(r"\((\d{4})\)\s*$", cells[1])
-        years[int(cells[0])] = int(found.group(1) if found else cells[2][-4:])
-    ratings = []  # (user, movie, rating, unix time, year)
-    for line in (source / "u.data").read_text().splitlines():
-        u, m, r, t = map(int, line.split("\t"))
-        ratings.append((u, m, r, t, years[m]))
-    return home, ratings
+    return home, read_ratings(source)  # (user, movie, rating, unix time, year)
 
 
 def vectors(result) -> dict:

@@ -57,22 +57,21 @@ def ready_home(built_home, tmp_path):
     return Home.resolve(target)
 
 
-def user_texts(home):
+def query(home, sql: str) -> list[tuple]:
     con = duckdb.connect(str(home.warehouse_path), read_only=True)
     try:
-        return con.execute("SELECT user_id, text FROM movielens_100k.texts WHERE kind = 'serialized' "
-                           "ORDER BY user_id").fetchall()
+        return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def user_texts(home):
+    return query(home, "SELECT user_id, text FROM movielens_100k.texts WHERE kind = 'serialized' ORDER BY user_id")
 
 
 def table_rows(home):
-    con = duckdb.connect(str(home.warehouse_path), read_only=True)
-    try:
-        return con.execute("SELECT user_id, vector, dim, model, checkpoint, epoch, layers, text_kind "
-                           "FROM movielens_100k.embeddings ORDER BY checkpoint, user_id").fetchall()
-    finally:
-        con.close()
+    return query(home, "SELECT user_id, vector, dim, model, checkpoint, epoch, layers, text_kind "
+                       "FROM movielens_100k.embeddings ORDER BY checkpoint, user_id")
 
 
 def embedder(model_dir, layers="1:", padding_side="right", attn="sdpa"):
