@@ -63,20 +63,19 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints[name] = str(r.models[-1])
         speed = f"{r.tokens_per_second:,.0f} tokens/s" if r.tokens_per_second else "finished run reused"
         print(f"fine-tune {name} ({config.mixture}): {r.steps} steps, final loss {r.final_loss:.3f}, {speed}")
+    labels = {}  # name -> the checkpoint as the embeddings record it
     for name, checkpoint in checkpoints.items():
         e = p.embed(DATASET, replace(plan.embed, checkpoint=checkpoint))
         s = e.sets[0]
+        labels[name] = s.checkpoint
         speed = f"{s.tokens_per_s:,.0f} tokens/s, {s.wall_seconds:.0f}s" if s.n_computed else "finished set reused"
         print(f"embed {name}: {s.n_users} x {s.dim}, {speed}")
 
-    # the enriched run's set is the default view: embedded last, so newest
-    p.publish(DATASET, PublishConfig(llm4es_set=checkpoints["enriched"]))
-    views = published_views(p.home, DATASET)
-    by_checkpoint = {v.checkpoint: v.name for v in views if v.kind == "llm4es"}
+    p.publish(DATASET, PublishConfig(llm4es_set=labels["enriched"]))
+    by_checkpoint = {v.checkpoint: v.name for v in published_views(p.home, DATASET) if v.kind == "llm4es"}
 
     def view(name: str) -> str:
-        key = "base" if checkpoints[name] is None else str(Path(checkpoints[name]).resolve().relative_to(p.home.root))
-        return by_checkpoint[key]
+        return by_checkpoint[labels[name]]
 
     features = ("agg", "coles", view("base"), view("serialized"), view("enriched"), f"coles+{view('enriched')}",
                 "coles+agg")

@@ -560,6 +560,8 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     are cut to fit about 20 minutes on 2 cores (the output says how); on a GPU they run as in the
     paper. Stages that find their work done (ingest, fine-tuning and CoLES runs) reuse it.
     """
+    from dataclasses import replace
+
     from producers import demo as demo_plan
     from producers.coles import ColesConfig
     from producers.publish import PublishConfig
@@ -600,8 +602,6 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     console.print(f"{f.steps} steps, loss {losses[0]:.3f} -> {f.final_loss:.3f}, {f.tokens_per_second:,.0f} tokens/s"
                   if losses else f"{f.steps} steps")
     step(7, "embed every user with the fine-tuned model")
-    from dataclasses import replace
-
     em = p.embed(dataset, replace(plan.embed, checkpoint=str(f.models[-1])))
     for es in em.sets:
         console.print(f"{es.n_users:,} vectors of size {es.dim} from {es.checkpoint} at {es.tokens_per_s:,.0f} tokens/s")
@@ -620,16 +620,14 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     step(12, "an online read, as a serving model would do it")
     user = p.first_user(dataset)
     online = p.online_features(dataset, ["llm4es_embedding", "coles_embedding", "agg_features"], [user])
-    row = online.iloc[0]
-    shown = []
-    for column, value in row.items():
-        if hasattr(value, "__len__") and not isinstance(value, str):
-            shown.append(f"{column}: [{', '.join(f'{x:.3f}' for x in value[:4])}, ...] ({len(value)} floats)")
+    features = online.iloc[0].drop("user_id")
+    is_vector = [hasattr(v, "__len__") and not isinstance(v, str) for v in features.values]
     console.print(f"get_online_features(user_id={user}):")
-    for line in shown:
-        console.print(f"  {line}", soft_wrap=True)
-    n_scalar = sum(1 for v in row.values if not (hasattr(v, "__len__") and not isinstance(v, str))) - 1
-    console.print(f"  ... and {n_scalar} aggregate features", soft_wrap=True)
+    for (column, value), vector in zip(features.items(), is_vector):
+        if vector:
+            console.print(f"  {column}: [{', '.join(f'{x:.3f}' for x in value[:4])}, ...] ({len(value)} floats)",
+                          soft_wrap=True)
+    console.print(f"  ... and {is_vector.count(False)} aggregate features", soft_wrap=True)
     console.print(f"done in {time.perf_counter() - t0:.0f}s; warehouse {p.home.warehouse_path}; "
                   f"report {ev.paths['markdown']}", soft_wrap=True)
 

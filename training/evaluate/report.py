@@ -81,9 +81,9 @@ def bar_chart(report: dict, path: Path) -> None:
             ax.bar(xs, means, width, yerr=stds, capsize=3, label=protocol)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(f"{target}: {metric}{' (lower is better)' if metric in LOWER_IS_BETTER else ''}")
-        finite = [v for v in ax.get_ylim()]
         if metric in ("roc_auc", "accuracy"):
-            ax.set_ylim(max(0.0, min(finite[0], 0.4)), min(1.0, finite[1]))
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(0.0, min(low, 0.4)), min(1.0, high))
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['dataset']}: downstream LightGBM")
     fig.tight_layout()

@@ -25,7 +25,8 @@ from producers.provenance import code_version
 from producers.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
 from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,
-                                        constant_baseline, cv_splits, encode_labels, paper_splits, run_protocol)
+                                        constant_baseline, cv_splits, encode_labels, paper_splits, primary_metric,
+                                        run_protocol)
 
 Log = Callable[[str], None]
 KINDS = ("agg", "coles", "llm4es")
@@ -132,14 +133,15 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
             protocol: _summary(constant_baseline(protocol, y, task, splits[protocol])) for protocol in config.protocols}}}
         for name, parts in sets.items():
             log(f"{target}: {name}")
-            chosen, candidates = _choose(parts, matrices, rows, y, task, splits["paper"], config)
+            chosen, candidates, tried = _choose(parts, matrices, rows, y, task, splits["paper"], config)
             X = _concat([matrices[v] for v in chosen], rows)
             entry = {"views": chosen, "n_features": int(X.shape[1]), "protocols": {}}
             if candidates:
                 entry["candidates"] = candidates
                 entry["chosen_view"] = next(v for v in chosen if v in candidates)
             for protocol in config.protocols:
-                r = run_protocol(protocol, X, y, task, splits[protocol], config.lgbm, config.seed)
+                r = tried.get(tuple(chosen)) if protocol == "paper" else None
+                r = r or run_protocol(protocol, X, y, task, splits[protocol], config.lgbm, config.seed)
                 entry["protocols"][protocol] = _summary(r)
             results[target][name] = entry
 
@@ -191,22 +193,25 @@ def _resolve_token(token: str, views: list[View], select_epoch: bool) -> Part:
 
 
 def _choose(parts: list[Part], matrices: dict[str, np.ndarray], rows: np.ndarray, y: np.ndarray, task: Task,
-            splits, config: EvaluateConfig) -> tuple[list[str], dict[str, float]]:
-    """The views to use; for a part with epoch candidates, the one with the best validation score."""
+            splits, config: EvaluateConfig) -> tuple[list[str], dict[str, float], dict[tuple, ProtocolResult]]:
+    """The views to use; for a part with epoch candidates, the one with the best validation score.
+
+    Also returns the paper-protocol results computed on the way, keyed by their views, so the
+    chosen combination is not fitted a second time."""
     chosen = [p.view for p in parts]
     scores: dict[str, float] = {}
+    paper: dict[tuple, ProtocolResult] = {}
     for i, part in enumerate(parts):
         if len(part.candidates) < 2:
             continue
         trials: dict[str, ProtocolResult] = {}
         for candidate in part.candidates:
-            views = chosen[:i] + [candidate] + chosen[i + 1:]
-            trials[candidate] = run_protocol("paper", _concat([matrices[v] for v in views], rows), y, task, splits,
-                                             config.lgbm, config.seed)
+            views = tuple(chosen[:i] + [candidate] + chosen[i + 1:])
+            trials[candidate] = paper[views] = run_protocol("paper", _concat([matrices[v] for v in views], rows), y,
+                                                            task, splits, config.lgbm, config.seed)
         chosen[i] = best_candidate(trials, task)
-        metric = METRICS[task][0]
-        scores = {c: r.valid_mean(metric) for c, r in trials.items()}
-    return chosen, scores
+        scores = {c: r.valid_mean(primary_metric(task)) for c, r in trials.items()}
+    return chosen, scores, paper
 
 
 def _concat(mats: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -280,11 +285,14 @@ class FeastSource:
 
     def __init__(self, home: Home, dataset: str):
         self.home, self.dataset = home, dataset
+        self._views: list[View] | None = None
 
     def views(self) -> list[View]:
         from producers.publish import published_views
 
-        return published_views(self.home, self.dataset)
+        if self._views is None:  # the manifest, read once per evaluation
+            self._views = published_views(self.home, self.dataset)
+        return self._views
 
     def matrices(self, views: list[str], entity_df: Any) -> dict[str, np.ndarray]:
         from producers.publish import historical_features
@@ -301,12 +309,16 @@ class FeastSource:
 def _as_matrix(column) -> np.ndarray:
     """A Feast column as a float matrix: a vector column (lists) becomes one column per dimension."""
     values = column.tolist()
-    first = next((v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))), None)
+    first = next((v for v in values if not _missing(v)), None)
     if first is None or np.isscalar(first):
         return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)[:, None]
-    dim = len(first)
-    mat = np.full((len(values), dim), np.nan, dtype=np.float32)
+    mat = np.full((len(values), len(first)), np.nan, dtype=np.float32)
     for i, v in enumerate(values):
-        if v is not None and not (isinstance(v, float) and np.isnan(v)):
+        if not _missing(v):
             mat[i] = np.asarray(v, dtype=np.float32)
     return mat
+
+
+def _missing(value) -> bool:
+    """Feast's "no feature" for a user: None, or NaN where pandas filled the column."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
