@@ -9,7 +9,12 @@ found relative to this file (the repo is `<home>/feature_repo`), so the same fil
 - `s__coles_embedding`: the CoLES vectors (`vector`, Array(Float32) of `vector_length` = dim);
 - `s__llm4es_embedding`: the default LLM4ES embeddings set (the most recently produced one unless
   publish was told otherwise), and `s__llm4es__<set>` for each other set (other epochs of a
-  fine-tuning run, the base model, other text kinds), so a downstream step can compare them.
+  fine-tuning run, the base model, other text kinds), so a downstream step can compare them;
+- entity `s__session`, join key `session_id`, and the session-keyed views `s__session_embedding`
+  (`user_id`, `embedding`) and `s__session_intent` (`user_id`, `intent`, `intent_probabilities`,
+  `taxonomy_version`), one row per session timestamped with its end; their user rollups
+  `s__session_embedding_rollup` (last session's embedding, mean over the last K sessions) and
+  `s__intent_shares` (share of each intent over the last K sessions), one row per user and session end.
 
 Every view reads one Parquet file under `data/feast/<schema>/` holding all published snapshots of
 its set (one row per user and `feature_timestamp`, the as-of time of the events the row was
@@ -41,6 +46,7 @@ NO_EXPIRY = timedelta(days=36_500)
 TIMESTAMP_FIELD = "feature_timestamp"
 CREATED_FIELD = "produced_at"
 JOIN_KEY = "user_id"
+SESSION_KEY = "session_id"  # session-keyed views (`s__session_embedding`, `s__session_intent`)
 
 _DTYPES = {"Float64": Float64, "Float32": Float32, "Int64": Int64, "Int32": Int32, "String": String,
            "Array(Float32)": Array(Float32)}
@@ -71,7 +77,13 @@ def build(manifest: dict, feast_dir: Path) -> dict[str, Any]:
         entity = Entity(name=entry["entity"], join_keys=[JOIN_KEY], value_type=value_type,
                         description=f"a user of the {dataset} dataset", tags={"dataset": dataset})
         objects[entity.name] = entity
+        session = None
+        if any(v.get("entity") == "session" for v in entry["views"]):
+            session = Entity(name=entry["session_entity"], join_keys=[SESSION_KEY], value_type=ValueType.STRING,
+                             description=f"a session of the {dataset} dataset", tags={"dataset": dataset})
+            objects[session.name] = session
         for view in entry["views"]:
+            keyed_by_session = view.get("entity") == "session"
             source = FileSource(
                 name=f"{view['name']}__source",
                 # absolute: the DuckDB offline store reads the path as is, relative to the working directory
@@ -80,12 +92,12 @@ def build(manifest: dict, feast_dir: Path) -> dict[str, Any]:
                 created_timestamp_column=CREATED_FIELD,
                 description=f"every published snapshot of {view['name']}",
             )
-            fields = [Field(name=JOIN_KEY, dtype=entity_dtype)]
+            fields = [Field(name=SESSION_KEY, dtype=String) if keyed_by_session else Field(name=JOIN_KEY, dtype=entity_dtype)]
             for f in view["features"]:
                 fields.append(Field(name=f["name"], dtype=_DTYPES[f["dtype"]], vector_length=f.get("vector_length", 0)))
             objects[source.name] = source
             objects[view["name"]] = FeatureView(
-                name=view["name"], entities=[entity], ttl=NO_EXPIRY, schema=fields, source=source, online=True,
+                name=view["name"], entities=[session if keyed_by_session else entity], ttl=NO_EXPIRY, schema=fields, source=source, online=True,
                 description=view["description"], tags=dict(view["tags"]), owner="llm4es")
     return objects
 

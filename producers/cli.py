@@ -45,6 +45,8 @@ def _errors(fn):
         from producers.enrich.mixture import MixtureError
         from training.embed import EmbedError
         from producers.coles.config import ColesError
+        from producers.sessions.config import SessionsError
+        from producers.intents.config import IntentsError
         from producers.publish import PublishError
         from training.evaluate.run import EvaluateError
         from training.finetune import FinetuneError
@@ -58,7 +60,7 @@ def _errors(fn):
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
                 SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
-                PublishError, ColesError) as e:
+                PublishError, ColesError, SessionsError, IntentsError) as e:
             err_console.print(f"[bold red]error:[/] {e}")
             sys.exit(1)
         except (duckdb.IOException, duckdb.ConnectionException) as e:
@@ -121,6 +123,44 @@ def fetch(p: Pipeline, model: str | None) -> None:
     """Download the default dataset and model into the cache (safe to re-run)."""
     for name, path in p.fetch(model).items():
         console.print(f"[green]✓[/] {name}: {path}")
+
+
+@cli.command("synth-clicks")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--visitors", type=click.IntRange(1), default=2000, show_default=True, help="Visitors to generate.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Same seed and options: the same files, byte for byte.")
+@click.option("--days", type=click.IntRange(1, 1000), default=60, show_default=True,
+              help="Days from 2024-01-01 that sessions start on.")
+def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
+    """Generate a synthetic bank-website clickstream with planted session intents into OUT_DIR.
+
+    Writes clicks.csv (one row per page view: visitor, session id, time, page type, page, seconds
+    on page, search query, device), visitors.csv (the opened_product label, segment, region),
+    planted_intents.csv (the true intent of every session: mortgage, credit card, savings and
+    investing, loan shopping, account servicing, help and support; kept aside, the dataset never
+    reads it) and README.txt (how it was drawn). Then:
+
+    \b
+      llm4es ingest bank-clickstream --source OUT_DIR
+      llm4es validate bank-clickstream
+
+    Without --source, `ingest bank-clickstream` generates the default set (2,000 visitors, seed 0)
+    into the cache.
+    """
+    from producers.synthetic.clickstream import ClickstreamConfig, ClickstreamError, write_clickstream
+
+    try:
+        r = write_clickstream(out_dir, ClickstreamConfig(visitors=visitors, seed=seed, days=days))
+    except ClickstreamError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        sys.exit(1)
+    intents = ", ".join(f"{name} {n:,}" for name, n in r.sessions_by_intent.items())
+    console.print(f"[green]✓[/] {r.out_dir}: {r.n_visitors:,} visitors, {r.n_sessions:,} sessions, {r.n_events:,} "
+                  f"clicks in {r.seconds:.1f}s ({r.noise_share:.0%} noise clicks, {r.opened_share:.0%} opened a "
+                  f"product)", soft_wrap=True)
+    console.print(f"planted intents (sessions): {intents}", soft_wrap=True)
+    console.print(f"next: llm4es ingest bank-clickstream --source {r.out_dir}", soft_wrap=True)
 
 
 @cli.command()
@@ -449,6 +489,286 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
     console.print(f"  {r.parquet_path}", soft_wrap=True)
 
 
+@cli.group(cls=PipelineOrder)
+def sessions() -> None:
+    """Session embeddings: cut events into sessions, train a session encoder, embed every session.
+
+    \b
+      llm4es sessions build DATASET    sessions table (explicit session column or inactivity gap)
+      llm4es sessions train DATASET    self-supervised Transformer, checkpoint per epoch, resumable
+      llm4es sessions embed DATASET    one vector per session -> session_embeddings (then `publish`)
+    """
+
+
+@sessions.command("build")
+@dataset_arg
+@click.option("--gap-minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="Inactivity that starts a new session. Default: the dataset definition's events.sessions "
+                   "(30 minutes unless it says otherwise; MovieLens: a day). Ignored where the definition names "
+                   "an explicit session column.")
+@force_opt
+@click.pass_obj
+@_errors
+def sessions_build(p: Pipeline, dataset: str, gap_minutes: float | None, force: bool) -> None:
+    """Cut DATASET's events into sessions: tables sessions and session_events in the warehouse.
+
+    Checked with Great Expectations before they replace the previous tables (ids unique and not
+    empty, every event in exactly one session, a session never spans two users); a failure
+    prints which check and examples, and leaves the previous tables as they were.
+    """
+    from producers.sessions import SessionsConfig
+
+    r = p.sessions_build(dataset, SessionsConfig(gap_minutes=gap_minutes, force=force))
+    how = f"column {r.spec.get('column')}" if r.mode == "column" else f"a gap of {r.spec.get('gap_minutes'):g} minutes"
+    e = r.events_per_session
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_sessions:,} sessions of {r.n_events:,} events by {how} "
+                  f"(events per session: median {e['median']:g}, p90 {e['p90']:g}, max {e['max']:g}) in "
+                  f"{r.seconds:.1f}s; checks passed", soft_wrap=True)
+    console.print(f"  checks: {r.validation_path}", soft_wrap=True)
+
+
+def _encoder_options(fn):
+    from producers.sessions import SessionEncoderConfig as C
+
+    options = [
+        click.option("--epochs", type=click.IntRange(1), default=C.epochs, show_default=True,
+                     help="Training epochs; asking a finished run for more continues it."),
+        click.option("--batch-size", type=click.IntRange(2), default=C.batch_size, show_default=True,
+                     help="Sessions per batch (the others in a batch are the contrastive negatives)."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=C.lr, show_default=True),
+        click.option("--d-model", type=click.IntRange(8), default=C.d_model, show_default=True,
+                     help="Transformer width = the embedding's dimension."),
+        click.option("--layers", "n_layers", type=click.IntRange(1), default=C.n_layers, show_default=True),
+        click.option("--max-events", type=click.IntRange(2), default=C.max_events, show_default=True,
+                     help="A longer session keeps its last N events."),
+        click.option("--seed", type=int, default=C.seed, show_default=True),
+        click.option("--device", default=C.device, show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--threads", type=click.IntRange(1), default=C.threads, show_default=True,
+                     help="torch CPU threads (1 is fastest for this small model on a busy CPU)."),
+        force_opt,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _encoder_config(**kw):
+    from producers.sessions import SessionEncoderConfig
+
+    return SessionEncoderConfig(**kw)
+
+
+@sessions.command("train")
+@dataset_arg
+@_encoder_options
+@click.pass_obj
+@_errors
+def sessions_train(p: Pipeline, dataset: str, **options) -> None:
+    """Train the session encoder on DATASET's sessions (run `sessions build` first).
+
+    A small Transformer over each session's events (categorical, numeric and text fields as the
+    dataset definition types them, plus the time since the previous event), trained
+    self-supervised: masked-event modelling (predict the fields of hidden events) plus a
+    contrastive loss between two random crops of the same session (so the pooled vector itself
+    summarises the session). Checkpoints every epoch under runs/<dataset>/sessions/<run>/; the
+    same command after an interruption resumes, and a finished run is reused.
+    """
+    r = p.sessions_train(dataset, _encoder_config(**options))
+    trained = f"{r.epochs_trained} epoch(s) trained" if r.epochs_trained else "a finished run reused"
+    console.print(f"[green]✓[/] {r.dataset}: encoder at epoch {r.epochs} on {r.n_sessions:,} sessions ({trained}"
+                  f"{f', resumed from epoch {r.resumed_from}' if r.resumed_from else ''}"
+                  f"{f', loss {r.losses[0]:.3f} -> {r.final_loss:.3f}' if r.losses else ''}; "
+                  f"{r.sessions_per_second:,.0f} sessions/s on {r.device}) in {r.seconds:.0f}s", soft_wrap=True)
+    console.print(f"  {r.run_dir}", soft_wrap=True)
+    console.print(f"next: llm4es sessions embed {dataset}")
+
+
+@sessions.command("embed")
+@dataset_arg
+@_encoder_options
+@click.pass_obj
+@_errors
+def sessions_embed(p: Pipeline, dataset: str, **options) -> None:
+    """Embed every session of DATASET with the encoder `sessions train` trained (same options).
+
+    Output: the session_embeddings table and data/<schema>/session_embeddings.parquet (with the
+    run, epoch, config and data version in its metadata); `llm4es publish` serves them.
+    """
+    r = p.sessions_embed(dataset, _encoder_config(**options))
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_sessions:,} session vectors of size {r.dim} (epoch {r.epoch}) in "
+                  f"{r.seconds:.1f}s", soft_wrap=True)
+    console.print(f"  {r.parquet_path}", soft_wrap=True)
+    console.print(f"next: llm4es intents build {dataset}, or llm4es publish {dataset}")
+
+
+@cli.group(cls=PipelineOrder)
+def intents() -> None:
+    """Interpretable session intents: LLM taxonomy, LLM labels, a fast distilled classifier.
+
+    \b
+      llm4es intents build DATASET     the LLM proposes and refines a taxonomy (or --from-file)
+      llm4es intents label DATASET     the LLM labels a sample of sessions (cached, resumable)
+      llm4es intents distill DATASET   a classifier on session embeddings learns those labels
+                                       -> session_intents (then `publish`)
+
+    Needs `llm4es sessions build` (and `sessions embed` for distill). The LLM is a local model
+    (default SmolLM2-135M-Instruct, too small for good taxonomies: use a bigger local model or
+    an OpenAI-compatible server, e.g. vLLM, with --llm-backend openai --endpoint URL).
+    """
+
+
+def _llm_options(fn):
+    options = [
+        click.option("--llm-backend", type=click.Choice(["local", "openai", "lexical"]), default="local",
+                     show_default=True,
+                     help="local: a transformers model on this machine; openai: an OpenAI-compatible server; "
+                          "lexical (label only): no LLM, the label whose description shares the most words "
+                          "with the session, a free baseline."),
+        click.option("--llm-model", default="smollm2-135m", show_default=True,
+                     help="local: registry name, folder or hub id; openai: the served model's name."),
+        click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+        click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
+                     help="Requests in flight (openai)."),
+        click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
+                     help="Seconds per request (openai)."),
+        click.option("--max-chars", type=click.IntRange(200), default=2500, show_default=True,
+                     help="A session's text in a prompt is cut to this many characters."),
+        click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _llm(defaults, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int, timeout_s: float):
+    from dataclasses import replace
+
+    return replace(defaults, backend=llm_backend, model=llm_model, endpoint=endpoint, concurrency=concurrency,
+                   timeout_s=timeout_s)
+
+
+@intents.command("build")
+@dataset_arg
+@click.option("--sample-size", type=click.IntRange(1), default=20, show_default=True,
+              help="Sessions summarised per round.")
+@click.option("--rounds", type=click.IntRange(1), default=3, show_default=True,
+              help="Round 1 proposes a taxonomy; each later round refines it on new sessions.")
+@click.option("--max-labels", type=click.IntRange(2), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which sessions are sampled.")
+@click.option("--from-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Store a taxonomy a person wrote or reviewed (`name: description` per line, or a "
+                   "taxonomy-vN.md table) as the next version instead of asking the LLM.")
+@_llm_options
+@click.pass_obj
+@_errors
+def intents_build(p: Pipeline, dataset: str, sample_size: int, rounds: int, max_labels: int, seed: int,
+                  from_file: Path | None, max_chars: int, progress: bool | None, **llm) -> None:
+    """Build an intent taxonomy for DATASET's sessions (a new version in intent_taxonomies).
+
+    The LLM summarises sampled sessions in one sentence each, proposes at most --max-labels labels
+    (name and one-line description) and refines them over further samples. The taxonomy is
+    versioned in the warehouse and written for people to read to
+    reports/intents/<schema>/taxonomy-v<N>.md; review it, edit it, and store the edit with
+    --from-file.
+    """
+    from dataclasses import replace
+
+    from producers.intents import TaxonomyConfig
+
+    if from_file is not None:
+        r = p.intents_import(dataset, from_file, max_labels)
+    else:
+        base = TaxonomyConfig()
+        config = TaxonomyConfig(sample_size=sample_size, rounds=rounds, max_labels=max_labels, seed=seed,
+                                llm=_llm(base.llm, **llm), text=replace(base.text, max_chars=max_chars),
+                                progress=progress)
+        r = p.intents_build(dataset, config)
+    console.print(f"[green]✓[/] {r.dataset}: taxonomy v{r.version}, {len(r.labels)} labels ({r.backend}, {r.model}; "
+                  f"{r.llm_calls} LLM calls) in {r.seconds:.0f}s", soft_wrap=True)
+    for label in r.labels:
+        console.print(f"  {label['name']}: {label['description']}", soft_wrap=True)
+    console.print(f"  {r.report_path}", soft_wrap=True)
+    console.print(f"next: llm4es intents label {dataset}")
+
+
+@intents.command("label")
+@dataset_arg
+@click.option("--sample-size", type=click.IntRange(0), default=1000, show_default=True,
+              help="Sessions the LLM labels (0: all).")
+@click.option("--mode", type=click.Choice(["generate", "score"]), default="generate", show_default=True,
+              help="generate: the LLM writes a label name (parsed, checked against the taxonomy); score (local "
+                   "back end): the label name the LLM finds most likely, always valid and cheaper on a CPU.")
+@click.option("--taxonomy-version", type=click.IntRange(1), default=None, help="Default: the newest.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_llm_options
+@click.pass_obj
+@_errors
+def intents_label(p: Pipeline, dataset: str, sample_size: int, mode: str, taxonomy_version: int | None, seed: int,
+                  max_chars: int, progress: bool | None, **llm) -> None:
+    """The LLM gives a sample of DATASET's sessions one taxonomy label each.
+
+    Answers are checked against the taxonomy (one that names no label is kept with its raw
+    text, label empty), cached in intent_llm_labels after every batch: the same command after an
+    interruption asks only for what is missing.
+    """
+    from dataclasses import replace
+
+    from producers.intents import LabelConfig
+
+    base = LabelConfig()
+    config = LabelConfig(sample_size=sample_size or None, taxonomy_version=taxonomy_version, mode=mode, seed=seed,
+                         llm=_llm(base.llm, **llm), text=replace(base.text, max_chars=max_chars), progress=progress)
+    r = p.intents_label(dataset, config)
+    each = f"; {r.llm_seconds_per_session:.2f} s per session" if r.llm_seconds_per_session is not None else ""
+    console.print(f"[green]✓[/] {r.dataset}: {r.labelled:,} of {r.sampled:,} sessions labelled with taxonomy "
+                  f"v{r.taxonomy_version} ({r.mode}, {r.model}; {r.from_cache:,} from cache, {r.unparsable:,} "
+                  f"unparsable, {r.failed:,} failed{each}) in {r.seconds:.0f}s", soft_wrap=True)
+    console.print("  " + ", ".join(f"{k} {v:,}" for k, v in r.distribution.items()), soft_wrap=True)
+    console.print(f"next: llm4es intents distill {dataset}")
+
+
+@intents.command("distill")
+@dataset_arg
+@click.option("--classifier", type=click.Choice(["logreg", "lightgbm"]), default="logreg", show_default=True)
+@click.option("--test-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
+              show_default=True, help="Held-out labelled sessions the agreement is measured on.")
+@click.option("--llm-latency-sessions", type=click.IntRange(0), default=8, show_default=True,
+              help="Held-out sessions sent through the LLM again, to time it in the same run (0: skip).")
+@click.option("--taxonomy-version", type=click.IntRange(1), default=None, help="Default: the newest with labels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_llm_options
+@click.pass_obj
+@_errors
+def intents_distill(p: Pipeline, dataset: str, classifier: str, test_share: float, llm_latency_sessions: int,
+                    taxonomy_version: int | None, seed: int, max_chars: int, progress: bool | None, **llm) -> None:
+    """Distill the LLM's labels into a light classifier on session embeddings and cheap session features.
+
+    Reports its agreement with the LLM on held-out sessions (micro and macro F1) and the latency
+    per session of both, measured in this run; then labels every session: session_intents table
+    and data/<schema>/session_intents.parquet (label and probabilities), served by `publish`.
+    """
+    from dataclasses import replace
+
+    from producers.intents import DistillConfig
+
+    base = DistillConfig()
+    config = DistillConfig(classifier=classifier, test_share=test_share, llm_latency_sessions=llm_latency_sessions,
+                           taxonomy_version=taxonomy_version, seed=seed, llm=_llm(base.llm, **llm),
+                           text=replace(base.text, max_chars=max_chars), progress=progress)
+    r = p.intents_distill(dataset, config)
+    labeller = r.provenance.get("llm_model") or "LLM"
+    llm_each = (f"{r.llm_seconds_per_session * 1000:,.3f} ms over {r.llm_sessions} held-out sessions"
+                if r.llm_seconds_per_session is not None else "not measured")
+    console.print(f"[green]✓[/] {r.dataset}: {r.classifier} on {r.n_train:,} sessions labelled by {labeller}; held "
+                  f"out {r.n_test:,}: micro F1 {r.micro_f1:.3f}, macro F1 {r.macro_f1:.3f} against {labeller}",
+                  soft_wrap=True)
+    console.print(f"  latency per session: classifier {r.classifier_seconds_per_session * 1000:.3f} ms, "
+                  f"{labeller} {llm_each}", soft_wrap=True)
+    console.print(f"  report: {r.report_md}", soft_wrap=True)
+    console.print(f"  {r.n_predicted:,} sessions labelled -> {r.parquet_path}", soft_wrap=True)
+    console.print(f"next: llm4es publish {dataset}")
+
+
 @cli.command()
 @dataset_arg
 @click.option("--llm4es-set", default=None,
@@ -458,21 +778,26 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
               help="Whose registry to apply to (and materialize into with --materialize).")
 @click.option("--redis-url", default=None, help="Redis as host:port[,db=N] [default: 127.0.0.1:6379]")
 @click.option("--materialize", is_flag=True, help="Also fill the online store (materialize-incremental up to now).")
+@click.option("--recent-sessions", type=click.IntRange(1), default=10, show_default=True,
+              help="K of the session rollups: mean embedding and intent shares over a user's last K sessions.")
 @click.pass_obj
 @_errors
 def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str, redis_url: str | None,
-            materialize: bool) -> None:
+            materialize: bool, recent_sessions: int) -> None:
     """Serve DATASET's features through Feast: snapshot the files, write the repo's manifest, `feast apply`.
 
     Publishes what exists of agg_features, coles_embeddings and LLM4ES embeddings (every set: the
     default one as <schema>__llm4es_embedding, the others as <schema>__llm4es__<label>). Snapshots
-    with other as-of times accumulate, so historical fetches stay point-in-time correct. Then:
-    `feast -c feature_repo materialize-incremental <now>` (or --materialize) fills the online store.
+    with other as-of times accumulate, so historical fetches stay point-in-time correct. Session
+    embeddings and intents (`llm4es sessions embed`, `llm4es intents distill`) become the
+    session-keyed views <schema>__session_embedding and __session_intent, and the user rollups
+    __session_embedding_rollup and __intent_shares (one row per session end, so point in time).
+    Then `feast -c feature_repo materialize-incremental <now>` (or --materialize) fills the online store.
     """
     from producers.publish import PublishConfig
 
     r = p.publish(dataset, PublishConfig(llm4es_set=llm4es_set, online_store=online_store, redis_url=redis_url,
-                                         materialize=materialize))
+                                         materialize=materialize, recent_sessions=recent_sessions))
     table = Table(title=f"{r.dataset}: Feast views ({r.online_store} online store)", title_justify="left")
     for column in ("view", "kind", "features", "produced by", "as of"):
         table.add_column(column)
@@ -480,7 +805,8 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
         what = v.model or ""
         if v.kind == "llm4es":
             what = f"{v.model} @ {v.checkpoint}, layers {v.layers}, {v.text_kind}"
-        features = f"vector[{v.dim}]" if v.dim else f"{len(v.features)} columns"
+        features = (f"vector[{v.dim}]" if v.dim and v.kind in ("coles", "llm4es") else
+                    f"{', '.join(v.features)}" if len(v.features) <= 4 else f"{len(v.features)} columns")
         table.add_row(v.name + (" (default)" if v.is_default and v.kind == "llm4es" else ""), v.kind, features, what,
                       v.feature_timestamps[-1] if v.feature_timestamps else "")
     console.print(table)
@@ -494,8 +820,8 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @dataset_arg
 @click.option("--target", "targets", multiple=True, help="A label to predict (repeatable). Default: every label.")
 @click.option("--features", default="agg,coles,llm4es,coles+llm4es,coles+agg", show_default=True,
-              help="Comma-separated feature sets: agg, coles, llm4es or a published view name; '+' concatenates "
-                   "(the paper's ensembles).")
+              help="Comma-separated feature sets: agg, coles, llm4es, sessions (session-embedding rollup), intents "
+                   "(intent shares) or a published view name; '+' concatenates (the paper's ensembles).")
 @click.option("--protocol", "protocols", type=click.Choice(["paper", "cv"]), multiple=True,
               help="paper: 10% test set, 5 fold models; cv: repeated stratified k-fold over all users. "
                    "[default: both]")

@@ -92,6 +92,41 @@ class Pipeline:
 
         return coles(self.home, dataset, config, self.log)
 
+    def sessions_build(self, dataset: str, config):
+        from producers.sessions import build_sessions
+
+        return build_sessions(self.home, dataset, config, self.log)
+
+    def sessions_train(self, dataset: str, config):
+        from producers.sessions import train_encoder
+
+        return train_encoder(self.home, dataset, config, self.log)
+
+    def sessions_embed(self, dataset: str, config):
+        from producers.sessions import embed_sessions
+
+        return embed_sessions(self.home, dataset, config, self.log)
+
+    def intents_build(self, dataset: str, config):
+        from producers.intents import build_taxonomy
+
+        return build_taxonomy(self.home, dataset, config, self.log)
+
+    def intents_import(self, dataset: str, path: Path, max_labels: int = 50):
+        from producers.intents import import_taxonomy
+
+        return import_taxonomy(self.home, dataset, path, max_labels, self.log)
+
+    def intents_label(self, dataset: str, config):
+        from producers.intents import label_sessions
+
+        return label_sessions(self.home, dataset, config, self.log)
+
+    def intents_distill(self, dataset: str, config):
+        from producers.intents import distill_intents
+
+        return distill_intents(self.home, dataset, config, self.log)
+
     def publish(self, dataset: str, config):
         from producers.publish import publish
 

@@ -58,7 +58,12 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 
-KINDS = ("agg", "coles", "llm4es")
+KINDS = ("agg", "coles", "llm4es", "sessions", "intents")  # the inputs publish looks for
+# Every view kind, in the order views are listed. `sessions`/`intents` are the user-level rollups of
+# the session-keyed `session_embedding`/`session_intent` views.
+VIEW_KINDS = ("agg", "coles", "llm4es", "sessions", "intents", "session_embedding", "session_intent")
+SESSION_VIEWS = {"session_embedding": "session_embedding", "session_intent": "session_intent",
+                 "sessions": "session_embedding_rollup", "intents": "intent_shares"}  # kind -> view name suffix
 ONLINE_STORES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
 REPO_FILES = ("feature_store.yaml", "feature_store.redis.yaml", "definitions.py")
 MANIFEST_FORMAT = 1
@@ -82,6 +87,7 @@ class PublishConfig:
     online_store: str = "sqlite"  # sqlite | redis: whose registry to apply to (and materialize into)
     redis_url: str | None = None  # Feast's `host:port[,db=N,password=...]` (or redis://host:port/N)
     materialize: bool = False  # also materialize-incremental up to now into the online store
+    recent_sessions: int = 10  # K of the user rollups: mean embedding and intent shares over the last K sessions
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class ViewInfo:
     """One published feature view, as `published_views` lists it."""
 
     name: str  # `<schema>__llm4es_embedding`, `<schema>__llm4es__<label>`, ...
-    kind: str  # agg | coles | llm4es
+    kind: str  # agg | coles | llm4es | sessions | intents (user-keyed), session_embedding | session_intent
     is_default: bool  # the view `agg`/`coles`/`llm4es` stands for
     dataset: str
     features: tuple[str, ...]  # feature names in the view (`vector` for embeddings)
@@ -106,6 +112,7 @@ class ViewInfo:
     code_version: str | None = None  # of the code that produced the features
     produced_at: str | None = None  # latest production of the set
     feature_timestamps: tuple[str, ...] = ()  # every published snapshot, oldest first
+    join_key: str = "user_id"  # the entity's key: `session_id` for session-keyed views
 
 
 @dataclass
@@ -199,9 +206,10 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
     if len(skipped) == len(KINDS):
         src = home.data_dir / schema
         raise PublishError(
-            f"nothing to publish for {dataset}: none of {src / 'agg_features.parquet'}, "
-            f"{src / 'coles_embeddings.parquet'}, {src / 'embeddings'}/*.parquet exists; run `llm4es aggregate "
-            f"{dataset}`, `llm4es coles {dataset}` or `llm4es embed {dataset}` first")
+            f"nothing to publish for {dataset}: run `llm4es aggregate {dataset}`, `llm4es coles {dataset}`, "
+            f"`llm4es embed {dataset}` or `llm4es sessions embed {dataset}` first (none of agg_features.parquet, "
+            f"coles_embeddings.parquet, embeddings/*.parquet, session_embeddings.parquet, session_intents.parquet "
+            f"is in {src})")
     for k in skipped:
         log(f"{dataset}: no {_describe(k)} to publish, skipping")
     feast = feast_dir(home)
@@ -237,13 +245,16 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
 
 def _describe(kind: str) -> str:
     return {"agg": "aggregate features (agg_features.parquet)", "coles": "CoLES embeddings (coles_embeddings.parquet)",
-            "llm4es": "LLM4ES embeddings (embeddings/*.parquet)"}[kind]
+            "llm4es": "LLM4ES embeddings (embeddings/*.parquet)",
+            "sessions": "session embeddings (session_embeddings.parquet)",
+            "intents": "session intents (session_intents.parquet)"}[kind]
 
 
 def _find_inputs(home: Home, schema: str) -> dict[str, list[Path]]:
     src = home.data_dir / schema
     found = {"agg": [src / "agg_features.parquet"], "coles": [src / "coles_embeddings.parquet"],
-             "llm4es": sorted((src / "embeddings").glob("*.parquet")) if (src / "embeddings").is_dir() else []}
+             "llm4es": sorted((src / "embeddings").glob("*.parquet")) if (src / "embeddings").is_dir() else [],
+             "sessions": [src / "session_embeddings.parquet"], "intents": [src / "session_intents.parquet"]}
     return {k: [p for p in paths if p.is_file() and not p.name.startswith(".")] for k, paths in found.items()}
 
 
@@ -344,7 +355,7 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         id_sql = "CAST(user_id AS BIGINT)" if user_type == "INT64" else "CAST(user_id AS VARCHAR)"
         sets: dict[str, dict] = {k: dict(v) for k, v in (previous or {}).get("sets", {}).items()}
         new_rows: dict[str, int] = {}
-        current: dict[str, list[str]] = {"agg": [], "coles": [], "llm4es": []}
+        current: dict[str, list[str]] = {k: [] for k in VIEW_KINDS}
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for path in inputs["agg"]:
             info = _stage_agg(con, path, id_sql, out, writes, log)
@@ -357,13 +368,19 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
                     info["published_at"] = now
                     sets[info["set_id"]] = {**sets.get(info["set_id"], {}), **info}
                     current[kind].append(info["set_id"])
+        for kind in ("sessions", "intents"):
+            for path in inputs[kind]:
+                for info in _stage_session_views(con, kind, path, id_sql, out, writes, config.recent_sessions, log):
+                    info["published_at"] = now
+                    sets[info["set_id"]] = info  # written afresh: a session view holds the current production only
+                    current[info["kind"]].append(info["set_id"])
     finally:
         con.close()
     for set_id in {s for ids in current.values() for s in ids}:
         new_rows[set_id] = sets[set_id].pop("new_rows", 0)
         sets[set_id].pop("new_timestamps", None)
     defaults = dict((previous or {}).get("defaults", {}))
-    for kind in ("agg", "coles"):
+    for kind in ("agg", "coles", *SESSION_VIEWS):
         if current[kind]:
             defaults[kind] = max(current[kind], key=lambda s: sets[s]["produced_at"] or "")
     if current["llm4es"]:
@@ -373,9 +390,10 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
     _name_sets(schema, sets)
     is_default = {s: s == defaults.get(sets[s]["kind"]) for s in sets}
     views = [_view_entry(dataset, schema, sets[s], is_default[s])
-             for s in sorted(sets, key=lambda s: (KINDS.index(sets[s]["kind"]), not is_default[s], sets[s]["name"]))
+             for s in sorted(sets, key=lambda s: (VIEW_KINDS.index(sets[s]["kind"]), not is_default[s], sets[s]["name"]))
              if sets[s]["kind"] == "llm4es" or is_default[s]]
     entry = {"dataset": dataset, "schema": schema, "entity": f"{schema}__user", "user_id_type": user_type,
+             "session_entity": f"{schema}__session",
              "published_at": now, "published_by": code_version(), "defaults": defaults, "sets": sets, "views": views}
     by_view = {v["set_id"]: v["name"] for v in views}
     return entry, {by_view.get(s, s): n for s, n in new_rows.items()}
@@ -471,6 +489,122 @@ def _stage_vectors(con, kind: str, key_cols: Sequence[str], path: Path, id_sql: 
         log(f"{label}: {stats['new_rows']:,} vectors of {info['dim']} at {', '.join(stats['new_timestamps'])} -> {target}")
         infos.append(info)
     return infos
+
+
+def _stage_session_views(con, kind: str, path: Path, id_sql: str, out: Path, writes: list, recent: int,
+                         log: Log) -> list[dict]:
+    """A session-keyed view and its user rollup from `session_embeddings.parquet` or `session_intents.parquet`.
+
+    Rows are timestamped with the session's end: a session's vector or intent is known once it ended, so a
+    point-in-time join at time t sees exactly the sessions that ended by t, and the rollup row at a session's
+    end summarises the user's last `recent` sessions up to it. Unlike user snapshots, these files are
+    written afresh on every publish (a re-built session table may have other session ids).
+    """
+    if recent < 1:
+        raise PublishError(f"recent_sessions must be at least 1, not {recent}")
+    prov = _kv_provenance(path)
+    src = f"read_parquet({_sql_path(path)})"
+    value = "embedding" if kind == "sessions" else "label"
+    types = _require(con, path, ["session_id", "user_id", "session_end", value])
+    produced = _timestamp(prov.get("produced_at")) or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    produced_sql = f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)"
+    extra = ("CAST(embedding AS FLOAT[]) AS embedding" if kind == "sessions" else
+             "CAST(label AS VARCHAR) AS intent, CAST(probabilities AS FLOAT[]) AS intent_probabilities, "
+             f"CAST({'taxonomy_version' if 'taxonomy_version' in types else 'NULL'} AS BIGINT) AS taxonomy_version")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE sess AS SELECT CAST(session_id AS VARCHAR) AS session_id, "
+                f"{id_sql} AS user_id, CAST(session_end AS TIMESTAMP) AS feature_timestamp, {produced_sql} AS produced_at, "
+                f"{extra}, row_number() OVER (PARTITION BY {id_sql} ORDER BY session_end, session_id) AS n "
+                f"FROM {src} WHERE {value} IS NOT NULL AND session_end IS NOT NULL")
+    n_sessions, n_ids = con.execute("SELECT count(*), count(DISTINCT session_id) FROM sess").fetchall()[0]
+    if not n_sessions:
+        raise PublishError(f"{path}: no sessions to publish")
+    if n_ids != n_sessions:
+        raise PublishError(f"{path}: {n_sessions - n_ids:,} session ids appear more than once")
+    window = f"PARTITION BY user_id ORDER BY n ROWS BETWEEN {recent - 1} PRECEDING AND CURRENT ROW"
+    # Two sessions of a user ending at the same instant: the rollup row is the later one's.
+    latest = "QUALIFY row_number() OVER (PARTITION BY user_id, feature_timestamp ORDER BY n DESC) = 1"
+    data = prov.get("data") or prov.get("data_version") or {}
+    common = {"source_hash": prov.get("source_hash") or data.get("source_hash"),
+              "code_version": prov.get("code_version"), "file": str(path), "recent_sessions": recent,
+              "produced_at": produced.isoformat()}
+    if kind == "sessions":
+        dims = [d for (d,) in con.execute("SELECT DISTINCT len(embedding) FROM sess").fetchall()]
+        if len(dims) != 1:
+            raise PublishError(f"{path}: session embeddings of {len(dims)} different lengths ({sorted(dims)[:5]})")
+        dim = int(dims[0])
+        session_sql = "SELECT session_id, user_id, feature_timestamp, produced_at, embedding FROM sess"
+        # Element-wise mean over the last K vectors, in SQL: one row per (session, dimension), a window per dimension.
+        rollup_sql = f"""
+            WITH long AS (SELECT user_id, n, generate_subscripts(embedding, 1) AS i, unnest(embedding) AS x FROM sess),
+            means AS (SELECT user_id, n, i, avg(x) OVER (PARTITION BY user_id, i ORDER BY n
+                      ROWS BETWEEN {recent - 1} PRECEDING AND CURRENT ROW) AS m FROM long),
+            mean AS (SELECT user_id, n, CAST(list(m ORDER BY i) AS FLOAT[]) AS recent_mean_embedding FROM means
+                     GROUP BY user_id, n)
+            SELECT s.user_id, s.feature_timestamp, s.produced_at, s.embedding AS last_session_embedding,
+                   mean.recent_mean_embedding, CAST(s.n AS BIGINT) AS sessions_so_far
+            FROM sess AS s JOIN mean USING (user_id, n) {latest}"""
+        meta = {"model": prov.get("model") or "session-encoder", "checkpoint": prov.get("checkpoint"),
+                "epoch": prov.get("epoch"), "run": prov.get("run_dir") or prov.get("run"), "dim": dim}
+        kinds = ("session_embedding", "sessions")
+    else:
+        labels = _intent_labels(con, prov)
+        shares = ", ".join(f"avg(CAST(intent = '{lbl.replace(chr(39), chr(39) * 2)}' AS DOUBLE)) OVER w AS "
+                           f'"share__{_slug(lbl)}"' for lbl in labels)
+        session_sql = ("SELECT session_id, user_id, feature_timestamp, produced_at, intent, intent_probabilities, "
+                       "taxonomy_version FROM sess")
+        rollup_sql = (f"SELECT user_id, feature_timestamp, produced_at, {shares}, count(*) OVER w AS recent_sessions "
+                      f"FROM sess WINDOW w AS ({window}) {latest}")
+        versions = [v for (v,) in con.execute("SELECT DISTINCT taxonomy_version FROM sess").fetchall()]
+        meta = {"model": prov.get("llm_model") or prov.get("model"), "labels": labels, "dim": len(labels),
+                "taxonomy_version": versions[0] if len(versions) == 1 else None,
+                "classifier": prov.get("classifier")}
+        kinds = ("session_intent", "intents")
+    infos = []
+    for view_kind, query in zip(kinds, (session_sql, rollup_sql)):
+        target = out / "sessions" / f"{view_kind}.parquet"
+        stats, types_out = _write_fresh(con, query, target, writes, path)
+        info = {"kind": view_kind, "set_id": view_kind, "source": str(target.relative_to(out.parent)), **common,
+                **meta, "columns": types_out, **stats}
+        log(f"{path.name}: {stats['new_rows']:,} {'sessions' if view_kind.startswith('session_') else 'user rollup rows'}"
+            f" -> {target}")
+        infos.append(info)
+    con.execute("DROP TABLE sess")
+    return infos
+
+
+def _intent_labels(con, prov: dict) -> list[str]:
+    """The taxonomy's labels in order (recorded by `llm4es intents distill`), else the labels present."""
+    labels = prov.get("labels") or (prov.get("taxonomy") or {}).get("labels") or []
+    labels = [lbl["name"] if isinstance(lbl, dict) else str(lbl) for lbl in labels]
+    if not labels:
+        labels = [v for (v,) in con.execute("SELECT DISTINCT intent FROM sess WHERE intent IS NOT NULL ORDER BY 1")
+                  .fetchall()]
+    slugs = [_slug(lbl) for lbl in labels]
+    if len(set(slugs)) != len(slugs):
+        raise PublishError(f"intent labels {labels} do not give distinct feature names")
+    return labels
+
+
+def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> tuple[dict, dict[str, str]]:
+    """Write the query's rows to a temp file beside `target` (appended to `writes`): no history kept."""
+    import pyarrow.parquet as pq
+
+    con.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM ({query}) ORDER BY feature_timestamp, user_id")
+    n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
+                                      ).fetchall()[0]
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
+    table = _arrow(con.sql("SELECT * FROM fresh"))
+    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [last.isoformat()],
+             "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
+    meta = dict(table.schema.metadata or {})
+    meta[KV_KEY] = json.dumps({"written_from": str(source), "code_version": code_version(), **stats}).encode()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    writes.append((tmp, target))
+    stats["data_version"] = _file_hash(tmp)
+    con.execute("DROP TABLE fresh")
+    return stats, types
 
 
 def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
@@ -572,6 +706,8 @@ def _name_sets(schema: str, sets: dict[str, dict]) -> None:
             info["name"] = f"{schema}__{AGG}"
         elif info["kind"] == "coles":
             info["name"] = f"{schema}__{DEFAULT_COLES}"
+        elif info["kind"] in SESSION_VIEWS:
+            info["name"] = f"{schema}__{SESSION_VIEWS[info['kind']]}"
         else:
             info["name"] = next(n for n in (f"{schema}__llm4es__{label}" for label in _labels(info)) if n not in taken)
         taken.add(info["name"])
@@ -612,6 +748,8 @@ def _choose_llm4es(current: list[str], sets: dict[str, dict], wanted: str | None
 
 def _view_entry(dataset: str, schema: str, info: dict, is_default: bool) -> dict:
     kind = info["kind"]
+    if kind in SESSION_VIEWS:
+        return _session_view_entry(dataset, schema, info)
     if kind == "agg":
         name = f"{schema}__{AGG}"
         features = [{"name": n, "dtype": t} for n, t in info["dtypes"].items()]
@@ -638,6 +776,49 @@ def _view_entry(dataset: str, schema: str, info: dict, is_default: bool) -> dict
             "features": features, "tags": tags, "description": description}
 
 
+def _session_view_entry(dataset: str, schema: str, info: dict) -> dict:
+    kind, user = info["kind"], info["columns"]["user_id"].upper()
+    user_dtype = "Int64" if user in _INT_TYPES else "String"
+    dim, recent = info["dim"], info["recent_sessions"]
+    if kind == "session_embedding":
+        features = [{"name": "user_id", "dtype": user_dtype},
+                    {"name": "embedding", "dtype": "Array(Float32)", "vector_length": dim}]
+        what = f"session embeddings of {dataset} ({dim} dimensions, self-supervised session encoder), one row per session"
+    elif kind == "session_intent":
+        features = [{"name": "user_id", "dtype": user_dtype}, {"name": "intent", "dtype": "String"},
+                    {"name": "intent_probabilities", "dtype": "Array(Float32)", "vector_length": dim},
+                    {"name": "taxonomy_version", "dtype": "Int64"}]
+        what = (f"intent labels of {dataset} sessions (LLM taxonomy v{info.get('taxonomy_version')} distilled into a "
+                f"classifier; probabilities in the order {', '.join(info['labels'])}), one row per session")
+    elif kind == "sessions":
+        features = [{"name": "last_session_embedding", "dtype": "Array(Float32)", "vector_length": dim},
+                    {"name": "recent_mean_embedding", "dtype": "Array(Float32)", "vector_length": dim},
+                    {"name": "sessions_so_far", "dtype": "Int64"}]
+        what = (f"per user of {dataset}: the last session's embedding and the mean over the last {recent} sessions, "
+                "one row per session end")
+    else:
+        features = [*({"name": f"share__{_slug(lbl)}", "dtype": "Float64"} for lbl in info["labels"]),
+                    {"name": "recent_sessions", "dtype": "Int64"}]
+        what = (f"per user of {dataset}: the share of each intent among the last {recent} sessions "
+                f"({', '.join(info['labels'])}), one row per session end")
+    tags = {"kind": kind, "dataset": dataset, "set_id": info["set_id"], "is_default": "true",
+            "recent_sessions": str(recent), "feature_timestamp": info["feature_timestamps"][-1]}
+    for k in ("model", "checkpoint", "epoch", "run", "dim", "taxonomy_version", "classifier", "source_hash",
+              "code_version", "produced_at", "data_version"):
+        if info.get(k) is not None:
+            tags[k] = info[k] if isinstance(info[k], str) else json.dumps(info[k], default=str)
+    if info.get("labels"):
+        tags["labels"] = json.dumps(info["labels"])
+    description = (f"{what}; feature_timestamp = the session's end, so a point-in-time join only sees sessions "
+                   f"that ended by then ({info['first_timestamp']} .. {info['feature_timestamps'][-1]}); produced "
+                   f"{info.get('produced_at')} by {info.get('code_version')}.")
+    entry = {"name": f"{schema}__{SESSION_VIEWS[kind]}", "kind": kind, "is_default": True, "set_id": info["set_id"],
+             "source": info["source"], "features": features, "tags": tags, "description": description}
+    if kind.startswith("session_"):
+        entry["entity"] = "session"
+    return entry
+
+
 def _views_of(dataset: str, entry: dict, feast: Path) -> list[ViewInfo]:
     return [_view_info(dataset, v, entry["sets"][v["set_id"]], feast) for v in entry["views"]]
 
@@ -651,7 +832,8 @@ def _view_info(dataset: str, view: dict, info: dict, feast: Path) -> ViewInfo:
         epoch=int(tags["epoch"]) if "epoch" in tags else None, layers=tags.get("layers"),
         text_kind=tags.get("text_kind"), run=tags.get("run"), source_hash=tags.get("source_hash"),
         code_version=tags.get("code_version"), produced_at=tags.get("produced_at"),
-        feature_timestamps=tuple(info["feature_timestamps"]))
+        feature_timestamps=tuple(info["feature_timestamps"]),
+        join_key="session_id" if view.get("entity") == "session" else "user_id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,7 +1046,12 @@ def _resolve_views(home: Home, dataset: str, views: Sequence[str]) -> tuple[list
         chosen.append(published[name])
     if not chosen:
         raise PublishError("name at least one view")
-    entity = _read_manifest(manifest_path(home))["datasets"][dataset]["user_id_type"]
+    keys = {v.join_key for v in chosen}
+    if len(keys) > 1:
+        raise PublishError(f"views keyed by user and by session cannot be read together: "
+                           f"{', '.join(f'{v.name} ({v.join_key})' for v in chosen)}")
+    key = keys.pop()
+    entity = "STRING" if key == "session_id" else _read_manifest(manifest_path(home))["datasets"][dataset]["user_id_type"]
     return chosen, entity
 
 
@@ -872,8 +1059,12 @@ def _refs(views: list[ViewInfo]) -> list[str]:
     return [f"{v.name}:{f}" for v in views for f in v.features]
 
 
+_SCALAR_FEATURES = {"user_id", "intent", "taxonomy_version", "sessions_so_far", "recent_sessions"}
+
+
 def _vector_columns(views: list[ViewInfo]) -> list[str]:
-    return [f"{v.name}__{f}" for v in views if v.kind != "agg" for f in v.features]
+    return [f"{v.name}__{f}" for v in views if v.kind not in ("agg", "intents") for f in v.features
+            if f not in _SCALAR_FEATURES]
 
 
 def _as_vectors(values) -> list:
@@ -891,7 +1082,7 @@ def _as_vectors(values) -> list:
 def historical_features(home: Home, dataset: str, views: Sequence[str], entity_df: "pd.DataFrame",
                         online_store: str | None = None) -> "pd.DataFrame":
     """Point-in-time features: for each (user_id, event_timestamp) row, each view's latest snapshot at or
-    before event_timestamp (none: missing). Rows in `entity_df`'s order, its columns first, then one column
+    before event_timestamp (none: missing); session-keyed views take (session_id, event_timestamp) rows. Rows in `entity_df`'s order, its columns first, then one column
     per feature named `<view>__<feature>`; vectors as float32 numpy arrays (None where missing).
     `views` are full view names or the part after `<schema>__` (`llm4es_embedding`, `agg_features`).
     The offline store is the same for every online store; `online_store` only picks whose registry to
@@ -899,11 +1090,12 @@ def historical_features(home: Home, dataset: str, views: Sequence[str], entity_d
     import pandas as pd
 
     chosen, user_type = _resolve_views(home, dataset, views)
-    missing = [c for c in ("user_id", "event_timestamp") if c not in entity_df.columns]
+    key = chosen[0].join_key
+    missing = [c for c in (key, "event_timestamp") if c not in entity_df.columns]
     if missing:
         raise PublishError(f"entity_df needs the column(s) {', '.join(missing)}")
     df = entity_df.copy()
-    df["user_id"] = df["user_id"].astype("int64" if user_type == "INT64" else str)
+    df[key] = df[key].astype("int64" if user_type == "INT64" else str)
     df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
     df["__llm4es_row"] = range(len(df))
     if online_store is None:
@@ -920,22 +1112,24 @@ def historical_features(home: Home, dataset: str, views: Sequence[str], entity_d
     return out[[*entity_df.columns, *(f"{v.name}__{f}" for v in chosen for f in v.features)]]
 
 
-def online_features(home: Home, dataset: str, views: Sequence[str], user_ids: Sequence, online_store: str = "sqlite",
+def online_features(home: Home, dataset: str, views: Sequence[str], ids: Sequence, online_store: str = "sqlite",
                     redis_url: str | None = None) -> "pd.DataFrame":
-    """The materialized (latest) features of these users: `user_id` then `<view>__<feature>` columns, in
-    `user_ids` order; vectors as float32 numpy arrays (None where the store has nothing)."""
+    """The materialized (latest) features of these users (or sessions, for session-keyed views): the key column
+    (`user_id` or `session_id`) then `<view>__<feature>` columns, in `ids` order; vectors as float32 numpy
+    arrays (None where the store has nothing)."""
     import pandas as pd
 
     chosen, user_type = _resolve_views(home, dataset, views)
-    ids = [int(u) for u in user_ids] if user_type == "INT64" else [str(u) for u in user_ids]
+    key = chosen[0].join_key
+    ids = [int(u) for u in ids] if user_type == "INT64" else [str(u) for u in ids]
     store = get_store(home, online_store, redis_url)
     with _quiet():
-        result = store.get_online_features(features=_refs(chosen), entity_rows=[{"user_id": u} for u in ids],
+        result = store.get_online_features(features=_refs(chosen), entity_rows=[{key: u} for u in ids],
                                            full_feature_names=True).to_dict()
-    out = pd.DataFrame({"user_id": ids})
+    out = pd.DataFrame({key: ids})
+    vectors = set(_vector_columns(chosen))
     for v in chosen:
         for f in v.features:
             col = f"{v.name}__{f}"
-            values = result[col]
-            out[col] = _as_vectors(values) if v.kind != "agg" else values
+            out[col] = _as_vectors(result[col]) if col in vectors else result[col]
     return out

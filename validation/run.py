@@ -23,14 +23,14 @@ import pandas as pd
 from producers.datasets.definition import DatasetDefinition
 from producers.provenance import code_version
 from producers.warehouse import Home, last_ingest, stored_definition, table_exists
-from validation.suites import BATCHES, Check, dataset_checks
+from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, session_checks
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
 
 EXAMPLES = 5
 # Columns that say which row failed, shown next to each failing value.
 INDEX_COLUMNS = {"events": ["user_id", "event_time"], "users": ["user_id"], "activity": ["user_id"],
-                 "rejects": ["file"]}
+                 "rejects": ["file"], "sessions": ["session_id"], "session_users": ["session_id"]}
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,9 @@ def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig()
 
 
 def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: list[Check],
-                config: ValidateConfig, docs_dir: Path, log: Callable[[str], None]) -> list[CheckResult]:
+                config: ValidateConfig, docs_dir: Path, log: Callable[[str], None],
+                batches: tuple[str, ...] = BATCHES, frames: Callable | None = None) -> list[CheckResult]:
+    """Run `checks` batch by batch; `frames(con, d, batch, chunk_rows)` yields each batch's frames."""
     import great_expectations as gx
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -112,12 +114,13 @@ def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: li
         })
     source = context.data_sources.add_pandas(d.schema)
     merged: dict[int, CheckResult] = {}
-    for batch in BATCHES:
+    frames = frames or _frames
+    for batch in batches:
         batch_checks = [(i, c) for i, c in enumerate(checks) if c.batch == batch]
         if not batch_checks:
             continue
         checkpoint = _checkpoint(context, gx, source, batch, batch_checks, config.data_docs, INDEX_COLUMNS.get(batch))
-        for frame, params in _frames(con, d, batch, config.chunk_rows):
+        for frame, params in frames(con, d, batch, config.chunk_rows):
             log(f"checking {batch} ({len(frame):,} rows)")
             result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=params)
             for vr in result.run_results.values():
@@ -143,6 +146,30 @@ def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, C
         name=f"{source.name}.{batch}", validation_definitions=[definition], actions=actions,
         result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
                        **({"unexpected_index_column_names": index_columns} if index_columns else {})}))
+
+
+def check_sessions(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, sessions: str, session_events: str,
+                   explicit: bool, log: Callable[[str], None] = lambda _: None) -> list[CheckResult]:
+    """The sessions checks (`validation.suites.session_checks`) on built but not yet swapped-in tables.
+
+    `sessions` and `session_events` are qualified table names (the staging tables); the events
+    are the dataset's `events`. Totals are computed in SQL and validated as one-row frames.
+    """
+    def frames(con, d, batch, chunk_rows):
+        if batch == "sessions":
+            yield con.execute(f"SELECT session_id, n_events, start_time, end_time FROM {sessions}").df(), {}
+        elif batch == "session_totals":
+            yield con.execute(f"""SELECT
+                (SELECT count(*) FROM "{d.schema}".events WHERE user_id IS NOT NULL) AS events,
+                (SELECT coalesce(sum(n_events), 0) FROM {sessions}) AS events_in_sessions,
+                (SELECT count(*) FROM {session_events}) AS session_event_rows""").df(), {}
+        elif batch == "session_users":
+            # sessions seen with more than one user only: a clean table gives an empty frame
+            yield con.execute(f"""SELECT session_id, count(DISTINCT user_id) AS n_users FROM {session_events}
+                GROUP BY session_id HAVING count(DISTINCT user_id) > 1 ORDER BY session_id""").df(), {}
+
+    return _run_checks(con, d, session_checks(explicit), ValidateConfig(data_docs=False), Path("."), log,
+                       batches=SESSION_BATCHES, frames=frames)
 
 
 def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int):

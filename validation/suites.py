@@ -6,6 +6,8 @@ Checks are grouped by the batch they run on, because each batch is a differently
 - `users`: the users table
 - `activity`: events per user, computed in SQL
 - `rejects`: each source file's rejected-row share, from the ingest log
+The sessions stage (`producers.sessions.build`) checks its tables before swapping them in, on
+batches of its own (`SESSION_BATCHES`, see `session_checks`).
 This module only declares; it runs nothing.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from producers.datasets.definition import DatasetDefinition, FieldSpec
 
 BATCHES = ("schema", "events", "users", "activity", "rejects")
+SESSION_BATCHES = ("sessions", "session_totals", "session_users")
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,34 @@ def _domain_checks(batch: str, f: FieldSpec) -> list[Check]:
 
 def _num(x: float | None, unbounded: str) -> str:
     return unbounded if x is None else f"{x:g}"
+
+
+def session_checks(explicit: bool) -> list[Check]:
+    """Checks of a built sessions table, on three batches:
+    - `sessions`: session_id, n_events, start_time, end_time of every session
+    - `session_totals`: one row: events (with a user), events_in_sessions (sum of n_events),
+      session_event_rows (rows of session_events)
+    - `session_users` (explicit session column only): session_id, n_users of every session seen
+      with more than one user (so the frame is empty when all is well)
+    """
+    checks = [
+        Check("sessions", "ExpectColumnValuesToNotBeNull", {"column": "session_id"},
+              "every session has an id (an explicit session column must not be empty)"),
+        Check("sessions", "ExpectColumnValuesToBeUnique", {"column": "session_id"}, "session_id identifies a session"),
+        Check("sessions", "ExpectColumnValuesToBeBetween", {"column": "n_events", "min_value": 1},
+              "every session has at least one event"),
+        Check("sessions", "ExpectColumnPairValuesAToBeGreaterThanB",
+              {"column_A": "end_time", "column_B": "start_time", "or_equal": True},
+              "a session does not end before it starts"),
+        Check("session_totals", "ExpectColumnPairValuesToBeEqual",
+              {"column_A": "events_in_sessions", "column_B": "events"},
+              "every event belongs to exactly one session (sum of n_events = events)"),
+        Check("session_totals", "ExpectColumnPairValuesToBeEqual",
+              {"column_A": "session_event_rows", "column_B": "events"},
+              "session_events holds every event once"),
+    ]
+    if explicit:
+        checks.append(Check("session_users", "ExpectColumnValuesToBeBetween",
+                            {"column": "n_users", "min_value": 1, "max_value": 1},
+                            "a session never spans two users"))
+    return checks

@@ -133,6 +133,18 @@ class SummarySpec(_Strict):
     unit: str = ""  # appended to measures in prose ("rubles")
 
 
+class SessionSpec(_Strict):
+    """How a user's events are cut into sessions (the session-embedding and intent producers).
+
+    `column`: an events field holding an explicit session id (web analytics usually has one);
+    otherwise a new session starts wherever the user was inactive for more than `gap_minutes`
+    (30 minutes suits web clicks, a day suits MovieLens rating bursts).
+    """
+
+    column: str | None = None
+    gap_minutes: float = Field(default=30.0, gt=0)
+
+
 class EventsSpec(_Strict):
     table: str
     user: str  # raw user column
@@ -143,6 +155,7 @@ class EventsSpec(_Strict):
     key: list[str] | None = None  # warehouse columns that identify an event uniquely
     min_events_per_user: int = 1
     summary: SummarySpec | None = None
+    sessions: SessionSpec = Field(default_factory=SessionSpec)
 
 
 class UsersSpec(_Strict):
@@ -209,6 +222,9 @@ class DatasetDefinition(_Strict):
             for name in [summary.group_by, *summary.measures]:
                 if name not in names:
                     raise ValueError(f"events.summary: {name!r} is not an events field")
+        session_column = self.events.sessions.column
+        if session_column and session_column not in names:
+            raise ValueError(f"events.sessions.column: {session_column!r} is not an events field")
         for col in self.events.key or []:
             if col not in {"user_id", "event_time", *names}:
                 raise ValueError(f"events.key: {col!r} is not an events column")

@@ -159,6 +159,47 @@ class LocalBackend:
         new = out[:, batch["input_ids"].shape[1]:]
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
+    def score_choices(self, messages: Messages, choices: list[str], norm: str = "sum") -> list[float]:
+        """The log-likelihood of each choice as the model's whole answer to `messages`.
+
+        A choice is scored as its tokens followed by the end-of-turn token (the tokenizer's EOS),
+        so a name that is a prefix of another ("card" vs "card_payment") is not favoured for being
+        shorter. `norm="mean"` divides by the number of tokens scored. The prompt is run once; each
+        choice is run on its KV cache, which is cut back to the prompt afterwards. No sampling:
+        the same prompt gives the same scores.
+        """
+        import copy
+        import inspect
+
+        import torch
+
+        tokenizer = self.prompt_tokenizer()
+        model = self._load()
+        prompt_ids = tokenizer(self._chat_text(messages), add_special_tokens=False)["input_ids"]
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        scores = []
+        # transformers 5 renamed `past_key_values` to `cache` (the old name goes in 5.40).
+        new_api = "cache" in inspect.signature(model.forward).parameters
+        with torch.no_grad():
+            out = model(torch.tensor([prompt_ids], device=self._device), use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            past = out.cache if new_api else out.past_key_values
+            for choice in choices:
+                ids = tokenizer(choice, add_special_tokens=False)["input_ids"] + end
+                total = float(first[ids[0]])
+                if len(ids) > 1:
+                    cache = past if hasattr(past, "crop") else copy.deepcopy(past)
+                    step = model(torch.tensor([ids[:-1]], device=self._device), use_cache=True,
+                                 **{"cache" if new_api else "past_key_values": cache})
+                    logp = torch.log_softmax(step.logits[0].float(), dim=-1)
+                    total += float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+                    if hasattr(past, "crop"):
+                        # Back to the prompt alone for the next choice. A negative count (tokens to
+                        # drop) means the same in transformers 4 and 5; a positive one does not.
+                        past.crop(-(len(ids) - 1))
+                scores.append(total / len(ids) if norm == "mean" else total)
+        return scores
+
 
 # --------------------------------------------------------------------------------------------
 # OpenAI-compatible server (vLLM, llama.cpp server, Ollama, ...)

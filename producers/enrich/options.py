@@ -7,7 +7,7 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class LLMOptions:
-    backend: Literal["local", "openai"] = "local"
+    backend: Literal["local", "openai", "lexical"] = "local"  # lexical: intents label only (producers.intents.lexical)
     model: str = "smollm2-135m"  # local: registry name, folder or hub id; openai: the served model's name
     endpoint: str | None = None  # OpenAI-compatible base URL (vLLM, llama.cpp server, Ollama), e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key, if the server wants one

@@ -100,3 +100,28 @@ def coles_file(data_dir: Path, dataset: str, as_of: datetime, users: list[int], 
         "produced_at": (produced_at or datetime(2025, 1, 1), pa.timestamp("us")),
         "source_hash": ("src-events", pa.string()), "code_version": ("0.1.0+gtest", pa.string())})
     return _write(data_dir / schema_name(dataset) / "coles_embeddings.parquet", table, {"model": model}), vecs
+
+
+def session_files(data_dir: Path, dataset: str, sessions: list[tuple[str, int, datetime]], labels: list[str],
+                  dim: int = 4, produced_at: datetime | None = None) -> tuple[np.ndarray, list[str]]:
+    """`session_embeddings.parquet` and `session_intents.parquet` as `llm4es sessions embed` and
+    `llm4es intents distill` write them, for (session_id, user_id, session_end) rows; returns the
+    embeddings (rows in `sessions` order) and each session's intent."""
+    rng = _rng("sessions", dataset, sessions)
+    n = len(sessions)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(len(labels)), size=n).astype(np.float32)
+    intents = [labels[i] for i in probs.argmax(axis=1)]
+    produced = (produced_at or datetime(2025, 1, 1)).isoformat()
+    base = {"session_id": pa.array([s for s, _, _ in sessions]), "user_id": pa.array([u for _, u, _ in sessions], pa.int64()),
+            "session_end": pa.array([t for _, _, t in sessions], pa.timestamp("us"))}
+    folder = data_dir / schema_name(dataset)
+    _write(folder / "session_embeddings.parquet", pa.table({**base, "embedding": pa.array(list(emb), pa.list_(pa.float32()))}),
+           {"model": "session-encoder", "run_dir": "runs/x/sessions/r1", "epoch": 3, "produced_at": produced,
+            "code_version": "0.1.0+gtest"})
+    _write(folder / "session_intents.parquet",
+           pa.table({**base, "taxonomy_version": pa.array([1] * n, pa.int32()), "label": pa.array(intents),
+                     "probabilities": pa.array(list(probs), pa.list_(pa.float32()))}),
+           {"labels": labels, "llm_model": "fake-llm", "classifier": "logistic_regression", "produced_at": produced,
+            "code_version": "0.1.0+gtest"})
+    return emb, intents

@@ -95,11 +95,7 @@ class FakeServer:
                     server.auth.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    self._answer(n, body)
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                self._answer(n, body)  # every path ends in _send, which counts the request out
 
             def _answer(self, n, body):
                 user = body["messages"][-1]["content"]
@@ -114,6 +110,10 @@ class FakeServer:
 
             def _send(self, code, payload):
                 data = json.dumps(payload).encode()
+                # Out of flight before the answer leaves: once the client has it, it may send its next
+                # request before this thread runs again, which would count one request too many.
+                with server.lock:
+                    server.in_flight -= 1
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")

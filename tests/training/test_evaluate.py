@@ -185,3 +185,22 @@ def test_evaluate_names_what_is_wrong(ml_home, config, message):
     home, users = ml_home
     with pytest.raises(EvaluateError, match=message):
         evaluate(home, "movielens-100k", config, source=PlantedSource(users))
+
+
+def test_session_rollups_resolve_by_kind_and_session_keyed_views_are_refused():
+    from training.evaluate.run import resolve_feature_set
+
+    @dataclass
+    class SessionView(FakeView):
+        join_key: str = "user_id"
+
+    views = [SessionView("ml__session_embedding_rollup", "sessions", True),
+             SessionView("ml__intent_shares", "intents", True),
+             SessionView("ml__session_embedding", "session_embedding", True, join_key="session_id"),
+             *PlantedSource({}).views()]
+    parts = resolve_feature_set("sessions+intents+llm4es", views)
+    assert [p.view for p in parts] == ["ml__session_embedding_rollup", "ml__intent_shares", "ml__llm4es_e2"]
+    with pytest.raises(EvaluateError, match="keyed by session"):
+        resolve_feature_set("session_embedding", views)
+    with pytest.raises(EvaluateError, match="llm4es intents distill"):
+        resolve_feature_set("intents", PlantedSource({}).views())

@@ -5,6 +5,7 @@ import pytest
 
 from producers.datasets.definition import builtin_names, load_builtin
 from producers.ingest import IngestConfig, ingest
+from producers.synthetic.clickstream import ClickstreamConfig, write_clickstream
 from tests.fixtures.bank_files import write_age_group, write_gender, write_rosbank
 from tests.fixtures.movielens_files import write_grouplens
 from validation.run import ValidateConfig, validate
@@ -14,6 +15,7 @@ WRITERS = {
     "rosbank": lambda folder, bad: write_rosbank(folder, bad_rows=bad),
     "age-group": lambda folder, bad: write_age_group(folder, bad_rows=bad),
     "gender": lambda folder, bad: write_gender(folder, bad_rows=bad),
+    "bank-clickstream": lambda folder, bad: write_clickstream(folder, ClickstreamConfig(visitors=30)).out_dir,
 }
 
 

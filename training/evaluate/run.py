@@ -1,6 +1,7 @@
 """`llm4es evaluate`: LightGBM on features fetched from Feast, as a downstream team would do it.
 
-Feature sets are named by kind (`agg`, `coles`, `llm4es`) or by a published view's name; `+`
+Feature sets are named by kind (`agg`, `coles`, `llm4es`, and the session rollups `sessions`: last and
+recent-mean session embedding, `intents`: intent shares over recent sessions) or by a published view's name; `+`
 concatenates (the paper's ensembles, e.g. `coles+llm4es`). `llm4es` is the dataset's default
 LLM4ES view (see `llm4es publish`); when that view comes from a fine-tuning run whose other epochs
 were embedded and published too, the epoch is chosen per target by the mean validation score on
@@ -29,7 +30,9 @@ from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Tas
                                         run_protocol)
 
 Log = Callable[[str], None]
-KINDS = ("agg", "coles", "llm4es")
+KINDS = ("agg", "coles", "llm4es", "sessions", "intents")
+_PRODUCER = {"agg": "llm4es aggregate", "coles": "llm4es coles", "llm4es": "llm4es embed",
+             "sessions": "llm4es sessions embed", "intents": "llm4es intents distill"}
 PROTOCOLS = ("paper", "cv")
 BASELINE = "no features"  # the constant predictor every report starts with
 
@@ -172,8 +175,7 @@ def _resolve_token(token: str, views: list[View], select_epoch: bool) -> Part:
         of_kind = [v for v in views if v.kind == token]
         default = [v for v in of_kind if v.is_default] or of_kind[:1]
         if not default:
-            raise EvaluateError(f"no {token} features are published for this dataset: run `llm4es "
-                                f"{'aggregate' if token == 'agg' else 'coles' if token == 'coles' else 'embed'}` "
+            raise EvaluateError(f"no {token} features are published for this dataset: run `{_PRODUCER[token]}` "
                                 "and `llm4es publish` first")
         view = default[0]
     else:
@@ -183,6 +185,9 @@ def _resolve_token(token: str, views: list[View], select_epoch: bool) -> Part:
             raise EvaluateError(f"feature set part {token!r} is neither a kind ({', '.join(KINDS)}) nor one published "
                                 f"view; published: {', '.join(sorted(by_name)) or 'none'}")
         view = matches[0]
+        if getattr(view, "join_key", "user_id") != "user_id":
+            raise EvaluateError(f"{view.name} is keyed by session, not user: evaluate its user rollup "
+                                "(`sessions` or `intents`) instead")
     candidates = [view.name]
     if select_epoch and view.kind == "llm4es" and view.run:
         same_run = [v for v in views if v.kind == "llm4es" and v.run == view.run and v.text_kind == view.text_kind

@@ -1,0 +1,390 @@
+"""`intents distill`: a light classifier learns the LLM's intent labels from session embeddings.
+
+Inputs per session: its embedding (`session_embeddings.embedding`) plus cheap features from SQL
+(events, log duration, log-gap mean/max, and per categorical events field the shares of its
+`top_values` most frequent values). The classifier (scikit-learn LogisticRegression on
+standardised inputs, or LightGBM) is fit on a stratified split of the LLM-labelled sessions and
+scored on the held-out rest: micro/macro F1, accuracy, per-label F1 and the confusion matrix
+against the LLM's labels. Latency is measured in the same call: the classifier one session at a
+time, the LLM on `llm_latency_sessions` held-out sessions through the same back end and prompt.
+
+The fitted classifier then predicts every embedded session: `"<schema>".session_intents`
+(label + probabilities in the taxonomy's label order; staging + swap, with a one-row
+`session_intents_meta`) and `data/<schema>/session_intents.parquet` (provenance under the
+Parquet metadata key `llm4es`). Reports: `reports/intents/<schema>/distill.{json,md}`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from producers.datasets.definition import DatasetDefinition
+from producers.enrich.backends import Backend, GenerationError, stable_seed
+from producers.intents.common import Log, backend_for, md_cell, model_name, rel
+from producers.intents.config import DistillConfig, DistillResult, IntentsError
+from producers.intents.prompts import label_prompt
+from producers.intents.session_text import read_session_texts, require_session_tables
+from producers.intents.store import LABELS, load_taxonomy
+from producers.provenance import code_version
+from producers.warehouse import STAGING_SUFFIX, Home, one, stored_definition, swap_tables, table_exists
+
+TABLE = "session_intents"
+META = "session_intents_meta"
+PARQUET_KEY = b"llm4es"
+EMBEDDINGS = "session_embeddings"
+
+
+def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillConfig(), log: Log = lambda _: None,
+                    backend: Backend | None = None) -> DistillResult:
+    started = time.perf_counter()
+    config.check()
+    import numpy as np
+
+    # Labels of one labeller only (the one config.llm names): two models' labels are not one target.
+    backend = backend_for(config.llm, backend, log)
+    labeller = model_name(config.llm, backend)
+    con = home.connect(read_only=True)
+    try:
+        d = stored_definition(con, dataset)
+        require_session_tables(con, d)
+        if not table_exists(con, d.schema, EMBEDDINGS):
+            raise IntentsError(f"{d.name} has no {d.schema}.{EMBEDDINGS} table: run `llm4es sessions embed {d.name}` first")
+        if not table_exists(con, d.schema, LABELS):
+            raise IntentsError(f"{d.name} has no LLM intent labels: run `llm4es intents label {d.name}` first")
+        version = config.taxonomy_version or _newest_labelled_version(con, d, labeller)
+        taxonomy = load_taxonomy(con, d, version)
+        llm_rows = con.execute(
+            f'SELECT session_id, label, model, mode, latency_s FROM "{d.schema}".{LABELS} '
+            "WHERE taxonomy_version = ? AND model = ? QUALIFY row_number() OVER (PARTITION BY session_id "
+            "ORDER BY created_at DESC, mode) = 1", [taxonomy.version, labeller]).fetchall()
+        if not llm_rows:
+            models = [m for (m,) in con.execute(f'SELECT DISTINCT model FROM "{d.schema}".{LABELS} WHERE '
+                                                "taxonomy_version = ? ORDER BY 1", [taxonomy.version]).fetchall()]
+            raise IntentsError(f"{d.name}, taxonomy v{taxonomy.version}: no labels by {labeller}; labels there are "
+                               f"by {', '.join(models) or 'nobody'}: pass the same --llm-backend/--llm-model as to "
+                               "`llm4es intents label`")
+        features = session_features(con, d, config.top_values)
+        emb_provenance = _embedding_provenance(home, con, d)
+    finally:
+        con.close()
+    names = taxonomy.names
+    index = {s: i for i, s in enumerate(features["session_id"])}
+    llm = {s: lb for s, lb, *_ in llm_rows if lb is not None and lb in names and s in index}
+    counts = Counter(llm.values())
+    trained = [n for n in names if counts.get(n, 0) >= 2]  # a stratified split needs 2 of each
+    dropped = {n: counts[n] for n in names if 0 < counts.get(n, 0) < 2}
+    if len(trained) < 2:
+        raise IntentsError(f"{d.name}, taxonomy v{taxonomy.version}: {len(llm)} embedded session(s) carry an LLM label, "
+                           f"and {len(trained)} label(s) have at least 2 examples ({dict(counts) or 'none'}); a "
+                           "classifier needs 2 labels or more: label more sessions (`llm4es intents label`)")
+    sessions = sorted(s for s, lb in llm.items() if lb in trained)
+    X_all = features["X"]
+    X = X_all[[index[s] for s in sessions]]
+    y = np.array([trained.index(llm[s]) for s in sessions])
+    from sklearn.model_selection import train_test_split
+
+    n_test = max(math.ceil(config.test_share * len(sessions)), len(trained))
+    if len(sessions) - n_test < len(trained):
+        raise IntentsError(f"{d.name}: {len(sessions)} labelled sessions are too few to hold out {n_test} and still "
+                           f"train on every one of {len(trained)} labels: label more sessions")
+    train_idx, test_idx = train_test_split(np.arange(len(sessions)), test_size=n_test, random_state=config.seed,
+                                           stratify=y)
+    model = _classifier(config)
+    t0 = time.perf_counter()
+    model.fit(X[train_idx], y[train_idx])
+    fit_seconds = time.perf_counter() - t0
+    log(f"{config.classifier} on {X.shape[1]} inputs ({features['n_embedding']} embedding + "
+        f"{X.shape[1] - features['n_embedding']} session features), {len(train_idx)} train / {len(test_idx)} held-out "
+        f"sessions, {len(trained)} labels ({fit_seconds:.1f}s)")
+    metrics = _metrics(model, X[test_idx], y[test_idx], trained)
+    clf_latency = _classifier_latency(model, X[test_idx])
+    held_out = [sessions[i] for i in test_idx]
+    llm_latency, llm_n, mode = _llm_latency(home, d, taxonomy, held_out, llm_rows, config, backend, log)
+    cached_lat = [lat for s, lb, m, md, lat in llm_rows if lat is not None and s in llm]
+    cached_latency = float(sum(cached_lat) / len(cached_lat)) if cached_lat else None
+
+    proba = np.zeros((X_all.shape[0], len(names)), dtype=np.float32)
+    proba[:, [names.index(n) for n in trained]] = model.predict_proba(X_all)
+    proba /= proba.sum(axis=1, keepdims=True)
+    predicted = [names[k] for k in proba.argmax(axis=1)]
+    llm_models = sorted({f"{m} ({md})" for s, lb, m, md, _ in llm_rows if s in llm})
+    produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    provenance = {
+        "output": TABLE, "dataset": d.name, "table": f"{d.schema}.{TABLE}", "taxonomy_version": taxonomy.version,
+        "labels": names, "trained_labels": trained, "dropped_labels": dropped, "llm_models": llm_models,
+        "llm_model": labeller, "taxonomy_backend": taxonomy.backend, "taxonomy_model": taxonomy.model, "classifier": classifier_name(config),
+        "config": config.as_dict(), "inputs": features["columns"], "n_embedding": features["n_embedding"],
+        "embeddings": emb_provenance, "n_labelled": len(sessions), "n_train": len(train_idx),
+        "n_test": len(test_idx), "metrics": metrics, "produced_at": produced_at.isoformat(),
+        "definition_fingerprint": d.fingerprint(), "code_version": code_version(),
+    }
+    parquet = _write(home, d.schema, features, predicted, proba, taxonomy.version, provenance, produced_at, log)
+    latency = {"classifier_seconds_per_session": clf_latency, "llm_seconds_per_session": llm_latency,
+               "llm_sessions": llm_n, "llm_mode": mode, "llm_model": model_name(config.llm, backend) if backend
+               else config.llm.model, "llm_cached_seconds_per_session": cached_latency}
+    provenance["latency"] = latency
+    report_json, report_md = _reports(home, d, provenance, metrics, latency)
+    seconds = time.perf_counter() - started
+    log(f"held-out agreement with the LLM: micro F1 {metrics['micro_f1']:.3f}, macro F1 {metrics['macro_f1']:.3f}; "
+        f"{len(predicted):,} sessions -> {d.schema}.{TABLE}, {rel(home, parquet)} ({seconds:.1f}s)")
+    return DistillResult(
+        dataset=d.name, taxonomy_version=taxonomy.version, classifier=classifier_name(config), labels=names,
+        trained_labels=trained, n_labelled=len(sessions), n_train=len(train_idx), n_test=len(test_idx),
+        micro_f1=metrics["micro_f1"], macro_f1=metrics["macro_f1"], accuracy=metrics["accuracy"],
+        per_label_f1=metrics["per_label_f1"], confusion=metrics["confusion"],
+        classifier_seconds_per_session=clf_latency, llm_seconds_per_session=llm_latency, llm_sessions=llm_n,
+        llm_cached_seconds_per_session=cached_latency, n_predicted=len(predicted), table=f"{d.schema}.{TABLE}",
+        parquet_path=parquet, report_json=report_json, report_md=report_md, seconds=seconds, provenance=provenance)
+
+
+def classifier_name(config: DistillConfig) -> str:
+    if config.classifier == "lightgbm":
+        return "lightgbm"
+    return f"logreg(C={config.C:g}{', balanced' if config.class_weight_balanced else ''})"
+
+
+def _newest_labelled_version(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, labeller: str) -> int:
+    row = one(con, f'SELECT max(taxonomy_version) FROM "{d.schema}".{LABELS} WHERE label IS NOT NULL AND model = ?',
+              [labeller])
+    if not row or row[0] is None:
+        raise IntentsError(f"{d.name} has no parsed intent label by {labeller} yet: run `llm4es intents label "
+                           f"{d.name}` with the same --llm-backend/--llm-model")
+    return int(row[0])
+
+
+def session_features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, top_values: int) -> dict[str, Any]:
+    """Per embedded session: embedding + cheap features, as one float32 matrix (rows by session_id)."""
+    import numpy as np
+
+    s = f'"{d.schema}"'
+    shares, columns = [], ["n_events", "log_duration", "log_gap_mean", "log_gap_max"]
+    for f in d.events.fields:
+        if f.kind != "categorical" or top_values <= 0:
+            continue
+        top = con.execute(f'SELECT CAST("{f.name}" AS VARCHAR) AS v FROM {s}.session_events WHERE "{f.name}" IS NOT NULL '
+                          f"GROUP BY v ORDER BY count(*) DESC, v LIMIT {int(top_values)}").fetchall()
+        for (v,) in top:
+            shares.append(f"avg(CASE WHEN CAST(e.\"{f.name}\" AS VARCHAR) = {_lit(v)} THEN 1.0 ELSE 0.0 END)")
+            columns.append(f"share:{f.name}={v}")
+    cheap = ", ".join(["count(*)", "ln(1 + any_value(s.duration_s))",
+                       "coalesce(avg(ln(1 + e.gap_s)) FILTER (WHERE e.position > 1), 0)",
+                       "coalesce(max(ln(1 + e.gap_s)), 0)", *shares])
+    rows = con.execute(
+        f"SELECT m.session_id, any_value(m.user_id), any_value(m.session_end), any_value(m.embedding), {cheap} "
+        f"FROM {s}.{EMBEDDINGS} AS m JOIN {s}.sessions AS s USING (session_id) "
+        f"JOIN {s}.session_events AS e USING (session_id) GROUP BY m.session_id ORDER BY m.session_id").fetchall()
+    if not rows:
+        raise IntentsError(f"{d.name}: {d.schema}.{EMBEDDINGS} holds no session that is in {d.schema}.sessions: "
+                           f"run `llm4es sessions embed {d.name}` again")
+    emb = np.asarray([r[3] for r in rows], dtype=np.float32)
+    cheap_x = np.asarray([r[4:] for r in rows], dtype=np.float32)
+    return {"session_id": [r[0] for r in rows], "user_id": [r[1] for r in rows], "session_end": [r[2] for r in rows],
+            "X": np.hstack([emb, cheap_x]), "n_embedding": emb.shape[1],
+            "columns": [f"embedding[{emb.shape[1]}]", *columns]}
+
+
+def _lit(v: str) -> str:
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def _classifier(config: DistillConfig):
+    weight = "balanced" if config.class_weight_balanced else None
+    if config.classifier == "lightgbm":
+        from lightgbm import LGBMClassifier
+
+        return LGBMClassifier(n_estimators=200, learning_rate=0.05, num_leaves=15, class_weight=weight,
+                              random_state=config.seed, verbose=-1, n_jobs=1)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # lbfgs fits the multinomial (softmax) model for more than two classes.
+    return make_pipeline(StandardScaler(), LogisticRegression(C=config.C, max_iter=config.max_iter,
+                                                              class_weight=weight, random_state=config.seed))
+
+
+def _metrics(model, X, y, labels: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    pred = model.predict(X)
+    ks = list(range(len(labels)))
+    per = f1_score(y, pred, labels=ks, average=None, zero_division=0)
+    return {"micro_f1": float(f1_score(y, pred, labels=ks, average="micro", zero_division=0)),
+            "macro_f1": float(f1_score(y, pred, labels=ks, average="macro", zero_division=0)),
+            "accuracy": float(accuracy_score(y, pred)),
+            "per_label_f1": {n: float(v) for n, v in zip(labels, per)},
+            "support": {n: int((y == k).sum()) for k, n in enumerate(labels)},
+            "confusion": confusion_matrix(y, pred, labels=ks).tolist(), "confusion_labels": labels,
+            "chance_macro_f1": 1.0 / len(labels)}
+
+
+def _classifier_latency(model, X) -> float:
+    """Seconds per session for predict_proba called on one session at a time (the features ready)."""
+    model.predict_proba(X[:1])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(X.shape[0]):
+        model.predict_proba(X[i:i + 1])
+    return (time.perf_counter() - t0) / max(1, X.shape[0])
+
+
+def _llm_latency(home: Home, d: DatasetDefinition, taxonomy, held_out: list[str], llm_rows: list, config: DistillConfig,
+                 backend: Backend | None, log: Log) -> tuple[float | None, int, str | None]:
+    """Seconds per session of the LLM on the first `llm_latency_sessions` held-out sessions (same prompt)."""
+    if config.llm_latency_sessions <= 0 or not held_out:
+        return None, 0, None
+    modes = Counter(md for _, lb, _, md, _ in llm_rows if md)
+    mode = config.mode or (modes.most_common(1)[0][0] if modes else "generate")
+    chosen = held_out[: config.llm_latency_sessions]
+    con = home.connect(read_only=True)
+    try:
+        texts = read_session_texts(con, d, chosen, config.text)
+    finally:
+        con.close()
+    backend = backend_for(config.llm, backend, log)
+    if mode == "score" and not callable(getattr(backend, "score_choices", None)):
+        log(f"the {backend.name} backend cannot score choices: timing the LLM in generate mode")
+        mode = "generate"
+    prompts = [label_prompt(d.event_noun, taxonomy.labels, texts[s]) for s in chosen]
+    # Warm-up (model load, first-call overheads) is not the per-session cost.
+    if mode == "score":
+        backend.score_choices(prompts[0], taxonomy.names)
+    else:
+        backend.generate([prompts[0]], [stable_seed(config.seed, "warmup")])
+    t0 = time.perf_counter()
+    for s, p in zip(chosen, prompts):
+        if mode == "score":
+            backend.score_choices(p, taxonomy.names)
+        else:
+            out = backend.generate([p], [stable_seed(config.seed, "label", s)])
+            if out and isinstance(out[0], GenerationError):
+                log(f"latency probe, session {s}: {out[0]}")
+    seconds = (time.perf_counter() - t0) / len(chosen)
+    log(f"LLM ({backend.name}, {mode}): {seconds:.3f} s per session over {len(chosen)} held-out sessions")
+    return seconds, len(chosen), mode
+
+
+def _embedding_provenance(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition) -> dict[str, Any]:
+    path = home.data_dir / d.schema / f"{EMBEDDINGS}.parquet"
+    if path.exists():
+        import pyarrow.parquet as pq
+
+        meta = (pq.read_schema(path).metadata or {}).get(PARQUET_KEY)
+        if meta:
+            return {"parquet": rel(home, path), **json.loads(meta)}
+    n = one(con, f'SELECT count(*) FROM "{d.schema}".{EMBEDDINGS}')[0]
+    return {"table": f"{d.schema}.{EMBEDDINGS}", "rows": int(n), "note": "no Parquet copy with provenance found"}
+
+
+def parquet_path(home: Home, schema: str) -> Path:
+    return home.data_dir / schema / f"{TABLE}.parquet"
+
+
+def _write(home: Home, schema: str, features: dict, predicted: list[str], proba, version: int, provenance: dict,
+           produced_at: datetime, log: Log) -> Path:
+    """Staging tables -> Parquet temp file -> swap the tables in, rename the file into place."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, k = proba.shape
+    flat = pa.array(np.ascontiguousarray(proba, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    arrow = pa.table({"session_id": pa.array(features["session_id"], pa.string()),
+                      "label": pa.array(predicted, pa.string()),
+                      "probabilities": pa.ListArray.from_arrays(offsets, flat)})
+    stg, meta_stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"', f'"{schema}"."{META}{STAGING_SUFFIX}"'
+    parquet = parquet_path(home, schema)
+    con = home.connect()
+    try:
+        con.execute(f"DROP TABLE IF EXISTS {stg}")
+        con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
+        try:
+            con.register("intent_rows", arrow)
+            con.execute(f"""CREATE TABLE {stg} AS
+                SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
+                       r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
+                       CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
+                       CAST($code_version AS VARCHAR) AS code_version
+                FROM intent_rows AS r JOIN "{schema}".{EMBEDDINGS} AS m USING (session_id)
+                ORDER BY r.session_id""",
+                        {"version": version, "classifier": provenance["classifier"], "produced_at": produced_at,
+                         "code_version": provenance["code_version"]})
+            con.unregister("intent_rows")
+            con.execute(f"CREATE TABLE {meta_stg} AS SELECT CAST($v AS INTEGER) AS taxonomy_version, "
+                        "CAST($labels AS JSON) AS labels, CAST($p AS JSON) AS provenance, "
+                        "CAST($t AS TIMESTAMP) AS produced_at",
+                        {"v": version, "labels": json.dumps(provenance["labels"]),
+                         "p": json.dumps(provenance, default=str), "t": produced_at})
+            table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
+            meta = dict(table.schema.metadata or {})
+            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
+            parquet.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                pq.write_table(table.replace_schema_metadata(meta), tmp)
+                log(f"swapping {schema}.{TABLE} into place")
+                swap_tables(con, schema, [TABLE, META])
+                os.replace(tmp, parquet)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            con.execute(f"DROP TABLE IF EXISTS {stg}")
+            con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
+    finally:
+        con.close()
+    return parquet
+
+
+def read_provenance(parquet: str | Path) -> dict:
+    import pyarrow.parquet as pq
+
+    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
+
+
+def _reports(home: Home, d: DatasetDefinition, provenance: dict, metrics: dict, latency: dict) -> tuple[Path, Path]:
+    folder = home.reports_dir("intents", d.schema)
+    js, md = folder / "distill.json", folder / "distill.md"
+    js.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    labels = metrics["confusion_labels"]
+    speed = "n/a"
+    if latency["llm_seconds_per_session"] and latency["classifier_seconds_per_session"]:
+        ratio = latency["llm_seconds_per_session"] / latency["classifier_seconds_per_session"]
+        speed = f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"  # a word-overlap labeller can be faster
+
+    def secs(v):
+        return "n/a" if v is None else f"{v * 1000:.2f} ms"
+
+    lines = [f"# Intent classifier distilled from the LLM: {d.name}, taxonomy v{provenance['taxonomy_version']}", "",
+             f"Classifier `{provenance['classifier']}` on {provenance['inputs'][0]} + "
+             f"{len(provenance['inputs']) - 1} session features; LLM labels from {', '.join(provenance['llm_models'])}. "
+             f"{provenance['n_train']} train / {provenance['n_test']} held-out sessions (stratified, seed "
+             f"{provenance['config']['seed']}).", "",
+             "| Agreement with the LLM (held-out) | Value |", "|---|---|",
+             f"| micro F1 | {metrics['micro_f1']:.3f} |", f"| macro F1 | {metrics['macro_f1']:.3f} |",
+             f"| accuracy | {metrics['accuracy']:.3f} |", f"| macro F1 of a uniform guess | {metrics['chance_macro_f1']:.3f} |",
+             "", "| Latency per session | Value |", "|---|---|",
+             f"| classifier (predict_proba, one session) | {secs(latency['classifier_seconds_per_session'])} |",
+             f"| LLM, measured now ({latency['llm_mode']}, {latency['llm_sessions']} sessions, {latency['llm_model']}) | "
+             f"{secs(latency['llm_seconds_per_session'])} |",
+             f"| LLM, mean recorded in the label cache | {secs(latency['llm_cached_seconds_per_session'])} |",
+             f"| speed-up | {speed} |", "", "| Label | F1 | held-out support |", "|---|---|---|"]
+    lines += [f"| `{n}` | {metrics['per_label_f1'][n]:.3f} | {metrics['support'][n]} |" for n in labels]
+    lines += ["", "Confusion matrix (rows: the LLM's label, columns: the classifier's):", "",
+              "| | " + " | ".join(f"`{n}`" for n in labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    lines += [f"| `{n}` | " + " | ".join(str(c) for c in row) + " |" for n, row in zip(labels, metrics["confusion"])]
+    if provenance["dropped_labels"]:
+        lines += ["", f"Not learnt (fewer than 2 labelled sessions): {md_cell(provenance['dropped_labels'])}"]
+    md.write_text("\n".join(lines) + "\n")
+    return js, md

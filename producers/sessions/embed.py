@@ -1,0 +1,178 @@
+"""Embedding every session with a trained encoder: `"<schema>".session_embeddings` and its Parquet copy.
+
+- `session_embeddings`: session_id, user_id (the dataset's user type), session_end TIMESTAMP
+  (= sessions.end_time, the point-in-time key), embedding FLOAT[] (d_model numbers: the masked
+  mean of the encoder's outputs, not normalised); built as a staging table and swapped in;
+- `data/<schema>/session_embeddings.parquet`: the same rows, written to a temp file and renamed,
+  with the provenance (run, checkpoint, epoch, config, data version, code version) as JSON under
+  the Parquet key-value metadata key `llm4es`.
+
+The run is the one `train_encoder` made for the same config and data (same run key); there is
+no training here. Inference is in eval mode (no dropout), sessions in batches sorted by length;
+a session's vector does not depend on the batch it is in (padding is masked out).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from producers.provenance import code_version
+from producers.sessions import features as F
+from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
+from producers.warehouse import STAGING_SUFFIX, Home, swap_tables
+
+TABLE = "session_embeddings"
+PARQUET_KEY = b"llm4es"
+Log = Callable[[str], None]
+
+
+def embed_sessions(home: Home, dataset: str, config: SessionEncoderConfig = SessionEncoderConfig(),
+                   log: Log = lambda _: None, batch_size: int = 256) -> SessionEmbedResult:
+    """Embed every session with the finished run of this config and data; write the table and the Parquet copy."""
+    config.check()
+    from producers.sessions import train as T
+
+    with T.torch_threads(config.threads):
+        return _embed(home, dataset, config, log, batch_size)
+
+
+def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, batch_size: int) -> SessionEmbedResult:
+    started = time.perf_counter()
+    import torch
+
+    from producers.sessions import train as T
+
+    p = T.prepare(home, dataset, config, log)
+    path = p.run_dir / f"epoch-{config.epochs}.pt"
+    if not path.is_file():
+        have = sorted(T.checkpoints(p.run_dir)) if p.run_dir.is_dir() else []
+        raise SessionsError(
+            f"no trained session encoder for {p.dataset} with this config and its current sessions "
+            f"(run {p.run_key}, epoch {config.epochs}"
+            f"{f'; that run has epochs {have}' if have else ''}): "
+            f"run `llm4es sessions train {p.dataset}` first")
+    state = T.load_checkpoint(path)
+    vocab = F.Vocab.from_dict(state["vocab"])
+    data = p.data if vocab.as_dict() == p.vocab.as_dict() else _reencode(home, p, config, vocab)
+    device = T.pick_device(config.device)
+    model = T.build_model(vocab, config)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    vectors = infer(model, data, config, device, batch_size)
+    produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    checkpoint = _rel(home, path)
+    provenance = {
+        "output": TABLE, "dataset": p.dataset, "table": f"{p.schema}.{TABLE}", "model": "session-transformer",
+        "run_key": p.run_key, "run_dir": _rel(home, p.run_dir), "checkpoint": checkpoint, "epoch": config.epochs,
+        "losses": state.get("losses"), "config": config.as_dict(), "data": p.data_version, "vocab": state["vocab"],
+        "dim": int(vectors.shape[1]), "device": str(device), "produced_at": produced_at.isoformat(),
+        "torch_version": torch.__version__, "code_version": code_version(),
+        "vector": "masked mean of the Transformer outputs over the session's kept events (not normalised)",
+    }
+    parquet = _write(home, p.schema, p.user_type, data, vectors, provenance, log)
+    seconds = time.perf_counter() - started
+    log(f"{data.n:,} session vectors of {vectors.shape[1]} -> {p.schema}.{TABLE}, {_rel(home, parquet)} "
+        f"({seconds:.1f}s)")
+    return SessionEmbedResult(dataset=p.dataset, table=f"{p.schema}.{TABLE}", parquet_path=parquet, n_sessions=data.n,
+                              dim=int(vectors.shape[1]), run_dir=p.run_dir, checkpoint=checkpoint,
+                              epoch=config.epochs, seconds=seconds, provenance=provenance)
+
+
+def infer(model: Any, data: F.Sessions, config: SessionEncoderConfig, device: Any, batch_size: int = 256,
+          order: np.ndarray | None = None) -> np.ndarray:
+    """One vector per session (in data order); batches follow `order` (default: by length, to spare padding)."""
+    import torch
+
+    from producers.sessions.model import to_device
+
+    model.eval()
+    lengths = np.diff(data.offsets)
+    order = np.argsort(-lengths, kind="stable") if order is None else order
+    out = np.zeros((data.n, model.position.embedding_dim), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, data.n, batch_size):
+            rows = order[start:start + batch_size]
+            batch = to_device(F.collate(data, [data.events(i) for i in rows], config.max_events), device)
+            out[rows] = model.embed(batch).float().cpu().numpy()
+    return out
+
+
+def _reencode(home: Home, p: Any, config: SessionEncoderConfig, vocab: F.Vocab) -> F.Sessions:
+    from producers.warehouse import stored_definition
+
+    con = home.connect(read_only=True)
+    try:
+        return F.load(con, stored_definition(con, p.dataset), config, vocab)[0]
+    finally:
+        con.close()
+
+
+def parquet_path(home: Home, schema: str) -> Path:
+    return home.data_dir / schema / f"{TABLE}.parquet"
+
+
+def read_provenance(parquet: str | Path) -> dict:
+    """The `llm4es` key-value metadata of the Parquet copy."""
+    import pyarrow.parquet as pq
+
+    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
+
+
+def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: np.ndarray, provenance: dict,
+           log: Log) -> Path:
+    """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, dim = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    arrow = pa.table({"session_id": pa.array(data.session_ids, pa.string()), "user_id": pa.array(data.user_ids),
+                      "session_end": pa.array(data.ends, pa.timestamp("us")),
+                      "embedding": pa.ListArray.from_arrays(offsets, flat)})
+    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
+    parquet = parquet_path(home, schema)
+    con = home.connect()
+    try:
+        con.execute(f"DROP TABLE IF EXISTS {stg}")
+        try:
+            con.register("session_vectors", arrow)
+            con.execute(f"""CREATE TABLE {stg} AS
+                SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {user_type}) AS user_id,
+                       CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
+                FROM session_vectors ORDER BY session_id""")
+            con.unregister("session_vectors")
+            table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
+            meta = dict(table.schema.metadata or {})
+            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
+            parquet.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                pq.write_table(table.replace_schema_metadata(meta), tmp)
+                log(f"swapping {schema}.{TABLE} into place")
+                swap_tables(con, schema, [TABLE])
+                os.replace(tmp, parquet)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            con.execute(f"DROP TABLE IF EXISTS {stg}")
+    finally:
+        con.close()
+    return parquet
+
+
+def _rel(home: Home, path: Path) -> str:
+    try:
+        return str(Path(path).relative_to(home.root))
+    except ValueError:
+        return str(path)
