@@ -587,22 +587,14 @@ def _intent_labels(con, prov: dict) -> list[str]:
 
 def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> tuple[dict, dict[str, str]]:
     """Write the query's rows to a temp file beside `target` (appended to `writes`): no history kept."""
-    import pyarrow.parquet as pq
-
     con.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM ({query}) ORDER BY feature_timestamp, user_id")
     n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
                                       ).fetchall()[0]
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
-    table = _arrow(con.sql("SELECT * FROM fresh"))
     stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [last.isoformat()],
              "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
-    meta = dict(table.schema.metadata or {})
-    meta[KV_KEY] = json.dumps({"written_from": str(source), "code_version": code_version(), **stats}).encode()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    writes.append((tmp, target))
-    stats["data_version"] = _file_hash(tmp)
+    stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
+                                          {"written_from": str(source), **stats})
     con.execute("DROP TABLE fresh")
     return stats, types
 
@@ -610,7 +602,6 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
 def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
            params: dict | None = None) -> tuple[dict, dict[str, str]]:
     """Write `target`'s history plus the snapshot to a temp file beside it (appended to `writes`)."""
-    import pyarrow.parquet as pq
 
     con.execute(f"CREATE OR REPLACE TEMP TABLE snap AS SELECT * FROM ({snapshot}) "
                 "QUALIFY row_number() OVER (PARTITION BY user_id, feature_timestamp ORDER BY produced_at DESC) = 1",
@@ -634,16 +625,24 @@ def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
              "feature_timestamps": [t.isoformat() for t in all_ts],
              "produced_at": produced.isoformat() if produced else None}
     history_types = {r[0]: r[1] for r in con.execute("DESCRIBE hist").fetchall()}
+    stats["data_version"] = _write_beside(table, target, writes, {"history_of": str(source), **stats})
+    con.execute("DROP TABLE snap")
+    con.execute("DROP TABLE hist")
+    return stats, history_types
+
+
+def _write_beside(table: "pa.Table", target: Path, writes: list, provenance: dict) -> str:
+    """`table` with `provenance` in its metadata, to a temp file beside `target` (appended to `writes`, renamed
+    into place only when every file of the publish is written); returns the file's hash (its data version)."""
+    import pyarrow.parquet as pq
+
     meta = dict(table.schema.metadata or {})
-    meta[KV_KEY] = json.dumps({"history_of": str(source), "code_version": code_version(), **stats}).encode()
+    meta[KV_KEY] = json.dumps({**provenance, "code_version": code_version()}).encode()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     pq.write_table(table.replace_schema_metadata(meta), tmp)
     writes.append((tmp, target))
-    stats["data_version"] = _file_hash(tmp)
-    con.execute("DROP TABLE snap")
-    con.execute("DROP TABLE hist")
-    return stats, history_types
+    return _file_hash(tmp)
 
 
 def _file_hash(path: Path) -> str:

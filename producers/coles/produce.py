@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any, Callable
 
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
+from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_in_with_parquet
 
 TABLE = "coles_embeddings"
 PARQUET_KEY = b"llm4es"
@@ -88,7 +86,7 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
     produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
     provenance = {
         "output": TABLE, "dataset": d.name, "table": f"{d.schema}.{TABLE}", "model": model_name(config),
-        "checkpoint": checkpoint, "epoch": config.epochs, "run_key": run_key, "run_dir": _rel(home, run_dir),
+        "checkpoint": checkpoint, "epoch": config.epochs, "run_key": run_key, "run_dir": home.relative(run_dir),
         "produced_at": produced_at.isoformat(), "feature_timestamp": records.as_of.isoformat(),
         "config": config.as_dict(), "data": data_version, "vocabulary": records.vocabulary,
         "inputs": {"categorical": records.categorical, "numeric": records.numeric, "skipped": records.skipped},
@@ -102,7 +100,7 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
     parquet = _write(home, d.schema, d.events.user_dtype, records.users, vectors, provenance, produced_at,
                      ingest.get("source_hash"), log)
     seconds = time.perf_counter() - started
-    log(f"{records.n_users:,} vectors of {vectors.shape[1]} -> {d.schema}.{TABLE}, {_rel(home, parquet)} "
+    log(f"{records.n_users:,} vectors of {vectors.shape[1]} -> {d.schema}.{TABLE}, {home.relative(parquet)} "
         f"({seconds:.1f}s{f', final loss {final_loss:.4f}' if final_loss is not None else ''})")
     return ColesResult(dataset=d.name, table=f"{d.schema}.{TABLE}", parquet_path=parquet, n_users=records.n_users,
                        dim=int(vectors.shape[1]), model=model_name(config), checkpoint=checkpoint, epoch=config.epochs,
@@ -123,16 +121,16 @@ def _fit_and_embed(home: Home, records: Any, config: ColesConfig, run_key: str, 
     resumed_from, trained = None, 0
     started = time.perf_counter()
     if config.epochs in checkpoints:
-        log(f"run {run_key} already has epoch {config.epochs}: reusing {_rel(home, checkpoints[config.epochs])}")
+        log(f"run {run_key} already has epoch {config.epochs}: reusing {home.relative(checkpoints[config.epochs])}")
         T.load_weights(module, checkpoints[config.epochs])
     else:
         before = [e for e in checkpoints if e < config.epochs]
         resume_ckpt = checkpoints[max(before)] if before else None
         if resume_ckpt is not None:
             resumed_from = max(before)
-            log(f"resuming run {run_key} from epoch {resumed_from} ({_rel(home, resume_ckpt)})")
+            log(f"resuming run {run_key} from epoch {resumed_from} ({home.relative(resume_ckpt)})")
         else:
-            log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} -> {_rel(home, run_dir)}")
+            log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} -> {home.relative(run_dir)}")
         losses = T.train(module, records, config, run_dir, device, resume_ckpt, losses[:resumed_from or 0], log)
         trained = config.epochs - (resumed_from or 0)
         checkpoints = T.list_checkpoints(run_dir)
@@ -140,7 +138,7 @@ def _fit_and_embed(home: Home, records: Any, config: ColesConfig, run_key: str, 
     losses = losses[: config.epochs]
     return {"losses": losses, "final_loss": losses[config.epochs - 1] if len(losses) >= config.epochs else None,
             "vectors": T.infer(module.seq_encoder, records, device), "trained": trained, "resumed_from": resumed_from,
-            "checkpoint": _rel(home, checkpoints[config.epochs]), "train_seconds": train_seconds}
+            "checkpoint": home.relative(checkpoints[config.epochs]), "train_seconds": train_seconds}
 
 
 def model_name(config: ColesConfig) -> str:
@@ -163,7 +161,6 @@ def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, p
     """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     n, dim = vectors.shape
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
@@ -191,32 +188,13 @@ def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, p
             con.unregister("coles_vectors")
             rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
             table = rel.to_arrow_table()
-            meta = dict(table.schema.metadata or {})
-            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
-            parquet.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
-            os.close(fd)
-            tmp = Path(name)
-            try:
-                pq.write_table(table.replace_schema_metadata(meta), tmp)
-                log(f"swapping {schema}.{TABLE} into place")
-                swap_tables(con, schema, [TABLE])
-                os.replace(tmp, parquet)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            swap_in_with_parquet(con, schema, [TABLE], table, parquet, provenance, log)
         finally:
             con.execute(f"DROP TABLE IF EXISTS {stg}")
     finally:
         con.close()
     return parquet
 
-
-def _rel(home: Home, path: Path) -> str:
-    try:
-        return str(Path(path).relative_to(home.root))
-    except ValueError:
-        return str(path)
 
 
 def _version(package: str) -> str:

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from producers.enrich.backends import Backend, GenerationError, make_backend
 from producers.enrich.options import LLMOptions
-from producers.warehouse import Home
 
 Log = Callable[[str], None]
 
@@ -57,12 +55,6 @@ def generate_batched(backend: Backend, prompts: list, seeds: list[int], progress
             on_batch(batch, list(out), each)
     return answers, latency
 
-
-def rel(home: Home, path: Path) -> str:
-    try:
-        return str(Path(path).relative_to(home.root))
-    except ValueError:
-        return str(path)
 
 
 def md_cell(text: Any) -> str:

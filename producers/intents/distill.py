@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -29,13 +27,13 @@ import duckdb
 
 from producers.datasets.definition import DatasetDefinition
 from producers.enrich.backends import Backend, GenerationError, stable_seed
-from producers.intents.common import Log, backend_for, md_cell, model_name, rel
+from producers.intents.common import Log, backend_for, md_cell, model_name
 from producers.intents.config import DistillConfig, DistillResult, IntentsError
 from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, one, stored_definition, swap_tables, table_exists
+from producers.warehouse import STAGING_SUFFIX, Home, one, stored_definition, swap_in_with_parquet, table_exists
 
 TABLE = "session_intents"
 META = "session_intents_meta"
@@ -135,7 +133,7 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
     report_json, report_md = _reports(home, d, provenance, metrics, latency)
     seconds = time.perf_counter() - started
     log(f"held-out agreement with the LLM: micro F1 {metrics['micro_f1']:.3f}, macro F1 {metrics['macro_f1']:.3f}; "
-        f"{len(predicted):,} sessions -> {d.schema}.{TABLE}, {rel(home, parquet)} ({seconds:.1f}s)")
+        f"{len(predicted):,} sessions -> {d.schema}.{TABLE}, {home.relative(parquet)} ({seconds:.1f}s)")
     return DistillResult(
         dataset=d.name, taxonomy_version=taxonomy.version, classifier=classifier_name(config), labels=names,
         trained_labels=trained, n_labelled=len(sessions), n_train=len(train_idx), n_test=len(test_idx),
@@ -279,7 +277,7 @@ def _embedding_provenance(home: Home, con: duckdb.DuckDBPyConnection, d: Dataset
 
         meta = (pq.read_schema(path).metadata or {}).get(PARQUET_KEY)
         if meta:
-            return {"parquet": rel(home, path), **json.loads(meta)}
+            return {"parquet": home.relative(path), **json.loads(meta)}
     n = one(con, f'SELECT count(*) FROM "{d.schema}".{EMBEDDINGS}')[0]
     return {"table": f"{d.schema}.{EMBEDDINGS}", "rows": int(n), "note": "no Parquet copy with provenance found"}
 
@@ -293,7 +291,6 @@ def _write(home: Home, schema: str, features: dict, predicted: list[str], proba,
     """Staging tables -> Parquet temp file -> swap the tables in, rename the file into place."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     n, k = proba.shape
     flat = pa.array(np.ascontiguousarray(proba, dtype=np.float32).reshape(-1))
@@ -325,20 +322,7 @@ def _write(home: Home, schema: str, features: dict, predicted: list[str], proba,
                         {"v": version, "labels": json.dumps(provenance["labels"]),
                          "p": json.dumps(provenance, default=str), "t": produced_at})
             table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
-            meta = dict(table.schema.metadata or {})
-            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
-            parquet.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
-            os.close(fd)
-            tmp = Path(name)
-            try:
-                pq.write_table(table.replace_schema_metadata(meta), tmp)
-                log(f"swapping {schema}.{TABLE} into place")
-                swap_tables(con, schema, [TABLE, META])
-                os.replace(tmp, parquet)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            swap_in_with_parquet(con, schema, [TABLE, META], table, parquet, provenance, log)
         finally:
             con.execute(f"DROP TABLE IF EXISTS {stg}")
             con.execute(f"DROP TABLE IF EXISTS {meta_stg}")

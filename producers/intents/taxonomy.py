@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from producers.enrich.backends import Backend, GenerationError, stable_seed
-from producers.intents.common import Log, backend_for, generate_batched, md_cell, model_name, rel
+from producers.intents.common import Log, backend_for, generate_batched, md_cell, model_name
 from producers.intents.config import IntentsError, TaxonomyConfig, TaxonomyResult
 from producers.intents.prompts import (
     PROMPTS,
@@ -115,7 +115,7 @@ def build_taxonomy(home: Home, dataset: str, config: TaxonomyConfig = TaxonomyCo
     report.write_text(taxonomy_markdown(d.name, version, row))
     seconds = time.perf_counter() - started
     log(f"taxonomy v{version} of {d.name}: {len(labels)} labels -> {d.schema}.intent_taxonomies, "
-        f"{rel(home, report)} ({seconds:.1f}s)")
+        f"{home.relative(report)} ({seconds:.1f}s)")
     return TaxonomyResult(dataset=d.name, version=version, labels=row["labels"], rounds=rounds, report_path=report,
                           backend=backend.name, model=model, prompt_version=PROMPTS["version"], llm_calls=calls,
                           seconds=seconds)

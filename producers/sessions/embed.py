@@ -14,8 +14,6 @@ a session's vector does not depend on the batch it is in (padding is masked out)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 from producers.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.warehouse import STAGING_SUFFIX, Home, swap_tables
+from producers.warehouse import STAGING_SUFFIX, Home, swap_in_with_parquet
 
 TABLE = "session_embeddings"
 PARQUET_KEY = b"llm4es"
@@ -67,10 +65,10 @@ def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, bat
     model.to(device)
     vectors = infer(model, data, config, device, batch_size)
     produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
-    checkpoint = _rel(home, path)
+    checkpoint = home.relative(path)
     provenance = {
         "output": TABLE, "dataset": p.dataset, "table": f"{p.schema}.{TABLE}", "model": "session-transformer",
-        "run_key": p.run_key, "run_dir": _rel(home, p.run_dir), "checkpoint": checkpoint, "epoch": config.epochs,
+        "run_key": p.run_key, "run_dir": home.relative(p.run_dir), "checkpoint": checkpoint, "epoch": config.epochs,
         "losses": state.get("losses"), "config": config.as_dict(), "data": p.data_version, "vocab": state["vocab"],
         "dim": int(vectors.shape[1]), "device": str(device), "produced_at": produced_at.isoformat(),
         "torch_version": torch.__version__, "code_version": code_version(),
@@ -78,7 +76,7 @@ def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, bat
     }
     parquet = _write(home, p.schema, p.user_type, data, vectors, provenance, log)
     seconds = time.perf_counter() - started
-    log(f"{data.n:,} session vectors of {vectors.shape[1]} -> {p.schema}.{TABLE}, {_rel(home, parquet)} "
+    log(f"{data.n:,} session vectors of {vectors.shape[1]} -> {p.schema}.{TABLE}, {home.relative(parquet)} "
         f"({seconds:.1f}s)")
     return SessionEmbedResult(dataset=p.dataset, table=f"{p.schema}.{TABLE}", parquet_path=parquet, n_sessions=data.n,
                               dim=int(vectors.shape[1]), run_dir=p.run_dir, checkpoint=checkpoint,
@@ -129,7 +127,6 @@ def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: n
            log: Log) -> Path:
     """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     n, dim = vectors.shape
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
@@ -150,29 +147,9 @@ def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: n
                 FROM session_vectors ORDER BY session_id""")
             con.unregister("session_vectors")
             table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
-            meta = dict(table.schema.metadata or {})
-            meta[PARQUET_KEY] = json.dumps(provenance, default=str).encode()
-            parquet.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
-            os.close(fd)
-            tmp = Path(name)
-            try:
-                pq.write_table(table.replace_schema_metadata(meta), tmp)
-                log(f"swapping {schema}.{TABLE} into place")
-                swap_tables(con, schema, [TABLE])
-                os.replace(tmp, parquet)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            swap_in_with_parquet(con, schema, [TABLE], table, parquet, provenance, log)
         finally:
             con.execute(f"DROP TABLE IF EXISTS {stg}")
     finally:
         con.close()
     return parquet
-
-
-def _rel(home: Home, path: Path) -> str:
-    try:
-        return str(Path(path).relative_to(home.root))
-    except ValueError:
-        return str(path)

@@ -170,7 +170,7 @@ def _train(home: Home, dataset: str, config: SessionEncoderConfig, log: Log) -> 
         {"run_key": p.run_key, "config": config.as_dict(), "data": p.data_version, "vocab": p.vocab.as_dict(),
          "versions": {"torch": torch.__version__, "code_version": code_version()}}, indent=2, default=str) + "\n")
     found = checkpoints(p.run_dir)
-    rel = _rel(home, p.run_dir)
+    rel = home.relative(p.run_dir)
     if config.epochs in found:
         state = load_checkpoint(found[config.epochs])
         losses = list(state["losses"])[: config.epochs]
@@ -311,10 +311,3 @@ def _write_done(run_dir: Path, epochs: int, losses: list[float]) -> None:
     atomic_write_text(run_dir / DONE, json.dumps(
         {"epochs": epochs, "checkpoint": f"epoch-{epochs}.pt", "losses": losses,
          "finished_at": datetime.now(timezone.utc).isoformat()}, indent=2) + "\n")
-
-
-def _rel(home: Home, path: Path) -> str:
-    try:
-        return str(Path(path).relative_to(home.root))
-    except ValueError:
-        return str(path)
