@@ -58,3 +58,18 @@ def test_redis_serves_the_offline_vectors_bitwise(redis_home):
     publish(home, dataset, PublishConfig(online_store="redis", materialize=True))
     df = online_features(home, dataset, ["llm4es_embedding"], USERS, online_store="redis")
     assert all(same_bits(df[f"{schema}__llm4es_embedding__vector"][i], again[i]) for i in range(len(USERS)))
+
+
+def test_redis_serves_session_views_by_session_and_their_rollups_by_user(redis_home):
+    home, dataset = redis_home
+    schema = dataset.replace("-", "_")
+    sessions = [("a-1", 1, T1), ("a-2", 1, T1.replace(day=2)), ("b-1", 2, T1)]
+    emb, intents = files.session_files(home.data_dir, dataset, sessions, ["browse", "buy"])
+    publish(home, dataset, PublishConfig(online_store="redis", materialize=True))
+    df = online_features(home, dataset, ["session_embedding", "session_intent"], ["a-1", "b-1", "zz"],
+                         online_store="redis")
+    assert same_bits(df[f"{schema}__session_embedding__embedding"][0], emb[0])
+    assert df[f"{schema}__session_intent__intent"].tolist()[:2] == [intents[0], intents[2]]
+    assert df[f"{schema}__session_embedding__embedding"][2] is None
+    users = online_features(home, dataset, ["session_embedding_rollup"], [1], online_store="redis")
+    assert same_bits(users[f"{schema}__session_embedding_rollup__last_session_embedding"][0], emb[1])  # the later one
