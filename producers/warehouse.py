@@ -167,3 +167,13 @@ def swap_in_with_parquet(con: duckdb.DuckDBPyConnection, schema: str, tables: li
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def float32_lists(matrix):
+    """The rows of a 2-d array as an Arrow list<float32> column (one vector per row), without a Python loop."""
+    import numpy as np
+    import pyarrow as pa
+
+    n, dim = matrix.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
+                                    pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))

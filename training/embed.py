@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from producers.provenance import code_version
-from producers.warehouse import Home, stored_definition, table_exists
+from producers.warehouse import Home, float32_lists, stored_definition, table_exists
 from training.models import DEFAULT_MODEL, resolve_model
 from validation.gate import require_valid
 
@@ -645,9 +645,8 @@ def _write_part(path: Path, users: list, enc: Encoded, source_hashes: list) -> N
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    n, dim = enc.vectors.shape
-    vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
-                                       pa.array(np.ascontiguousarray(enc.vectors, dtype=np.float32).reshape(-1)))
+    n = len(users)
+    vectors = float32_lists(enc.vectors)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     table = pa.table({"user_id": pa.array(users), "vector": vectors,
                       "n_tokens": pa.array(enc.n_tokens.astype(np.int32)),

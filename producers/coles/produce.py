@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_in_with_parquet
+from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
+                                 swap_in_with_parquet)
 
 TABLE = "coles_embeddings"
 PARQUET_KEY = b"llm4es"
@@ -159,13 +160,9 @@ def read_provenance(parquet: str | Path) -> dict:
 def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, provenance: dict,
            produced_at: datetime, source_hash: str | None, log: Log) -> Path:
     """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
-    import numpy as np
     import pyarrow as pa
 
-    n, dim = vectors.shape
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    arrow = pa.table({"user_id": pa.array(users), "vector": pa.ListArray.from_arrays(offsets, flat)})
+    arrow = pa.table({"user_id": pa.array(users), "vector": float32_lists(vectors)})
     stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
     parquet = parquet_path(home, schema)
     con = home.connect()

@@ -33,7 +33,8 @@ from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, one, stored_definition, swap_in_with_parquet, table_exists
+from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, one, stored_definition, swap_in_with_parquet,
+                                 table_exists)
 
 TABLE = "session_intents"
 META = "session_intents_meta"
@@ -289,15 +290,10 @@ def parquet_path(home: Home, schema: str) -> Path:
 def _write(home: Home, schema: str, features: dict, predicted: list[str], proba, version: int, provenance: dict,
            produced_at: datetime, log: Log) -> Path:
     """Staging tables -> Parquet temp file -> swap the tables in, rename the file into place."""
-    import numpy as np
     import pyarrow as pa
 
-    n, k = proba.shape
-    flat = pa.array(np.ascontiguousarray(proba, dtype=np.float32).reshape(-1))
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     arrow = pa.table({"session_id": pa.array(features["session_id"], pa.string()),
-                      "label": pa.array(predicted, pa.string()),
-                      "probabilities": pa.ListArray.from_arrays(offsets, flat)})
+                      "label": pa.array(predicted, pa.string()), "probabilities": float32_lists(proba)})
     stg, meta_stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"', f'"{schema}"."{META}{STAGING_SUFFIX}"'
     parquet = parquet_path(home, schema)
     con = home.connect()

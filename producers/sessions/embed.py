@@ -24,7 +24,7 @@ import numpy as np
 from producers.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.warehouse import STAGING_SUFFIX, Home, swap_in_with_parquet
+from producers.warehouse import STAGING_SUFFIX, Home, float32_lists, swap_in_with_parquet
 
 TABLE = "session_embeddings"
 PARQUET_KEY = b"llm4es"
@@ -128,12 +128,8 @@ def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: n
     """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
     import pyarrow as pa
 
-    n, dim = vectors.shape
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
     arrow = pa.table({"session_id": pa.array(data.session_ids, pa.string()), "user_id": pa.array(data.user_ids),
-                      "session_end": pa.array(data.ends, pa.timestamp("us")),
-                      "embedding": pa.ListArray.from_arrays(offsets, flat)})
+                      "session_end": pa.array(data.ends, pa.timestamp("us")), "embedding": float32_lists(vectors)})
     stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
     parquet = parquet_path(home, schema)
     con = home.connect()
