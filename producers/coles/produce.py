@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult
+from producers.devices import pick_device
 from producers.provenance import code_version
 from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
                                  swap_in_with_parquet)
@@ -73,7 +74,7 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
          "vocabulary": records.vocabulary, "inputs": {"categorical": records.categorical, "numeric": records.numeric},
          "versions": versions}, indent=2, default=str) + "\n")
 
-    device = T.pick_device(config.device)
+    device = pick_device(config.device, ColesError)
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

@@ -91,15 +91,6 @@ def _data_module(dataset: Any, config: ColesConfig) -> Any:
                       train_num_workers=config.num_workers, train_drop_last=drop_last(len(dataset), config))
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ColesError(f"device {device!r}: CUDA is not available here")
-    return chosen
-
-
 def build_module(records: Records, config: ColesConfig) -> Any:
     from functools import partial
 

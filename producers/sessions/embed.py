@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from producers.devices import pick_device
 from producers.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
@@ -59,7 +60,7 @@ def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, bat
     state = T.load_checkpoint(path)
     vocab = F.Vocab.from_dict(state["vocab"])
     data = p.data if vocab.as_dict() == p.vocab.as_dict() else _reencode(home, p, config, vocab)
-    device = T.pick_device(config.device)
+    device = pick_device(config.device, SessionsError)
     model = T.build_model(vocab, config)
     model.load_state_dict(state["model"])
     model.to(device)

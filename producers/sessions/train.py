@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from producers.devices import pick_device
 from producers.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEncoderConfig, SessionEncoderResult, SessionsError
@@ -92,17 +93,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + 7919 * (epoch + 1)) % 2**32
 
 
-def pick_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise SessionsError(f"device {device!r}: CUDA is not available here")
-    return chosen
-
-
 def build_model(vocab: F.Vocab, config: SessionEncoderConfig) -> Any:
     import torch
 
@@ -164,7 +154,7 @@ def _train(home: Home, dataset: str, config: SessionEncoderConfig, log: Log) -> 
         raise SessionsError(f"{p.dataset} has {p.data.n} session(s): the contrastive objective needs at least 2")
     import torch
 
-    device = pick_device(config.device)
+    device = pick_device(config.device, SessionsError)
     p.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p.run_dir / "config.json", json.dumps(
         {"run_key": p.run_key, "config": config.as_dict(), "data": p.data_version, "vocab": p.vocab.as_dict(),
