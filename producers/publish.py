@@ -113,6 +113,7 @@ class ViewInfo:
     produced_at: str | None = None  # latest production of the set
     feature_timestamps: tuple[str, ...] = ()  # every published snapshot, oldest first
     join_key: str = "user_id"  # the entity's key: `session_id` for session-keyed views
+    vector_features: tuple[str, ...] = ()  # the features declared Array(Float32)
 
 
 @dataclass
@@ -523,8 +524,7 @@ def _stage_session_views(con, kind: str, path: Path, id_sql: str, out: Path, wri
     window = f"PARTITION BY user_id ORDER BY n ROWS BETWEEN {recent - 1} PRECEDING AND CURRENT ROW"
     # Two sessions of a user ending at the same instant: the rollup row is the later one's.
     latest = "QUALIFY row_number() OVER (PARTITION BY user_id, feature_timestamp ORDER BY n DESC) = 1"
-    data = prov.get("data") or prov.get("data_version") or {}
-    common = {"source_hash": prov.get("source_hash") or data.get("source_hash"),
+    common = {"source_hash": prov.get("source_hash") or (prov.get("data") or {}).get("source_hash"),
               "code_version": prov.get("code_version"), "file": str(path), "recent_sessions": recent,
               "produced_at": produced.isoformat()}
     if kind == "sessions":
@@ -574,8 +574,7 @@ def _stage_session_views(con, kind: str, path: Path, id_sql: str, out: Path, wri
 
 def _intent_labels(con, prov: dict) -> list[str]:
     """The taxonomy's labels in order (recorded by `llm4es intents distill`), else the labels present."""
-    labels = prov.get("labels") or (prov.get("taxonomy") or {}).get("labels") or []
-    labels = [lbl["name"] if isinstance(lbl, dict) else str(lbl) for lbl in labels]
+    labels = [str(lbl) for lbl in prov.get("labels") or []]
     if not labels:
         labels = [v for (v,) in con.execute("SELECT DISTINCT intent FROM sess WHERE intent IS NOT NULL ORDER BY 1")
                   .fetchall()]
@@ -832,7 +831,8 @@ def _view_info(dataset: str, view: dict, info: dict, feast: Path) -> ViewInfo:
         text_kind=tags.get("text_kind"), run=tags.get("run"), source_hash=tags.get("source_hash"),
         code_version=tags.get("code_version"), produced_at=tags.get("produced_at"),
         feature_timestamps=tuple(info["feature_timestamps"]),
-        join_key="session_id" if view.get("entity") == "session" else "user_id")
+        join_key="session_id" if view.get("entity") == "session" else "user_id",
+        vector_features=tuple(f["name"] for f in view["features"] if f["dtype"].startswith("Array")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1058,12 +1058,8 @@ def _refs(views: list[ViewInfo]) -> list[str]:
     return [f"{v.name}:{f}" for v in views for f in v.features]
 
 
-_SCALAR_FEATURES = {"user_id", "intent", "taxonomy_version", "sessions_so_far", "recent_sessions"}
-
-
 def _vector_columns(views: list[ViewInfo]) -> list[str]:
-    return [f"{v.name}__{f}" for v in views if v.kind not in ("agg", "intents") for f in v.features
-            if f not in _SCALAR_FEATURES]
+    return [f"{v.name}__{f}" for v in views for f in v.vector_features]
 
 
 def _as_vectors(values) -> list:
