@@ -120,7 +120,8 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
     provenance = {
         "output": TABLE, "dataset": d.name, "table": f"{d.schema}.{TABLE}", "taxonomy_version": taxonomy.version,
         "labels": names, "trained_labels": trained, "dropped_labels": dropped, "llm_models": llm_models,
-        "llm_model": labeller, "taxonomy_backend": taxonomy.backend, "taxonomy_model": taxonomy.model, "classifier": classifier_name(config),
+        "llm_model": labeller, "taxonomy_backend": taxonomy.backend, "taxonomy_model": taxonomy.model,
+        "classifier": classifier_name(config),
         "config": config.as_dict(), "inputs": features["columns"], "n_embedding": features["n_embedding"],
         "embeddings": emb_provenance, "n_labelled": len(sessions), "n_train": len(train_idx),
         "n_test": len(test_idx), "metrics": metrics, "produced_at": produced_at.isoformat(),
@@ -128,8 +129,7 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
     }
     parquet = _write(home, d.schema, features, predicted, proba, taxonomy.version, provenance, produced_at, log)
     latency = {"classifier_seconds_per_session": clf_latency, "llm_seconds_per_session": llm_latency,
-               "llm_sessions": llm_n, "llm_mode": mode, "llm_model": model_name(config.llm, backend) if backend
-               else config.llm.model, "llm_cached_seconds_per_session": cached_latency}
+               "llm_sessions": llm_n, "llm_mode": mode, "llm_model": labeller, "llm_cached_seconds_per_session": cached_latency}
     provenance["latency"] = latency
     report_json, report_md = _reports(home, d, provenance, metrics, latency)
     seconds = time.perf_counter() - started
@@ -236,7 +236,7 @@ def _classifier_latency(model, X) -> float:
 
 
 def _llm_latency(home: Home, d: DatasetDefinition, taxonomy, held_out: list[str], llm_rows: list, config: DistillConfig,
-                 backend: Backend | None, log: Log) -> tuple[float | None, int, str | None]:
+                 backend: Backend, log: Log) -> tuple[float | None, int, str | None]:
     """Seconds per session of the LLM on the first `llm_latency_sessions` held-out sessions (same prompt)."""
     if config.llm_latency_sessions <= 0 or not held_out:
         return None, 0, None
@@ -248,7 +248,6 @@ def _llm_latency(home: Home, d: DatasetDefinition, taxonomy, held_out: list[str]
         texts = read_session_texts(con, d, chosen, config.text)
     finally:
         con.close()
-    backend = backend_for(config.llm, backend, log)
     if mode == "score" and not callable(getattr(backend, "score_choices", None)):
         log(f"the {backend.name} backend cannot score choices: timing the LLM in generate mode")
         mode = "generate"
