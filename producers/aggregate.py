@@ -47,7 +47,6 @@ from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_defini
 TABLE = "agg_features"
 META_TABLE = "agg_features_meta"
 PARQUET_KEY = b"llm4es"
-NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
 NUMERIC_STATS = ("count", "mean", "std", "min", "max", "sum")
 ACTIVITY = ("n_events", "active_days", "span_days", "events_per_active_day", "recency_days")
 SLUG_MAX = 40
@@ -113,7 +112,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     numeric, skipped = [], []
     for f in d.events.fields:
         if f.kind == "numeric":
-            (numeric if f.dtype.upper() in NUMERIC_DTYPES else skipped).append(f)
+            (numeric if f.is_number else skipped).append(f)
     if skipped:
         log(f"skipping numeric fields without a numeric dtype: {', '.join(f.name for f in skipped)}")
     categorical = [f for f in d.events.fields if f.kind == "categorical"]

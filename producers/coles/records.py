@@ -27,7 +27,6 @@ import numpy as np
 from producers.coles.config import ColesConfig, ColesError
 from producers.datasets.definition import DatasetDefinition, FieldSpec
 
-NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
 TIME_DELTA = "time_delta_days"
 _US_PER_DAY = 86_400_000_000
 
@@ -59,7 +58,7 @@ def usable_fields(d: DatasetDefinition) -> tuple[list[FieldSpec], list[FieldSpec
     for f in d.events.fields:
         if f.kind == "categorical":
             categorical.append(f)
-        elif f.kind == "numeric" and f.dtype.upper() in NUMERIC_DTYPES:
+        elif f.is_number:
             numeric.append(f)
         elif f.kind == "numeric":
             skipped.append(f"{f.name} (numeric field of dtype {f.dtype})")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
+NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
 
 
 class DefinitionError(ValueError):
@@ -104,6 +105,11 @@ class FieldSpec(_Strict):
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    @property
+    def is_number(self) -> bool:
+        """A numeric field stored as a number (a numeric field of another dtype, e.g. a DATE, is not)."""
+        return self.kind == "numeric" and self.dtype.upper() in NUMERIC_DTYPES
 
 
 class LabelSpec(FieldSpec):

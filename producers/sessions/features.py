@@ -28,8 +28,6 @@ import numpy as np
 from producers.datasets.definition import DatasetDefinition
 from producers.sessions.config import SessionEncoderConfig, SessionsError
 
-NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
-
 
 @dataclass
 class Vocab:
@@ -102,7 +100,7 @@ def fields(d: DatasetDefinition) -> tuple[list[str], list[str], list[str], list[
             skipped.append(f"{f.name} (the session column)")
         elif f.kind == "categorical":
             cat.append(f.name)
-        elif f.kind == "numeric" and f.dtype.upper() in NUMERIC_DTYPES:
+        elif f.is_number:
             num.append(f.name)
         elif f.kind == "numeric":
             skipped.append(f"{f.name} (numeric field of dtype {f.dtype})")
