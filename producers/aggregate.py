@@ -9,15 +9,19 @@ time; default: the dataset's last event). Only those events count. Columns, in t
   fractional days). First and last event times themselves are not features (they leak dates);
 - per numeric event field (numeric dtype), in definition order: `{field}_count` (non-null
   values), `_mean`, `_std` (sample standard deviation; NULL for one value), `_min`, `_max`, `_sum`;
-- per categorical event field, in definition order: `{field}_n_distinct` (distinct categories of
-  the user), then for each of the `top_n` most frequent categories (counted over all users'
-  events up to as_of; ties broken by the category value), by rank: `{field}__{slug}_count`
-  (the user's events in that category) and, when there is an amount field,
-  `{field}__{slug}_{amount}_sum` (the sum of the amount over those events).
+- per grouping field, in definition order: `{field}_n_distinct` (distinct values of the user),
+  then for each of the `top_n` most frequent values (counted over all users' events up to as_of;
+  ties broken by the value), by rank: `{field}__{slug}_count` (the user's events with that
+  value), `{field}__{slug}_share` (that count over n_events), `{field}__{slug}_{amount}_sum`
+  when there is an amount field (0 without such events), and `{field}__{slug}_{numeric}_mean`
+  for every numeric field (mean rating per genre, mean amount per MCC; NULL without such events).
 
-Text fields and user attributes/labels are never used (labels would leak the targets). The
+Grouping fields are every categorical field, and every text field that is multi-valued (the
+field the dataset's `summary` groups by with a `split`: MovieLens genres "Action, Comedy" count
+for both) or has at most `max_text_values` distinct values. Free text (titles, queries with
+thousands of values) and user attributes/labels are never used (labels would leak the targets). The
 amount field is `AggregateConfig.amount_field`, else a numeric field named `amount`, else none
-(MovieLens has ratings, not amounts: counts only). A slug is the category value lower-cased with
+(MovieLens has ratings, not amounts). A slug is the value lower-cased with
 each run of characters other than a-z and 0-9 replaced by `_` (at most 40 characters);
 colliding names get `_2`, `_3`...; the value each column stands for is recorded in the
 provenance (`categories`).
@@ -59,7 +63,8 @@ class AggregateError(DefinitionError):
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    top_n: int = 10  # categories per categorical field
+    top_n: int = 20  # values per categorical field (each: count, share, amount sum, numeric means)
+    max_text_values: int = 50  # a text field with more distinct values is free text, not categories
     as_of: datetime | None = None  # snapshot time (UTC); default: the dataset's last event
     amount_field: str | None = None  # default: a numeric field named `amount`, if any
     force: bool = False  # run even if the dataset has not passed validation
@@ -115,8 +120,8 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
             (numeric if f.is_number else skipped).append(f)
     if skipped:
         log(f"skipping numeric fields without a numeric dtype: {', '.join(f.name for f in skipped)}")
-    categorical = [f for f in d.events.fields if f.kind == "categorical"]
     amount = _amount_field(d, config.amount_field, numeric)
+    grouped = _grouping_fields(con, d, events, config.max_text_values, log)
 
     names = _Names(["user_id", "feature_timestamp", *ACTIVITY])
     params: dict[str, Any] = {"as_of": as_of}
@@ -145,31 +150,52 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         select += [f'{exprs[stat]} AS "{names.take(f"{f.name}_{stat}")}"' for stat in NUMERIC_STATS]
 
     categories: dict[str, list[dict]] = {}
-    for f in categorical:
+    for f in grouped:
         col = f'"{f.name}"'
-        select.append(f'count(DISTINCT {col}) AS "{names.take(f"{f.name}_n_distinct")}"')
-        top = con.execute(f"SELECT {col} AS v, count(*) AS n FROM {events} WHERE {where} AND {col} IS NOT NULL "
-                          f"GROUP BY 1 ORDER BY n DESC, v LIMIT {int(config.top_n)}", {"as_of": as_of}).fetchall()
+        split = _split_of(d, f)
+        top_params: dict[str, Any] = {"as_of": as_of}
+        if split is None:
+            values_sql = f"SELECT {col} AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
+            member = lambda p, col=col: f"{col} = ${p}"  # noqa: E731
+            select.append(f'count(DISTINCT {col}) AS "{names.take(f"{f.name}_n_distinct")}"')
+        else:
+            params[f"split_{f.name}"] = top_params[f"split_{f.name}"] = split
+            parts = f"list_filter(string_split({col}, $split_{f.name}), lambda x: x <> '')"
+            values_sql = f"SELECT unnest({parts}) AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
+            member = lambda p, parts=parts: f"list_contains({parts}, ${p})"  # noqa: E731
+            select.append(f"coalesce(len(list_distinct(flatten(list({parts}) FILTER (WHERE {col} IS NOT NULL)))), 0)"
+                          f' AS "{names.take(f"{f.name}_n_distinct")}"')
+        top = con.execute(f"SELECT v, count(*) AS n FROM ({values_sql}) GROUP BY 1 ORDER BY n DESC, v "
+                          f"LIMIT {int(config.top_n)}", top_params).fetchall()
         slugs: set[str] = set()
         categories[f.name] = []
         for rank, (value, n) in enumerate(top, start=1):
             slug = _unique(slugify(value), slugs)
             p = f"c_{len(params)}"
             params[p] = value
+            cond = member(p)
             entry = {"rank": rank, "value": value, "events": n,
-                     "count_column": names.take(f"{f.name}__{slug}_count")}
-            select.append(f'count(*) FILTER (WHERE {col} = ${p}) AS "{entry["count_column"]}"')
+                     "count_column": names.take(f"{f.name}__{slug}_count"),
+                     "share_column": names.take(f"{f.name}__{slug}_share")}
+            select.append(f'count(*) FILTER (WHERE {cond}) AS "{entry["count_column"]}"')
+            select.append(f'count(*) FILTER (WHERE {cond}) / count(*)::DOUBLE AS "{entry["share_column"]}"')
             if amount is not None:
                 entry["sum_column"] = names.take(f"{f.name}__{slug}_{amount.name}_sum")
                 zero = "0" if amount.dtype.upper() != "DOUBLE" else "0.0"
-                total = f'sum("{amount.name}") FILTER (WHERE {col} = ${p})'
+                total = f'sum("{amount.name}") FILTER (WHERE {cond})'
                 if amount.dtype.upper() != "DOUBLE":
                     total = f"CAST({total} AS BIGINT)"
                 select.append(f'coalesce({total}, {zero}) AS "{entry["sum_column"]}"')
+            entry["mean_columns"] = {}
+            for m in numeric:
+                # NULL where the user has no event in the category: "no opinion" is not a mean of 0
+                name = names.take(f"{f.name}__{slug}_{m.name}_mean")
+                select.append(f'avg("{m.name}") FILTER (WHERE {cond}) AS "{name}"')
+                entry["mean_columns"][m.name] = name
             categories[f.name].append(entry)
 
     log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
-        f"({len(numeric)} numeric, {len(categorical)} categorical fields, top {config.top_n}"
+        f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
     stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
     con.execute(f"CREATE TABLE {stg} AS SELECT {', '.join(select)} FROM {events} WHERE {where} "
@@ -195,7 +221,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         "as_of": as_of.isoformat(),
         "n_users": n_users,
         "n_features": len(columns) - 2,
-        "config": {"top_n": config.top_n, "as_of": as_of.isoformat(),
+        "config": {"top_n": config.top_n, "max_text_values": config.max_text_values, "as_of": as_of.isoformat(),
                    "amount_field": amount.name if amount else None, "force": config.force},
         "columns": columns,
         "categories": categories,
@@ -256,6 +282,34 @@ class _Names:
         self._lower.add(candidate.lower())
         self.taken.append(candidate)
         return candidate
+
+
+def _split_of(d: DatasetDefinition, f: FieldSpec) -> str | None:
+    """The separator of a multi-valued field (the summary's `split`, e.g. MovieLens genres), else None."""
+    summary = d.events.summary
+    return summary.split if summary and summary.group_by == f.name and summary.split else None
+
+
+def _grouping_fields(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, events: str, max_text_values: int,
+                     log: Callable[[str], None]) -> list[FieldSpec]:
+    """The fields whose values become per-value columns: every categorical field, and every text field
+    that is multi-valued (split) or has at most `max_text_values` distinct values (free text such as
+    titles or queries has too many values to count one by one)."""
+    out = []
+    for f in d.events.fields:
+        if f.kind == "categorical":
+            out.append(f)
+        elif f.kind == "text":
+            col = f'"{f.name}"'
+            split = _split_of(d, f)
+            values = (f"unnest(list_filter(string_split({col}, $sep), lambda x: x <> ''))" if split else col)
+            sql = f"SELECT count(DISTINCT v) FROM (SELECT {values} AS v FROM {events} WHERE {col} IS NOT NULL)"
+            n = con.execute(sql, {"sep": split} if split else {}).fetchone()[0]
+            if n <= max_text_values:
+                out.append(f)
+            else:
+                log(f"skipping text field {f.name}: {n:,} distinct values (more than {max_text_values})")
+    return out
 
 
 def _amount_field(d: DatasetDefinition, requested: str | None, numeric: list[FieldSpec]) -> FieldSpec | None:

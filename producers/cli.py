@@ -274,8 +274,9 @@ def serialize(p: Pipeline, dataset: str, model: str, max_tokens: int, time_forma
 
 @cli.command()
 @dataset_arg
-@click.option("--top-n", type=click.IntRange(0), default=10, show_default=True,
-              help="Most frequent categories of each categorical field that get their own columns.")
+@click.option("--top-n", type=click.IntRange(0), default=20, show_default=True,
+              help="Most frequent values of each categorical (or multi-valued / low-cardinality text) field "
+                   "that get their own columns.")
 @click.option("--as-of", type=click.DateTime(), default=None,
               help="Snapshot time (UTC, e.g. 1998-03-01T00:00:00): later events are ignored. "
                    "[default: the dataset's last event]")
@@ -289,9 +290,11 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | 
 
     One row per user with events up to --as-of, stamped feature_timestamp = as-of:
     activity (n_events, active_days, span_days, events_per_active_day, recency_days);
-    count, mean, std, min, max and sum of each numeric field; for each categorical field,
-    the number of distinct categories and, for its --top-n most frequent categories, the
-    user's event count (and amount sum) in each. Text fields are not used. Written to table
+    count, mean, std, min, max and sum of each numeric field; for each categorical field (and
+    each text field that is multi-valued, split as the dataset's summary splits it, or has at
+    most 50 distinct values), the number of distinct values and, for its --top-n most frequent
+    values, the user's event count and share, amount sum, and mean of every numeric field in
+    each (mean rating per genre). Free text (titles) is not used. Written to table
     agg_features (what produced it: agg_features_meta) and data/<schema>/agg_features.parquet.
     """
     t0 = time.perf_counter()

@@ -65,7 +65,7 @@ class Pipeline:
         config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, force=force)
         return serialize(self.home, dataset, config, self.log)
 
-    def aggregate(self, dataset: str, top_n: int = 10, as_of: datetime | None = None,
+    def aggregate(self, dataset: str, top_n: int = 20, as_of: datetime | None = None,
                   amount_field: str | None = None, force: bool = False):
         from producers.aggregate import AggregateConfig, aggregate
 

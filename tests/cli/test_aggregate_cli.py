@@ -11,7 +11,8 @@ def test_aggregate_after_validation(llm4es, grouplens, tmp_path):
     result = llm4es("aggregate", "movielens-100k", "--top-n", "5")
     assert result.exit_code == 0, result.output
     parquet = tmp_path / "home" / "data" / "movielens_100k" / "agg_features.parquet"
-    assert "movielens-100k: 12 rows (users), 23 features as of 1998-" in result.stdout
+    # 17 activity and numeric columns; movie id, genres and the fixture's 40 titles: 1 + 5 x 4 each
+    assert "movielens-100k: 12 rows (users), 80 features as of 1998-" in result.stdout
     assert str(parquet) in result.stdout.replace("\n", "")
     assert pq.read_table(parquet).num_rows == 12
 

@@ -15,7 +15,7 @@ from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.warehouse import Home, last_ingest
 from tests.fixtures.bank_files import write_gender
-from tests.fixtures.movielens_files import read_ratings, write_grouplens
+from tests.fixtures.movielens_files import GENRES, read_ratings, write_grouplens
 from validation.gate import ValidationGateError
 from validation.run import ValidateConfig, validate
 
@@ -34,7 +34,8 @@ def ml(tmp_path_factory):
     home = Home.resolve(root / "home")
     ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
     assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
-    return home, read_ratings(source)  # (user, movie, rating, unix time, year)
+    # (user, movie, rating, unix time, year) per rating; genres per movie
+    return home, read_ratings(source), movie_genres(source)
 
 
 def rows(home: Home, table: str = "agg_features") -> tuple[list[str], dict[int, dict]]:
@@ -58,10 +59,36 @@ def stats(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "sum": sum(values)}
 
 
-def expected_features(ratings, as_of: int, top_n: int = 10) -> dict[int, dict]:
+def movie_genres(folder) -> dict[int, list[str]]:
+    """Each fixture movie's genres, as the built-in definition names them (from u.item's flags)."""
+    out = {}
+    for line in (folder / "u.item").read_text(encoding="latin-1").splitlines():
+        cells = line.split("|")
+        out[int(cells[0])] = [g for g, flag in zip(GENRES, cells[5:]) if flag == "1"]
+    return out
+
+
+def top_values(counts: Counter, n: int) -> list:
+    return sorted(counts, key=lambda v: (-counts[v], v))[:n]
+
+
+def per_value(rs, field: str, top: list, value_of) -> dict:
+    """count, share and per-value means of year and rating for the user's ratings `rs`."""
+    f = {}
+    for v in top:
+        hits = [r for r in rs if v in value_of(r)]
+        f[f"{field}__{slugify(v)}_count"] = len(hits)
+        f[f"{field}__{slugify(v)}_share"] = len(hits) / len(rs)
+        f[f"{field}__{slugify(v)}_year_mean"] = statistics.fmean(r[4] for r in hits) if hits else None
+        f[f"{field}__{slugify(v)}_rating_mean"] = statistics.fmean(r[2] for r in hits) if hits else None
+    return f
+
+
+def expected_features(ratings, genres, as_of: int, top_n: int = 20) -> dict[int, dict]:
     """Every feature of every user, computed in plain Python from the raw ratings."""
     seen = [r for r in ratings if r[3] <= as_of]
     top = top_movies(seen, top_n)
+    top_genres = top_values(Counter(g for r in seen for g in genres[r[1]]), top_n)
     by_user = defaultdict(list)
     for r in seen:
         by_user[r[0]].append(r)
@@ -76,7 +103,9 @@ def expected_features(ratings, as_of: int, top_n: int = 10) -> dict[int, dict]:
             f.update({f"{name}_{k}": v for k, v in stats(values).items()})
         movies = Counter(m for _, m, *_ in rs)
         f["movie_id_n_distinct"] = len(movies)
-        f.update({f"movie_id__{m}_count": movies.get(m, 0) for m in top})
+        f.update(per_value(rs, "movie_id", top, lambda r: (r[1],)))
+        f["genres_n_distinct"] = len({g for r in rs for g in genres[r[1]]})
+        f.update(per_value(rs, "genres", top_genres, lambda r: genres[r[1]]))
         out[user] = f
     return out
 
@@ -91,16 +120,20 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 def test_every_feature_matches_a_hand_computation(ml):
-    home, ratings = ml
-    result = aggregate(home, "movielens-100k")
+    home, ratings, genres = ml
+    # the fixture has 40 titles: a cap of 30 values makes the title free text, genres (18) stay
+    result = aggregate(home, "movielens-100k", AggregateConfig(max_text_values=30))
     as_of = max(t for *_, t, _ in ratings)
-    want = expected_features(ratings, as_of)
+    want = expected_features(ratings, genres, as_of)
     columns, got = rows(home)
     assert result.n_users == len(got) == len(want) == 12  # one row per user
-    assert result.as_of == utc(as_of) and result.n_features == len(columns) - 2 == 28
+    n_genres = len({g for gs in genres.values() for g in gs})
+    assert result.as_of == utc(as_of)
+    assert result.n_features == len(columns) - 2 == 17 + 1 + 20 * 4 + 1 + min(n_genres, 20) * 4
     assert columns == result.columns == list(next(iter(want.values())))
     assert columns[:2 + len(ACTIVITY)] == ["user_id", "feature_timestamp", *ACTIVITY]
-    assert not any("title" in c or "genres" in c for c in columns)  # text fields are skipped
+    assert not any("title" in c for c in columns)  # free text is skipped
+    assert any(c.startswith("genres__") and c.endswith("_rating_mean") for c in columns)  # mean rating per genre
     user = ratings[0][0]
     assert_same(got[user], want[user])
     for u in want:  # and the others too: it costs nothing
@@ -108,7 +141,7 @@ def test_every_feature_matches_a_hand_computation(ml):
 
 
 def test_columns_are_stable_and_parquet_matches_the_table(ml):
-    home, ratings = ml
+    home, ratings, _ = ml
     first = aggregate(home, "movielens-100k")
     second = aggregate(home, "movielens-100k")
     assert first.columns == second.columns
@@ -129,16 +162,18 @@ def test_columns_are_stable_and_parquet_matches_the_table(ml):
     assert n == 1 and ingest_id == meta["ingest_id"] == ingest_row["ingest_id"]
     assert source_hash == meta["source_hash"] == ingest_row["source_hash"]
     assert json.loads(cols) == meta["columns"] == columns and validated is True
-    assert json.loads(config) == meta["config"] == {"top_n": 10, "as_of": utc(max(r[3] for r in ratings)).isoformat(),
+    assert json.loads(config) == meta["config"] == {"top_n": 20, "max_text_values": 50,
+                                                    "as_of": utc(max(r[3] for r in ratings)).isoformat(),
                                                     "amount_field": None, "force": False}
     assert meta["code_version"] and meta["produced_at"]
 
 
 def test_top_n_categories_are_the_most_frequent(ml):
-    home, ratings = ml
+    home, ratings, _ = ml
     result = aggregate(home, "movielens-100k", AggregateConfig(top_n=3))
     top = top_movies(ratings, 3)
-    assert [c for c in result.columns if c.startswith("movie_id__")] == [f"movie_id__{m}_count" for m in top]
+    assert [c for c in result.columns if c.startswith("movie_id__")] == [
+        f"movie_id__{m}_{stat}" for m in top for stat in ("count", "share", "year_mean", "rating_mean")]
     assert [e["value"] for e in result.provenance["categories"]["movie_id"]] == top
     counts = Counter(m for _, m, *_ in ratings)
     _, got = rows(home)
@@ -151,11 +186,11 @@ def test_top_n_categories_are_the_most_frequent(ml):
 
 
 def test_as_of_excludes_later_events(ml):
-    home, ratings = ml
+    home, ratings, genres = ml
     firsts = sorted({min(t for u2, _, _, t, _ in ratings if u2 == u) for u, *_ in ratings})
     cut = firsts[5]  # users whose first rating is later are absent
-    result = aggregate(home, "movielens-100k", AggregateConfig(as_of=utc(cut)))
-    want = expected_features(ratings, cut)
+    result = aggregate(home, "movielens-100k", AggregateConfig(as_of=utc(cut), max_text_values=30))
+    want = expected_features(ratings, genres, cut)
     columns, got = rows(home)
     assert result.as_of == utc(cut) and set(got) == set(want) and len(got) == 6
     assert {r["feature_timestamp"] for r in got.values()} == {utc(cut)}
@@ -163,19 +198,31 @@ def test_as_of_excludes_later_events(ml):
     for u in want:
         assert_same(got[u], want[u])
     # an aware as_of means the same instant
-    aware = aggregate(home, "movielens-100k", AggregateConfig(as_of=datetime.fromtimestamp(cut, timezone.utc)))
+    aware = aggregate(home, "movielens-100k", AggregateConfig(as_of=datetime.fromtimestamp(cut, timezone.utc),
+                                                              max_text_values=30))
     assert aware.as_of == utc(cut) and aware.n_users == 6
     with pytest.raises(AggregateError, match="no events at or before"):
         aggregate(home, "movielens-100k", AggregateConfig(as_of=datetime(1990, 1, 1)))
 
 
 def test_unknown_amount_field_is_refused(ml):
-    home, _ = ml
+    home, *_ = ml
     with pytest.raises(AggregateError, match="'price' is not a numeric event field"):
         aggregate(home, "movielens-100k", AggregateConfig(amount_field="price"))
     # an explicit numeric field works as the amount
     r = aggregate(home, "movielens-100k", AggregateConfig(top_n=2, amount_field="rating"))
-    assert [c for c in r.columns if c.startswith("movie_id__")][1].endswith("_rating_sum")
+    assert [c for c in r.columns if c.startswith("movie_id__")][2] == f"movie_id__{top_movies(ml[1], 1)[0]}_rating_sum"
+
+
+def test_low_cardinality_text_counts_and_free_text_does_not(ml):
+    home, ratings, _ = ml
+    titles = aggregate(home, "movielens-100k", AggregateConfig(top_n=2))  # 40 fixture titles <= 50
+    assert "title_n_distinct" in titles.columns and titles.provenance["config"]["max_text_values"] == 50
+    assert len(titles.provenance["categories"]["title"]) == 2
+    skipped: list[str] = []
+    free = aggregate(home, "movielens-100k", AggregateConfig(top_n=2, max_text_values=39), skipped.append)
+    assert not any(c.startswith("title") for c in free.columns) and "title" not in free.provenance["categories"]
+    assert any("skipping text field title: 40 distinct values" in line for line in skipped)
 
 
 def test_the_gate_refuses_unvalidated_data_unless_forced(home, grouplens):
@@ -203,9 +250,10 @@ def test_bank_amount_sums_per_mcc(home, tmp_path):
     with open(source / "transactions.csv", encoding="utf-8") as f:
         txns = [(int(r["customer_id"]), r["mcc_code"].zfill(4), float(r["amount"])) for r in csv.DictReader(f)]
     counts = Counter(mcc for _, mcc, _ in txns)
-    top = sorted(counts, key=lambda c: (-counts[c], c))[:10]
+    top = sorted(counts, key=lambda c: (-counts[c], c))[:20]
     mcc_cols = [c for c in result.columns if c.startswith("mcc__")]
-    assert mcc_cols == [name for c in top for name in (f"mcc__{c}_count", f"mcc__{c}_amount_sum")]
+    assert mcc_cols == [name for c in top for name in
+                        (f"mcc__{c}_count", f"mcc__{c}_share", f"mcc__{c}_amount_sum", f"mcc__{c}_amount_mean")]
     sums, n = defaultdict(float), Counter()
     for user, mcc, amount in txns:
         sums[user, mcc] += amount
@@ -222,3 +270,6 @@ def test_bank_amount_sums_per_mcc(home, tmp_path):
         for c in top:
             assert row[f"mcc__{c}_count"] == n[user, c]
             assert row[f"mcc__{c}_amount_sum"] == pytest.approx(sums[user, c], abs=1e-6)
+            assert row[f"mcc__{c}_share"] == pytest.approx(n[user, c] / sum(1 for u, *_ in txns if u == user))
+            mean = row[f"mcc__{c}_amount_mean"]
+            assert mean is None if n[user, c] == 0 else mean == pytest.approx(sums[user, c] / n[user, c])
