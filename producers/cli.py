@@ -834,11 +834,15 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @click.option("--label-time", type=click.DateTime(), default=None,
               help="When the labels are known (features must be older). Default: the dataset's last event.")
 @click.option("--no-epoch-selection", is_flag=True, help="Use the default LLM4ES view, not the best epoch.")
+@click.option("--no-linear-probe", is_flag=True,
+              help="LightGBM only: skip the second reader (standardized logistic regression / ridge), "
+                   "reported as '<set> (linear)' rows.")
 @click.pass_obj
 @_errors
 def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str, protocols: tuple[str, ...],
-             folds: int, cv_repeats: int, seed: int, label_time, no_epoch_selection: bool) -> None:
-    """Downstream LightGBM on features fetched from Feast, mean ± std per feature set.
+             folds: int, cv_repeats: int, seed: int, label_time, no_epoch_selection: bool,
+             no_linear_probe: bool) -> None:
+    """Downstream LightGBM and a linear probe on features fetched from Feast, mean ± std per feature set.
 
     Needs `llm4es publish DATASET` first. Metrics: ROC-AUC and accuracy (binary), accuracy
     (multiclass), MAE (regression). With several epochs of a fine-tuning run published, the epoch
@@ -852,7 +856,7 @@ def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str,
     config = EvaluateConfig(targets=targets, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                             protocols=protocols or ("paper", "cv"), folds=folds, cv_repeats=cv_repeats, seed=seed,
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
-                            select_epoch=not no_epoch_selection)
+                            select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe)
     r = p.evaluate(dataset, config)
     print_evaluation(r)
 

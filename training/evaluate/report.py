@@ -31,7 +31,9 @@ def cell(entry: dict | None, protocol: str, metric: str) -> str:
 def markdown(report: dict) -> str:
     cols = columns(report)
     lines = [f"# Downstream evaluation: {report['dataset']}", "",
-             f"{report['n_users']} labelled users; LightGBM; seed {report['config']['seed']}; "
+             f"{report['n_users']} labelled users; LightGBM, and a linear probe (standardized logistic regression / "
+             "ridge) in the rows marked (linear), on the same splits; "
+             f"seed {report['config']['seed']}; "
              f"features fetched from Feast as of {report['label_time']}.", ""]
     for protocol in report["config"]["protocols"]:
         lines += [f"## {PROTOCOL_TITLES[protocol]}", ""]
@@ -85,7 +87,7 @@ def bar_chart(report: dict, path: Path) -> None:
             low, high = ax.get_ylim()
             ax.set_ylim(max(0.0, min(low, 0.4)), min(1.0, high))
         ax.legend(fontsize=8)
-    fig.suptitle(f"{report['dataset']}: downstream LightGBM")
+    fig.suptitle(f"{report['dataset']}: downstream LightGBM and linear probe (linear)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -25,6 +25,7 @@ import numpy as np
 from producers.provenance import code_version
 from producers.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
+from training.evaluate.probe import LinearProbe, linear_name
 from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,
                                         constant_baseline, cv_splits, encode_labels, paper_splits, primary_metric,
                                         run_protocol)
@@ -53,6 +54,10 @@ class EvaluateConfig:
     label_time: datetime | None = None  # when labels are known; default: the dataset's last event
     select_epoch: bool = True  # pick the LLM4ES epoch by validation score when several are published
     lgbm: LgbmParams = field(default_factory=LgbmParams)
+    # the second reader: every feature set also read by a linear probe on the same views and splits,
+    # reported as "<set> (linear)" (see training/evaluate/probe.py)
+    linear_probe: bool = True
+    linear: LinearProbe = field(default_factory=LinearProbe)
     out_dir: Path | None = None  # default: <home>/reports/evaluate/<schema>
 
 
@@ -138,7 +143,7 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
             log(f"{target}: {name}")
             chosen, candidates, tried = _choose(parts, matrices, rows, y, task, splits["paper"], config)
             X = _concat([matrices[v] for v in chosen], rows)
-            entry = {"views": chosen, "n_features": int(X.shape[1]), "protocols": {}}
+            entry = {"views": chosen, "n_features": int(X.shape[1]), "reader": "lightgbm", "protocols": {}}
             if candidates:
                 entry["candidates"] = candidates
                 entry["chosen_view"] = next(v for v in chosen if v in candidates)
@@ -147,10 +152,15 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
                 r = r or run_protocol(protocol, X, y, task, splits[protocol], config.lgbm, config.seed)
                 entry["protocols"][protocol] = _summary(r)
             results[target][name] = entry
+            if config.linear_probe:  # the same views (epoch chosen by LightGBM's validation score), same splits
+                results[target][linear_name(name)] = {**{k: v for k, v in entry.items() if k != "protocols"},
+                                                      "reader": "linear", "protocols": {
+                    protocol: _summary(run_protocol(protocol, X, y, task, splits[protocol], config.linear, config.seed))
+                    for protocol in config.protocols}}
 
     report = {
         "dataset": dataset, "schema": definition.schema, "label_time": str(label_time),
-        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *config.features],
+        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *_with_readers(config)],
         "results": results, "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
         "config": _config_json(config), "code_version": code_version(),
         "produced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -158,6 +168,11 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
     out_dir = config.out_dir or home.root / "reports" / "evaluate" / definition.schema
     paths = report_files.write(report, Path(out_dir))
     return EvaluateResult(dataset, report, paths, time.perf_counter() - started)
+
+
+def _with_readers(config: EvaluateConfig) -> list[str]:
+    """Report rows: each feature set, followed by its linear-probe row when the probe runs."""
+    return [n for name in config.features for n in ((name, linear_name(name)) if config.linear_probe else (name,))]
 
 
 def resolve_feature_set(name: str, views: list[View], select_epoch: bool = True) -> list[Part]:
