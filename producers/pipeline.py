@@ -59,10 +59,11 @@ class Pipeline:
 
         return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs), self.log)
 
-    def serialize(self, dataset: str, model: str, max_tokens: int, time_format: str, force: bool = False):
+    def serialize(self, dataset: str, model: str, max_tokens: int, time_format: str, force: bool = False,
+                  fmt: str = "paper"):
         from producers.serialize.run import SerializeConfig, serialize
 
-        config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, force=force)
+        config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, format=fmt, force=force)
         return serialize(self.home, dataset, config, self.log)
 
     def aggregate(self, dataset: str, top_n: int = 20, as_of: datetime | None = None,

@@ -5,7 +5,7 @@ finished texts to enforce the budget exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -13,7 +13,7 @@ import pandas as pd
 
 from producers.provenance import code_version
 from producers.serialize.budget import count_tokens, fit_texts
-from producers.serialize.render import TimeFormat, header, user_bodies_sql
+from producers.serialize.render import FORMATS, Format, TimeFormat, header, user_bodies_sql
 from producers.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
 from producers.warehouse import Home, last_ingest, stored_definition
 from validation.gate import require_valid
@@ -28,6 +28,7 @@ class SerializeConfig:
     model: str = "smollm2-135m"  # whose tokenizer counts the budget
     max_tokens: int = 2048  # per user text; 0 = no budget
     time_format: TimeFormat = "readable"
+    format: Format = "paper"  # how events render to lines (producers/serialize/render.py): "paper" or "compact"
     force: bool = False  # run even if the dataset failed validation
 
 
@@ -47,6 +48,8 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
               tokenizer=None) -> SerializeResult:
     from training.models import load_tokenizer, resolve_model
 
+    if config.format not in FORMATS:
+        raise SerializeError(f"format must be one of {', '.join(FORMATS)}, not {config.format!r}")
     con = home.connect()
     try:
         require_valid(con, dataset, config.force)
@@ -61,11 +64,16 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
         # No text can hold more events than tokens, so the SQL already drops what cannot fit.
         max_lines = config.max_tokens or None
         log("building event lines in DuckDB")
-        bodies = con.execute(user_bodies_sql(d, config.time_format, max_lines) + " ORDER BY user_id").df()
+        bodies = con.execute(user_bodies_sql(d, config.time_format, max_lines, fmt=config.format)
+                             + " ORDER BY user_id").df()
         log(f"counting tokens for {len(bodies):,} texts")
         fitted = fit_texts(tokenizer, head, bodies["body"].tolist(), config.max_tokens)
+        if "line_events" in bodies:  # a line may hold several events: the kept lines' events, not lines
+            fitted = [replace(f, n_events=int(sum(per_line[len(per_line) - f.n_events:])) if f.n_events else 0)
+                      for f, per_line in zip(fitted, bodies["line_events"])]
         rows = pd.DataFrame({
-            "user_id": bodies["user_id"], "kind": "serialized", "variant": 0, "format": "plain",
+            "user_id": bodies["user_id"], "kind": "serialized", "variant": 0,
+            "format": "plain" if config.format == "paper" else config.format,
             "text": [f.text for f in fitted], "n_events": [f.n_events for f in fitted],
             "n_tokens": [f.n_tokens for f in fitted], "tokenizer": config.model,
             "producer_version": code_version(), "source_hash": ingest["source_hash"],
