@@ -85,6 +85,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=300, help="users of the bank fixtures and people of the states")
+    ap.add_argument("--only", default=None, help="comma-separated data names (default: all)")
     args = ap.parse_args()
     print(describe())
     tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
@@ -95,13 +96,16 @@ def main() -> None:
         from producers.cache import default_cache_dir
         from producers.datasets.default_sources import fetch_default_source
 
-        cases.append(("movielens-100k", load_builtin("movielens-100k"), None))
+        cases.append(("movielens-100k", load_builtin("movielens-100k"), None))  # the real data, from the cache
         cases += [("rosbank", load_builtin("rosbank"), write_rosbank(root / "rosbank", n_users=args.users)),
                   ("age-group", load_builtin("age-group"), write_age_group(root / "age", n_users=args.users)),
                   ("gender", load_builtin("gender"), write_gender(root / "gender", n_users=args.users)),
                   ("states", parse_definition(STATES_MAPPING, "benchmark"),
                    write_states(root / "states", args.users))]
+        only = set(args.only.split(",")) if args.only else None
         for name, definition, source in cases:
+            if only and name not in only:
+                continue
             home = Home.resolve(root / f"home-{name}")
             if source is None:
                 source = fetch_default_source(name, default_cache_dir())

@@ -92,12 +92,16 @@ def date_text(d: DatasetDefinition, time_format: TimeFormat, col: str = "e.event
     """The event's day as text (compact format): the display pattern up to its first time-of-day part."""
     if time_format == "day-index":
         return time_text(d, time_format, col)
-    pattern = d.events.time.display
-    cut = min([pattern.find(p) for p in _TIME_OF_DAY if p in pattern] or [len(pattern)])
-    day = pattern[:cut].rstrip(" T,:-/") or "%Y-%m-%d"
+    day = _day_pattern(d)
     if day == "%Y-%m-%d":
         return f"left(CAST({col} AS VARCHAR), 10)"
     return f"strftime({col}, {sql_str(day)})"
+
+
+def _day_pattern(d: DatasetDefinition) -> str:
+    pattern = d.events.time.display
+    cut = min([pattern.find(p) for p in _TIME_OF_DAY if p in pattern] or [len(pattern)])
+    return pattern[:cut].rstrip(" T,:-/") or "%Y-%m-%d"
 
 
 def line_sql(d: DatasetDefinition) -> str:
@@ -142,6 +146,10 @@ def compact_bodies_sql(d: DatasetDefinition, time_format: TimeFormat = "readable
     rendered = rendered_events_sql(d, time_format, where)
     day = date_text(d, time_format, "r.event_time")
     order = "PARTITION BY user_id ORDER BY event_time, v"
+    # A day in the same month as the previous day line shows only its day of the month ("17: ...")
+    # when dates are ISO (YYYY-MM-DD): 3 tokens instead of 11, digits being a token each.
+    iso = time_format == "readable" and _day_pattern(d) == "%Y-%m-%d"
+    same_month = "left(d0, 8) = left(prev, 8)" if iso else "false"
     return f"""
         WITH ev AS (SELECT r.user_id, r.event_time, {day} AS d, {event} AS v FROM ({rendered}) AS r),
         marked AS (SELECT *, CASE WHEN v = lag(v) OVER ({order}) THEN 0 ELSE 1 END AS new_run FROM ev),
@@ -153,11 +161,14 @@ def compact_bodies_sql(d: DatasetDefinition, time_format: TimeFormat = "readable
                          (row_number() OVER (PARTITION BY user_id, d0, d0 = d1 ORDER BY t0, run) - 1)
                          // {ITEMS_PER_LINE} AS chunk
                   FROM runs),
+        day_lines AS (
+            SELECT user_id, min(t0) AS t, d0, chunk, string_agg(item, {sql_str(EVENT_SEP)} ORDER BY t0, run) AS items,
+                   sum(n) AS n
+            FROM items WHERE d0 = d1 GROUP BY user_id, d0, chunk),
         lines AS (
-            SELECT user_id, min(t0) AS t,
-                   CASE WHEN chunk = 0 THEN d0 || ': ' ELSE '' END
-                   || string_agg(item, {sql_str(EVENT_SEP)} ORDER BY t0, run) AS line, sum(n) AS n
-            FROM items WHERE d0 = d1 GROUP BY user_id, d0, chunk
+            SELECT user_id, t, CASE WHEN chunk > 0 THEN '' WHEN {same_month} THEN right(d0, 2) || ': '
+                                    ELSE d0 || ': ' END || items AS line, n
+            FROM (SELECT *, lag(d0) OVER (PARTITION BY user_id ORDER BY t, chunk) AS prev FROM day_lines)
             UNION ALL
             SELECT user_id, t0 AS t, d0 || ' to ' || d1 || ': ' || item AS line, n FROM items WHERE d0 <> d1)
         SELECT user_id, CAST(sum(n) AS BIGINT) AS n_events_total,

@@ -1,6 +1,7 @@
 """The compact serialization format: a date per day, numbers after a bare comma, runs collapsed."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ from producers.serialize.run import SerializeConfig, SerializeError, serialize
 from tests.producers.test_serialize import ready, texts, tok  # noqa: F401 (module fixture)
 from validation.run import ValidateConfig, validate
 
+DAY = re.compile(r"^(\d{4}-\d{2}-)?(\d{2}): ")
 STATES = """
 name: states
 tables: {months: {file: months.csv, delimiter: ","}}
@@ -39,13 +41,19 @@ def test_movielens_compact_keeps_every_event_in_fewer_tokens(home, grouplens, to
         assert lines[0] == "Date | Title | Year | Genres | Rating"
         assert n_events == paper_texts[user][1]
         assert n_tokens < paper_texts[user][2]
-        # each day once, in order; at most ITEMS_PER_LINE events a line
-        days = [line[:10] for line in lines[1:] if line[10:12] == ": "]
-        assert days == sorted(days) and len(days) == len(set(days))
+        # each day once, in order (the day of the month alone within the month of the previous day line);
+        # at most ITEMS_PER_LINE events a line
+        days, month = [], None
+        for line in lines[1:]:
+            found = DAY.match(line)
+            if found:
+                month = found.group(1) or month
+                days.append(f"{month}{found.group(2)}")
+        assert days == sorted(days) and len(days) == len(set(days)) and lines[1].startswith("1997-")
         assert all(line.count("; ") < ITEMS_PER_LINE for line in lines[1:])
         # the paper's lines without the time, numbers after a bare comma, are all there, in order
         paper_events = [line[18:] for line in paper_texts[user][0].split("\n")[1:]]
-        flat = "; ".join(line[12:] if line[10:12] == ": " else line for line in lines[1:])
+        flat = "; ".join(DAY.sub("", line) for line in lines[1:])
         assert flat.replace(",", ", ").replace(",  ", ", ") == "; ".join(paper_events)
 
 
