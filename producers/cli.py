@@ -437,11 +437,14 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (exact batch invariance). bfloat16 is "
                                       "~2-3x faster on CPUs with AMX/avx512_bf16, vectors then agree to ~1e-3.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="CPU only, float32: int8 dynamic quantization of the linear layers, for CPUs without bf16 "
+                   "(see benchmarks/RESULTS.md for its speed and how close the vectors stay).")
 @force_opt
 @click.pass_obj
 @_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          batch_tokens: int, limit_users: int | None, dtype: str, force: bool) -> None:
+          batch_tokens: int, limit_users: int | None, dtype: str, quantize: str | None, force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 
     Batches are sorted by length and written as they finish, so a killed run resumes where it
@@ -452,7 +455,7 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
                                      max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
-                                     dtype=dtype, force=force))
+                                     dtype=dtype, quantize=quantize, force=force))
     for s in r.sets:
         console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"

@@ -88,6 +88,7 @@ class EmbedConfig:
     attn_implementation: str | None = "sdpa"  # sdpa | eager (both mask padding); None: transformers' choice
     limit_users: int | None = None  # the first N users by id
     force: bool = False  # run even if the dataset failed validation
+    quantize: str | None = None  # CPU only: "int8" = int8 dynamic quantization of nn.Linear (training/quantize.py)
 
 
 @dataclass
@@ -352,6 +353,13 @@ class Embedder:
         if missing:
             raise EmbedError(f"{model_path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
         model = model.to(device).eval()
+        # --- CPU int8 hook (training/quantize.py, h-quality): the model transformation lives there ---
+        if config.quantize:
+            from training.quantize import quantize_for_cpu
+
+            log(f"quantizing the linear layers to {config.quantize}")
+            model = quantize_for_cpu(model, config.quantize, device)
+        # --- end of the CPU int8 hook ---
         tokenizer = load_tokenizer(tokenizer_path)
         n_hidden = n_hidden_states(model.config)
         max_length = config.max_length
@@ -550,6 +558,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             "max_length": embedder.max_length, "truncation_side": config.truncation_side,
             "add_special_tokens": config.add_special_tokens, "dtype": dtype,
             "attn_implementation": config.attn_implementation, "texts_digest": data.digest,
+            "quantize": config.quantize,
         }
         run_key = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
         key = {"model": model_name, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from training.embed import EmbedError
+
 QUANTIZE = ("int8",)
 
 
-class QuantizeError(ValueError):
-    """The model cannot be quantized as asked (an unknown scheme, or not on the CPU)."""
+class QuantizeError(EmbedError):
+    """The model cannot be quantized as asked (an unknown scheme, not on the CPU, not float32)."""
 
 
 def quantize_for_cpu(model: Any, scheme: str, device: Any) -> Any:
