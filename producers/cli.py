@@ -930,7 +930,7 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     if not report.success:
         sys.exit(1)
     step(3, "serialize histories to text")
-    s = p.serialize(dataset, plan.finetune.model, plan.serialize_max_tokens, "readable")
+    s = p.serialize(dataset, plan.embed.model, plan.serialize_max_tokens, "readable", fmt=plan.serialize_format)
     console.print(f"{s.n_texts:,} texts from {s.n_events:,} of {s.n_events_total:,} events; {s.n_cut:,} users cut to "
                   f"the {plan.serialize_max_tokens}-token budget (largest text {s.max_tokens_seen:,} tokens)")
     step(4, "enrich: 7 template rewrites per user")
@@ -940,13 +940,18 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     step(5, "aggregate features")
     a = p.aggregate(dataset)
     console.print(f"{a.n_users:,} users x {a.n_features} features as of {a.as_of}")
-    step(6, f"fine-tune {plan.finetune.model} on the {plan.finetune.mixture} mixture")
-    f = p.finetune(dataset, plan.finetune)
-    losses = f.losses
-    console.print(f"{f.steps} steps, loss {losses[0]:.3f} -> {f.final_loss:.3f}, {f.tokens_per_second:,.0f} tokens/s"
-                  if losses else f"{f.steps} steps")
-    step(7, "embed every user with the fine-tuned model")
-    em = p.embed(dataset, replace(plan.embed, checkpoint=str(f.models[-1])))
+    if plan.finetune is None:
+        step(6, "fine-tune: skipped on this hardware (see the CPU budget above)")
+        checkpoint = None
+    else:
+        step(6, f"fine-tune {plan.finetune.model} on the {plan.finetune.mixture} mixture")
+        f = p.finetune(dataset, plan.finetune)
+        losses = f.losses
+        console.print(f"{f.steps} steps, loss {losses[0]:.3f} -> {f.final_loss:.3f}, {f.tokens_per_second:,.0f} "
+                      "tokens/s" if losses else f"{f.steps} steps")
+        checkpoint = str(f.models[-1])
+    step(7, f"embed every user with the {'base' if checkpoint is None else 'fine-tuned'} model")
+    em = p.embed(dataset, replace(plan.embed, checkpoint=checkpoint))
     for es in em.sets:
         console.print(f"{es.n_users:,} vectors of size {es.dim} from {es.checkpoint} at {es.tokens_per_s:,.0f} tokens/s")
     step(8, "CoLES embeddings (pytorch-lifestream)")
@@ -958,7 +963,7 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     console.print(f"{len(pub.views)} feature views: " + ", ".join(v.name for v in pub.views), soft_wrap=True)
     step(10, "materialize into the online store (SQLite)")
     p.materialize("sqlite")
-    step(11, "evaluate: LightGBM on features fetched from Feast")
+    step(11, "evaluate: LightGBM and a linear probe on features fetched from Feast")
     ev = p.evaluate(dataset, plan.evaluate)
     print_evaluation(ev)
     step(12, "an online read, as a serving model would do it")

@@ -1,0 +1,20 @@
+"""The demo plan: on a CPU without fast bf16 the budget goes to the history read, not to fine-tuning."""
+from __future__ import annotations
+
+from producers.demo import plan
+
+
+def test_the_cpu_plan_reads_more_history_instead_of_fine_tuning():
+    cpu = plan("cpu")
+    assert cpu.finetune is None and cpu.serialize_format == "compact"
+    assert cpu.embed.quantize == "int8" and cpu.embed.dtype == "float32" and cpu.embed.max_length == 512
+    assert cpu.evaluate.linear_probe  # both readers in the final table
+    assert any("fine-tuning: skipped" in c for c in cpu.cuts) and any("compact" in c for c in cpu.cuts)
+
+
+def test_the_gpu_plan_is_the_papers_run():
+    gpu = plan("gpu")
+    assert gpu.finetune is not None and gpu.finetune.epochs == 1 and gpu.serialize_format == "paper"
+    assert gpu.embed.quantize is None and gpu.embed.max_length == 2048 and not gpu.cuts
+    bf16 = plan("cpu-bf16")
+    assert bf16.finetune is not None and bf16.embed.quantize is None
