@@ -18,6 +18,7 @@ float32 vectors (min and mean). Timings on a shared machine: the load average is
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import os
 import sys
 import tempfile
@@ -48,7 +49,6 @@ def main() -> None:
     from benchmarks.machine import describe
     from training.embed import Embedder, EmbedConfig, plan_batches
     from training.models import load_causal_lm, resolve_model
-    from training.quantize import quantize_for_cpu
 
     torch.set_num_threads(args.threads)
     print(describe())
@@ -65,10 +65,8 @@ def main() -> None:
     config = EmbedConfig(max_length=args.max_length, batch_tokens=args.batch_tokens, dtype="float32", device="cpu")
 
     def run_embedder(quantize: bool) -> tuple[np.ndarray, float, int]:
-        emb = Embedder.load(path, path, config)
-        if quantize:
-            emb = Embedder(quantize_for_cpu(emb.base, "int8", emb.device), emb.tokenizer, emb.layers,
-                           emb.max_length, emb.device)
+        # the product's path: Embedder.load quantizes before its layer-sum hooks attach
+        emb = Embedder.load(path, path, replace(config, quantize="int8" if quantize else None))
         lengths = [min(n, emb.max_length) for n in emb.lengths(texts)]
         emb.encode(texts[:2])  # warm-up
         out = np.zeros((len(texts), emb.hidden_size), dtype=np.float32)
