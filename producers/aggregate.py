@@ -295,6 +295,8 @@ def _grouping_fields(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, event
     """The fields whose values become per-value columns: every categorical field, and every text field
     that is multi-valued (split) or has at most `max_text_values` distinct values (free text such as
     titles or queries has too many values to count one by one)."""
+    # Counted over every event, not only those up to as_of: which fields count does not change
+    # between snapshots of the same data.
     out = []
     for f in d.events.fields:
         if f.kind == "categorical":
