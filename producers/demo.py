@@ -13,10 +13,11 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
   ~700 s embedding the last 256 tokens of the paper's lines (about 6 ratings a user): 0.610 gender
   ROC-AUC, where the base model reading a user's last 1,024 tokens reaches about 0.69-0.70
   (issue 16's reference). So this plan does not fine-tune, serializes in the compact format
-  (about twice the events per token on ratings) and embeds each user's last 384 tokens with int8
-  linear layers (training/quantize.py, ~1.25x the fp32 embedder's speed on AVX2): about the
-  tokens the old plan's fine-tuning and embedding minutes buy, holding ~18 ratings a user instead
-  of 6. Not yet timed end to end on a quiet AVX2-only machine.
+  (about twice the events per token on ratings) and embeds each user's last 320 tokens in fp32:
+  about the tokens the old plan's fine-tuning and embedding minutes buy (~830 s at ~345 tokens/s),
+  holding ~15 ratings a user instead of 6. int8 linear layers (`embed --quantize int8`) were
+  measured and left out: 1.25x faster on AVX2, but 0.035 lower linear-probe ROC-AUC, paired over
+  the same folds (benchmarks/RESULTS.md). Not yet timed end to end on a quiet AVX2-only machine.
 
 Every plan is evaluated by both readers (LightGBM and the linear probe), so the final table has
 a `(linear)` row per feature set.
@@ -75,13 +76,12 @@ def plan(hardware: str, model: str = "smollm2-135m", seed: int = 0) -> DemoPlan:
             cuts=[f"fine-tuning: {steps} steps of {batch} texts ({steps * batch} of the mixture's 6,601 texts, "
                   f"under a tenth of an epoch), each cut to its last {length} tokens, bf16 autocast",
                   f"embedding: each text's last {length} tokens (the paper uses up to 2048), bf16"])
-    length = 384
+    length = 320
     return DemoPlan(
         hardware, 2048, enrich, None,
-        EmbedConfig(model=model, max_length=length, dtype="float32", quantize="int8"), evaluate,
+        EmbedConfig(model=model, max_length=length, dtype="float32"), evaluate,
         cuts=["fine-tuning: skipped (this CPU has no fast bf16; its minutes buy more history read instead): "
               "LLM4ES is the base model, as in the paper's no-fine-tuning ablation",
               f"embedding: each text's last {length} tokens (the paper uses up to 2048), in the compact format "
-              "(a date per day, runs collapsed: about twice the events per token of the paper's lines), "
-              "int8 linear layers"],
+              "(a date per day, runs collapsed: about twice the events per token of the paper's lines), fp32"],
         serialize_format="compact")

@@ -7,7 +7,8 @@ from producers.demo import plan
 def test_the_cpu_plan_reads_more_history_instead_of_fine_tuning():
     cpu = plan("cpu")
     assert cpu.finetune is None and cpu.serialize_format == "compact"
-    assert cpu.embed.quantize == "int8" and cpu.embed.dtype == "float32" and cpu.embed.max_length == 384
+    # int8 was measured and left out: it costs the linear probe 0.035 ROC-AUC (benchmarks/RESULTS.md)
+    assert cpu.embed.quantize is None and cpu.embed.dtype == "float32" and cpu.embed.max_length == 320
     assert cpu.evaluate.linear_probe  # both readers in the final table
     assert any("fine-tuning: skipped" in c for c in cpu.cuts) and any("compact" in c for c in cpu.cuts)
 
