@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,28 +85,58 @@ def _load_parquet(con: duckdb.DuckDBPyConnection, target: str, src: SourceFile) 
 
 def _csv_options(con: duckdb.DuckDBPyConnection, src: SourceFile, spec: TableSource,
                  max_line_size: int | None) -> list[str]:
+    """read_csv options that fix the dialect and the columns: the full read sniffs nothing."""
     options = [
         "all_varchar = true",
         f"header = {str(spec.header).lower()}",
-        f"encoding = {sql_str(spec.encoding)}",
         f"quote = {sql_str(spec.quote or '')}",
     ]
+    if spec.columns and spec.delimiter is not None:
+        delimiter, names = spec.delimiter, list(spec.columns)  # declared: nothing to sniff
+    else:
+        delimiter, sniffed = _sniff(con, src, spec, options)
+        names = list(spec.columns) if spec.columns else sniffed
+    columns = ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in names)
+    options += [f"encoding = {sql_str(spec.encoding)}", "auto_detect = false", f"delim = {sql_str(delimiter)}",
+                f"columns = {{{columns}}}"]
     if max_line_size:
         options.append(f"max_line_size = {int(max_line_size)}")
-    if spec.columns:
-        # Declared columns win: nothing is sniffed but the delimiter, when that is not declared.
-        delimiter = spec.delimiter if spec.delimiter is not None else _sniff_delimiter(con, src, options)
-        columns = ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in spec.columns)
-        return options + ["auto_detect = false", f"delim = {sql_str(delimiter)}", f"columns = {{{columns}}}"]
-    if spec.delimiter is not None:
-        options.append(f"delim = {sql_str(spec.delimiter)}")
-    return options + ["auto_detect = true"]
+    return options
 
 
-def _sniff_delimiter(con: duckdb.DuckDBPyConnection, src: SourceFile, options: list[str]) -> str:
-    known = [o for o in options if not o.startswith("all_varchar")]
-    rows = con.execute(f"SELECT Delimiter FROM sniff_csv({sql_str(str(src.path))}, {', '.join(known)})").fetchall()
-    return rows[0][0]
+SNIFF_BYTES = 1 << 20
+LONG_LINE_HINT = " (raise the limit with `llm4es ingest ... --max-line-size BYTES`)"
+
+
+def _sniff(con: duckdb.DuckDBPyConnection, src: SourceFile, spec: TableSource,
+           options: list[str]) -> tuple[str, list[str]]:
+    """The delimiter (declared or sniffed) and the header's column names, as DuckDB names them.
+
+    DuckDB's sniffer reads the file's first complete lines, up to 1 MiB, re-encoded as UTF-8:
+    its time grows with the square of a line's length, so a very long line is left to the full
+    read (where it is one rejected row, or fits under --max-line-size).
+    """
+    with tempfile.TemporaryDirectory(prefix="llm4es-sniff-") as tmp:
+        sample = Path(tmp) / "head.csv"
+        sample.write_bytes(_head(src.path, spec.encoding))
+        known = [o for o in options if not o.startswith("all_varchar")] + ["encoding = 'utf-8'"]
+        if spec.delimiter is not None:
+            known.append(f"delim = {sql_str(spec.delimiter)}")
+        rows = con.execute(f"SELECT Delimiter, Columns FROM sniff_csv({sql_str(str(sample))}, {', '.join(known)})"
+                           ).fetchall()
+    delimiter, columns = rows[0]
+    return delimiter, [c["name"] for c in columns]
+
+
+def _head(path: Path, encoding: str) -> bytes:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read(SNIFF_BYTES + 1)
+    text = raw.decode(encoding.replace("latin-1", "latin_1"), errors="replace")
+    if len(raw) > SNIFF_BYTES:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[:-1]) if len(lines) > 1 else text  # drop the cut last line
+    return text.encode("utf-8")
 
 
 def _load_csv(con: duckdb.DuckDBPyConnection, schema: str, target: str, src: SourceFile,
@@ -129,7 +160,8 @@ def _load_csv(con: duckdb.DuckDBPyConnection, schema: str, target: str, src: Sou
         f"SELECT {sql_str(src.path.name)} AS source, line AS row_number, "
         f"any_value(csv_line) AS raw_record, string_agg(reason, '; ' ORDER BY reason) AS reason "
         # DuckDB reports a short line once per missing column: keep one message per kind of error.
-        f"FROM (SELECT line, any_value(csv_line) AS csv_line, min(error_type || ': ' || error_message) AS reason "
+        f"FROM (SELECT line, any_value(csv_line) AS csv_line, min(error_type || ': ' || error_message || "
+        f"  if(error_type = 'LINE SIZE OVER MAXIMUM', {sql_str(LONG_LINE_HINT)}, '')) AS reason "
         f"      FROM {sql_ident(errors)} GROUP BY line, error_type) GROUP BY line"
     )
     header_lines = 1 if spec.header else 0
