@@ -21,19 +21,39 @@ _CLAUSES = ("where_clause", "having", "qualify", "sample")
 @lru_cache(maxsize=1)
 def _table_functions() -> frozenset[str]:
     """Every table function and table macro DuckDB knows (they read files, URLs, catalogs)."""
-    con = _parser()
+    con = _parser().cursor()
     rows = con.execute("SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
                        "WHERE function_type IN ('table', 'table_macro')").fetchall()
+    con.close()
     return frozenset(r[0] for r in rows)
 
 
+@lru_cache(maxsize=1)
 def _parser() -> duckdb.DuckDBPyConnection:
-    # Only parses; no access either way, in case a future DuckDB evaluates something while parsing.
+    """One in-memory DuckDB for parsing (use a cursor of it per call: cursors may run in any thread).
+
+    It only parses; it has no file or network access either way, in case a future DuckDB
+    evaluates something while parsing."""
     return duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
 
 
 def check_expression(sql: str) -> None:
     """Raise ValueError saying why `sql` is not one plain expression."""
+    problem = _problem(sql)
+    if problem:
+        raise ValueError(problem)
+
+
+@lru_cache(maxsize=1024)  # a stored definition is re-read by every stage: parse each text once
+def _problem(sql: str) -> str | None:
+    try:
+        _check(sql)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check(sql: str) -> None:
     wrapped = f"SELECT (\n{sql}\n) AS v"
     try:
         statements = duckdb.extract_statements(wrapped)
@@ -41,7 +61,7 @@ def check_expression(sql: str) -> None:
         raise ValueError(f"not a valid SQL expression ({_first_line(e)})") from None
     if len(statements) != 1:
         raise ValueError("must be one SQL expression; it holds several statements")
-    con = _parser()
+    con = _parser().cursor()
     try:
         (blob,) = con.execute("SELECT json_serialize_sql(?::VARCHAR)", [wrapped]).fetchone()
     finally:
