@@ -132,7 +132,7 @@ def _head(path: Path, encoding: str) -> bytes:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         raw = f.read(SNIFF_BYTES + 1)
-    text = raw.decode(encoding.replace("latin-1", "latin_1"), errors="replace")
+    text = raw.decode(encoding, errors="replace")
     if len(raw) > SNIFF_BYTES:
         lines = text.splitlines(keepends=True)
         text = "".join(lines[:-1]) if len(lines) > 1 else text  # drop the cut last line
