@@ -170,17 +170,20 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
 @mapping_opt
 @reject_opt
 @click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
+@click.option("--allow-shrink", is_flag=True,
+              help="Replace the data even when events or users drop by more than half against the last ingest "
+                   "(or to none).")
 @click.pass_obj
 @_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
-           force: bool) -> None:
+           force: bool, allow_shrink: bool) -> None:
     """Load DATASET's raw files into the warehouse (atomic: all tables or none).
 
     DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
     mapping file declares. Malformed rows go to the `rejects` table with a reason.
     """
     t0 = time.perf_counter()
-    r = p.ingest(dataset, source, mapping, max_reject_share, force)
+    r = p.ingest(dataset, source, mapping, max_reject_share, force, allow_shrink)
     verb = "already ingested" if r.skipped else f"ingested in {time.perf_counter() - t0:.1f}s"
     console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
                   f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")

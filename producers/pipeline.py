@@ -39,7 +39,7 @@ class Pipeline:
         return definition
 
     def ingest(self, dataset: str, source: Path | None = None, mapping: Path | None = None,
-               max_reject_share: float = 0.01, force: bool = False):
+               max_reject_share: float = 0.01, force: bool = False, allow_shrink: bool = False):
         from producers.ingest import IngestConfig, ingest
         from producers.ingest.source_files import SourceError
 
@@ -51,7 +51,8 @@ class Pipeline:
             source = fetch_default_source(dataset, self.cache_dir)
             if source is None:
                 raise SourceError(f"{dataset} has no default source: pass --source with the folder or zip of its files")
-        return ingest(self.home, definition, IngestConfig(Path(source), max_reject_share, force), self.log)
+        return ingest(self.home, definition, IngestConfig(Path(source), max_reject_share, force, allow_shrink),
+                      self.log)
 
     def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
                  data_docs: bool = True):

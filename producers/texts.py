@@ -68,6 +68,9 @@ def export_parquet(home: Home, con: duckdb.DuckDBPyConnection, schema: str, tabl
 
 
 def config_json(config) -> str:
+    """The config as recorded with the texts: JSON, credentials in URLs (an endpoint's key) redacted."""
     from dataclasses import asdict, is_dataclass
 
-    return json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True, default=str)
+    from producers.redact import redacted
+
+    return json.dumps(redacted(asdict(config) if is_dataclass(config) else config), sort_keys=True, default=str)

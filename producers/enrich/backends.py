@@ -24,12 +24,14 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from producers.enrich.options import LLMOptions
+from producers.redact import redact_text, redact_url
 
 Messages = list[dict[str, str]]
 
@@ -214,7 +216,8 @@ class OpenAIBackend:
     retried `retries` times with exponential backoff (`BACKOFF_S`, doubled each time, at least a
     429's Retry-After) after a timeout, a connection error, HTTP 429 or 5xx; any other 4xx, or an
     unreadable answer, fails at once. A request that fails for good becomes a `GenerationError`
-    naming the endpoint. The key, when `api_key_env` is set in the environment, goes out as
+    naming the endpoint, its credentials redacted (`producers.redact`). The key, when `api_key_env`
+    is set in the environment, goes out as
     `Authorization: Bearer`.
     """
 
@@ -227,6 +230,9 @@ class OpenAIBackend:
                              "e.g. http://127.0.0.1:8000/v1)")
         self.options = options
         self.url = options.endpoint.rstrip("/") + "/chat/completions"
+        self.shown_url = redact_url(self.url)  # what messages say: the endpoint without its credentials
+        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"the openai LLM backend needs an http(s) endpoint, not {self.shown_url!r}")
         self.concurrency = max(1, options.concurrency)
         # Several rounds of requests per call keep every worker busy while the slowest one finishes.
         self.batch_size = self.concurrency * 4
@@ -272,26 +278,26 @@ class OpenAIBackend:
                 with urllib.request.urlopen(request, timeout=o.timeout_s) as response:
                     raw = response.read()
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}: {_snippet(e)}"
+                last = redact_text(f"HTTP {e.code} {e.reason}: {_snippet(e)}")
                 if e.code != 429 and e.code < 500:
-                    return GenerationError(f"{self.url} refused the request ({last}); not retried")
+                    return GenerationError(f"{self.shown_url} refused the request ({last}); not retried")
                 wait = max(wait, _retry_after(e))
             except TimeoutError as e:
                 last = f"timed out after {o.timeout_s:g} s ({e})"
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
                 reason = getattr(e, "reason", e)
                 last = (f"timed out after {o.timeout_s:g} s" if isinstance(reason, (TimeoutError, socket.timeout))
-                        else f"connection error: {reason}")
+                        else redact_text(f"connection error: {reason}"))
             else:
                 try:
                     content = json.loads(raw)["choices"][0]["message"]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as e:
-                    return GenerationError(f"{self.url} gave an unreadable answer ({type(e).__name__}: {e}): "
+                    return GenerationError(f"{self.shown_url} gave an unreadable answer ({type(e).__name__}: {e}): "
                                            f"{raw[:200]!r}")
                 return content or ""
             if attempt + 1 < attempts:
                 time.sleep(min(MAX_BACKOFF_S, wait))
-        return GenerationError(f"{self.url}: all {attempts} attempt(s) failed; last: {last}")
+        return GenerationError(f"{self.shown_url}: all {attempts} attempt(s) failed; last: {last}")
 
 
 def _snippet(error: urllib.error.HTTPError, limit: int = 200) -> str:
