@@ -54,7 +54,12 @@ def redact_url(url: str | None) -> str | None:
 
 def redact_text(text: str) -> str:
     """Every URL inside a message redacted (`redact_url`); the rest of the text as it is."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)) or "", text)
+    def one(match: re.Match) -> str:
+        url = match.group(0)
+        core = url.rstrip(".,;:!?")  # sentence punctuation after a URL is not part of it
+        return (redact_url(core) or "") + url[len(core):]
+
+    return _URL_IN_TEXT.sub(one, text)
 
 
 def redacted(value: Any) -> Any:

@@ -272,10 +272,10 @@ def _plain(value: Any) -> Any:
 def _write_json(report: ValidationReport, out_dir: Path) -> None:
     payload = asdict(report)
     text = json.dumps(payload, indent=2, default=str)
-    tmp = report.json_path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report.json_path)
-    (out_dir / "latest.json").write_text(text)
+    for path in (report.json_path, out_dir / "latest.json"):  # temp file, then rename: never half-written
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _log_run(con: duckdb.DuckDBPyConnection, schema: str, report: ValidationReport) -> None:
