@@ -420,3 +420,16 @@ def test_cached_outputs_are_checked_again(tmp_path):
     con = duckdb.connect(str(path), read_only=True)
     assert dict(con.execute("SELECT user_id, status FROM llm_cache").fetchall()) == {"1": "ok", "2": "refused:too_short"}
     con.close()
+
+
+def test_fallback_share_threshold():
+    from producers.enrich.base import EnrichError, EnrichReport
+    from producers.enrich.run import refuse_fallbacks
+
+    report = EnrichReport("d", "llm", users=10, variants=2, fallbacks=2, refusals={"too_short": 2})
+    refuse_fallbacks(report, 0.1)  # 2 of 20 = 10%: at the threshold, accepted
+    report.fallbacks = 3
+    with pytest.raises(EnrichError, match=r"3 of 20 llm texts \(15%\) would be template fallbacks.*too_short 2"):
+        refuse_fallbacks(report, 0.1)
+    refuse_fallbacks(report, 1.0)
+    refuse_fallbacks(EnrichReport("d", "template", 10, 2, fallbacks=20), 0.0)  # templates never fall back
