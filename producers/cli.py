@@ -112,7 +112,10 @@ class PipelineOrder(click.Group):
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {msg}[/]"))
+    from producers.redact import redact_text
+
+    # Progress lines may quote an endpoint URL: its credentials are never printed.
+    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {redact_text(msg)}[/]"))
 
 
 dataset_arg = click.argument("dataset")

@@ -176,6 +176,21 @@ def test_future_as_of_is_refused(home, tmp_path):
     assert aggregate(home, "wallet").as_of == datetime(2024, 3, 28, 3, 0)  # the last event
 
 
+def test_coles_refuses_a_future_as_of(home, tmp_path):
+    from producers.coles.config import ColesConfig, ColesError
+    from producers.coles.records import read_records
+
+    rows = good_rows()
+    rows[0] = "1,2099-01-01 00:00,food,1.0"
+    ingest(home, definition('["2000-01-01", "2100-01-01"]'), IngestConfig(write_tx(tmp_path / "v1", rows)))
+    con = home.connect()
+    try:
+        with pytest.raises(ColesError, match="the last event is dated 2099-01-01 00:00:00, in the future"):
+            read_records(con, definition(), ColesConfig())
+    finally:
+        con.close()
+
+
 def test_pick_as_of_rules():
     first, last, now = datetime(2024, 1, 1), datetime(2024, 2, 1), datetime(2024, 3, 1)
     assert pick_as_of("d", None, first, last, ValueError, now=now) == last
