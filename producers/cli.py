@@ -52,23 +52,50 @@ def _errors(fn):
         from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
+        from producers.enrich.base import EnrichError
+        from producers.redact import redact_text
         from validation.gate import ValidationGateError
 
         import duckdb
+
+        def fail(message: str) -> None:
+            # Messages may quote an endpoint URL: never print its credentials.
+            err_console.print(f"[bold red]error:[/] {redact_text(message)}", soft_wrap=True)
+            sys.exit(1)
 
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
                 SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
-                PublishError, ColesError, SessionsError, IntentsError) as e:
-            err_console.print(f"[bold red]error:[/] {e}")
-            sys.exit(1)
-        except (duckdb.IOException, duckdb.ConnectionException) as e:
-            err_console.print(f"[bold red]error:[/] cannot open the warehouse (is another llm4es process "
-                              f"using it?): {e}")
-            sys.exit(1)
+                PublishError, ColesError, SessionsError, IntentsError, EnrichError) as e:
+            fail(str(e))
+        except Exception as e:
+            if (full := _disk_full(e)) is not None:
+                home = args[0].home.root if args and hasattr(args[0], "home") else "the llm4es home"
+                detail = str(full).strip().splitlines()[0] if str(full).strip() else repr(full)
+                fail(f"no space left on the device holding {home} (data, reports and temporary files are "
+                     f"written there): free some space or point --home / LLM4ES_HOME elsewhere, then run the "
+                     f"command again. Tables and files are written to a staging copy first, so the previous "
+                     f"results are intact. ({type(full).__name__}: {detail})")
+            if isinstance(e, (duckdb.IOException, duckdb.ConnectionException)):
+                fail(f"cannot open the warehouse (is another llm4es process using it?): {e}")
+            raise
 
     return wrapper
+
+
+def _disk_full(e: BaseException) -> BaseException | None:
+    """The error in `e`'s chain that says the disk is full: ENOSPC from Python, or DuckDB's
+    'No space left on device' (an IOException, or another error quoting it); else None."""
+    import errno
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "no space left on device" in str(e).lower():
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class PipelineOrder(click.Group):
@@ -85,7 +112,10 @@ class PipelineOrder(click.Group):
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {msg}[/]"))
+    from producers.redact import redact_text
+
+    # Progress lines may quote an endpoint URL: its credentials are never printed.
+    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {redact_text(msg)}[/]"))
 
 
 dataset_arg = click.argument("dataset")
@@ -172,17 +202,21 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
 @click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
 @click.option("--max-line-size", type=click.IntRange(1024), default=None,
               help="Longest CSV line accepted, in bytes (a longer line is a rejected row). [default: DuckDB's 2000000]")
+@click.option("--allow-shrink", is_flag=True,
+              help="Replace the data even when events or users drop by more than half against the last ingest "
+                   "(or to none).")
 @click.pass_obj
 @_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
-           force: bool, max_line_size: int | None) -> None:
+           force: bool, max_line_size: int | None, allow_shrink: bool) -> None:
     """Load DATASET's raw files into the warehouse (atomic: all tables or none).
 
     DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
     mapping file declares. Malformed rows go to the `rejects` table with a reason.
     """
     t0 = time.perf_counter()
-    r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size)
+    r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size=max_line_size,
+                 allow_shrink=allow_shrink)
     verb = "already ingested" if r.skipped else f"ingested in {time.perf_counter() - t0:.1f}s"
     console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
                   f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")
@@ -321,9 +355,13 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | 
               help="local: registry name, folder or hub id; openai: the served model's name.")
 @click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
 @click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True, help="Requests in flight (openai).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
-              help="Seconds per request (openai).")
-@click.option("--retries", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=30.0, show_default=True,
+              help="Seconds per attempt of a request (openai).")
+@click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
+              help="Further attempts of a failed request, with exponential backoff (openai).")
+@click.option("--max-fallback-share", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="llm: fail, writing nothing, when more than this share of the texts would be template "
+                   "fallbacks (refused or failed LLM outputs); 1 keeps them all, marked fallback = true.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Prompts per batch (local).")
 @click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
@@ -333,13 +371,14 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | 
 @_errors
 def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, limit_users: int | None,
            tokenizer: str, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int,
-           timeout_s: float, retries: int, batch_size: int, temperature: float, top_p: float,
-           max_new_tokens: int, force: bool) -> None:
+           timeout_s: float, retries: int, max_fallback_share: float, batch_size: int, temperature: float,
+           top_p: float, max_new_tokens: int, force: bool) -> None:
     """Rewrite every user's serialized history into VARIANTS diverse texts (needs `serialize`).
 
     LLM outputs are cached per (user, variant, model, prompt), so an interrupted run resumes
     where it stopped; outputs that fail the checks (empty, too short or long, an echo of the
-    input) are replaced by a template rewrite and counted.
+    input) or whose request failed are replaced by a template rewrite, counted and marked
+    (`fallback` in the texts table); past --max-fallback-share the run fails and writes nothing.
     """
     from producers.enrich.options import LLMOptions
     from producers.enrich.run import EnrichConfig
@@ -350,7 +389,8 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
                      timeout_s=timeout_s, retries=retries, batch_size=batch_size, temperature=temperature,
                      top_p=top_p, max_new_tokens=max_new_tokens)
     r = p.enrich(dataset, EnrichConfig(enricher=enricher, variants=variants, seed=seed, limit_users=limit_users,
-                                       tokenizer=tokenizer, llm=llm, force=force))
+                                       tokenizer=tokenizer, llm=llm, max_fallback_share=max_fallback_share,
+                                       force=force))
     console.print(f"[green]✓[/] {r.dataset}: {r.written:,} {r.enricher} texts for {r.users:,} users "
                   f"x {r.variants} variants in {r.seconds:.1f}s")
     console.print("formats: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r.by_format.items())))
@@ -358,6 +398,11 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
         refusals = ", ".join(f"{k} {v}" for k, v in sorted(r.refusals.items())) or "none"
         console.print(f"LLM: {r.generated:,} generated, {r.cached:,} from the cache, {r.fallbacks:,} fell back to "
                       f"a template (refused: {refusals})")
+        if r.fallbacks:
+            err_console.print(f"[bold yellow]warning:[/] {r.fallbacks:,} of {r.users * r.variants:,} llm texts "
+                              f"({r.fallback_share:.0%}) are template fallbacks, not LLM output (marked fallback = "
+                              f"true in the texts table)" + (f"; first back-end error: {r.first_error}"
+                                                             if r.first_error else ""), soft_wrap=True)
 
 
 @cli.command()
@@ -631,8 +676,8 @@ def _llm_options(fn):
         click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
         click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
                      help="Requests in flight (openai)."),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
-                     help="Seconds per request (openai)."),
+        click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=30.0, show_default=True,
+                     help="Seconds per attempt of a request (openai)."),
         click.option("--max-chars", type=click.IntRange(200), default=2500, show_default=True,
                      help="A session's text in a prompt is cut to this many characters."),
         click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
@@ -31,6 +32,7 @@ from producers.datasets.expressions import check_expression
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
 NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
+WINDOW_NOW_SLACK = timedelta(days=1)  # "now" in a time window: clocks and time zones differ by up to a day
 
 
 class DefinitionError(ValueError):
@@ -96,8 +98,10 @@ class TimeSpec(_Strict):
     origin: str | None = None  # a date: day 0 of day-index formats
     label: str = "Date"  # the time's name in serialized text
     display: str = "%Y-%m-%d %H:%M"  # how serialized text shows the time (strftime)
-    # A plausible window: events outside it fail validation (not ingestion).
-    window: tuple[str, str] = ("1970-01-01", "2100-01-01")
+    # A plausible window: events outside it fail validation (not ingestion). Each bound is an ISO
+    # date or time, or "now": the time validation runs plus WINDOW_NOW_SLACK (so a future-dated
+    # event, which would become every user's as-of time, is caught by default).
+    window: tuple[str, str] = ("1970-01-01", "now")
 
     _sql_is_one_expression = field_validator("sql")(_one_expression)
 
@@ -107,7 +111,20 @@ class TimeSpec(_Strict):
             raise ValueError("give exactly one of `column` or `sql`")
         if self.format.startswith("day_index") and not self.origin:
             raise ValueError(f"format {self.format!r} needs an `origin` date (day 0)")
+        for bound in self.window:
+            if bound != "now":
+                try:
+                    datetime.fromisoformat(bound)
+                except ValueError:
+                    raise ValueError(f"window bound {bound!r} must be an ISO date (2024-01-31), a time "
+                                     "(2024-01-31T12:00:00) or \"now\"") from None
         return self
+
+    def window_bounds(self, now: datetime | None = None) -> tuple[datetime, datetime]:
+        """The window as times, "now" resolved to `now` (default: the current UTC time) plus WINDOW_NOW_SLACK."""
+        now = now or datetime.now(timezone.utc).replace(tzinfo=None)
+        start, end = (now + WINDOW_NOW_SLACK if b == "now" else datetime.fromisoformat(b) for b in self.window)
+        return start, end
 
 
 class FieldSpec(_Strict):

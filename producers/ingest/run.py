@@ -31,6 +31,9 @@ from producers.provenance import code_version
 from producers.warehouse import STAGING_SUFFIX, Home, drop_staging, last_ingest, swap_tables, table_exists
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
+MAX_SHRINK = 0.5
+"""A re-ingest that loses more than this share of the last ingest's events or users (or all of
+them: a header-only file) needs `allow_shrink`; a truncated export otherwise replaces good data."""
 
 
 class IngestError(RuntimeError):
@@ -43,6 +46,7 @@ class IngestConfig:
     max_reject_share: float = 0.01  # per file
     force: bool = False  # re-ingest even when the source is unchanged
     max_line_size: int | None = None  # bytes per CSV line; None: DuckDB's default (2,000,000)
+    allow_shrink: bool = False  # replace the data even when events or users drop by more than MAX_SHRINK
 
 
 @dataclass
@@ -138,6 +142,7 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
     n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
     n_rejects = sum(s.rows_rejected for s in stats)
+    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
     con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
                 f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
                 [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
@@ -307,6 +312,20 @@ def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_sha
         lines += [f"    row {n}: {reason}" for n, reason in examples]
     raise IngestError("too many malformed rows; the warehouse was left unchanged\n" + "\n".join(lines) +
                       "\nFix the file, or raise the threshold with --max-reject-share.")
+
+
+def _refuse_shrink(name: str, previous: dict | None, n_events: int, n_users: int, allowed: bool) -> None:
+    if previous is None or allowed:
+        return
+    drops = []
+    for what, before, now in (("events", previous["events"], n_events), ("users", previous["users"], n_users)):
+        if before and (now == 0 or (before - now) / before > MAX_SHRINK):
+            drops.append(f"{what} {before:,} -> {now:,} ({(before - now) / before:.0%} fewer)")
+    if drops:
+        raise IngestError(f"{name}: this source would shrink the dataset against ingest {previous['ingest_id']}: "
+                          f"{'; '.join(drops)} (more than {MAX_SHRINK:.0%} or down to none, e.g. a truncated or "
+                          "header-only file); the warehouse was left unchanged. Check the files, or pass "
+                          "--allow-shrink to replace the data anyway")
 
 
 def _stage_ingest_log(con, schema: str, target: str, row: dict) -> None:
