@@ -399,8 +399,12 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
                             force=force)
     r = p.finetune(dataset, config)
-    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({r.epochs_done} epochs) on {r.n_texts:,} texts, "
-                  f"final loss {r.final_loss:.4f}, {r.tokens_per_second:,.0f} tokens/s"
+    from training.finetune import _epochs_text
+
+    mfu = "" if r.mfu is None else f", MFU {r.mfu:.1%}"
+    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({_epochs_text(r.steps, r.steps_per_epoch or r.steps)}, "
+                  f"{r.epochs_done} complete) on {r.n_texts:,} texts, final loss {r.final_loss:.4f}, "
+                  f"{r.tokens_per_second:,.0f} tokens/s{mfu}"
                   f"{f' (resumed from {r.resumed_from})' if r.resumed_from else ''}")
     console.print(f"run: {r.run_dir}", soft_wrap=True)
     for m in r.models:

@@ -274,28 +274,70 @@ def fake_run(home, model_dir, run="run-1"):
     folder = home.root / "runs" / "movielens_100k" / run
     for name, epoch, seed in (("epoch-1", 1, 1), ("epoch-2", 2, 2), ("step-25", 2.5, 3), (".epoch-3.tmp", 3, 4)):
         out = save_tiny_model(folder / "models" / name, tiny_tokenizer(), seed=seed)
-        marker = {"epoch": epoch, "model_source": str(model_dir), "global_step": 10 * epoch}
+        marker = {"epoch": epoch, "model_source": str(model_dir), "global_step": int(10 * epoch)}
         (out / CHECKPOINT_FILE).write_text(json.dumps(marker))
     return folder
 
 
-def test_a_run_folder_gives_one_set_per_epoch(ready_home, model_dir):
+def test_a_run_folder_gives_one_set_per_saved_model(ready_home, model_dir):
     run = fake_run(ready_home, model_dir)
     found = find_checkpoints(ready_home, str(run))
-    assert [c.epoch for c in found] == [1, 2]  # whole epochs only: no step-N, no half-written folder
-    assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/epoch-{e}" for e in (1, 2)]
+    # every saved model, epochs and the step-N one that --max-steps leaves, oldest first; no half-written folder
+    assert [c.epoch for c in found] == [1, 2, None]
+    assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/{n}" for n in ("epoch-1", "epoch-2",
+                                                                                          "step-25")]
 
     r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint=str(run)))
-    assert [s.epoch for s in r.sets] == [1, 2] and len(set(r.parquet)) == 2
+    assert [s.epoch for s in r.sets] == [1, 2, None] and len(set(r.parquet)) == 3
     rows = table_rows(ready_home)
-    assert len(rows) == 24 and {row[5] for row in rows} == {1, 2}
+    assert len(rows) == 36 and {row[5] for row in rows} == {1, 2, None}
     by_epoch = {e: np.array([row[1] for row in rows if row[5] == e]) for e in (1, 2)}
     assert np.abs(by_epoch[1] - by_epoch[2]).max() > 1e-3  # different weights, different vectors
-    for s in r.sets:
+    for s in r.sets[:2]:
         meta = read_provenance(s.parquet)
         assert meta["epoch"] == s.epoch and meta["checkpoint_info"]["global_step"] == 10 * s.epoch
         assert s.model == str(model_dir)
+    assert read_provenance(r.sets[2].parquet)["checkpoint_info"]["global_step"] == 25
 
     # One epoch folder alone (relative to the home) replaces only its own set.
     one = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/run-1/models/epoch-2"))
-    assert [s.epoch for s in one.sets] == [2] and len(table_rows(ready_home)) == 24
+    assert [s.epoch for s in one.sets] == [2] and len(table_rows(ready_home)) == 36
+
+
+def test_a_run_stopped_by_max_steps_embeds_its_step_model_and_state_json_decides(ready_home, model_dir):
+    """`finetune --max-steps 30` leaves models/step-30 only; state.json names the run's models."""
+    run = ready_home.root / "runs" / "movielens_100k" / "short"
+    out = save_tiny_model(run / "models" / "step-30", tiny_tokenizer(), seed=5)
+    (out / CHECKPOINT_FILE).write_text(json.dumps({"epoch": 0.75, "global_step": 30, "model_source": str(model_dir)}))
+    save_tiny_model(run / "models" / "step-99", tiny_tokenizer(), seed=6)  # not in state.json: not the run's
+    (run / "state.json").write_text(json.dumps({"models": ["step-30"], "global_step": 30}))
+    found = find_checkpoints(ready_home, "runs/movielens_100k/short")
+    assert [c.label for c in found] == ["runs/movielens_100k/short/models/step-30"] and found[0].epoch is None
+    r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/short"))
+    assert len(r.sets) == 1 and r.sets[0].n_users == 12
+
+
+def test_an_unusable_checkpoint_folder_says_what_was_expected(ready_home):
+    empty = ready_home.root / "runs" / "movielens_100k" / "nothing"
+    (empty / "models").mkdir(parents=True)
+    (empty / "config.json").unlink(missing_ok=True)
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(EmbedError, match=r"models/epoch-E/ or models/step-N/.*found models/, notes.txt"):
+        find_checkpoints(ready_home, str(empty))
+    with pytest.raises(EmbedError, match="no such folder"):
+        find_checkpoints(ready_home, str(empty / "missing"))
+
+
+def test_the_suite_is_pinned_to_the_cpu(monkeypatch):
+    """tests/conftest.py sets LLM4ES_DEVICE=cpu; `auto` follows it (and refuses CUDA where there is none)."""
+    import torch
+
+    from training.embed import pick_device
+
+    assert pick_device("auto").type == "cpu" and EmbedConfig().device == "auto"
+    monkeypatch.setenv("LLM4ES_DEVICE", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbedError, match="CUDA is not available"):
+            pick_device("auto")
+    else:
+        assert pick_device("auto").type == "cuda"

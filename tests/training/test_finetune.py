@@ -293,3 +293,68 @@ def test_pack_items_fits_every_text_once():
     assert sorted(i for p in packs for i in p) == list(range(200))
     assert all(sum(lengths[list(p)]) <= 64 for p in packs)
     assert len(packs) <= int(np.ceil(lengths.sum() / 64 * 1.25))  # close to the bound
+
+
+def test_saving_tied_embeddings_warns_of_no_shared_tensor(home, tied_model, caplog):
+    """SmolLM2 ties its input and output embeddings: every save used to warn "Removed shared tensor"."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    r = finetune(home, DATASET, cfg(tied_model, max_steps=1))
+    assert r.checkpoints and not [m for m in caplog.messages if "shared tensor" in m]
+    # and what was saved comes back tied: the embedding step reads the saved model
+    w = weights(r.models[-1])
+    model = load_causal_lm(str(r.models[-1]), dtype=None)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "model.embed_tokens.weight" in w
+
+
+def test_finetune_reports_steps_epochs_and_precision(home, tiny_model):
+    lines = []
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=3), log=lines.append)
+    assert r.steps_per_epoch == 6 and r.steps == 3 and r.mfu is None  # 12 texts / batch 2; no MFU on a CPU
+    start = next(line for line in lines if line.startswith("training "))
+    assert "3 steps (0.50 epochs of 6 steps)" in start and "float32 on cpu" in start and "precision no" not in start
+
+
+def test_fsdp_with_lora_or_partial_training_is_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from training.finetune import _refuse_fsdp_partial
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    for bad in (dict(lora_r=4), dict(trainable_layers=1)):
+        with pytest.raises(FinetuneError, match="not supported under FSDP: run it with DDP"):
+            _refuse_fsdp_partial(fsdp, FinetuneConfig(**bad))
+    _refuse_fsdp_partial(fsdp, FinetuneConfig())  # full fine-tuning under FSDP is fine
+    _refuse_fsdp_partial(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), FinetuneConfig(lora_r=4))
+
+
+def test_the_training_forward_keeps_packed_texts_apart(tiny_model):
+    """`training_loss`, the loop's own forward: a packed row's loss equals the token-weighted mean of its
+    texts' losses alone. A loop that drops use_cache=False (or sends a 2-D mask) lets texts attend
+    to each other and fails here."""
+    import torch
+
+    from training.finetune import training_loss
+
+    model = load_causal_lm(str(tiny_model), dtype=torch.float32).eval()
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(3, 300, n).astype(np.int32) for n in (9, 15, 6)]
+    collate = make_collate(pad_id=2, packed=True)
+    packed = collate([texts])
+    packed.pop("n_tokens")
+    with torch.no_grad():
+        loss_packed = training_loss(model, packed).item()
+        per_text = []
+        for t in texts:
+            alone = make_collate(pad_id=2, packed=False)([[t]])
+            alone.pop("n_tokens")
+            per_text.append((training_loss(model, alone).item(), len(t) - 1))
+    expected = sum(loss * n for loss, n in per_text) / sum(n for _, n in per_text)
+    assert loss_packed == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # the leak this guards against is real: with a cache the texts mix
+        leaky = model(**packed).loss.item()
+    assert abs(leaky - expected) > 1e-4
