@@ -6,6 +6,7 @@ Domain errors become a readable message and exit code 1 in one place (`_errors`)
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -377,13 +378,16 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--save-every-steps", type=click.IntRange(1), default=None, help="Checkpoint every N steps too.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--run-name", default=None, help="Folder under runs/<dataset>/; re-running a name resumes it.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu or cuda.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
 @force_opt
 @click.pass_obj
 @_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
              batch_size: int, grad_accum: int, max_length: int, packing: bool, gradient_checkpointing: bool,
              trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
-             run_name: str | None, force: bool) -> None:
+             run_name: str | None, device: str, compile_: bool, force: bool) -> None:
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
     Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
@@ -397,7 +401,7 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
                             batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
-                            force=force)
+                            device=device, compile=compile_, force=force)
     r = p.finetune(dataset, config)
     from training.finetune import _epochs_text
 
@@ -415,7 +419,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @dataset_arg
 @model_opt
 @click.option("--checkpoint", default=None,
-              help="An epoch folder (runs/<dataset>/<run>/models/epoch-E), or a run folder for every epoch. "
+              help="A model folder (runs/<dataset>/<run>/models/epoch-E or step-N), or a run folder for every "
+                   "model the run saved. "
                    "Default: the base model (LLM4ES without fine-tuning).")
 @click.option("--kind", type=click.Choice(["serialized", "template", "llm"]), default="serialized",
               show_default=True, help="Which texts to embed (variant 0).")
@@ -430,11 +435,14 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (exact batch invariance). bfloat16 is "
                                       "~2-3x faster on CPUs with AMX/avx512_bf16, vectors then agree to ~1e-3.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (each process's GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda or cuda:N. "
+                   "Several processes: torchrun --nproc-per-node N -m producers.cli embed ...")
 @force_opt
 @click.pass_obj
 @_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          batch_tokens: int, limit_users: int | None, dtype: str, force: bool) -> None:
+          batch_tokens: int, limit_users: int | None, dtype: str, device: str, force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 
     Batches are sorted by length and written as they finish, so a killed run resumes where it
@@ -445,7 +453,9 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
                                      max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
-                                     dtype=dtype, force=force))
+                                     dtype=dtype, device=device, force=force))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # process 0 reports for the whole job
     for s in r.sets:
         console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"

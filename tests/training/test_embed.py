@@ -341,3 +341,63 @@ def test_the_suite_is_pinned_to_the_cpu(monkeypatch):
             pick_device("auto")
     else:
         assert pick_device("auto").type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo on the CPU)
+
+
+def torchrun(home, model_dir, *die, nproc=2):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "LLM4ES_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(root / "tests" / "training" / "embed_worker.py"), str(home.root), str(model_dir), *map(str, die)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return done, sorted(results, key=lambda r: r["rank"])
+
+
+def vectors_by_user(home):
+    return {u: np.array(v) for u, v in query(home, "SELECT user_id, vector FROM movielens_100k.embeddings")}
+
+
+def test_shards_are_length_balanced_and_cover_every_user_once():
+    lengths = [100, 90, 80, 10, 10, 10, 5, 300]
+    shards = embed_mod.shard_users(lengths, 2)
+    assert sorted(i for s in shards for i in s) == list(range(8))
+    loads = [sum(lengths[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(lengths[i] for i in range(8) if i != 7)  # greedy bound
+    assert shards == embed_mod.shard_users(lengths, 2)  # a pure function: a resumed process finds its shard
+    assert embed_mod.shard_users(lengths, 1) == [list(range(8))]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_output_and_a_killed_rank_resumes(built_home, model_dir, tmp_path):
+    one = Home.resolve(shutil.copytree(built_home.root, tmp_path / "one"))
+    embed(one, "movielens-100k", config(model_dir, batch_tokens=256))
+    expected = vectors_by_user(one)
+
+    two = Home.resolve(shutil.copytree(built_home.root, tmp_path / "two"))
+    killed, _ = torchrun(two, model_dir, 1, 1)  # process 1 dies after its first part file
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    parts = list((two.data_dir / "movielens_100k" / "embeddings_parts").glob("*/batch-r001-*.parquet"))
+    assert len(parts) == 1  # its finished part is on disk, and nothing was published
+    assert not query(two, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'embeddings'")[0][0]
+
+    done, results = torchrun(two, model_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["rank"] for r in results] == [0, 1] and all(r["n_users"] == 12 for r in results)
+    assert results[1]["resumed"] >= 1  # process 1 took up its shard where it died
+    assert results[0]["computed"] + results[1]["computed"] + sum(r["resumed"] for r in results) == 12
+    got = vectors_by_user(two)
+    assert got.keys() == expected.keys()
+    assert max(np.abs(got[u] - expected[u]).max() for u in got) <= 1e-5
+    assert results[0]["parquet"] == results[1]["parquet"] and read_provenance(results[0]["parquet"])[
+        "num_processes"] == 2
+    assert not list((two.data_dir / "movielens_100k" / "embeddings_parts").glob("*"))  # merged once, cleaned up
