@@ -401,3 +401,31 @@ def test_two_processes_give_the_one_process_output_and_a_killed_rank_resumes(bui
     assert results[0]["parquet"] == results[1]["parquet"] and read_provenance(results[0]["parquet"])[
         "num_processes"] == 2
     assert not list((two.data_dir / "movielens_100k" / "embeddings_parts").glob("*"))  # merged once, cleaned up
+
+
+def test_progress_shows_in_a_log_file(ready_home, model_dir, monkeypatch):
+    """stdout not a terminal (a log file): lines with users done, tokens/s and an ETA, not just 'loading'."""
+    from training import hardware
+
+    monkeypatch.setattr(hardware.sys.stdout, "isatty", lambda: False, raising=False)
+    lines: list[str] = []
+    embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=256), log=lines.append)
+    progress = [line for line in lines if " users (" in line]
+    assert progress and progress[-1].startswith("12/12 users (100%)")
+    assert "tokens/s" in progress[-1] and "ETA 0m00s" in progress[-1]
+
+
+def test_progress_lines_come_every_interval_and_at_the_end():
+    from training.hardware import Progress
+
+    lines: list[str] = []
+    p = Progress(lines.append, total=10, unit="users", every_s=3600, enabled=True)
+    for done in range(1, 11):
+        p.update(done, tokens=done * 100)
+    assert len(lines) == 1 and lines[0].startswith("10/10 users (100%)")  # the interval holds back the rest
+    p = Progress(lines.append, total=10, unit="users", every_s=0, enabled=True)
+    p.update(4, 400)
+    assert lines[-1].startswith("4/10 users (40%)") and "ETA" in lines[-1]
+    quiet: list[str] = []
+    Progress(quiet.append, total=3, unit="users", enabled=False).update(3, 10)
+    assert not quiet  # a terminal has tqdm's bar instead
