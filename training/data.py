@@ -189,10 +189,13 @@ class ItemDataset:
         return [self.tokens.text(i) for i in self.items[k]]
 
 
-def make_collate(pad_id: int, packed: bool) -> Callable[[list[list[np.ndarray]]], dict]:
+def make_collate(pad_id: int, packed: bool, padding_mask: bool = False) -> Callable[[list[list[np.ndarray]]], dict]:
     """Right-padded batches; labels are -100 on padding (by position, not by id: pad may equal EOS).
 
-    Without packing: `input_ids`, `attention_mask`, `labels`. With packing: `input_ids`,
+    Without packing: `input_ids`, `labels`, and an `attention_mask` only with `padding_mask`: under
+    a causal mask a real token never sees the padding to its right and padding carries no label, so
+    the loss is the same without it, and without it SDPA takes its causal kernel (flash on GPUs)
+    instead of building a 4-D mask. With packing: `input_ids`,
     `position_ids` restarting at 0 for every text (and for the padding tail), `labels` with the
     first token of every text masked so no text is trained to follow another, and no
     `attention_mask`: from restarting position ids transformers 5 builds a block-diagonal
@@ -222,7 +225,7 @@ def make_collate(pad_id: int, packed: bool) -> Callable[[list[list[np.ndarray]]]
         out = {"input_ids": ids, "labels": labels, "n_tokens": mask.sum()}
         if packed:
             out["position_ids"] = positions
-        else:
+        elif padding_mask:
             out["attention_mask"] = mask
         return out
 

@@ -269,10 +269,29 @@ def test_packed_rows_give_each_text_its_own_logits(tiny_model):
 
 def test_padded_batches_mask_padding_by_position_not_by_id():
     texts = [np.array([5, 6, 2], dtype=np.int32), np.array([7, 2], dtype=np.int32)]
-    batch = make_collate(pad_id=2, packed=False)([[texts[0]], [texts[1]]])  # pad id == EOS id
+    batch = make_collate(pad_id=2, packed=False, padding_mask=True)([[texts[0]], [texts[1]]])  # pad id == EOS id
     assert batch["input_ids"].tolist() == [[5, 6, 2], [7, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
+    assert "attention_mask" not in make_collate(pad_id=2, packed=False)([[texts[0]], [texts[1]]])
+
+
+def test_right_padding_needs_no_mask_the_loss_is_the_same(tiny_model):
+    """Without the 2-D mask SDPA runs its causal kernel; the loss must not change."""
+    import torch
+
+    from training.finetune import training_loss
+
+    model = load_causal_lm(str(tiny_model), dtype=torch.float32).eval()
+    rng = np.random.default_rng(4)
+    rows = [[rng.integers(3, 300, n).astype(np.int32)] for n in (30, 11, 22, 5)]
+    with torch.no_grad():
+        losses = []
+        for padding_mask in (True, False):
+            batch = make_collate(pad_id=2, packed=False, padding_mask=padding_mask)(rows)
+            batch.pop("n_tokens")
+            losses.append(training_loss(model, batch).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
