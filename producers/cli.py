@@ -369,6 +369,9 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Texts per device per step.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(16), default=None,
+              help="Token budget per device and step: as many similar-length texts as fit rows x longest <= N "
+                   "(replaces --batch-size; e.g. 65536 for SmolLM2-135M on an 80 GB GPU).")
 @click.option("--max-length", type=click.IntRange(16), default=2048, show_default=True)
 @click.option("--packing", is_flag=True, help="Pack texts into max-length rows (attention never crosses texts).")
 @click.option("--gradient-checkpointing", is_flag=True)
@@ -385,8 +388,8 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.pass_obj
 @_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
-             batch_size: int, grad_accum: int, max_length: int, packing: bool, gradient_checkpointing: bool,
-             trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
+             batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
+             gradient_checkpointing: bool, trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
              run_name: str | None, device: str, compile_: bool, force: bool) -> None:
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
@@ -398,7 +401,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     from training.finetune import FinetuneConfig
 
     config = FinetuneConfig(model=model, mixture=mixture, epochs=epochs, max_steps=max_steps, lr=lr,
-                            batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+                            batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens,
+                            max_length=max_length, packing=packing,
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
                             device=device, compile=compile_, force=force)

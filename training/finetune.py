@@ -77,6 +77,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float | None = 1.0
     batch_size: int = 1  # per device
+    batch_tokens: int | None = None  # per device: rows x longest row <= this (similar lengths); replaces batch_size
     grad_accum: int = 1
     max_length: int = 2048  # tokens per text (EOS included), or per pack
     group_by_length: bool = True  # batches of similar lengths, batch order shuffled per epoch
@@ -105,6 +106,11 @@ class FinetuneConfig:
                 raise FinetuneError(f"{name} must be at least 1, got {value}")
         if self.max_length < 2:
             raise FinetuneError("max_length must be at least 2")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+            raise FinetuneError(f"batch_tokens ({self.batch_tokens}) must hold one row of max_length "
+                                f"({self.max_length}) tokens")
+        if self.batch_tokens is not None and not self.group_by_length:
+            raise FinetuneError("batch_tokens needs group_by_length (batches of similar lengths)")
         if self.lora_r is not None and self.trainable_layers is not None:
             raise FinetuneError("choose LoRA (lora_r) or partial fine-tuning (trainable_layers), not both")
         if not 0 <= self.warmup_ratio < 1:
@@ -180,7 +186,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     if config.packing:
         say(f"packed {len(tokens):,} texts into {len(items):,} rows of up to {config.max_length} tokens")
     dataset_ = ItemDataset(tokens, items)
-    sampler = EpochBatchSampler(dataset_.lengths, config.batch_size, config.seed, config.group_by_length)
+    sampler = EpochBatchSampler(dataset_.lengths, config.batch_size, config.seed, config.group_by_length,
+                                config.batch_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cuda = accelerator.device.type == "cuda"
     # On CUDA batches come from pinned memory, so accelerate's copy to the GPU does not block.
@@ -197,7 +204,10 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
         "config": asdict(config), "run_name": run_name, "model_path": model_path,
         "schedule": {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": num_epochs,
                      "warmup_steps": warmup, "num_processes": accelerator.num_processes,
-                     "effective_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes},
+                     "effective_batch_size": (config.batch_size * config.grad_accum * accelerator.num_processes
+                                              if config.batch_tokens is None else None),
+                     "tokens_per_step_budget": (config.batch_tokens * config.grad_accum * accelerator.num_processes
+                                                if config.batch_tokens else None)},
         "data": {"dataset": definition.name, "schema": definition.schema, "mixture": str(mixture),
                  "n_texts": len(tokens), "texts_per_kind": texts.per_kind, "n_rows": len(items),
                  "n_tokens": int(tokens.lengths.sum()), "n_truncated": tokens.n_truncated,

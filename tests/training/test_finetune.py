@@ -377,3 +377,24 @@ def test_the_training_forward_keeps_packed_texts_apart(tiny_model):
     with torch.no_grad():  # the leak this guards against is real: with a cache the texts mix
         leaky = model(**packed).loss.item()
     assert abs(leaky - expected) > 1e-4
+
+
+def test_token_budget_batches_hold_the_budget_and_the_same_count_every_epoch():
+    from training.data import EpochBatchSampler
+
+    lengths = np.random.default_rng(5).integers(5, 100, 57)
+    per_epoch = [epoch_batches(lengths, 1, seed=0, epoch=e, group_by_length=True, batch_tokens=256) for e in range(3)]
+    for batches in per_epoch:
+        assert sorted(i for b in batches for i in b) == list(range(57))
+        assert all(len(b) == 1 or len(b) * max(lengths[b]) <= 256 for b in batches)
+    assert len({len(b) for b in per_epoch}) == 1 and per_epoch[0] != per_epoch[1]
+    assert max(len(b) for b in per_epoch[0]) > 2  # short texts come many to a batch
+    sampler = EpochBatchSampler(lengths, 1, 0, True, batch_tokens=256)
+    assert len(sampler) == len(per_epoch[0]) and sampler.batch_size is None  # accelerate: batches vary in size
+
+
+def test_finetune_with_a_token_budget(home, tiny_model):
+    r = finetune(home, DATASET, cfg(tiny_model, batch_tokens=96, epochs=1))
+    assert r.steps == r.steps_per_epoch == 6  # 12 texts cut to 48 tokens, two per 96-token batch
+    with pytest.raises(FinetuneError, match="must hold one row"):
+        cfg(tiny_model, batch_tokens=40)
