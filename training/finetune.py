@@ -53,7 +53,7 @@ CHECKPOINT_MARKER = "llm4es_checkpoint.json"
 """Written into every `models/...` folder: what the embedding step needs to know about it."""
 
 RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient_checkpointing", "precision",
-                               "force", "run_name", "device", "compile"})
+                               "force", "run_name", "device", "compile", "chunked_loss"})
 """Config fields a resumed run may change: they change neither the data order nor the maths."""
 
 Log = Callable[[str], None]
@@ -92,6 +92,7 @@ class FinetuneConfig:
     precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
+    chunked_loss: bool = True  # the loss without (batch, seq, vocab) float32 logits (training.loss)
     run_name: str | None = None  # default: <dataset>__<model>__<mixture>
     force: bool = False  # train on data that failed validation
 
@@ -222,6 +223,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     set_seed(config.seed)
     model = _build_model(model_path, config, say)
+    head = _chunked_head(model, accelerator, config)
     optimizer = _optimizer(model, config, fused=cuda)
     from transformers import get_cosine_schedule_with_warmup
 
@@ -261,7 +263,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
             for batch in loader:
                 n_tokens = batch.pop("n_tokens")
                 with accelerator.accumulate(model):
-                    loss = training_loss(model, batch)
+                    loss = training_loss(model, batch, head)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -328,14 +330,34 @@ def config_hash(config: FinetuneConfig) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def training_loss(model, batch: dict):
+def training_loss(model, batch: dict, head_weight=None):
     """The loss of one collated batch: the forward every training step makes.
 
     `use_cache=False` is what keeps packed texts apart: without a cache, transformers reads the
     restarting position ids as separate documents and builds a block-diagonal mask; with one it
     assumes one sequence per row and packed texts attend to each other (tests fail if it goes).
+    With `head_weight` (the model's LM head bypassed by `training.loss.bypass_lm_head`) the
+    forward returns hidden states and the loss is computed chunk by chunk from them.
     """
-    return model(**batch, use_cache=False).loss
+    if head_weight is None:
+        return model(**batch, use_cache=False).loss
+    from training.loss import chunked_cross_entropy
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs, use_cache=False).logits  # the bypassed head returns its input
+    return chunked_cross_entropy(hidden, head_weight, batch["labels"])
+
+
+def _chunked_head(model, accelerator, config: FinetuneConfig):
+    """The LM head's weight when the chunked loss applies (not under FSDP, whose sharded weights are
+    only whole inside the wrapped forward), else None and the model's own loss."""
+    from accelerate.utils import DistributedType
+
+    from training.loss import bypass_lm_head
+
+    if not config.chunked_loss or accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return bypass_lm_head(model)
 
 
 def _precision(config: FinetuneConfig, on_cpu: bool) -> str:

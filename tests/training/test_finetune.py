@@ -168,7 +168,7 @@ def test_run_folder_layout(home, tiny_model):
     assert saved["data"]["n_texts"] == 12 and saved["data"]["texts_per_kind"] == {"serialized": 12}
     assert saved["data"]["source_hashes"] and len(saved["data"]["texts_sha256"]) == 64
     assert saved["schedule"] == {"steps_per_epoch": 6, "total_steps": 12, "epochs": 2, "warmup_steps": 0,
-                                 "num_processes": 1, "effective_batch_size": 2}
+                                 "num_processes": 1, "effective_batch_size": 2, "tokens_per_step_budget": None}
     assert saved["code_version"]
 
     for epoch in (1, 2):
@@ -351,29 +351,36 @@ def test_fsdp_with_lora_or_partial_training_is_refused():
     _refuse_fsdp_partial(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), FinetuneConfig(lora_r=4))
 
 
-def test_the_training_forward_keeps_packed_texts_apart(tiny_model):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_training_forward_keeps_packed_texts_apart(tiny_model, chunked):
     """`training_loss`, the loop's own forward: a packed row's loss equals the token-weighted mean of its
     texts' losses alone. A loop that drops use_cache=False (or sends a 2-D mask) lets texts attend
     to each other and fails here."""
     import torch
 
     from training.finetune import training_loss
+    from training.loss import bypass_lm_head
 
     model = load_causal_lm(str(tiny_model), dtype=torch.float32).eval()
+    head = bypass_lm_head(model) if chunked else None
     rng = np.random.default_rng(3)
     texts = [rng.integers(3, 300, n).astype(np.int32) for n in (9, 15, 6)]
     collate = make_collate(pad_id=2, packed=True)
     packed = collate([texts])
     packed.pop("n_tokens")
     with torch.no_grad():
-        loss_packed = training_loss(model, packed).item()
+        loss_packed = training_loss(model, packed, head).item()
         per_text = []
         for t in texts:
             alone = make_collate(pad_id=2, packed=False)([[t]])
             alone.pop("n_tokens")
-            per_text.append((training_loss(model, alone).item(), len(t) - 1))
+            per_text.append((training_loss(model, alone, head).item(), len(t) - 1))
     expected = sum(loss * n for loss, n in per_text) / sum(n for _, n in per_text)
     assert loss_packed == pytest.approx(expected, rel=1e-5)
+    if chunked:
+        from training.loss import restore_lm_head
+
+        restore_lm_head(model)
     with torch.no_grad():  # the leak this guards against is real: with a cache the texts mix
         leaky = model(**packed).loss.item()
     assert abs(leaky - expected) > 1e-4
