@@ -1,12 +1,15 @@
-"""One fine-tuning step with and without the 2-D padding mask: same loss, which is faster.
+"""One fine-tuning step in its old and new forms: same loss, which is faster.
 
     python benchmarks/finetune_step.py                      # SmolLM2-135M, 4 right-padded rows of 64-256 tokens
     python benchmarks/finetune_step.py --model DIR --steps 5 --threads 1
 
-`make_collate(padding_mask=False)` (the default since this benchmark) leaves the mask out of
-right-padded rows: under a causal mask a real token never attends to the padding on its right,
-and padding has no label. The script times forward + backward + AdamW for both forms on the same
-rows, alternating them, and prints the losses (they must agree) and the median step times.
+Three forms of forward + backward + AdamW on the same right-padded rows, alternated:
+- `mask + model loss`: the 2-D padding mask and transformers' loss (the old default);
+- `no mask + model loss`: `make_collate(padding_mask=False)`: under a causal mask a real token
+  never attends to the padding on its right, and padding has no label;
+- `no mask + chunked loss` (the new default): the LM head bypassed, `training.loss` computes the
+  loss chunk by chunk over real target tokens, with no (batch, seq, vocab) float32 logits.
+It prints the losses (they must agree), the median step times and, on CUDA, peak memory.
 """
 from __future__ import annotations
 
@@ -44,29 +47,46 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lengths = np.linspace(args.min_len, args.max_len, args.rows).astype(int)
     rows = [[rng.integers(3, model.config.vocab_size, n).astype(np.int32)] for n in lengths]
-    batches = {mask: make_collate(pad_id=0, packed=False, padding_mask=mask)(rows) for mask in (True, False)}
-    for b in batches.values():
-        b.pop("n_tokens")
-    times: dict[bool, list[float]] = {True: [], False: []}
-    losses: dict[bool, float] = {}
+    from training.loss import bypass_lm_head, restore_lm_head
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batches = {mask: {k: v.to(device) for k, v in make_collate(pad_id=0, packed=False, padding_mask=mask)(rows).items()
+                      if k != "n_tokens"} for mask in (True, False)}
+    forms = [("mask + model loss", True, False), ("no mask + model loss", False, False),
+             ("no mask + chunked loss", False, True)]
+    times: dict[str, list[float]] = {f[0]: [] for f in forms}
+    losses: dict[str, float] = {}
+    memory: dict[str, float] = {}
     for step in range(args.steps + 1):
-        for mask in (True, False):
+        for name, mask, chunked in forms:
+            head = bypass_lm_head(model) if chunked else None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            loss = training_loss(model, batches[mask])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = training_loss(model, batches[mask], head)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                memory[name] = torch.cuda.max_memory_allocated() / 2**30
             if step:  # the first round warms up
-                times[mask].append(time.perf_counter() - t0)
-            losses[mask] = loss.item()
+                times[name].append(time.perf_counter() - t0)
+            losses[name] = loss.item()
+            restore_lm_head(model)
     print(describe())
     print(f"{path}: {args.rows} rows of {lengths.min()}-{lengths.max()} tokens, right-padded to {lengths.max()}, "
-          f"{args.threads} thread(s), median of {args.steps} steps")
-    for mask in (True, False):
-        print(f"  {'with' if mask else 'without'} 2-D padding mask: {statistics.median(times[mask]) * 1e3:,.0f} ms "
-              f"per step, loss {losses[mask]:.6f}")
-    print(f"  loss difference {abs(losses[True] - losses[False]):.2e}; speed-up "
-          f"{statistics.median(times[True]) / statistics.median(times[False]):.2f}x")
+          f"{args.threads} thread(s), {device}, median of {args.steps} steps")
+    base = statistics.median(times[forms[0][0]])
+    for name, _, _ in forms:
+        t = statistics.median(times[name])
+        mem = f", peak {memory[name]:.2f} GiB" if name in memory else ""
+        print(f"  {name:24s} {t * 1e3:8,.0f} ms per step ({base / t:.2f}x), loss {losses[name]:.6f}{mem}")
+    spread = max(losses.values()) - min(losses.values())
+    print(f"  largest loss difference {spread:.2e}")
 
 
 if __name__ == "__main__":

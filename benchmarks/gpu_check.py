@@ -10,7 +10,7 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
    a 10-step fine-tune's losses GPU vs CPU. On a CPU they skip, and the step says so.
 2. throughput with random weights of the real shapes (speed does not depend on the values):
    SmolLM2-135M and Llama-3.2-1B (dry run: a tiny Llama). Training: the fine-tuning step itself
-   (`training.data.make_collate`, `training.finetune.training_loss`, its AdamW, fused on CUDA,
+   (`training.data.make_collate`, `training.finetune.training_loss` with the chunked loss, its AdamW, fused on CUDA,
    bf16 autocast through accelerate as `llm4es finetune` runs it) on full 2048-token rows;
    embedding: `training.embed.Embedder.encode_ids` on the bare decoder over length-sorted batches.
    Real tokens per second of pure compute (synchronised, after warm-up), and MFU =
@@ -91,7 +91,10 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     cuda = device.type == "cuda"
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     fast_cuda_settings(acc.device)
+    from training.loss import bypass_lm_head
+
     model = load_causal_lm(str(model_dir), dtype=torch.float32).train()
+    head = bypass_lm_head(model)  # the chunked loss, as `llm4es finetune` runs by default
     optimizer = _optimizer(model, FinetuneConfig(), fused=cuda)
     model, optimizer = acc.prepare(model, optimizer)
     vocab = model.config.vocab_size if hasattr(model, "config") else acc.unwrap_model(model).config.vocab_size
@@ -106,7 +109,7 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
         if i == warmup:
             sync(acc.device)
             t0 = time.perf_counter()
-        loss = training_loss(model, data)
+        loss = training_loss(model, data, head)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
