@@ -463,6 +463,8 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
     for s in r.sets:
         console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"
+                      f"{f' ({s.compute_tokens_per_s:,.0f} in the model' if s.compute_tokens_per_s else ''}"
+                      f"{f', MFU {s.mfu:.1%})' if s.mfu is not None else (')' if s.compute_tokens_per_s else '')}"
                       f"{f', {s.n_resumed:,} resumed' if s.n_resumed else ''}")
         console.print(f"  {s.parquet}", soft_wrap=True)
 

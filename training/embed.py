@@ -109,9 +109,12 @@ class EmbedSet:
     seconds: float  # the batch loop (tokenize, forward, pool, write parts), wall clock
     cpu_seconds: float  # the same loop in process CPU time (steadier on a shared machine)
     wall_seconds: float  # the whole set: loading, batches, merge, export
-    tokens_per_s: float
+    tokens_per_s: float  # real tokens per second of the batch loop (`seconds`)
     parquet: str
     run_key: str
+    compute_seconds: float = 0.0  # of the loop, in the model (copy in, forward, pooling, copy out)
+    compute_tokens_per_s: float = 0.0
+    mfu: float | None = None  # on a GPU of known peak: compute tokens/s x (2N + attention) / peak (README)
 
 
 @dataclass
@@ -203,7 +206,12 @@ def find_checkpoints(home: Home, checkpoint: str | None) -> list[Checkpoint]:
     path = path.resolve()
     if not path.is_dir():
         raise EmbedError(f"checkpoint {checkpoint}: no such folder")
-    if (path / "config.json").is_file():
+    # A run folder has a config.json too (the run's own), so the run's layout is looked for first.
+    is_run = (path / "state.json").is_file() or (path / "models").is_dir()
+    if not is_run and (path / "config.json").is_file():
+        if not _is_model_config(path / "config.json"):
+            raise EmbedError(f"checkpoint {checkpoint}: {path / 'config.json'} is not a model's config (no "
+                             "model_type); expected a model folder or a fine-tuning run folder")
         return [_checkpoint(home, path)]
     models = _run_models(path)
     if not models:
@@ -214,6 +222,13 @@ def find_checkpoints(home: Home, checkpoint: str | None) -> list[Checkpoint]:
     return sorted((_checkpoint(home, p) for p in models),
                   key=lambda c: (c.info.get("global_step") is None, c.info.get("global_step") or 0,
                                  c.epoch is None, c.epoch or 0, c.label))
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (ValueError, OSError):
+        return False
 
 
 def _run_models(run: Path) -> list[Path]:
@@ -231,7 +246,8 @@ def _run_models(run: Path) -> list[Path]:
             names = None
     if names is None:
         names = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"(epoch|step)-\d+", p.name))
-    return [folder / n for n in names if (folder / n / "config.json").is_file()]
+    return [folder / n for n in names if (folder / n / "config.json").is_file()
+            and _is_model_config(folder / n / "config.json")]
 
 
 def _listing(path: Path) -> str:
@@ -658,6 +674,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         prefix = f"batch-r{ranks.rank:03d}-" if ranks.distributed else "batch-"
         next_index = _next_part_index(parts, prefix)
         tokens = padded = done_users = 0
+        compute = 0.0
         progress = Progress(say, len(todo), "users")
         writer = _PartWriter()
         loop_started, loop_cpu = time.perf_counter(), time.process_time()
@@ -665,7 +682,9 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             bar = tqdm(batches, desc=f"embed {ck.label}", unit="batch", disable=None if ranks.main else True)
             for b, batch in enumerate(bar):
                 rows = [todo[j] for j in batch]
-                enc = embedder.encode_ids([ids[j] for j in batch])
+                t_batch = time.perf_counter()
+                enc = embedder.encode_ids([ids[j] for j in batch])  # returns once the vectors are on the host
+                compute += time.perf_counter() - t_batch
                 writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
                               [data.source_hashes[i] for i in rows])
                 tokens += int(enc.n_tokens.sum())
@@ -703,6 +722,9 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         if "error" in outcome:
             raise EmbedError(f"process 0 could not merge the parts: {outcome['error']}")
         tokens_all, seconds_max = group.sum_max(tokens, seconds)
+        _, compute_max = group.sum_max(0, compute)
+        compute_tps = tokens_all / compute_max if compute_max > 0 else 0.0
+        mfu = _embed_mfu(embedder, ids, compute_tps, ranks.world_size)
     finally:
         embedder.close()
         group.leave()
@@ -711,7 +733,20 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                     dim=outcome["dim"], tokens=tokens_all, padded_tokens=padded, seconds=seconds_max,
                     cpu_seconds=cpu_seconds, wall_seconds=time.perf_counter() - started,
                     tokens_per_s=tokens_all / seconds_max if seconds_max > 0 else 0.0, parquet=outcome["parquet"],
-                    run_key=run_key)
+                    run_key=run_key, compute_seconds=compute_max, compute_tokens_per_s=compute_tps, mfu=mfu)
+
+
+def _embed_mfu(embedder: Embedder, ids: list, tokens_per_s: float, processes: int) -> float | None:
+    """2N + attention FLOPs per real token of the bare decoder (README), against the GPU's peak."""
+    from training.hardware import model_flops_per_token, peak_flops
+
+    peak, _ = peak_flops(embedder.device)
+    if peak is None or not ids or tokens_per_s <= 0:
+        return None
+    n = [len(x) for x in ids]
+    mean_context = sum(k * k for k in n) / sum(n) / 2
+    flops = model_flops_per_token(embedder.base.config, mean_context, training=False, lm_head=False)
+    return tokens_per_s * flops / (peak * processes)
 
 
 def shard_users(lengths: Sequence[int], world_size: int) -> list[list[int]]:

@@ -326,6 +326,11 @@ def test_an_unusable_checkpoint_folder_says_what_was_expected(ready_home):
         find_checkpoints(ready_home, str(empty))
     with pytest.raises(EmbedError, match="no such folder"):
         find_checkpoints(ready_home, str(empty / "missing"))
+    odd = ready_home.root / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"run_name": "x"}))  # a run's config, not a model's
+    with pytest.raises(EmbedError, match="is not a model's config"):
+        find_checkpoints(ready_home, str(odd))
 
 
 def test_the_suite_is_pinned_to_the_cpu(monkeypatch):

@@ -405,3 +405,31 @@ def test_finetune_with_a_token_budget(home, tiny_model):
     assert r.steps == r.steps_per_epoch == 6  # 12 texts cut to 48 tokens, two per 96-token batch
     with pytest.raises(FinetuneError, match="must hold one row"):
         cfg(tiny_model, batch_tokens=40)
+
+
+def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_model, monkeypatch):
+    """issue 17: `finetune --max-steps` leaves models/step-N; `embed --checkpoint <run folder>` embeds it.
+    The finetune line names steps, the share of an epoch and the precision plainly."""
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    import producers.cli
+    from producers.cli import cli
+
+    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
+    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
+    base = ["--home", str(home.root), "--cache", str(home.root / "cache")]
+    run = CliRunner().invoke(cli, [*base, "finetune", DATASET, "--model", str(tiny_model), "--mixture",
+                                   "serialized:1", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",
+                                   "--run-name", "short"])
+    assert run.exit_code == 0, run.output
+    assert "3 steps (0.50 epochs, 0 complete)" in run.output and "precision no" not in run.output
+    assert "models/step-3" in run.output
+    emb = CliRunner().invoke(cli, [*base, "embed", DATASET, "--model", str(tiny_model), "--checkpoint",
+                                   "runs/movielens_100k/short", "--max-length", "48", "--layers", "1:"])
+    assert emb.exit_code == 0, emb.output
+    assert "runs/movielens_100k/short/models/step-3" in emb.output and "12 vectors" in emb.output
+    bad = CliRunner().invoke(cli, [*base, "embed", DATASET, "--model", str(tiny_model), "--checkpoint",
+                                   "runs/movielens_100k"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert "models/epoch-E/ or models/step-N/" in bad.output
