@@ -44,6 +44,8 @@ def choose_device(device: str = "auto", error: type[Exception] = ValueError) -> 
         raise error(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from e
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {device!r}: CUDA is not available here")
+    if chosen.type == "cuda" and chosen.index is None:  # "cuda" under torchrun: each process its own GPU
+        chosen = torch.device("cuda", Ranks.from_env().local_rank % torch.cuda.device_count())
     return chosen
 
 
