@@ -6,6 +6,7 @@ Domain errors become a readable message and exit code 1 in one place (`_errors`)
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -415,6 +416,9 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Texts per device per step.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(16), default=None,
+              help="Token budget per device and step: as many similar-length texts as fit rows x longest <= N "
+                   "(replaces --batch-size; e.g. 65536 for SmolLM2-135M on an 80 GB GPU).")
 @click.option("--max-length", type=click.IntRange(16), default=2048, show_default=True)
 @click.option("--packing", is_flag=True, help="Pack texts into max-length rows (attention never crosses texts).")
 @click.option("--gradient-checkpointing", is_flag=True)
@@ -424,13 +428,16 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--save-every-steps", type=click.IntRange(1), default=None, help="Checkpoint every N steps too.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--run-name", default=None, help="Folder under runs/<dataset>/; re-running a name resumes it.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu or cuda.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
 @force_opt
 @click.pass_obj
 @_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
-             batch_size: int, grad_accum: int, max_length: int, packing: bool, gradient_checkpointing: bool,
-             trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
-             run_name: str | None, force: bool) -> None:
+             batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
+             gradient_checkpointing: bool, trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
+             run_name: str | None, device: str, compile_: bool, force: bool) -> None:
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
     Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
@@ -441,13 +448,18 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     from training.finetune import FinetuneConfig
 
     config = FinetuneConfig(model=model, mixture=mixture, epochs=epochs, max_steps=max_steps, lr=lr,
-                            batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+                            batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens,
+                            max_length=max_length, packing=packing,
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
-                            force=force)
+                            device=device, compile=compile_, force=force)
     r = p.finetune(dataset, config)
-    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({r.epochs_done} epochs) on {r.n_texts:,} texts, "
-                  f"final loss {r.final_loss:.4f}, {r.tokens_per_second:,.0f} tokens/s"
+    from training.finetune import _epochs_text
+
+    mfu = "" if r.mfu is None else f", MFU {r.mfu:.1%}"
+    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({_epochs_text(r.steps, r.steps_per_epoch or r.steps)}, "
+                  f"{r.epochs_done} complete) on {r.n_texts:,} texts, final loss {r.final_loss:.4f}, "
+                  f"{r.tokens_per_second:,.0f} tokens/s{mfu}"
                   f"{f' (resumed from {r.resumed_from})' if r.resumed_from else ''}")
     console.print(f"run: {r.run_dir}", soft_wrap=True)
     for m in r.models:
@@ -458,7 +470,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @dataset_arg
 @model_opt
 @click.option("--checkpoint", default=None,
-              help="An epoch folder (runs/<dataset>/<run>/models/epoch-E), or a run folder for every epoch. "
+              help="A model folder (runs/<dataset>/<run>/models/epoch-E or step-N), or a run folder for every "
+                   "model the run saved. "
                    "Default: the base model (LLM4ES without fine-tuning).")
 @click.option("--kind", type=click.Choice(["serialized", "template", "llm"]), default="serialized",
               show_default=True, help="Which texts to embed (variant 0).")
@@ -473,11 +486,14 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (exact batch invariance). bfloat16 is "
                                       "~2-3x faster on CPUs with AMX/avx512_bf16, vectors then agree to ~1e-3.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (each process's GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda or cuda:N. "
+                   "Several processes: torchrun --nproc-per-node N -m producers.cli embed ...")
 @force_opt
 @click.pass_obj
 @_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          batch_tokens: int, limit_users: int | None, dtype: str, force: bool) -> None:
+          batch_tokens: int, limit_users: int | None, dtype: str, device: str, force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 
     Batches are sorted by length and written as they finish, so a killed run resumes where it
@@ -488,10 +504,14 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
                                      max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
-                                     dtype=dtype, force=force))
+                                     dtype=dtype, device=device, force=force))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # process 0 reports for the whole job
     for s in r.sets:
         console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"
+                      f"{f' ({s.compute_tokens_per_s:,.0f} in the model' if s.compute_tokens_per_s else ''}"
+                      f"{f', MFU {s.mfu:.1%})' if s.mfu is not None else (')' if s.compute_tokens_per_s else '')}"
                       f"{f', {s.n_resumed:,} resumed' if s.n_resumed else ''}")
         console.print(f"  {s.parquet}", soft_wrap=True)
 
