@@ -1086,6 +1086,12 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                 _rewind(store, rewinds)
                 log(f"{online_store}: new data for {', '.join(sorted(rewinds))}: the next materialization writes it "
                     "over the rows they serve now")
+            for name in sorted(n for n, until in rewinds.items() if until is None):
+                gone = _keys_only_in(registered[name].batch_source.path, views[name].batch_source.path)
+                if gone:
+                    log(f"{online_store}: {name} now reads another set: clearing the online rows of {len(gone):,} "
+                        "keys it does not hold")
+                    _clear_online(store, store.get_feature_view(name), gone)
         _reached("apply")
         os.replace(staged, live)
     except PublishError:
@@ -1113,6 +1119,37 @@ def _rewinds(registered: dict[str, Any], views: dict[str, Any], pending: dict[st
         elif name in pending:
             out[name] = pending[name] - timedelta(seconds=1)  # materialization ranges start inclusive or not
     return out
+
+
+def _keys_only_in(old: str, new: str) -> list:
+    """The entity keys of the Parquet history `old` that `new` lacks (none when `old` is gone)."""
+    if not Path(old).is_file() or not Path(new).is_file():
+        return []
+    con = _connect()
+    try:
+        key = "session_id" if "session_id" in {r[0] for r in con.execute(
+            f"DESCRIBE SELECT * FROM read_parquet({_sql_path(Path(new))})").fetchall()} else "user_id"
+        return [k for (k,) in con.execute(
+            f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(Path(old))}) EXCEPT "
+            f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(Path(new))}) ORDER BY 1").fetchall()]
+    finally:
+        con.close()
+
+
+def _clear_online(store: "FeatureStore", view: Any, keys: list) -> None:
+    """Null every feature of `view` for these entity keys in the online store (Feast's write path, as a
+    materialization of missing values writes them): a view that switched sets serves nothing of the old one."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    join_key = view.entity_columns[0].name
+    now = datetime.now(timezone.utc)
+    rows = []
+    for k in keys:
+        value = Value(string_val=k) if isinstance(k, str) else Value(int64_val=int(k))
+        rows.append((EntityKey(join_keys=[join_key], entity_values=[value]), {f.name: Value() for f in view.features},
+                     now, None))
+    store.provider.online_write_batch(store.config, view, rows, progress=None)
 
 
 def _rewind(store: "FeatureStore", rewinds: dict[str, datetime | None]) -> None:

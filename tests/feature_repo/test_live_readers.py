@@ -249,3 +249,20 @@ def test_a_publish_killed_at_each_phase_leaves_the_previous_state_serving(tmp_pa
     assert not [*(home.data_dir / "feast").rglob(".*.tmp"), *(home.data_dir / "feast").glob(".*.staging")]
     if phase != "materialize":
         assert any("left by a publish that did not finish" in m for m in messages)
+
+
+def test_a_default_view_switching_to_a_set_with_fewer_users_serves_nothing_of_the_old_set(tmp_path):
+    """`s__llm4es_embedding` moves to a newer set that lacks some users: they read null online, not the
+    previous set's vectors (two models' vectors in one view would be silently wrong)."""
+    home = Home.resolve(tmp_path / "home")
+    files.embeddings_file(home.data_dir, DATASET, T1, USERS, produced_at=datetime(2025, 1, 1))
+    publish(home, DATASET, PublishConfig(materialize=True))
+    fewer = USERS[:5]
+    _, newer = files.embeddings_file(home.data_dir, DATASET, T1, fewer, checkpoint="runs/live/r1/models/epoch-1",
+                                     epoch=1, produced_at=datetime(2025, 1, 2))
+    messages: list[str] = []
+    publish(home, DATASET, PublishConfig(materialize=True), log=messages.append)
+    got = read(get_store(home), refs=[f"{EMB}:vector"])[f"{EMB}__vector"]
+    assert got[:5] == [v.tobytes() for v in newer]
+    assert got[5:] == [None] * (len(USERS) - 5)
+    assert any("clearing the online rows of 15 keys" in m for m in messages)
