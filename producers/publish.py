@@ -331,7 +331,7 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
             if _clear_pending(manifest):
                 _write_json(manifest_path(home), manifest)
         if config.materialize:
-            materialize(home, online_store=config.online_store, redis_url=config.redis_url, log=log)
+            _materialize(home, config.online_store, None, config.redis_url, None, log)
     views = _views_of(dataset, entry, feast)
     return PublishResult(dataset, schema, repo, manifest_path(home), config.online_store, views, skipped, new_rows,
                          config.materialize, time.perf_counter() - started)
@@ -1206,7 +1206,16 @@ def _stdout_to(log: Log) -> Iterator[None]:
 def materialize(home: Home, online_store: str = "sqlite", end: datetime | None = None, redis_url: str | None = None,
                 views: Sequence[str] | None = None, log: Log = lambda _: None) -> None:
     """`feast materialize-incremental end` (default now), view by view: the latest snapshot of every user
-    into the online store. Each view's rows are written over the ones it serves, never removed first."""
+    into the online store. Each view's rows are written over the ones it serves, never removed first.
+
+    Holds the publish lock: Feast commits its whole cached registry after each view, so a materialization
+    running beside a publish would put back the registry the publish had just replaced."""
+    with file_lock(feast_dir(home) / ".publish.lock"):
+        _materialize(home, online_store, end, redis_url, views, log)
+
+
+def _materialize(home: Home, online_store: str, end: datetime | None, redis_url: str | None,
+                 views: Sequence[str] | None, log: Log) -> None:
     store = get_store(home, online_store, redis_url)
     end = end or datetime.now(timezone.utc)
     if online_store == "sqlite":
