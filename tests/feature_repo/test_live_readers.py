@@ -266,3 +266,29 @@ def test_a_default_view_switching_to_a_set_with_fewer_users_serves_nothing_of_th
     assert got[:5] == [v.tobytes() for v in newer]
     assert got[5:] == [None] * (len(USERS) - 5)
     assert any("clearing the online rows of 15 keys" in m for m in messages)
+
+
+def test_a_registry_write_that_dies_leaves_the_previous_registry_whole(tmp_path, monkeypatch):
+    """Every registry commit (apply, each step of a materialization, `feast` by hand) goes through
+    `AtomicFileRegistryStore`: a write that dies before its rename leaves the old file as it was."""
+    home = Home.resolve(tmp_path / "home")
+    snapshot(home, T1)
+    publish(home, DATASET, PublishConfig(materialize=True))
+    registry = home.data_dir / "feast" / "registry.db"
+    before = registry.read_bytes()
+
+    import feature_repo.registry_store as registry_store
+
+    def dies(*_):
+        raise KeyboardInterrupt("killed between writing and renaming")
+
+    monkeypatch.setattr(registry_store.os, "replace", dies)
+    store = get_store(home)
+    view = store.get_feature_view(EMB)
+    view.description = "changed"
+    with pytest.raises(KeyboardInterrupt):
+        store.apply([view])
+    assert registry.read_bytes() == before
+    assert not list(registry.parent.glob(".registry.db.*.tmp"))
+    monkeypatch.undo()
+    assert sorted(v.name for v in get_store(home).list_feature_views()) == sorted([AGG, EMB])
