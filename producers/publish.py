@@ -330,6 +330,8 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
         if _apply_all(home, objects, _pending(manifest), config, log):
             if _clear_pending(manifest):
                 _write_json(manifest_path(home), manifest)
+            for removed in feast.rglob("*.removed.parquet"):  # cleared in every registry's online store
+                removed.unlink()
         if config.materialize:
             _materialize(home, config.online_store, None, config.redis_url, None, log)
     views = _views_of(dataset, entry, feast)
@@ -689,8 +691,26 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
              "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
     stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
                                           {"written_from": str(source), **stats})
+    _note_removed_keys(con, target, "session_id" if "session_id" in types else "user_id", writes)
     con.execute("DROP TABLE fresh")
     return stats, types
+
+
+def removed_keys_path(history: Path) -> Path:
+    """Beside a history written afresh: the keys its previous version had and it lacks, until publish has
+    cleared their online rows."""
+    return history.with_name(f"{history.stem}.removed.parquet")
+
+
+def _note_removed_keys(con, target: Path, key: str, writes: list) -> None:
+    """The keys of `target`'s previous version (and of a removal list not cleared yet) that `fresh` lacks."""
+    removed = removed_keys_path(target)
+    known = [f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(p)})" for p in (target, removed) if p.is_file()]
+    if not known:
+        return
+    gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
+    if gone.num_rows:
+        _write_beside(gone, removed, writes, {"removed_from": str(target)})
 
 
 def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
@@ -1091,6 +1111,14 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                 if gone:
                     log(f"{online_store}: {name} now reads another set: clearing the online rows of {len(gone):,} "
                         "keys it does not hold")
+                    _clear_online(store, store.get_feature_view(name), gone)
+            for name in sorted(n for n in views if n in registered):
+                removed = removed_keys_path(Path(views[name].batch_source.path))
+                if removed.is_file():  # a history written afresh lost keys (a re-built session table)
+                    import pyarrow.parquet as pq
+
+                    gone = pq.read_table(removed).column(0).to_pylist()
+                    log(f"{online_store}: {name} no longer holds {len(gone):,} keys: clearing their online rows")
                     _clear_online(store, store.get_feature_view(name), gone)
         _reached("apply")
         os.replace(staged, live)

@@ -292,3 +292,24 @@ def test_a_registry_write_that_dies_leaves_the_previous_registry_whole(tmp_path,
     assert not list(registry.parent.glob(".registry.db.*.tmp"))
     monkeypatch.undo()
     assert sorted(v.name for v in get_store(home).list_feature_views()) == sorted([AGG, EMB])
+
+
+def test_a_rebuilt_session_table_clears_the_online_rows_of_sessions_and_users_it_lost(tmp_path):
+    home = Home.resolve(tmp_path / "home")
+    labels = ["browse", "buy"]
+    files.session_files(home.data_dir, DATASET, [("a-1", 1, T1), ("a-2", 1, T2), ("b-1", 2, T1)], labels)
+    publish(home, DATASET, PublishConfig(materialize=True))
+    emb, _ = files.session_files(home.data_dir, DATASET, [("a-1", 1, T1), ("a-2", 1, T2)], labels)  # b-1 is gone
+    messages: list[str] = []
+    publish(home, DATASET, PublishConfig(materialize=True), log=messages.append)
+    store = get_store(home)
+    sessions = store.get_online_features(features=[f"{SCHEMA}__session_embedding:embedding"],
+                                         entity_rows=[{"session_id": s} for s in ("a-1", "b-1")],
+                                         full_feature_names=True).to_dict()[f"{SCHEMA}__session_embedding__embedding"]
+    assert np.array_equal(np.asarray(sessions[0], np.float32), emb[0]) and sessions[1] is None
+    users = store.get_online_features(features=[f"{SCHEMA}__session_embedding_rollup:last_session_embedding"],
+                                      entity_rows=[{"user_id": 1}, {"user_id": 2}], full_feature_names=True).to_dict()
+    last = users[f"{SCHEMA}__session_embedding_rollup__last_session_embedding"]
+    assert np.array_equal(np.asarray(last[0], np.float32), emb[1]) and last[1] is None
+    assert any("no longer holds 1 keys" in m for m in messages)
+    assert not list((home.data_dir / "feast").rglob("*.removed.parquet"))  # cleared, then forgotten
