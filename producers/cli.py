@@ -79,7 +79,11 @@ def _errors(fn):
                      f"command again. Tables and files are written to a staging copy first, so the previous "
                      f"results are intact. ({type(full).__name__}: {detail})")
             if isinstance(e, (duckdb.IOException, duckdb.ConnectionException)):
-                fail(f"cannot open the warehouse (is another llm4es process using it?): {e}")
+                if "lock" in str(e).lower():  # a connection opened without Home.connect
+                    from producers.warehouse import locked_message
+
+                    fail(locked_message(_warehouse_of(args), str(e)))
+                fail(f"cannot open the warehouse: {e}")
             raise
 
     return wrapper
@@ -97,6 +101,12 @@ def _disk_full(e: BaseException) -> BaseException | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def _warehouse_of(args) -> Path | str:
+    """The warehouse path of the command's Pipeline (its first argument), for messages."""
+    home = getattr(args[0], "home", None) if args else None
+    return home.warehouse_path if home is not None else "warehouse"
 
 
 class PipelineOrder(click.Group):
@@ -128,6 +138,7 @@ reject_opt = click.option("--max-reject-share", type=click.FloatRange(0, 1), def
 
 @cli.command()
 @click.pass_obj
+@_errors
 def datasets(p: Pipeline) -> None:
     """List built-in datasets and what the warehouse holds."""
     from producers.datasets.definition import builtin_names, load_builtin
@@ -847,10 +858,13 @@ def intents_distill(p: Pipeline, dataset: str, classifier: str, test_share: floa
 @click.option("--materialize", is_flag=True, help="Also fill the online store (materialize-incremental up to now).")
 @click.option("--recent-sessions", type=click.IntRange(1), default=10, show_default=True,
               help="K of the session rollups: mean embedding and intent shares over a user's last K sessions.")
+@click.option("--project", envvar="LLM4ES_FEAST_PROJECT", default=None,
+              help="The Feast project (online rows and registry entries are kept per project). [default: "
+                   "$LLM4ES_FEAST_PROJECT, the home's current one, else llm4es_<home folder>_<hash of its path>]")
 @click.pass_obj
 @_errors
 def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str, redis_url: str | None,
-            materialize: bool, recent_sessions: int) -> None:
+            materialize: bool, recent_sessions: int, project: str | None) -> None:
     """Serve DATASET's features through Feast: snapshot the files, write the repo's manifest, `feast apply`.
 
     Publishes what exists of agg_features, coles_embeddings and LLM4ES embeddings (every set: the
@@ -860,11 +874,14 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
     session-keyed views <schema>__session_embedding and __session_intent, and the user rollups
     __session_embedding_rollup and __intent_shares (one row per session end, so point in time).
     Then `feast -c feature_repo materialize-incremental <now>` (or --materialize) fills the online store.
+    Safe under live readers: views are updated in place, never dropped, and a killed publish leaves the
+    previous state serving (see README, "What publish guarantees to live readers").
     """
     from producers.publish import PublishConfig
 
     r = p.publish(dataset, PublishConfig(llm4es_set=llm4es_set, online_store=online_store, redis_url=redis_url,
-                                         materialize=materialize, recent_sessions=recent_sessions))
+                                         materialize=materialize, recent_sessions=recent_sessions,
+                                         project=project))
     table = Table(title=f"{r.dataset}: Feast views ({r.online_store} online store)", title_justify="left")
     for column in ("view", "kind", "features", "produced by", "as of"):
         table.add_column(column)

@@ -28,7 +28,8 @@ from producers.ingest.source_files import SourceFile, locate, source_hash, unpac
 from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
                                         user_column)
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, drop_staging, last_ingest, swap_tables, table_exists
+from producers.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, swap_tables,
+                                 table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5
@@ -84,6 +85,7 @@ def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
         data_hash = source_hash(files)
         con = home.connect()
         try:
+            check_schema_owner(con, definition.name)
             previous = last_ingest(con, schema)
             if (not config.force and previous and previous["source_hash"] == data_hash
                     and previous["definition_fingerprint"] == definition.fingerprint()):
