@@ -507,3 +507,30 @@ def test_template_rewrites_fit_the_token_budget(home, grouplens):
     assert all(n == len(tok(text, add_special_tokens=False)["input_ids"]) <= 1500 for text, n, _, _ in rows)
     assert any(kept < serialized for _, _, kept, serialized in rows)  # some formats had to drop events
     assert all(kept <= serialized for _, _, kept, serialized in rows)
+
+
+def test_prose_event_lists_name_their_numbers():
+    """`2021-01-12: 1, 12.00` says nothing: in the list layout a number carries its field's name."""
+    listed = re.compile(r"^(?:\d+\.|-) (\d{4}-\d\d-\d\d \d\d:\d\d): (.*)$")
+    seen = 0
+    for text in _prose_lines(ML, ml_history(), range(40)):
+        events = [m.groups() for line in text.splitlines() if (m := listed.match(line))]
+        if not events:
+            continue
+        seen += 1
+        by_time = {}
+        for row in ML_ROWS:
+            by_time.setdefault(row[0], []).append(row)
+        for when, rest in events:
+            assert any(f"rating {row[4]}" in rest and (not row[2] or f"year {row[2]}" in rest)
+                       for row in by_time[when]), rest
+            assert not re.search(r"(?:^|, )\d+(?:\.\d+)?(?:,|$)", rest.replace("1984, year", "")), rest
+    assert seen
+    for text in _prose_lines(GENDER, bank_history(), range(40)):
+        events = [m.group(2) for line in text.splitlines() if (m := listed.match(line))]
+        if events:
+            assert events[0].endswith("amount -2245.92") and "Перевод" in events[-1]
+            assert "amount" not in events[-1]  # a missing amount is left out, not written empty
+            break
+    else:
+        pytest.fail("no list layout in 40 variants")
