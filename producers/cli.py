@@ -461,18 +461,29 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 @click.option("--as-of", type=click.DateTime(), default=None,
               help="Only events up to this time (UTC). Default: the dataset's last event.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-batches-per-epoch", type=click.IntRange(1), default=100, show_default=True,
+              help="Cap on an epoch: bigger datasets see a fresh random sample of users each epoch.")
 @click.option("--restart", is_flag=True, help="Train from scratch even if a run with the same settings exists.")
 @force_opt
 @click.pass_obj
 @_errors
 def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int, as_of,
-          device: str, restart: bool, force: bool) -> None:
+          device: str, max_batches_per_epoch: int, restart: bool, force: bool) -> None:
     """CoLES user embeddings (the paper's strongest baseline), trained with pytorch-lifestream.
 
     A GRU over each user's events (categorical fields embedded, numeric fields and the time since
     the previous event as inputs), trained with CoLES's contrastive loss on random sub-sequences;
     one vector per user. Checkpoints every epoch under runs/<dataset>/coles/<run>/; the same
     command after an interruption resumes. Output: coles_embeddings table and Parquet file.
+
+    \b
+    Caps and rules:
+      - each categorical field: its 1,000 most frequent values get codes, the rest one "other" code;
+      - each user: the last 1,000 events are used (training and embedding);
+      - sub-sequences of 15 to 100 events are contrasted: a user with fewer than 15 events is
+        warned about (count and share); when at least two batches of users have 15 events or
+        more, only they train (everyone is embedded);
+      - an epoch is at most --max-batches-per-epoch batches of --batch-size users.
     """
     from datetime import timezone
 
@@ -480,7 +491,7 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
 
     config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
                          as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
-                         resume=not restart, force=force)
+                         max_batches_per_epoch=max_batches_per_epoch, resume=not restart, force=force)
     r = p.coles(dataset, config)
     trained = (f"{r.epochs_trained} epochs trained" if r.epochs_trained else "a finished run reused")
     console.print(f"[green]✓[/] {r.dataset}: {r.n_users:,} vectors of size {r.dim} ({r.model}, epoch {r.epoch}; "
