@@ -2,6 +2,7 @@
 
     python benchmarks/text_throughput.py                          # 1,000 users x ~300 events
     python benchmarks/text_throughput.py --users 2000 --events-per-user 400 --max-tokens 2048
+    PYTHONPATH=/path/to/other/checkout python benchmarks/text_throughput.py   # the same data, other code
 
 A generated bank-like table (MCC codes with descriptions, a signed amount, a channel) goes
 through the product's own stages: ingest, serialize (exact token budget), enrich with the
@@ -19,7 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # the code on PYTHONPATH (or installed) if any, so another checkout can be measured on the same data
+    import producers  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
@@ -80,7 +84,10 @@ def main() -> None:
     from producers.warehouse import Home
     from training.models import load_tokenizer, resolve_model
 
+    import producers
+
     print(describe())
+    print(f"code: {Path(producers.__file__).resolve().parents[1]}")
     tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
     with tempfile.TemporaryDirectory() as tmp:
         source = write_source(Path(tmp) / "src", args.users, args.events_per_user, args.seed)
