@@ -15,7 +15,7 @@ import pandas as pd
 from producers.enrich.base import EnrichReport, UserHistory
 from producers.enrich.options import LLMOptions
 from producers.provenance import code_version
-from producers.serialize.budget import TokenCounter
+from producers.serialize.budget import count_tokens
 from producers.serialize.render import line_sql, rendered_events_sql
 from producers.texts import config_json, export_parquet, replace_kind, stage_frame
 from producers.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
@@ -58,13 +58,12 @@ def load_histories(con, dataset: str, limit_users: int | None = None) -> list[Us
 
 
 def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrites: list, counts: list[int],
-                 budget: int, count: Callable[[list[str]], list[int]]) -> tuple[list[UserHistory], list, list[int]]:
+                 budget: int, tokenizer) -> tuple[list[UserHistory], list, list[int]]:
     """Re-render over-budget rewrites from fewer (the most recent) events until they fit.
 
     Richer formats (JSON, XML) take up to 3x the tokens of the serialized text the history was
     cut for; fine-tuning would otherwise truncate them mid-structure. Each round keeps the
-    share of events the budget allows, so it converges in two or three rounds. `count` gives
-    exact token counts (a `TokenCounter`: the lines a re-rendering repeats are not counted again).
+    share of events the budget allows, so it converges in two or three rounds.
     """
     kept, rewrites, counts = list(histories), list(rewrites), list(counts)
     for _ in range(6):
@@ -76,7 +75,7 @@ def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrit
             keep = min(len(rows) - 1, int(len(rows) * budget / counts[i] * 0.95))
             kept[i] = replace(kept[i], rows=rows[len(rows) - keep:] if keep > 0 else [])
         redone = enricher.rewrite(d, [kept[i] for i in over], variant)
-        for i, r, n in zip(over, redone, count([r.text for r in redone])):
+        for i, r, n in zip(over, redone, count_tokens(tokenizer, [r.text for r in redone])):
             rewrites[i], counts[i] = r, n
     return kept, rewrites, counts
 
@@ -106,16 +105,15 @@ def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], 
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(config.tokenizer, progress=log))
         enricher = make_enricher(config, home, d.schema, log)
-        count = TokenCounter(tokenizer)  # one for all variants: lines repeat across formats and users
         report = EnrichReport(d.name, config.enricher, len(histories), config.variants)
         frames = []
         for variant in range(config.variants):
             rewrites = enricher.rewrite(d, histories, variant)
-            counts = count([r.text for r in rewrites])
+            counts = count_tokens(tokenizer, [r.text for r in rewrites])
             kept = list(histories)
             if config.enricher == "template" and config.max_tokens:
                 kept, rewrites, counts = fit_rewrites(enricher, d, histories, variant, rewrites, counts,
-                                                      config.max_tokens, count)
+                                                      config.max_tokens, tokenizer)
             frames.append(pd.DataFrame({
                 "user_id": [h.user_id for h in histories], "variant": variant,
                 "format": [r.format for r in rewrites], "text": [r.text for r in rewrites],

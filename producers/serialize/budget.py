@@ -5,15 +5,17 @@ whole history:
 
 - With a byte-level BPE tokenizer (GPT-2 style regex pre-tokenizer, no normalizer: SmolLM2,
   Llama 3, Qwen, GPT-2...) a line break that follows a non-space character always starts a new
-  pre-token, and BPE never merges across pre-tokens. So a text's count is the sum of the counts
-  of its pieces ("\n" + line), pieces repeat across texts (`"Channel": "pos",`, `<td>Comedy</td>`)
-  and are counted once each in a batch (`TokenCounter`), and the budget is fitted by counting
-  lines from the newest back until the budget is spent (`fit_texts`), never the dropped part.
+  pre-token, and BPE never merges across pre-tokens: a text's count is the sum of its lines'
+  counts (each with its leading "\n"). So lines are counted from the newest back, in batched
+  rounds of about what the budget can hold, until the budget is spent (`_fit_by_lines`); the
+  older part of a long history is never tokenized.
 - Any other tokenizer: each text is tokenized once, with character offsets, which tell how many
   tokens every suffix of the event lines takes; where BPE merges across the cut change the
   count, the cut text is tokenized once more and moved on by one line until it fits (rare).
 
-Both give the same texts and counts (tests/producers/test_serialize.py compares them).
+Both give the same texts and counts (tests/producers/test_serialize.py compares them). A text
+format plugs in by rendering each event as one line (no line break inside an event), which is
+what both paths cut at.
 """
 from __future__ import annotations
 
@@ -24,9 +26,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-# Where a text may be cut into independently counted pieces: before a line break that follows a
-# non-space character (after a space, the break may join a whitespace pre-token).
-_PIECE_BREAK = re.compile(r"(?<=\S)(?=\n)")
 
 
 @dataclass(frozen=True)
@@ -78,56 +77,35 @@ def splits_at_line_breaks(tokenizer: Any) -> bool:
             and byte_level[0].get("use_regex", True) and not byte_level[0].get("add_prefix_space", False))
 
 
-class TokenCounter:
-    """Exact token counts of many texts, each distinct piece counted once (see the module docstring).
-
-    Falls back to tokenizing every text whole when the tokenizer does not split at line breaks.
-    Keep one per stage run: the memo is what makes repeated lines free."""
-
-    def __init__(self, tokenizer: Any, max_memo: int = 2_000_000):
-        self.tokenizer = tokenizer
-        self.by_piece = splits_at_line_breaks(tokenizer)
-        self.max_memo = max_memo
-        self.memo: dict[str, int] = {}
-
-    def pieces(self, pieces: Sequence[str]) -> list[int]:
-        """The count of each piece (each must start at a cut point: a text's start or a "\n")."""
-        memo = self.memo
-        new = list({p for p in pieces if p not in memo})
-        if new:
-            if len(memo) + len(new) > self.max_memo:
-                memo.clear()
-            fast = self.tokenizer.backend_tokenizer.encode_batch_fast
-            for piece, encoding in zip(new, fast(new, add_special_tokens=False)):
-                memo[piece] = len(encoding.ids)
-        return [memo[p] for p in pieces]
-
-    def __call__(self, texts: Sequence[str]) -> list[int]:
-        if not self.by_piece:
-            return count_tokens(self.tokenizer, texts)
-        split = [_PIECE_BREAK.split(t) for t in texts]
-        counts = self.pieces([p for parts in split for p in parts])
-        out, at = [], 0
-        for parts in split:
-            out.append(sum(counts[at:at + len(parts)]))
-            at += len(parts)
-        return out
-
-
-def fit_texts(tokenizer: Any, header: str, bodies: Sequence[str], budget: int,
-              counter: TokenCounter | None = None) -> list[Fitted]:
+def fit_texts(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
     """`header + "\n" + body` for each body, cut to at most `budget` tokens (0: no budget)."""
-    counter = counter or TokenCounter(tokenizer)
-    if counter.by_piece and budget > 0 and header.strip() and not header[-1].isspace():
-        return _fit_by_lines(counter, header, bodies, budget)
+    if budget > 0 and header.strip() and not header[-1].isspace() and splits_at_line_breaks(tokenizer):
+        return _fit_by_lines(tokenizer, header, bodies, budget)
     return _fit_by_offsets(tokenizer, header, bodies, budget)
 
 
-def _fit_by_lines(counter: TokenCounter, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
+def line_counts(tokenizer: Any, chunks: Sequence[list[str]]) -> list[list[int]]:
+    """For each list of lines, the tokens of each line with its leading "\n" (exact where
+    `splits_at_line_breaks`): one text per list, tokenized once with offsets."""
+    texts = ["\n" + "\n".join(lines) for lines in chunks]
+    out = []
+    for lines, text, (_, offsets) in zip(chunks, texts, encode(tokenizer, texts)):
+        starts = [start for start, _ in offsets]
+        at, bounds = 0, []
+        for line in lines:
+            bounds.append(bisect.bisect_left(starts, at))
+            at += len(line) + 1
+        bounds.append(len(starts))
+        out.append([bounds[k + 1] - bounds[k] for k in range(len(lines))])
+    return out
+
+
+def _fit_by_lines(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
     """Count each body's lines from the newest back, in batched rounds, until the budget is spent.
 
-    A body with a line ending in a space (where counts may not add up) is fitted by offsets."""
-    header_tokens = counter.pieces([header])[0]
+    A body with an empty line or a line ending in a space (where counts may not add up) is
+    fitted by offsets over the whole text."""
+    header_tokens = count_tokens(tokenizer, [header])[0]
     room = budget - header_tokens
     out: list[Fitted | None] = [None] * len(bodies)
     lines = {}
@@ -137,14 +115,14 @@ def _fit_by_lines(counter: TokenCounter, header: str, bodies: Sequence[str], bud
             continue
         split = body.split("\n")
         if any(line[-1:].isspace() or not line for line in split):
-            out[i] = _fit_by_offsets(counter.tokenizer, header, [body], budget)[0]
+            out[i] = _fit_by_offsets(tokenizer, header, [body], budget)[0]
             continue
         lines[i] = split
     # Round 1 counts about the lines the budget can hold (from the mean characters per token of a
     # sample), later rounds twice as many; a line costs at least one token, so it ends.
-    sample = [line for split in list(lines.values())[:50] for line in split[-20:]]
-    chars_per_token = (sum(map(len, sample)) / max(1, sum(counter.pieces(["\n" + x for x in sample])))
-                       if sample else 4.0)
+    sample = [split[-20:] for split in list(lines.values())[:50]]
+    sample_tokens = sum(map(sum, line_counts(tokenizer, sample)))
+    chars_per_token = sum(len(x) for lines_ in sample for x in lines_) / max(1, sample_tokens) if sample else 4.0
     state = {i: (0, 0, 0) for i in lines}  # index -> (lines counted from the end, their tokens, next chunk)
     for i, split in lines.items():
         mean_chars = sum(map(len, split[-20:])) / min(20, len(split)) + 1
@@ -155,13 +133,10 @@ def _fit_by_lines(counter: TokenCounter, header: str, bodies: Sequence[str], bud
             split = lines[i]
             take = split[max(0, len(split) - done - chunk):len(split) - done]
             asks.append((i, take))
-        counts = counter.pieces(["\n" + line for _, take in asks for line in take])
-        at, nxt = 0, {}
-        for i, take in asks:
+        nxt = {}
+        for (i, take), these in zip(asks, line_counts(tokenizer, [take for _, take in asks])):
             done, used, chunk = state[i]
             split = lines[i]
-            these = counts[at:at + len(take)]
-            at += len(take)
             finished = False
             for n in reversed(these):
                 if used + n > room:
