@@ -164,7 +164,8 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
     report = {
         "dataset": dataset, "schema": definition.schema, "label_time": str(label_time),
         "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *sets],
-        "missing": {m.name: m.reason for m in missing}, "results": results, "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
+        "missing": {m.name: m.reason for m in missing}, "results": results,
+        "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
         "config": _config_json(config), "code_version": code_version(),
         "produced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
