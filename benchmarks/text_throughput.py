@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import pstats
 import sys
 import tempfile
@@ -117,12 +118,16 @@ def main() -> None:
         kept, tokens, over = con.execute(
             "SELECT avg(n_events), avg(n_tokens), count(*) FILTER (n_tokens > ?) FROM textbench.texts "
             "WHERE kind = 'template'", [args.max_tokens]).fetchone()
+        # one digest of every text and count: equal digests = the same output from two checkouts
+        texts = con.execute("SELECT user_id, kind, variant, format, text, n_events, n_tokens FROM textbench.texts "
+                            "ORDER BY user_id, kind, variant").fetchall()
         con.close()
+        digest = hashlib.sha256(repr(texts).encode()).hexdigest()[:16]
         print(f"enrich: {t_enrich:.2f}s for {r.users:,} users x {args.variants} variants "
               f"({r.users * args.variants / t_enrich:,.0f} texts/s; {kept:.0f} events and {tokens:.0f} tokens "
               f"per text on average; {over} over budget)")
         total = t_serialize + t_enrich
-        print(f"serialize + enrich: {total:.2f}s, {s.n_texts / total:,.0f} users/s")
+        print(f"serialize + enrich: {total:.2f}s, {s.n_texts / total:,.0f} users/s; texts digest {digest}")
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
