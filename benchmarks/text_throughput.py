@@ -118,16 +118,18 @@ def main() -> None:
         kept, tokens, over = con.execute(
             "SELECT avg(n_events), avg(n_tokens), count(*) FILTER (n_tokens > ?) FROM textbench.texts "
             "WHERE kind = 'template'", [args.max_tokens]).fetchone()
-        # one digest of every text and count: equal digests = the same output from two checkouts
-        texts = con.execute("SELECT user_id, kind, variant, format, text, n_events, n_tokens FROM textbench.texts "
-                            "ORDER BY user_id, kind, variant").fetchall()
+        # digests of every text and count, per kind and format: equal digests = the same output from two checkouts
+        texts = con.execute("SELECT kind, format, list((user_id, variant, text, n_events, n_tokens) "
+                            "ORDER BY user_id, variant) FROM textbench.texts GROUP BY ALL ORDER BY ALL").fetchall()
         con.close()
-        digest = hashlib.sha256(repr(texts).encode()).hexdigest()[:16]
+        digest = ", ".join(f"{kind}/{fmt} {hashlib.sha256(repr(rows).encode()).hexdigest()[:8]}"
+                           for kind, fmt, rows in texts)
         print(f"enrich: {t_enrich:.2f}s for {r.users:,} users x {args.variants} variants "
               f"({r.users * args.variants / t_enrich:,.0f} texts/s; {kept:.0f} events and {tokens:.0f} tokens "
               f"per text on average; {over} over budget)")
         total = t_serialize + t_enrich
-        print(f"serialize + enrich: {total:.2f}s, {s.n_texts / total:,.0f} users/s; texts digest {digest}")
+        print(f"serialize + enrich: {total:.2f}s, {s.n_texts / total:,.0f} users/s")
+        print(f"texts digests: {digest}")
         if profiler:
             pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
