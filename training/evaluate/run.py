@@ -188,9 +188,9 @@ def _feature_sets(config: EvaluateConfig, views: list[View]) -> tuple[dict[str, 
         except EvaluateError as e:
             missing.append(Missing(name, _missing_reason(name, views) or str(e)))
     if not sets:
-        raise EvaluateError("none of the default feature sets (" + ", ".join(DEFAULT_FEATURES) + ") is published "
-                            "for this dataset: run " + ", ".join(f"`{_PRODUCER[k]}`" for k in ("agg", "coles", "llm4es"))
-                            + " and then `llm4es publish`")
+        producers = ", ".join(f"`{_PRODUCER[k]}`" for k in ("agg", "coles", "llm4es"))
+        raise EvaluateError(f"none of the default feature sets ({', '.join(DEFAULT_FEATURES)}) is published for "
+                            f"this dataset: run {producers} and then `llm4es publish`")
     return sets, missing
 
 
