@@ -539,18 +539,29 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 @click.option("--as-of", type=click.DateTime(), default=None,
               help="Only events up to this time (UTC). Default: the dataset's last event.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-batches-per-epoch", type=click.IntRange(1), default=100, show_default=True,
+              help="Cap on an epoch: bigger datasets see a fresh random sample of users each epoch.")
 @click.option("--restart", is_flag=True, help="Train from scratch even if a run with the same settings exists.")
 @force_opt
 @click.pass_obj
 @_errors
 def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int, as_of,
-          device: str, restart: bool, force: bool) -> None:
+          device: str, max_batches_per_epoch: int, restart: bool, force: bool) -> None:
     """CoLES user embeddings (the paper's strongest baseline), trained with pytorch-lifestream.
 
     A GRU over each user's events (categorical fields embedded, numeric fields and the time since
     the previous event as inputs), trained with CoLES's contrastive loss on random sub-sequences;
     one vector per user. Checkpoints every epoch under runs/<dataset>/coles/<run>/; the same
     command after an interruption resumes. Output: coles_embeddings table and Parquet file.
+
+    \b
+    Caps and rules:
+      - each categorical field: its 1,000 most frequent values get codes, the rest one "other" code;
+      - each user: the last 1,000 events are used (training and embedding);
+      - sub-sequences of 15 to 100 events are contrasted: a user with fewer than 15 events is
+        warned about (count and share); when at least two batches of users have 15 events or
+        more, only they train (everyone is embedded);
+      - an epoch is at most --max-batches-per-epoch batches of --batch-size users.
     """
     from datetime import timezone
 
@@ -558,7 +569,7 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
 
     config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
                          as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
-                         resume=not restart, force=force)
+                         max_batches_per_epoch=max_batches_per_epoch, resume=not restart, force=force)
     r = p.coles(dataset, config)
     trained = (f"{r.epochs_trained} epochs trained" if r.epochs_trained else "a finished run reused")
     console.print(f"[green]✓[/] {r.dataset}: {r.n_users:,} vectors of size {r.dim} ({r.model}, epoch {r.epoch}; "
@@ -903,9 +914,11 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @cli.command()
 @dataset_arg
 @click.option("--target", "targets", multiple=True, help="A label to predict (repeatable). Default: every label.")
-@click.option("--features", default="agg,coles,llm4es,coles+llm4es,coles+agg", show_default=True,
+@click.option("--features", default=None,
               help="Comma-separated feature sets: agg, coles, llm4es, sessions (session-embedding rollup), intents "
-                   "(intent shares) or a published view name; '+' concatenates (the paper's ensembles).")
+                   "(intent shares) or a published view name; '+' concatenates (the paper's ensembles). "
+                   "[default: those of agg,coles,llm4es,coles+llm4es,coles+agg that are published; the others are "
+                   "named as missing]")
 @click.option("--protocol", "protocols", type=click.Choice(["paper", "cv"]), multiple=True,
               help="paper: 10% test set, 5 fold models; cv: repeated stratified k-fold over all users. "
                    "[default: both]")
@@ -917,20 +930,25 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @click.option("--no-epoch-selection", is_flag=True, help="Use the default LLM4ES view, not the best epoch.")
 @click.pass_obj
 @_errors
-def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str, protocols: tuple[str, ...],
+def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str | None, protocols: tuple[str, ...],
              folds: int, cv_repeats: int, seed: int, label_time, no_epoch_selection: bool) -> None:
     """Downstream LightGBM on features fetched from Feast, mean ± std per feature set.
 
     Needs `llm4es publish DATASET` first. Metrics: ROC-AUC and accuracy (binary), accuracy
     (multiclass), MAE (regression). With several epochs of a fine-tuning run published, the epoch
-    is picked by validation score on the training folds, never the test set. Writes
-    reports/evaluate/<dataset>/evaluation.{json,md,png}.
+    is picked by validation score on the training folds, never the test set. Writes this call's
+    report to reports/evaluate/<dataset>/runs/<UTC time>/ and updates the latest report
+    reports/evaluate/<dataset>/evaluation.{json,md,png}: its rows for the feature sets evaluated now are
+    replaced, the others kept (when the folds, seed and targets are the same; otherwise it starts anew).
     """
     from datetime import timezone
 
     from training.evaluate import EvaluateConfig
 
-    config = EvaluateConfig(targets=targets, features=tuple(f.strip() for f in features.split(",") if f.strip()),
+    chosen = tuple(f.strip() for f in (features or "").split(",") if f.strip())
+    if features is not None and not chosen:
+        raise click.BadParameter("give at least one feature set", param_hint="--features")
+    config = EvaluateConfig(targets=targets, features=chosen,
                             protocols=protocols or ("paper", "cv"), folds=folds, cv_repeats=cv_repeats, seed=seed,
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
                             select_epoch=not no_epoch_selection)
@@ -953,7 +971,12 @@ def print_evaluation(r) -> None:
         for name, entry in sets.items():
             if entry.get("chosen_view"):
                 console.print(f"{target} / {name}: epoch view {entry['chosen_view']} chosen on the training folds")
-    console.print(f"reports: {r.paths['markdown']} (+ .json, .png); {r.seconds:.0f}s", soft_wrap=True)
+    for name, reason in r.report.get("missing", {}).items():
+        console.print(f"not evaluated: {name} ({reason})", soft_wrap=True)
+    if r.merge_note:
+        console.print(r.merge_note, soft_wrap=True)
+    console.print(f"reports: {r.paths['markdown']} (+ .json, .png; this call: {r.paths['run_markdown'].parent}); "
+                  f"{r.seconds:.0f}s", soft_wrap=True)
 
 
 @cli.command()

@@ -54,10 +54,12 @@ def load_histories(con, dataset: str, limit_users: int | None = None) -> list[Us
                        WHERE kind = 'serialized' AND variant = 0 ORDER BY user_id {limit}),
              lines AS (SELECT r.*, {line_sql(d)} AS line FROM ({rendered_events_sql(d)}) r
                        WHERE r.user_id IN (SELECT user_id FROM users))
-        SELECT u.user_id, u.n_events, u.text, list([{values}] ORDER BY l.event_time, l.line) AS rows
-        FROM users u JOIN lines l USING (user_id) GROUP BY ALL ORDER BY u.user_id""").fetchall()
-    return [UserHistory(user_id, columns, labels, event_rows[len(event_rows) - n:] if n else [], text)
-            for user_id, n, text, event_rows in rows]
+        SELECT user_id, n_events, text, list_slice(rows, len(rows) - n_events + 1, len(rows)) AS rows
+        FROM (SELECT u.user_id, u.n_events, u.text, list([{values}] ORDER BY l.event_time, l.line) AS rows
+              FROM users u JOIN lines l USING (user_id) GROUP BY ALL)
+        ORDER BY user_id""").fetchall()
+    # only the kept (most recent) events leave DuckDB: a long history is not copied into Python
+    return [UserHistory(user_id, columns, labels, event_rows, text) for user_id, n, text, event_rows in rows]
 
 
 def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrites: list, counts: list[int],
