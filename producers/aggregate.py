@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import duckdb
 
+from producers.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
 from producers.provenance import code_version
 from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables, table_exists
@@ -108,11 +109,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     schema = d.schema
     events = f'"{schema}".events'
     first, last = con.execute(f"SELECT min(event_time), max(event_time) FROM {events}").fetchone()
-    if last is None:
-        raise AggregateError(f"{d.name} has no events")
-    as_of = _utc_naive(config.as_of) if config.as_of is not None else last
-    if as_of < first:
-        raise AggregateError(f"{d.name}: no events at or before {as_of} (events run from {first} to {last})")
+    as_of = pick_as_of(d.name, config.as_of, first, last, AggregateError)
 
     numeric, skipped = [], []
     for f in d.events.fields:
@@ -323,11 +320,6 @@ def _amount_field(d: DatasetDefinition, requested: str | None, numeric: list[Fie
                 f"{', '.join(by_name) or 'none'}")
         return by_name[requested]
     return by_name.get("amount")
-
-
-def _utc_naive(t: datetime) -> datetime:
-    """Event times are naive UTC in the warehouse: compare with a naive UTC as_of."""
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
 
 
 def _last_validation(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[str, bool] | None:

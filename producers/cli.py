@@ -6,6 +6,7 @@ Domain errors become a readable message and exit code 1 in one place (`_errors`)
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,23 +53,60 @@ def _errors(fn):
         from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
         from producers.warehouse import WarehouseError
+        from producers.enrich.base import EnrichError
+        from producers.redact import redact_text
         from validation.gate import ValidationGateError
 
         import duckdb
+
+        def fail(message: str) -> None:
+            # Messages may quote an endpoint URL: never print its credentials.
+            err_console.print(f"[bold red]error:[/] {redact_text(message)}", soft_wrap=True)
+            sys.exit(1)
 
         try:
             return fn(*args, **kwargs)
         except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
                 SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
-                PublishError, ColesError, SessionsError, IntentsError) as e:
-            err_console.print(f"[bold red]error:[/] {e}")
-            sys.exit(1)
-        except (duckdb.IOException, duckdb.ConnectionException) as e:
-            err_console.print(f"[bold red]error:[/] cannot open the warehouse (is another llm4es process "
-                              f"using it?): {e}")
-            sys.exit(1)
+                PublishError, ColesError, SessionsError, IntentsError, EnrichError) as e:
+            fail(str(e))
+        except Exception as e:
+            if (full := _disk_full(e)) is not None:
+                home = args[0].home.root if args and hasattr(args[0], "home") else "the llm4es home"
+                detail = str(full).strip().splitlines()[0] if str(full).strip() else repr(full)
+                fail(f"no space left on the device holding {home} (data, reports and temporary files are "
+                     f"written there): free some space or point --home / LLM4ES_HOME elsewhere, then run the "
+                     f"command again. Tables and files are written to a staging copy first, so the previous "
+                     f"results are intact. ({type(full).__name__}: {detail})")
+            if isinstance(e, (duckdb.IOException, duckdb.ConnectionException)):
+                if "lock" in str(e).lower():  # a connection opened without Home.connect
+                    from producers.warehouse import locked_message
+
+                    fail(locked_message(_warehouse_of(args), str(e)))
+                fail(f"cannot open the warehouse: {e}")
+            raise
 
     return wrapper
+
+
+def _disk_full(e: BaseException) -> BaseException | None:
+    """The error in `e`'s chain that says the disk is full: ENOSPC from Python, or DuckDB's
+    'No space left on device' (an IOException, or another error quoting it); else None."""
+    import errno
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "no space left on device" in str(e).lower():
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _warehouse_of(args) -> Path | str:
+    """The warehouse path of the command's Pipeline (its first argument), for messages."""
+    home = getattr(args[0], "home", None) if args else None
+    return home.warehouse_path if home is not None else "warehouse"
 
 
 class PipelineOrder(click.Group):
@@ -85,7 +123,10 @@ class PipelineOrder(click.Group):
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {msg}[/]"))
+    from producers.redact import redact_text
+
+    # Progress lines may quote an endpoint URL: its credentials are never printed.
+    ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {redact_text(msg)}[/]"))
 
 
 dataset_arg = click.argument("dataset")
@@ -97,6 +138,7 @@ reject_opt = click.option("--max-reject-share", type=click.FloatRange(0, 1), def
 
 @cli.command()
 @click.pass_obj
+@_errors
 def datasets(p: Pipeline) -> None:
     """List built-in datasets and what the warehouse holds."""
     from producers.datasets.definition import builtin_names, load_builtin
@@ -170,17 +212,23 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
 @mapping_opt
 @reject_opt
 @click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
+@click.option("--max-line-size", type=click.IntRange(1024), default=None,
+              help="Longest CSV line accepted, in bytes (a longer line is a rejected row). [default: DuckDB's 2000000]")
+@click.option("--allow-shrink", is_flag=True,
+              help="Replace the data even when events or users drop by more than half against the last ingest "
+                   "(or to none).")
 @click.pass_obj
 @_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
-           force: bool) -> None:
+           force: bool, max_line_size: int | None, allow_shrink: bool) -> None:
     """Load DATASET's raw files into the warehouse (atomic: all tables or none).
 
     DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
     mapping file declares. Malformed rows go to the `rejects` table with a reason.
     """
     t0 = time.perf_counter()
-    r = p.ingest(dataset, source, mapping, max_reject_share, force)
+    r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size=max_line_size,
+                 allow_shrink=allow_shrink)
     verb = "already ingested" if r.skipped else f"ingested in {time.perf_counter() - t0:.1f}s"
     console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
                   f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")
@@ -330,9 +378,13 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | 
               help="local: registry name, folder or hub id; openai: the served model's name.")
 @click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
 @click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True, help="Requests in flight (openai).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
-              help="Seconds per request (openai).")
-@click.option("--retries", type=click.IntRange(0), default=3, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=30.0, show_default=True,
+              help="Seconds per attempt of a request (openai).")
+@click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
+              help="Further attempts of a failed request, with exponential backoff (openai).")
+@click.option("--max-fallback-share", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="llm: fail, writing nothing, when more than this share of the texts would be template "
+                   "fallbacks (refused or failed LLM outputs); 1 keeps them all, marked fallback = true.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Prompts per batch (local).")
 @click.option("--temperature", type=click.FloatRange(0), default=0.8, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
@@ -342,13 +394,14 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of, amount_field: str | 
 @_errors
 def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, limit_users: int | None,
            tokenizer: str, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int,
-           timeout_s: float, retries: int, batch_size: int, temperature: float, top_p: float,
-           max_new_tokens: int, force: bool) -> None:
+           timeout_s: float, retries: int, max_fallback_share: float, batch_size: int, temperature: float,
+           top_p: float, max_new_tokens: int, force: bool) -> None:
     """Rewrite every user's serialized history into VARIANTS diverse texts (needs `serialize`).
 
     LLM outputs are cached per (user, variant, model, prompt), so an interrupted run resumes
     where it stopped; outputs that fail the checks (empty, too short or long, an echo of the
-    input) are replaced by a template rewrite and counted.
+    input) or whose request failed are replaced by a template rewrite, counted and marked
+    (`fallback` in the texts table); past --max-fallback-share the run fails and writes nothing.
     """
     from producers.enrich.options import LLMOptions
     from producers.enrich.run import EnrichConfig
@@ -359,7 +412,8 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
                      timeout_s=timeout_s, retries=retries, batch_size=batch_size, temperature=temperature,
                      top_p=top_p, max_new_tokens=max_new_tokens)
     r = p.enrich(dataset, EnrichConfig(enricher=enricher, variants=variants, seed=seed, limit_users=limit_users,
-                                       tokenizer=tokenizer, llm=llm, force=force))
+                                       tokenizer=tokenizer, llm=llm, max_fallback_share=max_fallback_share,
+                                       force=force))
     console.print(f"[green]✓[/] {r.dataset}: {r.written:,} {r.enricher} texts for {r.users:,} users "
                   f"x {r.variants} variants in {r.seconds:.1f}s")
     console.print("formats: " + ", ".join(f"{k} {v:,}" for k, v in sorted(r.by_format.items())))
@@ -367,6 +421,11 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
         refusals = ", ".join(f"{k} {v}" for k, v in sorted(r.refusals.items())) or "none"
         console.print(f"LLM: {r.generated:,} generated, {r.cached:,} from the cache, {r.fallbacks:,} fell back to "
                       f"a template (refused: {refusals})")
+        if r.fallbacks:
+            err_console.print(f"[bold yellow]warning:[/] {r.fallbacks:,} of {r.users * r.variants:,} llm texts "
+                              f"({r.fallback_share:.0%}) are template fallbacks, not LLM output (marked fallback = "
+                              f"true in the texts table)" + (f"; first back-end error: {r.first_error}"
+                                                             if r.first_error else ""), soft_wrap=True)
 
 
 @cli.command()
@@ -379,6 +438,9 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Texts per device per step.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(16), default=None,
+              help="Token budget per device and step: as many similar-length texts as fit rows x longest <= N "
+                   "(replaces --batch-size; e.g. 65536 for SmolLM2-135M on an 80 GB GPU).")
 @click.option("--max-length", type=click.IntRange(16), default=2048, show_default=True)
 @click.option("--packing", is_flag=True, help="Pack texts into max-length rows (attention never crosses texts).")
 @click.option("--gradient-checkpointing", is_flag=True)
@@ -388,13 +450,16 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
 @click.option("--save-every-steps", type=click.IntRange(1), default=None, help="Checkpoint every N steps too.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--run-name", default=None, help="Folder under runs/<dataset>/; re-running a name resumes it.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu or cuda.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
 @force_opt
 @click.pass_obj
 @_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
-             batch_size: int, grad_accum: int, max_length: int, packing: bool, gradient_checkpointing: bool,
-             trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
-             run_name: str | None, force: bool) -> None:
+             batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
+             gradient_checkpointing: bool, trainable_layers: int | None, lora_r: int | None, save_every_steps: int | None, seed: int,
+             run_name: str | None, device: str, compile_: bool, force: bool) -> None:
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
     Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
@@ -405,13 +470,18 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     from training.finetune import FinetuneConfig
 
     config = FinetuneConfig(model=model, mixture=mixture, epochs=epochs, max_steps=max_steps, lr=lr,
-                            batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+                            batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens,
+                            max_length=max_length, packing=packing,
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
-                            force=force)
+                            device=device, compile=compile_, force=force)
     r = p.finetune(dataset, config)
-    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({r.epochs_done} epochs) on {r.n_texts:,} texts, "
-                  f"final loss {r.final_loss:.4f}, {r.tokens_per_second:,.0f} tokens/s"
+    from training.finetune import _epochs_text
+
+    mfu = "" if r.mfu is None else f", MFU {r.mfu:.1%}"
+    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({_epochs_text(r.steps, r.steps_per_epoch or r.steps)}, "
+                  f"{r.epochs_done} complete) on {r.n_texts:,} texts, final loss {r.final_loss:.4f}, "
+                  f"{r.tokens_per_second:,.0f} tokens/s{mfu}"
                   f"{f' (resumed from {r.resumed_from})' if r.resumed_from else ''}")
     console.print(f"run: {r.run_dir}", soft_wrap=True)
     for m in r.models:
@@ -422,7 +492,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @dataset_arg
 @model_opt
 @click.option("--checkpoint", default=None,
-              help="An epoch folder (runs/<dataset>/<run>/models/epoch-E), or a run folder for every epoch. "
+              help="A model folder (runs/<dataset>/<run>/models/epoch-E or step-N), or a run folder for every "
+                   "model the run saved. "
                    "Default: the base model (LLM4ES without fine-tuning).")
 @click.option("--kind", type=click.Choice(["serialized", "template", "llm"]), default="serialized",
               show_default=True, help="Which texts to embed (variant 0).")
@@ -440,11 +511,15 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="CPU only, float32: int8 dynamic quantization of the linear layers, for CPUs without bf16 "
                    "(see benchmarks/RESULTS.md for its speed and how close the vectors stay).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (each process's GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda or cuda:N. "
+                   "Several processes: torchrun --nproc-per-node N -m producers.cli embed ...")
 @force_opt
 @click.pass_obj
 @_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          batch_tokens: int, limit_users: int | None, dtype: str, quantize: str | None, force: bool) -> None:
+          batch_tokens: int, limit_users: int | None, dtype: str, quantize: str | None, device: str,
+          force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 
     Batches are sorted by length and written as they finish, so a killed run resumes where it
@@ -455,10 +530,14 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
                                      max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
-                                     dtype=dtype, quantize=quantize, force=force))
+                                     dtype=dtype, quantize=quantize, device=device, force=force))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # process 0 reports for the whole job
     for s in r.sets:
         console.print(f"[green]✓[/] {r.dataset}: {s.n_users:,} vectors of size {s.dim} ({s.checkpoint}, layers "
                       f"{s.layers}, {s.text_kind}); {s.n_computed:,} computed at {s.tokens_per_s:,.0f} tokens/s"
+                      f"{f' ({s.compute_tokens_per_s:,.0f} in the model' if s.compute_tokens_per_s else ''}"
+                      f"{f', MFU {s.mfu:.1%})' if s.mfu is not None else (')' if s.compute_tokens_per_s else '')}"
                       f"{f', {s.n_resumed:,} resumed' if s.n_resumed else ''}")
         console.print(f"  {s.parquet}", soft_wrap=True)
 
@@ -475,18 +554,29 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 @click.option("--as-of", type=click.DateTime(), default=None,
               help="Only events up to this time (UTC). Default: the dataset's last event.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--max-batches-per-epoch", type=click.IntRange(1), default=100, show_default=True,
+              help="Cap on an epoch: bigger datasets see a fresh random sample of users each epoch.")
 @click.option("--restart", is_flag=True, help="Train from scratch even if a run with the same settings exists.")
 @force_opt
 @click.pass_obj
 @_errors
 def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int, as_of,
-          device: str, restart: bool, force: bool) -> None:
+          device: str, max_batches_per_epoch: int, restart: bool, force: bool) -> None:
     """CoLES user embeddings (the paper's strongest baseline), trained with pytorch-lifestream.
 
     A GRU over each user's events (categorical fields embedded, numeric fields and the time since
     the previous event as inputs), trained with CoLES's contrastive loss on random sub-sequences;
     one vector per user. Checkpoints every epoch under runs/<dataset>/coles/<run>/; the same
     command after an interruption resumes. Output: coles_embeddings table and Parquet file.
+
+    \b
+    Caps and rules:
+      - each categorical field: its 1,000 most frequent values get codes, the rest one "other" code;
+      - each user: the last 1,000 events are used (training and embedding);
+      - sub-sequences of 15 to 100 events are contrasted: a user with fewer than 15 events is
+        warned about (count and share); when at least two batches of users have 15 events or
+        more, only they train (everyone is embedded);
+      - an epoch is at most --max-batches-per-epoch batches of --batch-size users.
     """
     from datetime import timezone
 
@@ -494,7 +584,7 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
 
     config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
                          as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
-                         resume=not restart, force=force)
+                         max_batches_per_epoch=max_batches_per_epoch, resume=not restart, force=force)
     r = p.coles(dataset, config)
     trained = (f"{r.epochs_trained} epochs trained" if r.epochs_trained else "a finished run reused")
     console.print(f"[green]✓[/] {r.dataset}: {r.n_users:,} vectors of size {r.dim} ({r.model}, epoch {r.epoch}; "
@@ -643,8 +733,8 @@ def _llm_options(fn):
         click.option("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
         click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
                      help="Requests in flight (openai)."),
-        click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=120.0, show_default=True,
-                     help="Seconds per request (openai)."),
+        click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=30.0, show_default=True,
+                     help="Seconds per attempt of a request (openai)."),
         click.option("--max-chars", type=click.IntRange(200), default=2500, show_default=True,
                      help="A session's text in a prompt is cut to this many characters."),
         click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
@@ -794,10 +884,13 @@ def intents_distill(p: Pipeline, dataset: str, classifier: str, test_share: floa
 @click.option("--materialize", is_flag=True, help="Also fill the online store (materialize-incremental up to now).")
 @click.option("--recent-sessions", type=click.IntRange(1), default=10, show_default=True,
               help="K of the session rollups: mean embedding and intent shares over a user's last K sessions.")
+@click.option("--project", envvar="LLM4ES_FEAST_PROJECT", default=None,
+              help="The Feast project (online rows and registry entries are kept per project). [default: "
+                   "$LLM4ES_FEAST_PROJECT, the home's current one, else llm4es_<home folder>_<hash of its path>]")
 @click.pass_obj
 @_errors
 def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str, redis_url: str | None,
-            materialize: bool, recent_sessions: int) -> None:
+            materialize: bool, recent_sessions: int, project: str | None) -> None:
     """Serve DATASET's features through Feast: snapshot the files, write the repo's manifest, `feast apply`.
 
     Publishes what exists of agg_features, coles_embeddings and LLM4ES embeddings (every set: the
@@ -807,11 +900,14 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
     session-keyed views <schema>__session_embedding and __session_intent, and the user rollups
     __session_embedding_rollup and __intent_shares (one row per session end, so point in time).
     Then `feast -c feature_repo materialize-incremental <now>` (or --materialize) fills the online store.
+    Safe under live readers: views are updated in place, never dropped, and a killed publish leaves the
+    previous state serving (see README, "What publish guarantees to live readers").
     """
     from producers.publish import PublishConfig
 
     r = p.publish(dataset, PublishConfig(llm4es_set=llm4es_set, online_store=online_store, redis_url=redis_url,
-                                         materialize=materialize, recent_sessions=recent_sessions))
+                                         materialize=materialize, recent_sessions=recent_sessions,
+                                         project=project))
     table = Table(title=f"{r.dataset}: Feast views ({r.online_store} online store)", title_justify="left")
     for column in ("view", "kind", "features", "produced by", "as of"):
         table.add_column(column)
@@ -833,9 +929,11 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @cli.command()
 @dataset_arg
 @click.option("--target", "targets", multiple=True, help="A label to predict (repeatable). Default: every label.")
-@click.option("--features", default="agg,coles,llm4es,coles+llm4es,coles+agg", show_default=True,
+@click.option("--features", default=None,
               help="Comma-separated feature sets: agg, coles, llm4es, sessions (session-embedding rollup), intents "
-                   "(intent shares) or a published view name; '+' concatenates (the paper's ensembles).")
+                   "(intent shares) or a published view name; '+' concatenates (the paper's ensembles). "
+                   "[default: those of agg,coles,llm4es,coles+llm4es,coles+agg that are published; the others are "
+                   "named as missing]")
 @click.option("--protocol", "protocols", type=click.Choice(["paper", "cv"]), multiple=True,
               help="paper: 10% test set, 5 fold models; cv: repeated stratified k-fold over all users. "
                    "[default: both]")
@@ -850,21 +948,26 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
                    "reported as '<set> (linear)' rows.")
 @click.pass_obj
 @_errors
-def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str, protocols: tuple[str, ...],
+def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str | None, protocols: tuple[str, ...],
              folds: int, cv_repeats: int, seed: int, label_time, no_epoch_selection: bool,
              no_linear_probe: bool) -> None:
     """Downstream LightGBM and a linear probe on features fetched from Feast, mean ± std per feature set.
 
     Needs `llm4es publish DATASET` first. Metrics: ROC-AUC and accuracy (binary), accuracy
     (multiclass), MAE (regression). With several epochs of a fine-tuning run published, the epoch
-    is picked by validation score on the training folds, never the test set. Writes
-    reports/evaluate/<dataset>/evaluation.{json,md,png}.
+    is picked by validation score on the training folds, never the test set. Writes this call's
+    report to reports/evaluate/<dataset>/runs/<UTC time>/ and updates the latest report
+    reports/evaluate/<dataset>/evaluation.{json,md,png}: its rows for the feature sets evaluated now are
+    replaced, the others kept (when the folds, seed and targets are the same; otherwise it starts anew).
     """
     from datetime import timezone
 
     from training.evaluate import EvaluateConfig
 
-    config = EvaluateConfig(targets=targets, features=tuple(f.strip() for f in features.split(",") if f.strip()),
+    chosen = tuple(f.strip() for f in (features or "").split(",") if f.strip())
+    if features is not None and not chosen:
+        raise click.BadParameter("give at least one feature set", param_hint="--features")
+    config = EvaluateConfig(targets=targets, features=chosen,
                             protocols=protocols or ("paper", "cv"), folds=folds, cv_repeats=cv_repeats, seed=seed,
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
                             select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe)
@@ -887,7 +990,12 @@ def print_evaluation(r) -> None:
         for name, entry in sets.items():
             if entry.get("chosen_view"):
                 console.print(f"{target} / {name}: epoch view {entry['chosen_view']} chosen on the training folds")
-    console.print(f"reports: {r.paths['markdown']} (+ .json, .png); {r.seconds:.0f}s", soft_wrap=True)
+    for name, reason in r.report.get("missing", {}).items():
+        console.print(f"not evaluated: {name} ({reason})", soft_wrap=True)
+    if r.merge_note:
+        console.print(r.merge_note, soft_wrap=True)
+    console.print(f"reports: {r.paths['markdown']} (+ .json, .png; this call: {r.paths['run_markdown'].parent}); "
+                  f"{r.seconds:.0f}s", soft_wrap=True)
 
 
 @cli.command()

@@ -39,7 +39,8 @@ class Pipeline:
         return definition
 
     def ingest(self, dataset: str, source: Path | None = None, mapping: Path | None = None,
-               max_reject_share: float = 0.01, force: bool = False):
+               max_reject_share: float = 0.01, force: bool = False, max_line_size: int | None = None,
+               allow_shrink: bool = False):
         from producers.ingest import IngestConfig, ingest
         from producers.ingest.source_files import SourceError
 
@@ -51,7 +52,9 @@ class Pipeline:
             source = fetch_default_source(dataset, self.cache_dir)
             if source is None:
                 raise SourceError(f"{dataset} has no default source: pass --source with the folder or zip of its files")
-        return ingest(self.home, definition, IngestConfig(Path(source), max_reject_share, force), self.log)
+        config = IngestConfig(Path(source), max_reject_share, force, max_line_size=max_line_size,
+                              allow_shrink=allow_shrink)
+        return ingest(self.home, definition, config, self.log)
 
     def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
                  data_docs: bool = True):

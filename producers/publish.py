@@ -14,10 +14,20 @@ What publish does, in this order (under a lock, so two publishes never interleav
 2. Writes `data/feast/manifest.json` (every published dataset: its entity, its views, their Parquet
    files, features and provenance; read back by `published_views`).
 3. Makes sure `<home>/feature_repo` is the Feast repo (the checkout's own folder when the home is
-   the checkout, else a copy of the package's `feature_repo` files) and applies its declarations
-   (`feature_repo/definitions.py`, built from the manifest) to the registry of the chosen online
-   store, deleting objects no longer declared: what `feast -c feature_repo apply` does.
-4. Optionally materializes (`materialize-incremental` up to now) into the online store.
+   the checkout, else a copy of the package's `feature_repo` files), its yaml files written with the
+   home's Feast project (`PublishConfig.project`, `$LLM4ES_FEAST_PROJECT`, the project the home
+   already uses, or one derived from the home's path), and applies its declarations
+   (`feature_repo/definitions.py`, built from the manifest) to a copy of the chosen online store's
+   registry, deleting objects no longer declared (what `feast -c feature_repo apply` does); then
+   rewinds the materialization record of every view that got new rows, so the next
+   `materialize-incremental` writes them, and renames the copy over the live registry.
+4. Optionally materializes (`materialize-incremental` up to now, view by view) into the online store.
+
+Live readers (`get_online_features` while publish runs) never see a failure or lose a value: views
+are never dropped and re-created (new data is new rows in a view's history, written to the online
+store over the old rows), the registry is only ever replaced whole (`feature_repo/registry_store.py`),
+a view being materialized keeps serving its last values, and a publish killed at any point leaves the
+previous registry serving; its temp files are removed by the next publish, which completes the work.
 
 Views of dataset schema `s`: `s__agg_features`, `s__coles_embedding` (the most recently produced CoLES
 set), `s__llm4es_embedding` (the default LLM4ES set: the most recently produced one, or the one
@@ -65,7 +75,10 @@ VIEW_KINDS = ("agg", "coles", "llm4es", "sessions", "intents", "session_embeddin
 SESSION_VIEWS = {"session_embedding": "session_embedding", "session_intent": "session_intent",
                  "sessions": "session_embedding_rollup", "intents": "intent_shares"}  # kind -> view name suffix
 ONLINE_STORES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
-REPO_FILES = ("feature_store.yaml", "feature_store.redis.yaml", "definitions.py")
+REPO_FILES = ("definitions.py", "registry_store.py")  # copied as they are
+TEMPLATES = {"feature_store.yaml": "feature_store.template.yaml",  # written with the home's project
+             "feature_store.redis.yaml": "feature_store.redis.template.yaml"}
+PROJECT_ENV = "LLM4ES_FEAST_PROJECT"
 MANIFEST_FORMAT = 1
 KV_KEY = b"llm4es"
 DEFAULT_LLM4ES = "llm4es_embedding"
@@ -88,6 +101,7 @@ class PublishConfig:
     redis_url: str | None = None  # Feast's `host:port[,db=N,password=...]` (or redis://host:port/N)
     materialize: bool = False  # also materialize-incremental up to now into the online store
     recent_sessions: int = 10  # K of the user rollups: mean embedding and intent shares over the last K sessions
+    project: str | None = None  # the Feast project (default: $LLM4ES_FEAST_PROJECT, the home's, or from its path)
 
 
 @dataclass(frozen=True)
@@ -173,23 +187,93 @@ def _definitions():
     return definitions
 
 
-def ensure_repo(home: Home, log: Log = lambda _: None) -> Path:
-    """`<home>/feature_repo` with the package's repo files in it (nothing to do in the checkout itself)."""
+def default_project(home: Home) -> str:
+    """`llm4es_<folder>_<hash of the home's path>`: two homes never share a project by accident."""
+    digest = hashlib.sha256(str(home.root).encode()).hexdigest()[:8]
+    return f"llm4es_{_slug(home.root.name)[:24]}_{digest}"
+
+
+def repo_project(home: Home) -> str | None:
+    """The project the home's repo yaml names, if publish wrote it (a yaml of an older llm4es, which
+    named the shared project `llm4es` for every home, does not count)."""
+    path = repo_dir(home) / "feature_store.yaml"
+    if not path.is_file():
+        path = repo_dir(home) / "feature_store.redis.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    found = re.search(r"^project:\s*(\S+)\s*$", text, re.M)
+    return found.group(1) if found and "registry_store_type" in text else None
+
+
+def feast_project(home: Home, wanted: str | None = None) -> str:
+    """The Feast project to publish to: `wanted`, else $LLM4ES_FEAST_PROJECT, else the one the home's repo
+    already uses, else `default_project`."""
+    name = wanted or os.environ.get(PROJECT_ENV) or repo_project(home) or default_project(home)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
+        raise PublishError(f"Feast project {name!r}: use letters, digits and underscores, starting with a letter "
+                           f"or digit (from {'--project' if wanted else PROJECT_ENV if os.environ.get(PROJECT_ENV) else 'the home'})")
+    return name
+
+
+def ensure_repo(home: Home, project: str | None = None, log: Log = lambda _: None) -> Path:
+    """`<home>/feature_repo` with the package's repo files in it and its yaml files naming `project`
+    (default: `feast_project(home)`). In the checkout itself only the yaml files are written (not tracked)."""
     repo, package = repo_dir(home), package_repo_dir()
-    if repo.resolve() == package:
-        return repo
+    project = project or feast_project(home)
     repo.mkdir(parents=True, exist_ok=True)
-    for name in REPO_FILES:
-        src, dst = package / name, repo / name
+    wanted = {}
+    if repo.resolve() != package:
+        for name in REPO_FILES:
+            src = package / name
+            if not src.is_file():
+                raise PublishError(f"the llm4es package lacks {src}")
+            wanted[name] = src.read_bytes()
+    for name, template in TEMPLATES.items():
+        src = package / template
         if not src.is_file():
             raise PublishError(f"the llm4es package lacks {src} (add feature_repo/*.yaml to its package data)")
-        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+        text = re.sub(r"^project:.*$", f"project: {project}", src.read_text(), count=1, flags=re.M)
+        wanted[name] = text.encode()
+    for name, content in wanted.items():
+        dst = repo / name
+        if dst.is_file() and dst.read_bytes() == content:
             continue
         log(f"{'updating' if dst.exists() else 'writing'} {dst}")
-        tmp = dst.with_name(f".{name}.tmp")
-        shutil.copyfile(src, tmp)
+        tmp = dst.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
         os.replace(tmp, dst)
     return repo
+
+
+def _clean_orphans(home: Home, log: Log) -> None:
+    """Remove the temp files of publishes (and registry writes) that were killed: `.<name>.<pid>.tmp`
+    and `.<registry>.<pid>.staging` whose process is gone."""
+    found = [*feast_dir(home).rglob(".*.tmp"), *feast_dir(home).glob(".*.staging"), *repo_dir(home).glob(".*.tmp")]
+    for path in found:
+        pid = re.search(r"\.(\d+)\.(?:tmp|staging)$", path.name)
+        if pid and _alive(int(pid.group(1))):
+            continue
+        log(f"removing {path}, left by a publish that did not finish")
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier call of this process: nothing of it is running now (we hold the lock)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reached(phase: str) -> None:
+    """A named point of the publish flow: `staging` (history files written, none renamed), `apply` (the new
+    registry written beside the live one, not swapped in), `materialize` (after each view). Does nothing;
+    the tests replace it to kill a publish at a known phase."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +300,8 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
     feast = feast_dir(home)
     feast.mkdir(parents=True, exist_ok=True)
     with file_lock(feast / ".publish.lock"):
+        project = feast_project(home, config.project)
+        _clean_orphans(home, log)
         manifest = _read_manifest(manifest_path(home))
         clash = [d for d, e in manifest.get("datasets", {}).items() if d != dataset and e.get("schema") == schema]
         if clash:
@@ -231,14 +317,23 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
             for tmp, _ in writes:
                 tmp.unlink(missing_ok=True)
             raise PublishError(f"the Feast declarations for {dataset} do not build: {e}") from e
+        _reached("staging")
+        # From here on a kill leaves the histories ahead of the registry: the manifest records which
+        # views have rows not materialized yet (`pending_from`), so the next publish still rewinds them.
         for tmp, target in writes:
             os.replace(tmp, target)
         _write_json(manifest_path(home), manifest)
         log(f"{dataset}: {len(entry['views'])} views in {manifest_path(home)}")
-        repo = ensure_repo(home, log)
-        _apply_all(home, objects, config, log)
+        if repo_project(home) not in (None, project):
+            log(f"Feast project: {project} (was {repo_project(home)}); views are materialized afresh under it")
+        repo = ensure_repo(home, project, log)
+        if _apply_all(home, objects, _pending(manifest), config, log):
+            if _clear_pending(manifest):
+                _write_json(manifest_path(home), manifest)
+            for removed in feast.rglob("*.removed.parquet"):  # cleared in every registry's online store
+                removed.unlink()
         if config.materialize:
-            materialize(home, online_store=config.online_store, redis_url=config.redis_url, log=log)
+            _materialize(home, config.online_store, None, config.redis_url, None, log)
     views = _views_of(dataset, entry, feast)
     return PublishResult(dataset, schema, repo, manifest_path(home), config.online_store, views, skipped, new_rows,
                          config.materialize, time.perf_counter() - started)
@@ -379,7 +474,9 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         con.close()
     for set_id in {s for ids in current.values() for s in ids}:
         new_rows[set_id] = sets[set_id].pop("new_rows", 0)
-        sets[set_id].pop("new_timestamps", None)
+        # the earliest row not yet known to be in the online store: materialization restarts there
+        pending = [*sets[set_id].pop("new_timestamps", []), sets[set_id].get("pending_from")]
+        sets[set_id]["pending_from"] = min(t for t in pending if t)
     defaults = dict((previous or {}).get("defaults", {}))
     for kind in ("agg", "coles", *SESSION_VIEWS):
         if current[kind]:
@@ -590,12 +687,30 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
     n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
                                       ).fetchall()[0]
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
-    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [last.isoformat()],
+    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [first.isoformat(), last.isoformat()],
              "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
     stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
                                           {"written_from": str(source), **stats})
+    _note_removed_keys(con, target, "session_id" if "session_id" in types else "user_id", writes)
     con.execute("DROP TABLE fresh")
     return stats, types
+
+
+def removed_keys_path(history: Path) -> Path:
+    """Beside a history written afresh: the keys its previous version had and it lacks, until publish has
+    cleared their online rows."""
+    return history.with_name(f"{history.stem}.removed.parquet")
+
+
+def _note_removed_keys(con, target: Path, key: str, writes: list) -> None:
+    """The keys of `target`'s previous version (and of a removal list not cleared yet) that `fresh` lacks."""
+    removed = removed_keys_path(target)
+    known = [f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(p)})" for p in (target, removed) if p.is_file()]
+    if not known:
+        return
+    gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
+    if gone.num_rows:
+        _write_beside(gone, removed, writes, {"removed_from": str(target)})
 
 
 def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
@@ -874,8 +989,10 @@ def _redis_connection(url: str) -> str:
     return ",".join(parts)
 
 
-def get_store(home: Home, online_store: str = "sqlite", redis_url: str | None = None) -> "FeatureStore":
-    """The FeatureStore of `<home>/feature_repo` with the online store's yaml (Redis at `redis_url` if given)."""
+def get_store(home: Home, online_store: str = "sqlite", redis_url: str | None = None,
+              registry: Path | None = None) -> "FeatureStore":
+    """The FeatureStore of `<home>/feature_repo` with the online store's yaml (Redis at `redis_url` if given;
+    the registry file `registry` instead of the yaml's, as publish does to stage a new registry)."""
     yaml_name = store_yaml(online_store)
     repo = repo_dir(home)
     if not (repo / yaml_name).is_file():
@@ -883,50 +1000,83 @@ def get_store(home: Home, online_store: str = "sqlite", redis_url: str | None = 
     _quiet_feast()
     from feast import FeatureStore
 
-    if redis_url is None or online_store != "redis":
+    if (redis_url is None or online_store != "redis") and registry is None:
         return FeatureStore(repo_path=str(repo), fs_yaml_file=repo / yaml_name)
     import yaml
     from feast.repo_config import RepoConfig
 
     raw = yaml.safe_load(os.path.expandvars((repo / yaml_name).read_text()))
-    raw["online_store"] = {**raw.get("online_store", {}), "connection_string": _redis_connection(redis_url)}
+    if redis_url is not None and online_store == "redis":
+        raw["online_store"] = {**raw.get("online_store", {}), "connection_string": _redis_connection(redis_url)}
+    if registry is not None:
+        raw["registry"] = {**raw["registry"], "path": str(registry)}
     config = RepoConfig(**raw)
     config.repo_path = repo
     return FeatureStore(repo_path=str(repo), config=config)
 
 
-def _registry_exists(home: Home, online_store: str) -> bool:
-    """Whether the online store's registry was written (by an apply)."""
+def registry_path(home: Home, online_store: str) -> Path:
+    """The registry file of the online store's yaml."""
     import yaml
 
-    config = repo_dir(home) / store_yaml(online_store)
-    if not config.is_file():
+    registry = yaml.safe_load((repo_dir(home) / store_yaml(online_store)).read_text())["registry"]
+    return (repo_dir(home) / (registry["path"] if isinstance(registry, dict) else registry)).resolve()
+
+
+def _registry_exists(home: Home, online_store: str) -> bool:
+    """Whether the online store's registry was written (by an apply)."""
+    if not (repo_dir(home) / store_yaml(online_store)).is_file():
         return False
-    registry = yaml.safe_load(config.read_text())["registry"]
-    return (repo_dir(home) / (registry["path"] if isinstance(registry, dict) else registry)).is_file()
+    return registry_path(home, online_store).is_file()
 
 
-def _apply_all(home: Home, objects: dict[str, Any], config: PublishConfig, log: Log) -> None:
+def _pending(manifest: dict) -> dict[str, datetime]:
+    """View name -> the earliest feature_timestamp of its rows that may not be in the online stores yet."""
+    pending = {}
+    for entry in manifest.get("datasets", {}).values():
+        for view in entry["views"]:
+            when = _timestamp(entry["sets"][view["set_id"]].get("pending_from"))
+            if when is not None:
+                pending[view["name"]] = when
+    return pending
+
+
+def _clear_pending(manifest: dict) -> bool:
+    """Forget every `pending_from` (the registries now hold the rewinds); whether any was there."""
+    cleared = [info.pop("pending_from") for entry in manifest.get("datasets", {}).values()
+               for info in entry["sets"].values() if "pending_from" in info]
+    return bool(cleared)
+
+
+def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime], config: PublishConfig,
+               log: Log) -> bool:
     """Apply to the chosen online store's registry and, best effort, to the other stores' existing registries
-    (so a store used before never serves data older than what was published)."""
-    _apply(home, objects, config.online_store, config.redis_url, log)
+    (so a store used before never serves data older than what was published). Whether every one was applied."""
+    _apply(home, objects, pending, config.online_store, config.redis_url, log)
+    complete = True
     for other in ONLINE_STORES:
         if other == config.online_store or not _registry_exists(home, other):
             continue
         try:
-            _apply(home, objects, other, config.redis_url, log)
+            _apply(home, objects, pending, other, config.redis_url, log)
         except PublishError as e:
+            complete = False
             log(f"warning: the {other} registry was not updated ({e.__cause__ or e}); its online store may serve "
                 f"older features: publish again with online store {other} when it is reachable")
+    return complete
 
 
-def _apply(home: Home, objects: dict[str, Any], online_store: str, redis_url: str | None, log: Log) -> None:
-    """`feast apply` of these declarations: add or update them, delete what the registry holds beyond them.
+def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], online_store: str,
+           redis_url: str | None, log: Log) -> None:
+    """`feast apply` of these declarations (add or update them, delete what the registry holds beyond them),
+    on a copy of the live registry that is renamed over it only when complete.
 
-    A view whose data changed (its `data_version` tag) is deleted first and added again: Feast keeps a
-    view's materialization intervals across updates, so `materialize-incremental` would skip snapshots
-    older than its last run, and the Redis store ignores rewrites at an unchanged timestamp. Deleting the
-    view drops its online rows; the next materialization writes every user's latest snapshot again.
+    Views are updated in place, never deleted and added again: their online rows keep serving. Feast
+    keeps a view's materialization intervals across updates, so `materialize-incremental` would skip
+    new rows older than its last run (a new snapshot of 1998 data); in the copy, each view with new rows
+    gets its intervals cut back to just before the earliest of them (`pending`), and a view that now
+    reads another set or file loses them, so the next materialization writes those rows over the old
+    ones (the online stores overwrite at equal timestamps too: Redis runs with `skip_dedup`).
     """
     from feast import Entity, FeatureView
     from feast.data_source import DataSource
@@ -935,31 +1085,121 @@ def _apply(home: Home, objects: dict[str, Any], online_store: str, redis_url: st
     views = {o.name: o for o in wanted if isinstance(o, FeatureView)}
     entities = {o.name for o in wanted if isinstance(o, Entity)}
     sources = {o.name for o in wanted if isinstance(o, DataSource)}
+    live = registry_path(home, online_store)
+    staged = live.with_name(f".{live.name}.{os.getpid()}.staging")
     try:
-        store = get_store(home, online_store, redis_url)
+        if live.is_file():
+            shutil.copyfile(live, staged)
+        store = get_store(home, online_store, redis_url, registry=staged)
         with _quiet():
-            registered = store.list_feature_views() if _registry_exists(home, online_store) else []
-            stale: list[Any] = [v for v in registered if v.name not in views]
-            reset = [v for v in registered if v.name in views
-                     and v.tags.get("data_version") != views[v.name].tags.get("data_version")]
+            registered = {v.name: v for v in store.list_feature_views()} if live.is_file() else {}
+            stale: list[Any] = [v for n, v in registered.items() if n not in views]
             if registered:
                 stale += [e for e in store.list_entities() if e.name not in entities]
                 stale += [d for d in store.list_data_sources() if d.name not in sources]
             if stale:
                 log(f"{online_store}: removing from the registry: {', '.join(sorted(o.name for o in stale))}")
-            if reset:
-                log(f"{online_store}: new data for {', '.join(sorted(v.name for v in reset))}: their online rows are "
-                    "dropped until the next materialization")
-                store.apply([], objects_to_delete=reset, partial=False)
             log(f"feast apply ({online_store}): {len(views)} views, {len(entities)} entities")
             store.apply(wanted, objects_to_delete=stale, partial=False)
+            rewinds = _rewinds(registered, views, pending)
+            if rewinds:
+                _rewind(store, rewinds)
+                log(f"{online_store}: new data for {', '.join(sorted(rewinds))}: the next materialization writes it "
+                    "over the rows they serve now")
+            for name in sorted(n for n, until in rewinds.items() if until is None):
+                gone = _keys_only_in(registered[name].batch_source.path, views[name].batch_source.path)
+                if gone:
+                    log(f"{online_store}: {name} now reads another set: clearing the online rows of {len(gone):,} "
+                        "keys it does not hold")
+                    _clear_online(store, store.get_feature_view(name), gone)
+            for name in sorted(n for n in views if n in registered):
+                removed = removed_keys_path(Path(views[name].batch_source.path))
+                if removed.is_file():  # a history written afresh lost keys (a re-built session table)
+                    import pyarrow.parquet as pq
+
+                    gone = pq.read_table(removed).column(0).to_pylist()
+                    log(f"{online_store}: {name} no longer holds {len(gone):,} keys: clearing their online rows")
+                    _clear_online(store, store.get_feature_view(name), gone)
+        _reached("apply")
+        os.replace(staged, live)
     except PublishError:
         raise
     except Exception as e:
-        raise PublishError(f"feast apply ({online_store}) failed ({type(e).__name__}: {e}); the snapshots and "
-                           f"manifest are saved: publish again, or run `feast -c {repo_dir(home)}"
-                           f"{'' if online_store == 'sqlite' else ' -f ' + str(repo_dir(home) / store_yaml(online_store))}"
-                           " apply`") from e
+        raise PublishError(f"feast apply ({online_store}) failed ({type(e).__name__}: {e}); the previous registry "
+                           f"still serves, the snapshots and manifest are saved: publish again") from e
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _rewinds(registered: dict[str, Any], views: dict[str, Any], pending: dict[str, datetime]
+             ) -> dict[str, datetime | None]:
+    """View name -> the time its materialization must restart from (None: from the start of its history)."""
+    from datetime import timedelta
+
+    out: dict[str, datetime | None] = {}
+    for name, view in views.items():
+        old = registered.get(name)
+        if old is None or not old.materialization_intervals:
+            continue  # never materialized: its first materialization reads everything
+        if (old.tags.get("set_id") != view.tags.get("set_id")
+                or old.batch_source.path != view.batch_source.path):
+            out[name] = None
+        elif name in pending:
+            out[name] = pending[name] - timedelta(seconds=1)  # materialization ranges start inclusive or not
+    return out
+
+
+def _keys_only_in(old: str, new: str) -> list:
+    """The entity keys of the Parquet history `old` that `new` lacks (none when `old` is gone)."""
+    if not Path(old).is_file() or not Path(new).is_file():
+        return []
+    con = _connect()
+    try:
+        key = "session_id" if "session_id" in {r[0] for r in con.execute(
+            f"DESCRIBE SELECT * FROM read_parquet({_sql_path(Path(new))})").fetchall()} else "user_id"
+        return [k for (k,) in con.execute(
+            f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(Path(old))}) EXCEPT "
+            f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(Path(new))}) ORDER BY 1").fetchall()]
+    finally:
+        con.close()
+
+
+def _clear_online(store: "FeatureStore", view: Any, keys: list) -> None:
+    """Null every feature of `view` for these entity keys in the online store (Feast's write path, as a
+    materialization of missing values writes them): a view that switched sets serves nothing of the old one."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    join_key = view.entity_columns[0].name
+    now = datetime.now(timezone.utc)
+    rows = []
+    for k in keys:
+        value = Value(string_val=k) if isinstance(k, str) else Value(int64_val=int(k))
+        rows.append((EntityKey(join_keys=[join_key], entity_values=[value]), {f.name: Value() for f in view.features},
+                     now, None))
+    store.provider.online_write_batch(store.config, view, rows, progress=None)
+
+
+def _rewind(store: "FeatureStore", rewinds: dict[str, datetime | None]) -> None:
+    """Cut the views' materialization intervals back to end at the rewind time, in the (staged) registry."""
+    registry = store.registry
+    for proto in registry.cached_registry_proto.feature_views:
+        if proto.spec.project != store.project or proto.spec.name not in rewinds:
+            continue
+        until = rewinds[proto.spec.name]
+        until = until.replace(tzinfo=timezone.utc) if until is not None and until.tzinfo is None else until
+        kept = []
+        for interval in proto.meta.materialization_intervals:
+            start = interval.start_time.ToDatetime(tzinfo=timezone.utc)
+            end = interval.end_time.ToDatetime(tzinfo=timezone.utc)
+            if until is not None and start < until:
+                kept.append((start, min(end, until)))
+        del proto.meta.materialization_intervals[:]
+        for start, end in kept:
+            interval = proto.meta.materialization_intervals.add()
+            interval.start_time.FromDatetime(start)
+            interval.end_time.FromDatetime(end)
+    registry.commit()
 
 
 @contextlib.contextmanager
@@ -993,15 +1233,45 @@ def _stdout_to(log: Log) -> Iterator[None]:
 
 def materialize(home: Home, online_store: str = "sqlite", end: datetime | None = None, redis_url: str | None = None,
                 views: Sequence[str] | None = None, log: Log = lambda _: None) -> None:
-    """`feast materialize-incremental end` (default now): the latest snapshot of every user into the online store."""
+    """`feast materialize-incremental end` (default now), view by view: the latest snapshot of every user
+    into the online store. Each view's rows are written over the ones it serves, never removed first.
+
+    Holds the publish lock: Feast commits its whole cached registry after each view, so a materialization
+    running beside a publish would put back the registry the publish had just replaced."""
+    with file_lock(feast_dir(home) / ".publish.lock"):
+        _materialize(home, online_store, end, redis_url, views, log)
+
+
+def _materialize(home: Home, online_store: str, end: datetime | None, redis_url: str | None,
+                 views: Sequence[str] | None, log: Log) -> None:
     store = get_store(home, online_store, redis_url)
     end = end or datetime.now(timezone.utc)
+    if online_store == "sqlite":
+        _sqlite_wal(store)
+    names = list(views) if views else [v.name for v in store.list_feature_views()]
     log(f"materializing into {online_store} up to {end.isoformat(timespec='seconds')}")
     try:
-        with _stdout_to(log):
-            store.materialize_incremental(end_date=end, feature_views=list(views) if views else None)
+        for name in names:
+            with _stdout_to(log):
+                store.materialize_incremental(end_date=end, feature_views=[name])
+            _reached("materialize")
     finally:
         _release_offline_connection()
+
+
+def _sqlite_wal(store: "FeatureStore") -> None:
+    """Readers of the SQLite online store never wait for a materialization's writes (WAL journal; it stays set
+    in the file)."""
+    import sqlite3
+
+    path = Path(store.config.online_store.path)
+    path = path if path.is_absolute() else Path(store.config.repo_path) / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
 
 
 def _release_offline_connection() -> None:

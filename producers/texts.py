@@ -1,6 +1,7 @@
 """The `texts` table: every text a user is represented by (serialized, template- or LLM-enriched).
 
-One table per dataset schema, one row per (user, kind, variant). A producer replaces all rows of
+One table per dataset schema, one row per (user, kind, variant); `fallback` marks the `llm` rows
+that are template rewrites standing in for a refused or failed LLM output. A producer replaces all rows of
 its kind at once (staging table, then delete + insert in one transaction), and the whole table
 is exported to `data/<schema>/texts.parquet` after every change.
 """
@@ -17,11 +18,19 @@ from producers.warehouse import Home
 KINDS = ("serialized", "template", "llm")
 COLUMNS = """user_id {user_type}, kind VARCHAR, variant INTEGER, format VARCHAR, text VARCHAR,
     n_events INTEGER, n_tokens INTEGER, tokenizer VARCHAR, producer_version VARCHAR,
-    source_hash VARCHAR, config VARCHAR, produced_at TIMESTAMP"""
+    source_hash VARCHAR, config VARCHAR, produced_at TIMESTAMP, fallback BOOLEAN DEFAULT false"""
+# `fallback`: an `llm` row whose text is a template rewrite standing in for a refused or failed LLM
+# output (its format is then "fallback:<template format>"); false for every other row.
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection, schema: str, user_type: str) -> None:
     con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".texts ({COLUMNS.format(user_type=user_type)})')
+    # Tables made before the `fallback` column get it, set from the format that always said so.
+    has = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_schema = ? "
+                      "AND table_name = 'texts' AND column_name = 'fallback'", [schema]).fetchall()[0][0]
+    if not has:
+        con.execute(f'ALTER TABLE "{schema}".texts ADD COLUMN fallback BOOLEAN DEFAULT false')
+        con.execute(f'UPDATE "{schema}".texts SET fallback = starts_with(format, \'fallback:\')')
 
 
 def stage_frame(con: duckdb.DuckDBPyConnection, name: str, rows) -> str:
@@ -68,6 +77,9 @@ def export_parquet(home: Home, con: duckdb.DuckDBPyConnection, schema: str, tabl
 
 
 def config_json(config) -> str:
+    """The config as recorded with the texts: JSON, credentials in URLs (an endpoint's key) redacted."""
     from dataclasses import asdict, is_dataclass
 
-    return json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True, default=str)
+    from producers.redact import redacted
+
+    return json.dumps(redacted(asdict(config) if is_dataclass(config) else config), sort_keys=True, default=str)

@@ -59,7 +59,34 @@ class Home:
         if read_only and not self.warehouse_path.exists():
             raise WarehouseError(f"no warehouse at {self.warehouse_path}: run `llm4es ingest` first")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        return duckdb.connect(str(self.warehouse_path), read_only=read_only)
+        try:
+            return duckdb.connect(str(self.warehouse_path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise
+            raise WarehouseLockedError(locked_message(self.warehouse_path, str(e))) from e
+
+
+class WarehouseLockedError(WarehouseError):
+    """Another process has the warehouse open for writing."""
+
+
+def locked_message(path: Path, error: str) -> str:
+    """Who holds the warehouse (DuckDB names the program and PID in its error), and what to do."""
+    import re
+
+    holder = re.search(r"held in (.+?) \(PID (\d+)\)", error)
+    who = f"process {holder.group(2)} ({holder.group(1)})" if holder else "another process"
+    command = ""
+    if holder:
+        try:
+            raw = Path(f"/proc/{holder.group(2)}/cmdline").read_bytes().replace(b"\0", b" ")
+            command = " ".join(raw.decode(errors="replace").split())
+            command = f"`{command[:157]}...`" if len(command) > 160 else f"`{command}`"
+        except OSError:  # not Linux, or the process just ended
+            pass
+    return (f"the warehouse {path} is in use by {who}{f': {command}' if command else ''}; DuckDB lets one process "
+            "write it at a time and nobody read it meanwhile: try again when that command has finished")
 
 
 def one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
@@ -105,9 +132,29 @@ def drop_staging(con: duckdb.DuckDBPyConnection, schema: str) -> None:
             con.execute(f'DROP TABLE IF EXISTS "{schema}"."{name}"')
 
 
+def schema_owner(con: duckdb.DuckDBPyConnection, schema: str) -> str | None:
+    """The name of the dataset whose tables the schema holds (None: no dataset yet)."""
+    if not table_exists(con, schema, "dataset_meta"):
+        return None
+    row = one(con, f'SELECT name FROM "{schema}".dataset_meta')
+    return row[0] if row else None
+
+
+def check_schema_owner(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
+    """Refuse a dataset whose schema belongs to another dataset: names differing only in case or punctuation
+    (`shop-eu`, `Shop_EU`) map to one schema, and the second would silently replace the first's tables."""
+    schema = schema_name(dataset)
+    owner = schema_owner(con, schema)
+    if owner is not None and owner != dataset:
+        raise WarehouseError(f"dataset {dataset!r} would use the warehouse schema {schema!r}, which holds dataset "
+                             f"{owner!r} (names that differ only in case or punctuation share a schema): use "
+                             f"{owner!r} to mean that dataset, or give this one a name that differs in letters or digits")
+
+
 def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDefinition:
     """The definition the dataset was last ingested with: later stages read fields from it."""
     schema = schema_name(dataset)
+    check_schema_owner(con, dataset)
     if not table_exists(con, schema, "dataset_meta"):
         from producers.datasets.definition import builtin_names
 

@@ -134,22 +134,43 @@ def pack_items(lengths: np.ndarray, max_length: int) -> list[tuple[int, ...]]:
 
 
 def epoch_batches(item_lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
+                  group_by_length: bool, batch_tokens: int | None = None) -> list[list[int]]:
     """Batches of item indices for one epoch; a pure function of its arguments.
 
     With `group_by_length`, items are shuffled, stably sorted by length (so equal lengths mix
     differently every epoch), cut into batches of similar lengths, and the full batches shuffled.
+    With `batch_tokens` (which needs `group_by_length`), a batch is as many items as fit
+    rows x longest <= batch_tokens (one item at least), so short texts come many to a batch; the
+    cuts fall at the same lengths every epoch, so every epoch has the same number of batches.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(item_lengths))
     if group_by_length:
         order = order[np.argsort(item_lengths[order], kind="stable")]
+    if batch_tokens is not None:
+        if not group_by_length:
+            raise ValueError("batch_tokens needs group_by_length (batches of similar lengths)")
+        cuts = token_budget_cuts(item_lengths[order], batch_tokens)
+        batches = [order[a:b].tolist() for a, b in zip(cuts, cuts[1:])]
+        return [batches[j] for j in rng.permutation(len(batches))]
     batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     if group_by_length:
         # A short last batch stays last: accelerate's multi-process sharding expects that.
         full = len(order) // batch_size
         batches = [batches[j] for j in rng.permutation(full)] + batches[full:]
     return batches
+
+
+def token_budget_cuts(sorted_lengths: np.ndarray, batch_tokens: int) -> list[int]:
+    """Boundaries [0, ..., n] cutting ascending lengths into runs of rows x longest <= batch_tokens."""
+    cuts, start = [0], 0
+    for i, n in enumerate(sorted_lengths):
+        if i > start and (i - start + 1) * int(n) > batch_tokens:
+            cuts.append(i)
+            start = i
+    if cuts[-1] != len(sorted_lengths):
+        cuts.append(len(sorted_lengths))
+    return cuts
 
 
 class EpochBatchSampler:
@@ -159,8 +180,12 @@ class EpochBatchSampler:
     so setting the epoch on this object reaches every wrapper.
     """
 
-    def __init__(self, item_lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool):
-        self.item_lengths, self.batch_size = item_lengths, batch_size
+    def __init__(self, item_lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool,
+                 batch_tokens: int | None = None):
+        self.item_lengths = item_lengths
+        # accelerate's BatchSamplerShard reads batch_size; None tells it batches vary in size
+        self.batch_size = None if batch_tokens is not None else batch_size
+        self._rows, self.batch_tokens = batch_size, batch_tokens
         self.seed, self.group_by_length = seed, group_by_length
         self.epoch = 0
         self.drop_last = False  # read by accelerate's BatchSamplerShard
@@ -169,10 +194,13 @@ class EpochBatchSampler:
         self.epoch = epoch
 
     def __iter__(self):
-        return iter(epoch_batches(self.item_lengths, self.batch_size, self.seed, self.epoch, self.group_by_length))
+        return iter(epoch_batches(self.item_lengths, self._rows, self.seed, self.epoch, self.group_by_length,
+                                  self.batch_tokens))
 
     def __len__(self) -> int:
-        return (len(self.item_lengths) + self.batch_size - 1) // self.batch_size
+        if self.batch_tokens is not None:
+            return len(token_budget_cuts(np.sort(self.item_lengths), self.batch_tokens)) - 1
+        return (len(self.item_lengths) + self._rows - 1) // self._rows
 
 
 class ItemDataset:
@@ -189,10 +217,13 @@ class ItemDataset:
         return [self.tokens.text(i) for i in self.items[k]]
 
 
-def make_collate(pad_id: int, packed: bool) -> Callable[[list[list[np.ndarray]]], dict]:
+def make_collate(pad_id: int, packed: bool, padding_mask: bool = False) -> Callable[[list[list[np.ndarray]]], dict]:
     """Right-padded batches; labels are -100 on padding (by position, not by id: pad may equal EOS).
 
-    Without packing: `input_ids`, `attention_mask`, `labels`. With packing: `input_ids`,
+    Without packing: `input_ids`, `labels`, and an `attention_mask` only with `padding_mask`: under
+    a causal mask a real token never sees the padding to its right and padding carries no label, so
+    the loss is the same without it, and without it SDPA takes its causal kernel (flash on GPUs)
+    instead of building a 4-D mask. With packing: `input_ids`,
     `position_ids` restarting at 0 for every text (and for the padding tail), `labels` with the
     first token of every text masked so no text is trained to follow another, and no
     `attention_mask`: from restarting position ids transformers 5 builds a block-diagonal
@@ -222,7 +253,7 @@ def make_collate(pad_id: int, packed: bool) -> Callable[[list[list[np.ndarray]]]
         out = {"input_ids": ids, "labels": labels, "n_tokens": mask.sum()}
         if packed:
             out["position_ids"] = positions
-        else:
+        elif padding_mask:
             out["attention_mask"] = mask
         return out
 

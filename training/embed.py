@@ -110,9 +110,12 @@ class EmbedSet:
     seconds: float  # the batch loop (tokenize, forward, pool, write parts), wall clock
     cpu_seconds: float  # the same loop in process CPU time (steadier on a shared machine)
     wall_seconds: float  # the whole set: loading, batches, merge, export
-    tokens_per_s: float
+    tokens_per_s: float  # real tokens per second of the batch loop (`seconds`)
     parquet: str
     run_key: str
+    compute_seconds: float = 0.0  # of the loop, in the model (copy in, forward, pooling, copy out)
+    compute_tokens_per_s: float = 0.0
+    mfu: float | None = None  # on a GPU of known peak: compute tokens/s x (2N + attention) / peak (README)
 
 
 @dataclass
@@ -204,16 +207,55 @@ def find_checkpoints(home: Home, checkpoint: str | None) -> list[Checkpoint]:
     path = path.resolve()
     if not path.is_dir():
         raise EmbedError(f"checkpoint {checkpoint}: no such folder")
-    if (path / "config.json").is_file():
+    # A run folder has a config.json too (the run's own), so the run's layout is looked for first.
+    is_run = (path / "state.json").is_file() or (path / "models").is_dir()
+    if not is_run and (path / "config.json").is_file():
+        if not _is_model_config(path / "config.json"):
+            raise EmbedError(f"checkpoint {checkpoint}: {path / 'config.json'} is not a model's config (no "
+                             "model_type); expected a model folder or a fine-tuning run folder")
         return [_checkpoint(home, path)]
-    epochs = [p for folder in (path / "models", path) if folder.is_dir()
-              for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"epoch-\d+", p.name)
-              and (p / "config.json").is_file()]
-    if not epochs:
-        raise EmbedError(f"checkpoint {checkpoint}: neither a model folder (config.json) nor a run folder "
-                         "with models/epoch-*/ in it")
-    found = sorted((_checkpoint(home, p) for p in epochs), key=lambda c: (c.epoch is None, c.epoch, c.label))
-    return found
+    models = _run_models(path)
+    if not models:
+        raise EmbedError(
+            f"checkpoint {checkpoint}: neither a model folder (a config.json in it) nor a fine-tuning run folder "
+            f"with saved models (models/epoch-E/ or models/step-N/ holding a config.json, as `llm4es finetune` "
+            f"writes); found {_listing(path)}")
+    return sorted((_checkpoint(home, p) for p in models),
+                  key=lambda c: (c.info.get("global_step") is None, c.info.get("global_step") or 0,
+                                 c.epoch is None, c.epoch or 0, c.label))
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (ValueError, OSError):
+        return False
+
+
+def _run_models(run: Path) -> list[Path]:
+    """Every saved model of a run folder (or of its `models/` folder): epoch-E and step-N folders
+    with a config.json; when state.json lists the run's models, exactly those (a killed save's
+    leftovers are not models)."""
+    folder = run / "models" if (run / "models").is_dir() else run
+    names: list[str] | None = None
+    state = run / "state.json"
+    if state.is_file():
+        try:
+            listed = json.loads(state.read_text()).get("models")
+            names = [str(n) for n in listed] if isinstance(listed, list) else None
+        except ValueError:
+            names = None
+    if names is None:
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"(epoch|step)-\d+", p.name))
+    return [folder / n for n in names if (folder / n / "config.json").is_file()
+            and _is_model_config(folder / n / "config.json")]
+
+
+def _listing(path: Path) -> str:
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not entries:
+        return "an empty folder"
+    return ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
 
 
 def _checkpoint(home: Home, path: Path) -> Checkpoint:
@@ -224,7 +266,7 @@ def _checkpoint(home: Home, path: Path) -> Checkpoint:
         except ValueError as e:
             raise EmbedError(f"{path / CHECKPOINT_FILE}: not valid JSON ({e})") from e
     epoch = info.get("epoch") if isinstance(info, dict) else None
-    if not isinstance(epoch, int):
+    if not isinstance(epoch, int):  # a step-N model's fractional epoch is no epoch of the table
         m = re.fullmatch(r"epoch-(\d+)", path.name)
         epoch = int(m.group(1)) if m else None
     try:
@@ -383,21 +425,68 @@ class Embedder:
             out.extend(len(x) for x in ids)
         return out
 
+    def tokenize(self, texts: Sequence[str], chunk: int = 1024) -> tuple[list[list[int]], list[int]]:
+        """Token ids cut to max_length on the truncation side (special tokens kept, as the tokenizer's
+        own truncation does), and each text's length before the cut; tokenized once, in chunks."""
+        head, tail = self._special_edges()
+        room = self.max_length - head - tail
+        if room < 1:
+            raise EmbedError(f"max_length {self.max_length} leaves no room for text after the special tokens")
+        left = self.tokenizer.truncation_side == "left"
+        ids_out: list[list[int]] = []
+        lengths: list[int] = []
+        for start in range(0, len(texts), chunk):
+            for ids in self.tokenizer(list(texts[start:start + chunk]), add_special_tokens=self.add_special_tokens,
+                                      return_attention_mask=False)["input_ids"]:
+                lengths.append(len(ids))
+                if len(ids) > self.max_length:
+                    body = ids[head:len(ids) - tail]
+                    body = body[len(body) - room:] if left else body[:room]
+                    ids = ids[:head] + body + ids[len(ids) - tail:]
+                ids_out.append(list(ids))
+        return ids_out, lengths
+
+    def _special_edges(self) -> tuple[int, int]:
+        """How many special tokens the tokenizer puts before and after a text (e.g. Llama 3: a BOS, 1 and 0)."""
+        if not self.add_special_tokens:
+            return 0, 0
+        bare = self.tokenizer("a b c", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a b c", add_special_tokens=True)["input_ids"]
+        for head in range(len(full) - len(bare) + 1):
+            if full[head:head + len(bare)] == bare:
+                return head, len(full) - len(bare) - head
+        return 0, 0
+
     def encode(self, texts: Sequence[str]) -> Encoded:
         """Pooled float32 vectors of `texts`, run as one batch padded to its longest text."""
+        return self.encode_ids(self.tokenize(texts)[0])
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> Encoded:
+        """Pooled float32 vectors of already tokenized (and cut) texts, as one padded batch."""
         import numpy as np
         import torch
 
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
-                             add_special_tokens=self.add_special_tokens, return_tensors="pt")
-        n_tokens = enc["attention_mask"].sum(dim=1)
-        if int(n_tokens.min()) == 0:
+        n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
+        if len(ids) == 0 or int(n_tokens.min()) == 0:
             raise EmbedError("an empty text has no tokens to average")
-        ids = enc["input_ids"].to(self.device, non_blocking=True)
-        mask = enc["attention_mask"].to(self.device, non_blocking=True)
+        width = int(n_tokens.max())
+        pad = self.tokenizer.pad_token_id
+        batch = np.full((len(ids), width), pad, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        left = self.tokenizer.padding_side == "left"
+        for row, x in enumerate(ids):
+            at = width - len(x) if left else 0
+            batch[row, at:at + len(x)] = x
+            mask[row, at:at + len(x)] = 1
+        cuda = self.device.type == "cuda"
+        ids_t, mask_t = torch.from_numpy(batch), torch.from_numpy(mask)
+        if cuda:  # pinned host memory: the copy to the GPU overlaps the work queued before it
+            ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+        ids_t = ids_t.to(self.device, non_blocking=cuda)
+        mask_t = mask_t.to(self.device, non_blocking=cuda)
         with torch.inference_mode():
-            pooled = self._pool(ids, mask)
-        return Encoded(pooled.cpu().numpy().astype(np.float32, copy=False), n_tokens.numpy(), int(ids.numel()))
+            pooled = self._pool(ids_t, mask_t)
+        return Encoded(pooled.cpu().numpy().astype(np.float32, copy=False), n_tokens, int(ids_t.numel()))
 
     def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         import torch
@@ -445,11 +534,10 @@ def _quiet_transformers():
 
 
 def pick_device(device: str = "auto") -> Any:
-    import torch
+    """`auto`: LLM4ES_DEVICE when set, else this rank's GPU when CUDA is available, else the CPU."""
+    from training.hardware import choose_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return choose_device(device, EmbedError)
 
 
 def pick_dtype(dtype: str, device: Any) -> Any:
@@ -531,22 +619,29 @@ def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
 
 
 def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, log: Log) -> EmbedSet:
+    """One set. Under torchrun / accelerate launch every process embeds its own length-balanced shard of
+    the users into its own part files; after a barrier the first process merges and publishes."""
     import torch
     import transformers
     from tqdm.auto import tqdm
 
+    from training.hardware import Progress, Ranks
+
     started = time.perf_counter()
+    ranks = Ranks.from_env()
+    say = log if ranks.main else (lambda _: None)
     # The base model is only fetched when needed: a checkpoint folder normally has its own tokenizer.
     if ck.path is None:
-        model_path = tokenizer_path = resolve_model(config.model, progress=log)
+        model_path = tokenizer_path = resolve_model(config.model, progress=say)
     else:
         model_path = str(ck.path)
-        tokenizer_path = model_path if _has_tokenizer(ck.path) else resolve_model(config.model, progress=log)
+        tokenizer_path = model_path if _has_tokenizer(ck.path) else resolve_model(config.model, progress=say)
     # A fine-tuned checkpoint names its base model (`model_source` in llm4es_checkpoint.json).
     model_name = str(ck.info.get("model_source") or config.model)
     if model_name != config.model:
-        log(f"{ck.label} was fine-tuned from {model_name}: recorded as its model")
-    embedder = Embedder.load(model_path, tokenizer_path, config, log)
+        say(f"{ck.label} was fine-tuned from {model_name}: recorded as its model")
+    embedder = Embedder.load(model_path, tokenizer_path, config, say)
+    group = _ProcessGroup.join(ranks, embedder.device)
     try:
         layers = layers_label(embedder.layers)
         dtype = str(next(embedder.base.parameters()).dtype).removeprefix("torch.")
@@ -564,52 +659,199 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         key = {"model": model_name, "checkpoint": ck.label, "layers": layers, "text_kind": config.kind}
         done_before = _finished_set(home, data, key, run_key, config)
         if done_before is not None:
-            log(f"{ck.label}: this set was already embedded from the same texts and settings ({run_key}); reusing it")
+            say(f"{ck.label}: this set was already embedded from the same texts and settings ({run_key}); reusing it")
             return done_before
         parts = home.data_dir / data.schema / "embeddings_parts" / run_key
-        parts.mkdir(parents=True, exist_ok=True)
-        if not (parts / "run.json").exists():
-            _atomic_write_text(parts / "run.json", json.dumps(provenance, indent=2, default=str) + "\n")
+        if ranks.main:
+            parts.mkdir(parents=True, exist_ok=True)
+            if not (parts / "run.json").exists():
+                _atomic_write_text(parts / "run.json", json.dumps(provenance, indent=2, default=str) + "\n")
+        group.barrier()
         done = _users_in_parts(parts)
-        todo = [i for i, u in enumerate(data.users) if u not in done]
-        n_resumed = len(data.users) - len(todo)
+        group.barrier()  # every process has read the parts before any writes new ones
+        mine = shard_users([len(t) for t in data.texts], ranks.world_size)[ranks.rank]
+        todo = [i for i in mine if data.users[i] not in done]
+        n_resumed = len(mine) - len(todo)
+        where = f" (process {ranks.rank} of {ranks.world_size}: {len(mine):,} users)" if ranks.distributed else ""
         if n_resumed:
-            log(f"resuming {run_key}: {n_resumed:,} users already embedded, {len(todo):,} to go")
-        lengths = embedder.lengths([data.texts[i] for i in todo])
+            say(f"resuming {run_key}: {n_resumed:,} users already embedded, {len(todo):,} to go{where}")
+        elif ranks.distributed:
+            say(f"embedding {len(todo):,} users{where}")
+        ids, lengths = embedder.tokenize([data.texts[i] for i in todo])  # once: planning and the model share it
         truncated = sum(n > embedder.max_length for n in lengths)
-        batches = plan_batches([min(n, embedder.max_length) for n in lengths], config.batch_tokens)
-        next_index = _next_part_index(parts)
-        tokens = padded = 0
+        batches = plan_batches([len(x) for x in ids], config.batch_tokens)
+        prefix = f"batch-r{ranks.rank:03d}-" if ranks.distributed else "batch-"
+        next_index = _next_part_index(parts, prefix)
+        tokens = padded = done_users = 0
+        compute = 0.0
+        progress = Progress(say, len(todo), "users")
+        writer = _PartWriter()
         loop_started, loop_cpu = time.perf_counter(), time.process_time()
-        bar = tqdm(batches, desc=f"embed {ck.label}", unit="batch", disable=None)
-        for b, batch in enumerate(bar):
-            rows = [todo[j] for j in batch]
-            enc = embedder.encode([data.texts[i] for i in rows])
-            _write_part(parts / f"batch-{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
-                        [data.source_hashes[i] for i in rows])
-            tokens += int(enc.n_tokens.sum())
-            padded += enc.padded_tokens
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - loop_started, 1e-9):,.0f} tok/s")
-        bar.close()
+        try:
+            bar = tqdm(batches, desc=f"embed {ck.label}", unit="batch", disable=None if ranks.main else True)
+            for b, batch in enumerate(bar):
+                rows = [todo[j] for j in batch]
+                t_batch = time.perf_counter()
+                enc = embedder.encode_ids([ids[j] for j in batch])  # returns once the vectors are on the host
+                compute += time.perf_counter() - t_batch
+                writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
+                              [data.source_hashes[i] for i in rows])
+                tokens += int(enc.n_tokens.sum())
+                padded += enc.padded_tokens
+                done_users += len(rows)
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - loop_started, 1e-9):,.0f} tok/s")
+                progress.update(done_users, tokens)
+            bar.close()
+        finally:
+            writer.close()
         seconds, cpu_seconds = time.perf_counter() - loop_started, time.process_time() - loop_cpu
         if truncated:
-            log(f"{truncated:,} texts were longer than {embedder.max_length} tokens and cut on the "
+            say(f"{truncated:,} texts were longer than {embedder.max_length} tokens and cut on the "
                 f"{config.truncation_side}")
         provenance.update(code_version=code_version(), run_key=run_key, transformers_version=transformers.__version__,
-                          torch_version=torch.__version__, device=str(embedder.device))
-        n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch, full=config.limit_users is None,
-                                            expected_dim=embedder.hidden_size)
-        provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
-                          produced_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        parquet = _export(home, data.schema, key, provenance)
-        shutil.rmtree(parts, ignore_errors=True)
+                          torch_version=torch.__version__, device=str(embedder.device),
+                          num_processes=ranks.world_size)
+        group.barrier()  # every shard is on disk
+        outcome: dict[str, Any] = {}
+        if ranks.main:
+            try:
+                n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch,
+                                                    full=config.limit_users is None,
+                                                    expected_dim=embedder.hidden_size)
+                provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
+                                  produced_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                parquet = _export(home, data.schema, key, provenance)
+                shutil.rmtree(parts, ignore_errors=True)
+                outcome = {"n_users": n_users, "dim": dim, "parquet": str(parquet)}
+            except Exception as e:  # the other processes must hear of it, not wait forever
+                outcome = {"error": f"{type(e).__name__}: {e}"}
+                group.share(outcome)
+                raise
+        outcome = group.share(outcome)
+        if "error" in outcome:
+            raise EmbedError(f"process 0 could not merge the parts: {outcome['error']}")
+        tokens_all, seconds_max = group.sum_max(tokens, seconds)
+        _, compute_max = group.sum_max(0, compute)
+        compute_tps = tokens_all / compute_max if compute_max > 0 else 0.0
+        mfu = _embed_mfu(embedder, ids, compute_tps, ranks.world_size)
     finally:
         embedder.close()
+        group.leave()
     return EmbedSet(model=model_name, checkpoint=ck.label, epoch=ck.epoch, layers=layers, text_kind=config.kind,
-                    n_users=n_users, n_computed=len(todo), n_resumed=n_resumed, n_truncated=truncated, dim=dim,
-                    tokens=tokens, padded_tokens=padded, seconds=seconds, cpu_seconds=cpu_seconds,
-                    wall_seconds=time.perf_counter() - started,
-                    tokens_per_s=tokens / seconds if seconds > 0 else 0.0, parquet=str(parquet), run_key=run_key)
+                    n_users=outcome["n_users"], n_computed=len(todo), n_resumed=n_resumed, n_truncated=truncated,
+                    dim=outcome["dim"], tokens=tokens_all, padded_tokens=padded, seconds=seconds_max,
+                    cpu_seconds=cpu_seconds, wall_seconds=time.perf_counter() - started,
+                    tokens_per_s=tokens_all / seconds_max if seconds_max > 0 else 0.0, parquet=outcome["parquet"],
+                    run_key=run_key, compute_seconds=compute_max, compute_tokens_per_s=compute_tps, mfu=mfu)
+
+
+def _embed_mfu(embedder: Embedder, ids: list, tokens_per_s: float, processes: int) -> float | None:
+    """2N + attention FLOPs per real token of the bare decoder (README), against the GPU's peak."""
+    from training.hardware import model_flops_per_token, peak_flops
+
+    peak, _ = peak_flops(embedder.device)
+    if peak is None or not ids or tokens_per_s <= 0:
+        return None
+    n = [len(x) for x in ids]
+    mean_context = sum(k * k for k in n) / sum(n) / 2
+    flops = model_flops_per_token(embedder.base.config, mean_context, training=False, lm_head=False)
+    return tokens_per_s * flops / (peak * processes)
+
+
+def shard_users(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Indices of the users each process embeds: longest first, each to the process with the least
+    text so far (ties to the lower rank), so every process gets about the same work; each shard
+    in index order. A pure function of the lengths, so a resumed process finds its shard again."""
+    import heapq
+
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [(0, r) for r in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, r = heapq.heappop(loads)
+        shards[r].append(i)
+        heapq.heappush(loads, (load + int(lengths[i]), r))
+    return [sorted(s) for s in shards]
+
+
+class _ProcessGroup:
+    """The torch.distributed group of a multi-process embed (a no-op for one process).
+
+    Joins the launcher's group (gloo on CPUs, nccl on GPUs) unless one is already set up, and
+    leaves it again only if it made it.
+    """
+
+    def __init__(self, dist: Any = None, owned: bool = False, device: Any = None):
+        self.dist, self.owned, self.device = dist, owned, device
+
+    @classmethod
+    def join(cls, ranks: Any, device: Any) -> _ProcessGroup:
+        if not ranks.distributed:
+            return cls()
+        import torch.distributed as dist
+
+        owned = False
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend)
+            owned = True
+        return cls(dist, owned, device if dist.get_backend() == "nccl" else None)
+
+    def barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def share(self, obj: dict) -> dict:
+        """Process 0's `obj`, on every process."""
+        if self.dist is None:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def sum_max(self, tokens: int, seconds: float) -> tuple[int, float]:
+        """Tokens of all processes, and the slowest process's loop time."""
+        if self.dist is None:
+            return tokens, seconds
+        import torch
+
+        t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        s = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
+        self.dist.all_reduce(s, op=self.dist.ReduceOp.MAX)
+        return int(t.item()), float(s.item())
+
+    def leave(self) -> None:
+        if self.dist is not None and self.owned:
+            self.dist.destroy_process_group()
+            self.dist = None
+
+
+class _PartWriter:
+    """Writes part files on one background thread, so the model does not wait for Parquet; at most
+    two parts wait in memory. `close` waits for every part and re-raises a failed write."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-parts")
+        self.pending: list = []
+
+    def submit(self, path: Path, users: list, enc: Encoded, source_hashes: list) -> None:
+        while len(self.pending) >= 2:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(_write_part, path, users, enc, source_hashes))
+
+    def close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+            self.pool.shutdown(wait=True)
 
 
 def _finished_set(home: Home, data: _Texts, key: dict, run_key: str, config: EmbedConfig) -> EmbedSet | None:
@@ -643,8 +885,9 @@ def _users_in_parts(parts: Path) -> set:
     return done
 
 
-def _next_part_index(parts: Path) -> int:
-    indices = [int(m.group(1)) for f in parts.glob("batch-*.parquet") if (m := re.fullmatch(r"batch-(\d+)\.parquet", f.name))]
+def _next_part_index(parts: Path, prefix: str = "batch-") -> int:
+    pattern = re.escape(prefix) + r"(\d+)\.parquet"
+    indices = [int(m.group(1)) for f in parts.glob(f"{prefix}*.parquet") if (m := re.fullmatch(pattern, f.name))]
     return max(indices, default=-1) + 1
 
 

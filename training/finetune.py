@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +53,7 @@ CHECKPOINT_MARKER = "llm4es_checkpoint.json"
 """Written into every `models/...` folder: what the embedding step needs to know about it."""
 
 RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient_checkpointing", "precision",
-                               "force", "run_name"})
+                               "force", "run_name", "device", "compile", "chunked_loss"})
 """Config fields a resumed run may change: they change neither the data order nor the maths."""
 
 Log = Callable[[str], None]
@@ -76,6 +77,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float | None = 1.0
     batch_size: int = 1  # per device
+    batch_tokens: int | None = None  # per device: rows x longest row <= this (similar lengths); replaces batch_size
     grad_accum: int = 1
     max_length: int = 2048  # tokens per text (EOS included), or per pack
     group_by_length: bool = True  # batches of similar lengths, batch order shuffled per epoch
@@ -88,6 +90,9 @@ class FinetuneConfig:
     keep_checkpoints: int = 2  # accelerate checkpoints kept (models/ keeps every epoch)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda
+    compile: bool = False  # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
+    chunked_loss: bool = True  # the loss without (batch, seq, vocab) float32 logits (training.loss)
     run_name: str | None = None  # default: <dataset>__<model>__<mixture>
     force: bool = False  # train on data that failed validation
 
@@ -102,6 +107,11 @@ class FinetuneConfig:
                 raise FinetuneError(f"{name} must be at least 1, got {value}")
         if self.max_length < 2:
             raise FinetuneError("max_length must be at least 2")
+        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+            raise FinetuneError(f"batch_tokens ({self.batch_tokens}) must hold one row of max_length "
+                                f"({self.max_length}) tokens")
+        if self.batch_tokens is not None and not self.group_by_length:
+            raise FinetuneError("batch_tokens needs group_by_length (batches of similar lengths)")
         if self.lora_r is not None and self.trainable_layers is not None:
             raise FinetuneError("choose LoRA (lora_r) or partial fine-tuning (trainable_layers), not both")
         if not 0 <= self.warmup_ratio < 1:
@@ -127,6 +137,8 @@ class FinetuneResult:
     seconds: float  # wall time of the training loop in this call (model loading excluded, saving included)
     save_seconds: float  # of which writing checkpoints and models
     peak_memory_mb: float  # CUDA: max allocated; CPU: the process's max RSS
+    steps_per_epoch: int = 0
+    mfu: float | None = None  # model FLOPs utilisation on a GPU of known peak (README); None on CPU
     models: list[Path] = field(default_factory=list)  # models/epoch-E (and step-N) folders, oldest first
     checkpoints: list[Path] = field(default_factory=list)  # accelerate checkpoints kept
     resumed_from: int | None = None  # the global step this call resumed from
@@ -148,9 +160,15 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                                single_items)
     from training.models import load_tokenizer, resolve_model
 
+    from training.hardware import choose_device, fast_cuda_settings
+
     mixture = Mixture.parse(config.mixture)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=_precision(config))
+    on_cpu = choose_device(config.device, FinetuneError).type == "cpu"
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
+                              mixed_precision=_precision(config, on_cpu))
     say = log if accelerator.is_main_process else (lambda _: None)
+    _refuse_fsdp_partial(accelerator, config)
+    fast_cuda_settings(accelerator.device)
     con = home.connect(read_only=True)
     try:
         require_valid(con, dataset, config.force)
@@ -169,10 +187,13 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     if config.packing:
         say(f"packed {len(tokens):,} texts into {len(items):,} rows of up to {config.max_length} tokens")
     dataset_ = ItemDataset(tokens, items)
-    sampler = EpochBatchSampler(dataset_.lengths, config.batch_size, config.seed, config.group_by_length)
+    sampler = EpochBatchSampler(dataset_.lengths, config.batch_size, config.seed, config.group_by_length,
+                                config.batch_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cuda = accelerator.device.type == "cuda"
+    # On CUDA batches come from pinned memory, so accelerate's copy to the GPU does not block.
     train_dl = torch.utils.data.DataLoader(dataset_, batch_sampler=sampler,
-                                           collate_fn=make_collate(pad_id, config.packing))
+                                           collate_fn=make_collate(pad_id, config.packing), pin_memory=cuda)
     train_dl = accelerator.prepare(train_dl)  # sharded: shorter on several processes
 
     steps_per_epoch = math.ceil(len(train_dl) / config.grad_accum)
@@ -184,7 +205,10 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
         "config": asdict(config), "run_name": run_name, "model_path": model_path,
         "schedule": {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epochs": num_epochs,
                      "warmup_steps": warmup, "num_processes": accelerator.num_processes,
-                     "effective_batch_size": config.batch_size * config.grad_accum * accelerator.num_processes},
+                     "effective_batch_size": (config.batch_size * config.grad_accum * accelerator.num_processes
+                                              if config.batch_tokens is None else None),
+                     "tokens_per_step_budget": (config.batch_tokens * config.grad_accum * accelerator.num_processes
+                                                if config.batch_tokens else None)},
         "data": {"dataset": definition.name, "schema": definition.schema, "mixture": str(mixture),
                  "n_texts": len(tokens), "texts_per_kind": texts.per_kind, "n_rows": len(items),
                  "n_tokens": int(tokens.lengths.sum()), "n_truncated": tokens.n_truncated,
@@ -199,7 +223,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     set_seed(config.seed)
     model = _build_model(model_path, config, say)
-    optimizer = _optimizer(model, config)
+    head = _chunked_head(model, accelerator, config)
+    optimizer = _optimizer(model, config, fused=cuda)
     from transformers import get_cosine_schedule_with_warmup
 
     # The prepared scheduler steps once per process at every optimizer step (run_clm_no_trainer).
@@ -214,8 +239,10 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
         say(f"resuming {run_name} from {state['checkpoint']} (epoch {state['epoch']}, "
             f"step {state['step_in_epoch']} of {steps_per_epoch})")
     global_step, epoch, step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
-    say(f"training {total_steps} steps ({num_epochs} epoch(s) of {steps_per_epoch}), "
-        f"{_count_trainable(model)}, precision {accelerator.mixed_precision}")
+    say(f"training {total_steps} steps ({_epochs_text(total_steps, steps_per_epoch)} of {steps_per_epoch} steps), "
+        f"{_count_trainable(model)}, {_precision_text(accelerator)} on {accelerator.device}")
+    if config.compile:
+        model = torch.compile(model)
 
     from tqdm.auto import tqdm
 
@@ -236,7 +263,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
             for batch in loader:
                 n_tokens = batch.pop("n_tokens")
                 with accelerator.accumulate(model):
-                    loss = model(**batch, use_cache=False).loss
+                    loss = training_loss(model, batch, head)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -280,10 +307,12 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    say(f"done: {global_step} steps, loss {state['losses'][-1]:.4f}, "
-        f"{tokens_run / max(seconds - save_s, 1e-9):,.0f} tok/s, {seconds:.1f}s of which {save_s:.1f}s saving; "
-        f"models in {run_dir / 'models'}")
     result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s)
+    result.mfu = _mfu(accelerator, model, tokens, result.tokens_per_second)
+    say(f"done: {global_step} steps, loss {state['losses'][-1]:.4f}, "
+        f"{result.tokens_per_second:,.0f} real tokens/s of training ({tokens_run / max(seconds, 1e-9):,.0f} with "
+        f"saving){'' if result.mfu is None else f', MFU {result.mfu:.1%}'}, {seconds:.1f}s of which {save_s:.1f}s "
+        f"saving; models in {run_dir / 'models'}")
     accelerator.free_memory()
     return result
 
@@ -301,12 +330,77 @@ def config_hash(config: FinetuneConfig) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _precision(config: FinetuneConfig) -> str:
+def training_loss(model, batch: dict, head_weight=None):
+    """The loss of one collated batch: the forward every training step makes.
+
+    `use_cache=False` is what keeps packed texts apart: without a cache, transformers reads the
+    restarting position ids as separate documents and builds a block-diagonal mask; with one it
+    assumes one sequence per row and packed texts attend to each other (tests fail if it goes).
+    With `head_weight` (the model's LM head bypassed by `training.loss.bypass_lm_head`) the
+    forward returns hidden states and the loss is computed chunk by chunk from them.
+    """
+    if head_weight is None:
+        return model(**batch, use_cache=False).loss
+    from training.loss import chunked_cross_entropy
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs, use_cache=False).logits  # the bypassed head returns its input
+    return chunked_cross_entropy(hidden, head_weight, batch["labels"])
+
+
+def _chunked_head(model, accelerator, config: FinetuneConfig):
+    """The LM head's weight when the chunked loss applies (not under FSDP, whose sharded weights are
+    only whole inside the wrapped forward), else None and the model's own loss."""
+    from accelerate.utils import DistributedType
+
+    from training.loss import bypass_lm_head
+
+    if not config.chunked_loss or accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return bypass_lm_head(model)
+
+
+def _precision(config: FinetuneConfig, on_cpu: bool) -> str:
     if config.precision != "auto":
         return config.precision
     import torch
 
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if not on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _precision_text(accelerator) -> str:
+    mp = str(accelerator.mixed_precision)
+    return "float32" if mp == "no" else f"{mp} autocast (float32 master weights)"
+
+
+def _epochs_text(steps: int, steps_per_epoch: int) -> str:
+    epochs = steps / steps_per_epoch
+    return f"{epochs:g} epoch{'s' if epochs != 1 else ''}" if epochs == int(epochs) else f"{epochs:.2f} epochs"
+
+
+def _refuse_fsdp_partial(accelerator, config: FinetuneConfig) -> None:
+    """FSDP shards parameters: clipping would use a shard-local norm for the frozen/LoRA mix and the
+    LoRA merge would run on a sharded model. Refuse rather than train something else than asked."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and (config.lora_r or config.trainable_layers):
+        what = "LoRA (--lora-r)" if config.lora_r else "partial fine-tuning (--trainable-layers)"
+        raise FinetuneError(f"{what} is not supported under FSDP: run it with DDP (`accelerate launch` without an "
+                            "FSDP config, or torchrun), or drop the option for full fine-tuning under FSDP")
+
+
+def _mfu(accelerator, model, tokens, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation (6N + attention per real token, README) on a known GPU; None on CPU."""
+    from training.hardware import model_flops_per_token, peak_flops
+
+    peak, _ = peak_flops(accelerator.device)
+    if peak is None or tokens_per_s <= 0:
+        return None
+    config = accelerator.unwrap_model(model).config
+    lengths = tokens.lengths
+    mean_context = float((lengths.astype("float64") ** 2).sum() / max(lengths.sum(), 1)) / 2
+    return tokens_per_s * model_flops_per_token(config, mean_context, training=True) / (
+        peak * accelerator.num_processes)
 
 
 def _build_model(model_path: str, config: FinetuneConfig, say: Log):
@@ -335,13 +429,15 @@ def _build_model(model_path: str, config: FinetuneConfig, say: Log):
     return model.train()
 
 
-def _optimizer(model, config: FinetuneConfig):
+def _optimizer(model, config: FinetuneConfig, fused: bool = False):
+    """AdamW, decay on matrices only; `fused` (one kernel for all parameters) on CUDA."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2),
+                             **({"fused": True} if fused else {}))
 
 
 def _count_trainable(model) -> str:
@@ -397,7 +493,8 @@ def _checkpoint(accelerator, run_dir: Path, state: dict, keep: int, say: Log) ->
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _tied_weights_saved_once(accelerator):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _replace_folder(tmp, final)
@@ -411,6 +508,40 @@ def _checkpoint(accelerator, run_dir: Path, state: dict, keep: int, say: Log) ->
     else:
         state.update(checkpoint=f"checkpoints/{name}")
     accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _tied_weights_saved_once(accelerator):
+    """accelerate's safetensors save drops the second name of a shared tensor and warns "Removed
+    shared tensor {'lm_head.weight'}" on every save. For weights the model declares tied (SmolLM2's
+    embeddings) that is the right thing, and loading re-ties them: only that warning is muted.
+    Any other shared tensor still warns."""
+    import logging
+
+    tied: set[str] = set()
+    for model in accelerator._models:
+        inner = accelerator.unwrap_model(model)
+        keys = getattr(inner, "_tied_weights_keys", None) or {}
+        names = keys.keys() if isinstance(keys, dict) else keys
+        params = dict(inner.named_parameters(remove_duplicate=False))
+        for name in names:  # tied in fact, not only by declaration
+            source = keys.get(name) if isinstance(keys, dict) else None
+            if name in params and (source is None or (source in params and params[source] is params[name])):
+                tied.add(name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "Removed shared tensor" not in text or not tied:
+            return True
+        removed = set(re.findall(r"'([^']+)'", text.split(" while saving")[0]))
+        return not removed or not removed <= {n.split("module.")[-1] for n in tied} | tied
+
+    target = logging.getLogger("accelerate.utils.other")
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
 
 
 def _finish_epoch(accelerator, model, tokenizer, run_dir: Path, record: dict, state: dict, steps_per_epoch: int,
@@ -479,6 +610,7 @@ def _result(run_dir: Path, record: dict, state: dict, seconds: float, tokens_run
         final_loss=losses[-1] if losses else None, losses=list(losses), tokens_seen=state["tokens_seen"],
         tokens_per_second=tokens_run / (seconds - save_seconds) if seconds > save_seconds else 0.0,
         seconds=seconds, save_seconds=save_seconds, peak_memory_mb=peak,
+        steps_per_epoch=record["schedule"]["steps_per_epoch"],
         models=[run_dir / "models" / m for m in state["models"]],
         checkpoints=[run_dir / "checkpoints" / c for c in state["checkpoints"]], resumed_from=resumed_from)
 

@@ -23,7 +23,7 @@ import pandas as pd
 from producers.datasets.definition import DatasetDefinition
 from producers.provenance import code_version
 from producers.warehouse import Home, last_ingest, stored_definition, table_exists
-from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, session_checks
+from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, non_finite_column, session_checks
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
 
@@ -183,13 +183,15 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
     elif batch == "events":
         n = con.execute(f"SELECT count(*) FROM {s}.events").fetchone()[0]
         parts = max(1, math.ceil(n / chunk_rows))
+        flags = _non_finite_flags(d.events.fields)
         for k in range(parts):
             where = f"hash(user_id) % {parts} = {k}"
-            frame = con.execute(f"SELECT * FROM {s}.events WHERE {where}").df()
+            frame = con.execute(f"SELECT *{flags} FROM {s}.events WHERE {where}").df()
             known = [r[0] for r in con.execute(f"SELECT user_id FROM {s}.users WHERE {where}").fetchall()]
             yield frame, {"known_users": known}
     elif batch == "users":
-        yield con.execute(f"SELECT * FROM {s}.users").df(), {}
+        fields = [*d.users.labels, *d.users.attributes] if d.users else []
+        yield con.execute(f"SELECT *{_non_finite_flags(fields)} FROM {s}.users").df(), {}
     elif batch == "activity":
         # Events without a user are the null-key check's to report, not a user of their own.
         yield con.execute(f"SELECT user_id, count(*) AS n_events FROM {s}.events WHERE user_id IS NOT NULL "
@@ -199,6 +201,21 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
         yield pd.DataFrame([{"file": f["file"], "rows_read": f["rows_read"], "rows_rejected": f["rows_rejected"],
                              "reject_share": (f["rows_rejected"] / f["rows_read"]) if f["rows_read"] else 0.0}
                             for f in files]), {}
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _non_finite_flags(fields) -> str:
+    """`, <flag column>` per DOUBLE field: the value as text where it is NaN or +-inf, else null
+    (see `validation.suites.NON_FINITE`)."""
+    out = ""
+    for f in fields:
+        if (flag := non_finite_column(f)) is not None:
+            col = _ident(f.name)
+            out += f", CASE WHEN isfinite({col}) THEN NULL ELSE CAST({col} AS VARCHAR) END AS {_ident(flag)}"
+    return out
 
 
 def _merge(merged: dict[int, CheckResult], index: int, check: Check, er) -> None:
@@ -255,10 +272,10 @@ def _plain(value: Any) -> Any:
 def _write_json(report: ValidationReport, out_dir: Path) -> None:
     payload = asdict(report)
     text = json.dumps(payload, indent=2, default=str)
-    tmp = report.json_path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report.json_path)
-    (out_dir / "latest.json").write_text(text)
+    for path in (report.json_path, out_dir / "latest.json"):  # temp file, then rename: never half-written
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _log_run(con: duckdb.DuckDBPyConnection, schema: str, report: ValidationReport) -> None:

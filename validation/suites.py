@@ -2,9 +2,10 @@
 
 Checks are grouped by the batch they run on, because each batch is a differently shaped frame:
 - `schema`: one row whose columns are the warehouse columns and whose values are their types
-- `events`: the events (validated in chunks that hold whole users, see `validation.run`)
-- `users`: the users table
-- `activity`: events per user, computed in SQL
+- `events`: the events (validated in chunks that hold whole users, see `validation.run`), plus
+  one `<field> (non-finite)` column per DOUBLE field (see `NON_FINITE`)
+- `users`: the users table, with the same non-finite columns
+- `activity`: events per user, computed in SQL (an empty frame means no events at all)
 - `rejects`: each source file's rejected-row share, from the ingest log
 The sessions stage (`producers.sessions.build`) checks its tables before swapping them in, on
 batches of its own (`SESSION_BATCHES`, see `session_checks`).
@@ -34,16 +35,18 @@ class Check:
         return self.kwargs.get("column") or ", ".join(self.kwargs.get("column_list", []))
 
 
-def dataset_checks(d: DatasetDefinition, max_reject_share: float = 0.01) -> list[Check]:
+def dataset_checks(d: DatasetDefinition, max_reject_share: float = 0.01, now: datetime | None = None) -> list[Check]:
+    """The checks of `d`; a time window ending "now" ends at `now` (default: the current time) plus a day."""
     ev = d.events
+    start, end = ev.time.window_bounds(now)
+    shown = [f"{b} ({t:%Y-%m-%d %H:%M})" if b == "now" else b for b, t in zip(ev.time.window, (start, end))]
     checks = _schema_checks(d)
     checks += [
         Check("events", "ExpectColumnValuesToNotBeNull", {"column": "user_id"}, "every event has a user"),
         Check("events", "ExpectColumnValuesToNotBeNull", {"column": "event_time"}, "every event has a time"),
         Check("events", "ExpectColumnValuesToBeBetween",
-              {"column": "event_time", "min_value": datetime.fromisoformat(ev.time.window[0]),
-               "max_value": datetime.fromisoformat(ev.time.window[1])},
-              f"event times within the plausible window {ev.time.window[0]} .. {ev.time.window[1]}"),
+              {"column": "event_time", "min_value": start, "max_value": end},
+              f"event times within the plausible window {shown[0]} .. {shown[1]}"),
     ]
     checks += [c for f in ev.fields for c in _domain_checks("events", f)]
     if ev.key:
@@ -65,6 +68,9 @@ def dataset_checks(d: DatasetDefinition, max_reject_share: float = 0.01) -> list
     if d.users:
         checks += [c for f in [*d.users.labels, *d.users.attributes] for c in _domain_checks("users", f)]
     checks += [
+        # An empty events table (a header-only file) would pass every per-row check.
+        Check("activity", "ExpectTableRowCountToBeBetween", {"min_value": 1},
+              "the dataset has events (at least one user with an event)"),
         Check("activity", "ExpectColumnValuesToBeBetween", {"column": "n_events", "min_value": ev.min_events_per_user},
               f"every user has at least {ev.min_events_per_user} events"),
         Check("rejects", "ExpectColumnValuesToBeBetween",
@@ -99,8 +105,22 @@ def _schema_checks(d: DatasetDefinition) -> list[Check]:
     return checks
 
 
+NON_FINITE = " (non-finite)"
+"""Suffix of the extra frame column `validation.run` adds per DOUBLE field: the value as text where
+it is NaN or +-inf, else null. pandas reads NaN as missing, so no check on the value itself can
+see it; and a `min: 0` check lets +inf through."""
+
+
+def non_finite_column(f: FieldSpec) -> str | None:
+    """The frame column that flags `f`'s non-finite values (DOUBLE fields only: integers are always finite)."""
+    return f.name + NON_FINITE if f.dtype.upper() == "DOUBLE" else None
+
+
 def _domain_checks(batch: str, f: FieldSpec) -> list[Check]:
     checks = []
+    if (flag := non_finite_column(f)) is not None:
+        checks.append(Check(batch, "ExpectColumnValuesToBeNull", {"column": flag},
+                            f"{f.name} is a finite number (no NaN, inf or -inf)"))
     if f.values is not None:
         checks.append(Check(batch, "ExpectColumnValuesToBeInSet", {"column": f.name, "value_set": list(f.values)},
                             f"{f.name} in {list(f.values)}"))

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult
+from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult, training_plan
 from producers.devices import pick_device
 from producers.provenance import code_version
 from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
@@ -47,6 +47,13 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
         f"{f' ({truncated:,} users cut to their last {config.max_seq_len} events)' if truncated else ''}; "
         f"categorical: {', '.join(f'{k} ({v} codes)' for k, v in records.categorical.items()) or 'none'}; "
         f"numeric: {', '.join(records.numeric)}")
+    plan = training_plan(records.n_events, config)
+    if plan.n_short:
+        log(f"warning: {plan.n_short:,} of {records.n_users:,} users ({plan.n_short / records.n_users:.0%}) have "
+            f"fewer than {config.cnt_min} events (cnt_min, the shortest sub-sequence CoLES samples): their "
+            f"sub-sequences are all the whole history, so CoLES has little to learn from them")
+    if plan.note:
+        log(plan.note)
 
     import pytorch_lightning as pl
     import torch
@@ -79,7 +86,7 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        fit = _fit_and_embed(home, records, config, run_key, run_dir, device, log)
+        fit = _fit_and_embed(home, records, config, plan, run_key, run_dir, device, log)
     finally:
         torch.set_num_threads(threads)
     losses, final_loss, vectors, trained, resumed_from = (fit["losses"], fit["final_loss"], fit["vectors"],
@@ -92,7 +99,9 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
         "produced_at": produced_at.isoformat(), "feature_timestamp": records.as_of.isoformat(),
         "config": config.as_dict(), "data": data_version, "vocabulary": records.vocabulary,
         "inputs": {"categorical": records.categorical, "numeric": records.numeric, "skipped": records.skipped},
-        "epochs_trained": config.epochs, "epochs_trained_this_call": trained, "resumed_from": resumed_from,
+        "epochs_trained": config.epochs, "epochs_trained_this_call": trained,
+        "training_users": len(plan.train_rows), "short_users": plan.n_short,
+        "batches_per_epoch": plan.batches_per_epoch, "resumed_from": resumed_from,
         "losses": losses, "final_loss": final_loss, "device": str(device),
         "torch_threads": config.threads or threads, "dim": int(vectors.shape[1]),
         "ptls_version": versions["ptls"], "torch_version": versions["torch"],
@@ -111,8 +120,8 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
                        train_seconds=fit["train_seconds"], provenance=provenance)
 
 
-def _fit_and_embed(home: Home, records: Any, config: ColesConfig, run_key: str, run_dir: Path, device: Any,
-                   log: Log) -> dict[str, Any]:
+def _fit_and_embed(home: Home, records: Any, config: ColesConfig, plan: Any, run_key: str, run_dir: Path,
+                   device: Any, log: Log) -> dict[str, Any]:
     """Train (or resume, or reuse) the run's encoder up to `config.epochs`, then embed every user."""
     from producers.coles import train as T
 
@@ -133,7 +142,8 @@ def _fit_and_embed(home: Home, records: Any, config: ColesConfig, run_key: str, 
             log(f"resuming run {run_key} from epoch {resumed_from} ({home.relative(resume_ckpt)})")
         else:
             log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} -> {home.relative(run_dir)}")
-        losses = T.train(module, records, config, run_dir, device, resume_ckpt, losses[:resumed_from or 0], log)
+        losses = T.train(module, records, config, run_dir, device, resume_ckpt, losses[:resumed_from or 0], log,
+                         plan)
         trained = config.epochs - (resumed_from or 0)
         checkpoints = T.list_checkpoints(run_dir)
     train_seconds = time.perf_counter() - started

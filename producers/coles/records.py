@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import duckdb
 import numpy as np
 
+from producers.as_of import pick_as_of
 from producers.coles.config import ColesConfig, ColesError
 from producers.datasets.definition import DatasetDefinition, FieldSpec
 
@@ -67,11 +68,6 @@ def usable_fields(d: DatasetDefinition) -> tuple[list[FieldSpec], list[FieldSpec
     return categorical, numeric, skipped
 
 
-def utc_naive(t: datetime) -> datetime:
-    """Event times are naive UTC in the warehouse: compare with a naive UTC as_of."""
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
-
-
 def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: ColesConfig) -> Records:
     """Every user's events up to as_of (default: the last event) as ptls records, sorted by user id."""
     import torch
@@ -82,11 +78,7 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
                          f"(fields: {', '.join(f'{f.name} ({f.kind})' for f in d.events.fields) or 'none'})")
     events = f'"{d.schema}".events'
     first, last = _row(con, f"SELECT min(event_time), max(event_time) FROM {events} WHERE user_id IS NOT NULL")
-    if last is None:
-        raise ColesError(f"{d.name} has no events")
-    as_of = utc_naive(config.as_of) if config.as_of is not None else last
-    if as_of < first:
-        raise ColesError(f"{d.name}: no events at or before {as_of} (events run from {first} to {last})")
+    as_of = pick_as_of(d.name, config.as_of, first, last, ColesError)  # never in the future
 
     names = {f.name for f in d.events.fields}
     delta = TIME_DELTA

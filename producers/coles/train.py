@@ -214,15 +214,23 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def train(module: Any, records: Records, config: ColesConfig, run_dir: Path, device: torch.device,
-          resume_from: Path | None, losses: list[float], log: Log) -> list[float]:
-    """Train `module` up to `config.epochs` (from `resume_from`'s epoch when given); the per-epoch losses."""
+          resume_from: Path | None, losses: list[float], log: Log, plan: Any = None) -> list[float]:
+    """Train `module` up to `config.epochs` (from `resume_from`'s epoch when given); the per-epoch losses.
+
+    `plan` (config.training_plan) says which records train and how many batches an epoch takes."""
     import sys
 
     from ptls.data_load.datasets import MemoryMapDataset
     from ptls.frames.coles import ColesDataset
     from ptls.frames.coles.split_strategy import SampleSlices
 
-    dataset = ColesDataset(MemoryMapDataset(records.records, n_jobs=1),
+    if plan is None:
+        from producers.coles.config import training_plan
+
+        plan = training_plan(records.n_events, config)
+    rows = plan.train_rows
+    train_records = records.records if len(rows) == len(records.records) else [records.records[i] for i in rows]
+    dataset = ColesDataset(MemoryMapDataset(train_records, n_jobs=1),
                            splitter=SampleSlices(split_count=config.split_count, cnt_min=config.cnt_min,
                                                  cnt_max=config.cnt_max))
     data = _data_module(dataset, config)
@@ -240,6 +248,7 @@ def train(module: Any, records: Records, config: ColesConfig, run_dir: Path, dev
             enable_model_summary=False,
             enable_progress_bar=progress,
             num_sanity_val_steps=0,
+            limit_train_batches=plan.batches_per_epoch,
             default_root_dir=str(run_dir),
             callbacks=[callback],
         )

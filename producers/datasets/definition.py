@@ -9,22 +9,30 @@ Expressions (`sql:`) are DuckDB SQL over the raw columns, which are all read as 
 qualified by their table name (`movies.movie_title`). A field's value is
 `TRY_CAST(<column or sql> AS <dtype>)`; a row whose raw value is present but does not parse is
 rejected with a reason instead of being loaded.
+
+A mapping is untrusted text (users share them): `file:` must be a relative path inside the
+source folder, and `sql:` one expression (`expressions.check_expression`), both checked here,
+when the definition is parsed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from producers.datasets.expressions import check_expression
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
 NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
+WINDOW_NOW_SLACK = timedelta(days=1)  # "now" in a time window: clocks and time zones differ by up to a day
 
 
 class DefinitionError(ValueError):
@@ -45,9 +53,35 @@ class TableSource(_Strict):
     encoding: Literal["utf-8", "utf-16", "latin-1"] = "utf-8"
     quote: str | None = '"'
 
+    @field_validator("file")
+    @classmethod
+    def _inside_source(cls, v: str | list[str]) -> str | list[str]:
+        for name in [v] if isinstance(v, str) else v:
+            check_relative_file(name)
+        return v
+
     @property
     def candidates(self) -> list[str]:
         return [self.file] if isinstance(self.file, str) else list(self.file)
+
+
+def check_relative_file(name: str) -> None:
+    """A `file:` names a file under the source folder: no absolute path, no `..`, no drive."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if not name.strip():
+        raise ValueError("is empty")
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith("~"):
+        raise ValueError(f"{name!r} is an absolute path; a mapping may only name files under the --source folder")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ValueError(f"{name!r} leaves the source folder (`..`); a mapping may only name files under --source")
+
+
+def _one_expression(v: str | None) -> str | None:
+    if v is not None:
+        if not v.strip():
+            raise ValueError("is empty")
+        check_expression(v)
+    return v
 
 
 class TimeSpec(_Strict):
@@ -64,8 +98,12 @@ class TimeSpec(_Strict):
     origin: str | None = None  # a date: day 0 of day-index formats
     label: str = "Date"  # the time's name in serialized text
     display: str = "%Y-%m-%d %H:%M"  # how serialized text shows the time (strftime)
-    # A plausible window: events outside it fail validation (not ingestion).
-    window: tuple[str, str] = ("1970-01-01", "2100-01-01")
+    # A plausible window: events outside it fail validation (not ingestion). Each bound is an ISO
+    # date or time, or "now": the time validation runs plus WINDOW_NOW_SLACK (so a future-dated
+    # event, which would become every user's as-of time, is caught by default).
+    window: tuple[str, str] = ("1970-01-01", "now")
+
+    _sql_is_one_expression = field_validator("sql")(_one_expression)
 
     @model_validator(mode="after")
     def _check(self) -> "TimeSpec":
@@ -73,7 +111,20 @@ class TimeSpec(_Strict):
             raise ValueError("give exactly one of `column` or `sql`")
         if self.format.startswith("day_index") and not self.origin:
             raise ValueError(f"format {self.format!r} needs an `origin` date (day 0)")
+        for bound in self.window:
+            if bound != "now":
+                try:
+                    datetime.fromisoformat(bound)
+                except ValueError:
+                    raise ValueError(f"window bound {bound!r} must be an ISO date (2024-01-31), a time "
+                                     "(2024-01-31T12:00:00) or \"now\"") from None
         return self
+
+    def window_bounds(self, now: datetime | None = None) -> tuple[datetime, datetime]:
+        """The window as times, "now" resolved to `now` (default: the current UTC time) plus WINDOW_NOW_SLACK."""
+        now = now or datetime.now(timezone.utc).replace(tzinfo=None)
+        start, end = (now + WINDOW_NOW_SLACK if b == "now" else datetime.fromisoformat(b) for b in self.window)
+        return start, end
 
 
 class FieldSpec(_Strict):
@@ -92,10 +143,14 @@ class FieldSpec(_Strict):
     serialize: bool = True  # part of the user's text (false for ids that repeat another field)
     decimals: int = 2  # DOUBLE values are shown with this many decimals
 
+    _sql_is_one_expression = field_validator("sql")(_one_expression)
+
     @model_validator(mode="after")
     def _check(self) -> "FieldSpec":
         if not IDENTIFIER.match(self.name):
             raise ValueError(f"name {self.name!r} must be a plain identifier (letters, digits, _)")
+        if self.name.startswith("__"):
+            raise ValueError(f"name {self.name!r}: names starting with __ are reserved for llm4es")
         if self.column is None and self.sql is None:
             raise ValueError("give `column` or `sql`")
         if self.dtype.upper() not in DTYPES:
@@ -205,6 +260,25 @@ class DatasetDefinition(_Strict):
     events: EventsSpec
     users: UsersSpec | None = None
     codes: dict[str, CodeTable] = Field(default_factory=dict)
+    # Where the definition was read from, for error messages (not part of the fingerprint).
+    _origin: str = PrivateAttr(default="")
+
+    @property
+    def origin(self) -> str:
+        return self._origin or f"the definition of {self.name}"
+
+    def sql_expressions(self) -> list[tuple[str, str, str]]:
+        """(path in the mapping, table, expression) of every `sql:` entry, in mapping order."""
+        found = []
+        ev = self.events
+        if ev.time.sql:
+            found.append(("events.time.sql", ev.table, ev.time.sql))
+        found += [(f"events.fields.{i}.sql", ev.table, f.sql) for i, f in enumerate(ev.fields) if f.sql]
+        if self.users:
+            for group in ("labels", "attributes"):
+                found += [(f"users.{group}.{i}.sql", self.users.table, f.sql)
+                          for i, f in enumerate(getattr(self.users, group)) if f.sql]
+        return found
 
     @model_validator(mode="after")
     def _check_references(self) -> "DatasetDefinition":
@@ -293,10 +367,12 @@ def parse_definition(text: str, origin: str) -> DatasetDefinition:
     if not isinstance(raw, dict):
         raise DefinitionError(f"{origin}: expected a mapping at the top level")
     try:
-        return DatasetDefinition.model_validate(raw)
+        definition = DatasetDefinition.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         raise DefinitionError(f"{origin}: invalid dataset definition\n" + "\n".join(lines)) from None
+    definition._origin = origin
+    return definition

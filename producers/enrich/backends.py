@@ -17,6 +17,7 @@ Nothing here imports torch or transformers at module level.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -24,12 +25,14 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from producers.enrich.options import LLMOptions
+from producers.redact import redact_text, redact_url
 
 Messages = list[dict[str, str]]
 
@@ -214,7 +217,8 @@ class OpenAIBackend:
     retried `retries` times with exponential backoff (`BACKOFF_S`, doubled each time, at least a
     429's Retry-After) after a timeout, a connection error, HTTP 429 or 5xx; any other 4xx, or an
     unreadable answer, fails at once. A request that fails for good becomes a `GenerationError`
-    naming the endpoint. The key, when `api_key_env` is set in the environment, goes out as
+    naming the endpoint, its credentials redacted (`producers.redact`). The key, when `api_key_env`
+    is set in the environment, goes out as
     `Authorization: Bearer`.
     """
 
@@ -226,12 +230,26 @@ class OpenAIBackend:
             raise ValueError("the openai LLM backend needs an endpoint (the server's base URL, "
                              "e.g. http://127.0.0.1:8000/v1)")
         self.options = options
-        self.url = options.endpoint.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(options.endpoint)
+        parts = parts._replace(path=parts.path.rstrip("/") + "/chat/completions")  # a query stays after the path
+        self.shown_url = redact_url(urllib.parse.urlunsplit(parts))  # what messages say: no credentials
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"the openai LLM backend needs an http(s) endpoint, not {self.shown_url!r}")
+        # user:password@ in the URL becomes Basic authentication (urllib would take it for the host).
+        self._basic = None
+        if parts.username is not None or parts.password is not None:
+            pair = f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+            self._basic = "Basic " + base64.b64encode(pair.encode()).decode()
+            host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else (parts.hostname or "")
+            parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
+        self.url = urllib.parse.urlunsplit(parts)
         self.concurrency = max(1, options.concurrency)
         # Several rounds of requests per call keep every worker busy while the slowest one finishes.
         self.batch_size = self.concurrency * 4
         self.backoff_s = backoff_s
         self._log = log
+        log(f"openai backend: {self.shown_url}, model {options.model}, {self.concurrency} request(s) in flight; "
+            f"{describe_timeouts(options, backoff_s)}")
 
     def prompt_tokenizer(self):
         """The served model's tokenizer when it is a registry name or a local folder; else None.
@@ -257,6 +275,8 @@ class OpenAIBackend:
         key = os.environ.get(self.options.api_key_env) if self.options.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        elif self._basic:
+            headers["Authorization"] = self._basic
         return headers
 
     def _complete(self, messages: Messages, seed: int) -> str | GenerationError:
@@ -272,26 +292,38 @@ class OpenAIBackend:
                 with urllib.request.urlopen(request, timeout=o.timeout_s) as response:
                     raw = response.read()
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}: {_snippet(e)}"
+                last = redact_text(f"HTTP {e.code} {e.reason}: {_snippet(e)}")
                 if e.code != 429 and e.code < 500:
-                    return GenerationError(f"{self.url} refused the request ({last}); not retried")
+                    return GenerationError(f"{self.shown_url} refused the request ({last}); not retried")
                 wait = max(wait, _retry_after(e))
             except TimeoutError as e:
                 last = f"timed out after {o.timeout_s:g} s ({e})"
-            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError, ValueError) as e:
                 reason = getattr(e, "reason", e)
                 last = (f"timed out after {o.timeout_s:g} s" if isinstance(reason, (TimeoutError, socket.timeout))
-                        else f"connection error: {reason}")
+                        else redact_text(f"connection error: {reason}"))
             else:
                 try:
                     content = json.loads(raw)["choices"][0]["message"]["content"]
                 except (ValueError, KeyError, IndexError, TypeError) as e:
-                    return GenerationError(f"{self.url} gave an unreadable answer ({type(e).__name__}: {e}): "
+                    return GenerationError(f"{self.shown_url} gave an unreadable answer ({type(e).__name__}: {e}): "
                                            f"{raw[:200]!r}")
                 return content or ""
             if attempt + 1 < attempts:
                 time.sleep(min(MAX_BACKOFF_S, wait))
-        return GenerationError(f"{self.url}: all {attempts} attempt(s) failed; last: {last}")
+        return GenerationError(f"{self.shown_url}: all {attempts} attempt(s) failed; last: {last}")
+
+
+def worst_case_s(options: LLMOptions, backoff_s: float = BACKOFF_S) -> float:
+    """The longest one request can take on a hung endpoint: every attempt times out, every backoff is waited."""
+    attempts = max(0, options.retries) + 1
+    return attempts * options.timeout_s + sum(min(MAX_BACKOFF_S, backoff_s * 2 ** a) for a in range(attempts - 1))
+
+
+def describe_timeouts(options: LLMOptions, backoff_s: float = BACKOFF_S) -> str:
+    attempts = max(0, options.retries) + 1
+    return (f"timeout {options.timeout_s:g} s x {attempts} attempt(s) with backoff: at most "
+            f"{worst_case_s(options, backoff_s):.0f} s per request on an unresponsive endpoint (--timeout, --retries)")
 
 
 def _snippet(error: urllib.error.HTTPError, limit: int = 200) -> str:

@@ -27,6 +27,11 @@ class Rewrite:
     format: str  # "json", "markdown", ..., "llm", or "fallback:<format>" when the LLM's output was refused
     generated: bool = False  # True when a model produced it in this run (not the cache)
 
+    @property
+    def fallback(self) -> bool:
+        """A template rewrite standing in for a refused or failed LLM output."""
+        return self.format.startswith("fallback:")
+
 
 @dataclass
 class EnrichReport:
@@ -40,7 +45,18 @@ class EnrichReport:
     cached: int = 0  # LLM outputs reused from the cache
     fallbacks: int = 0  # LLM outputs refused by the checks, replaced by a template rewrite
     refusals: dict[str, int] = field(default_factory=dict)  # why outputs were refused
+    first_error: str | None = None  # the first back-end error of the run (the endpoint redacted)
     seconds: float = 0.0
+
+
+    @property
+    def fallback_share(self) -> float:
+        total = self.users * self.variants
+        return self.fallbacks / total if total else 0.0
+
+
+class EnrichError(RuntimeError):
+    """The enrichment did not produce what was asked (e.g. too many LLM outputs fell back to templates)."""
 
 
 class Enricher(Protocol):

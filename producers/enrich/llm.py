@@ -300,6 +300,7 @@ class LLMEnricher:
         self._tokenizer = tokenizer
         self._tokenizer_ready = tokenizer is not None
         self.stats: dict[str, Any] = {"generated": 0, "cached": 0, "fallbacks": 0, "refusals": {}}
+        self.first_error: str | None = None  # the first back-end error, for the run's report
 
     def _prompt_tokenizer(self):
         if not self._tokenizer_ready:
@@ -357,6 +358,7 @@ class LLMEnricher:
             for i, text, seed in zip(batch, texts, seeds):
                 outputs[i] = text
                 if isinstance(text, GenerationError):
+                    self.first_error = self.first_error or str(text)
                     self.log(f"user {histories[i].user_id}, variant {variant}: {text}")
                     continue
                 fresh[i] = True

@@ -12,8 +12,10 @@ class LLMOptions:
     endpoint: str | None = None  # OpenAI-compatible base URL (vLLM, llama.cpp server, Ollama), e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key, if the server wants one
     concurrency: int = 4  # requests in flight (openai backend)
-    timeout_s: float = 120.0  # per request
-    retries: int = 3  # per request, with exponential backoff
+    # A hung endpoint costs at most (retries + 1) x timeout_s + backoff per request (about 1.5
+    # minutes with these defaults; 120 s x 4 attempts used to make it 8 minutes).
+    timeout_s: float = 30.0  # per attempt
+    retries: int = 2  # more attempts per request, with exponential backoff
     batch_size: int = 4  # prompts per generate() call (local backend)
     temperature: float = 0.8
     top_p: float = 0.95

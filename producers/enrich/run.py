@@ -12,12 +12,12 @@ from typing import Callable, Literal
 
 import pandas as pd
 
-from producers.enrich.base import EnrichReport, UserHistory
+from producers.enrich.base import EnrichError, EnrichReport, UserHistory
 from producers.enrich.options import LLMOptions
 from producers.provenance import code_version
 from producers.serialize.budget import count_tokens
 from producers.serialize.render import line_sql, rendered_events_sql
-from producers.texts import config_json, export_parquet, replace_kind, stage_frame
+from producers.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
 from producers.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
 from validation.gate import require_valid
 
@@ -31,6 +31,9 @@ class EnrichConfig:
     tokenizer: str = "smollm2-135m"  # counts n_tokens of the rewrites
     max_tokens: int = 2048  # template rewrites drop their oldest events to fit (0: no budget)
     llm: LLMOptions = field(default_factory=LLMOptions)
+    # llm: the run fails, writing nothing, when more of its texts than this share are template
+    # fallbacks (refused or failed LLM outputs); 1 accepts any share.
+    max_fallback_share: float = 0.1
     force: bool = False
 
 
@@ -51,10 +54,12 @@ def load_histories(con, dataset: str, limit_users: int | None = None) -> list[Us
                        WHERE kind = 'serialized' AND variant = 0 ORDER BY user_id {limit}),
              lines AS (SELECT r.*, {line_sql(d)} AS line FROM ({rendered_events_sql(d)}) r
                        WHERE r.user_id IN (SELECT user_id FROM users))
-        SELECT u.user_id, u.n_events, u.text, list([{values}] ORDER BY l.event_time, l.line) AS rows
-        FROM users u JOIN lines l USING (user_id) GROUP BY ALL ORDER BY u.user_id""").fetchall()
-    return [UserHistory(user_id, columns, labels, event_rows[len(event_rows) - n:] if n else [], text)
-            for user_id, n, text, event_rows in rows]
+        SELECT user_id, n_events, text, list_slice(rows, len(rows) - n_events + 1, len(rows)) AS rows
+        FROM (SELECT u.user_id, u.n_events, u.text, list([{values}] ORDER BY l.event_time, l.line) AS rows
+              FROM users u JOIN lines l USING (user_id) GROUP BY ALL)
+        ORDER BY user_id""").fetchall()
+    # only the kept (most recent) events leave DuckDB: a long history is not copied into Python
+    return [UserHistory(user_id, columns, labels, event_rows, text) for user_id, n, text, event_rows in rows]
 
 
 def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrites: list, counts: list[int],
@@ -78,6 +83,20 @@ def fit_rewrites(enricher, d, histories: list[UserHistory], variant: int, rewrit
         for i, r, n in zip(over, redone, count_tokens(tokenizer, [r.text for r in redone])):
             rewrites[i], counts[i] = r, n
     return kept, rewrites, counts
+
+
+def refuse_fallbacks(report: EnrichReport, max_share: float) -> None:
+    """Fail (before anything is written) when too many `llm` texts are template fallbacks."""
+    if report.enricher != "llm" or report.fallback_share <= max_share:
+        return
+    total = report.users * report.variants
+    why = ", ".join(f"{k} {v:,}" for k, v in sorted(report.refusals.items()))
+    error = f"; first back-end error: {report.first_error}" if report.first_error else ""
+    raise EnrichError(
+        f"{report.dataset}: {report.fallbacks:,} of {total:,} llm texts ({report.fallback_share:.0%}) would be "
+        f"template fallbacks, not LLM output ({why}){error}. Nothing was written (LLM outputs made so far are "
+        f"cached). Fix the endpoint or model, or accept up to a share with --max-fallback-share "
+        f"(now {max_share:g}; 1 keeps them all, marked fallback = true in the texts table)")
 
 
 def make_enricher(config: EnrichConfig, home: Home, schema: str, log: Callable[[str], None]):
@@ -118,17 +137,21 @@ def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], 
                 "user_id": [h.user_id for h in histories], "variant": variant,
                 "format": [r.format for r in rewrites], "text": [r.text for r in rewrites],
                 "n_events": [len(h.rows) for h in kept], "n_tokens": counts,
+                "fallback": [r.fallback for r in rewrites],
             }))
             for r in rewrites:
                 report.by_format[r.format] = report.by_format.get(r.format, 0) + 1
         for key, value in getattr(enricher, "stats", {}).items():
             setattr(report, key, value)
+        report.first_error = getattr(enricher, "first_error", None)
+        refuse_fallbacks(report, config.max_fallback_share)
         rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         ingest = last_ingest(con, d.schema)
         rows = rows.assign(kind=config.enricher, tokenizer=config.tokenizer, producer_version=code_version(),
                            source_hash=ingest["source_hash"], config=config_json(config),
                            produced_at=datetime.now(timezone.utc).replace(tzinfo=None))
         staging = stage_frame(con, "enriched_staging", rows)
+        ensure_table(con, d.schema, d.events.user_dtype)  # adds `fallback` to a table made before it
         # A partial run (--limit-users) replaces only the rows it made; a full one replaces the kind.
         report.written = replace_kind(con, d.schema, config.enricher, staging,
                                       only_staged_users=config.limit_users is not None)

@@ -822,14 +822,22 @@ def _details(t: _Text) -> str:
             lines.append(f"On {row[time_index]} — {fields}." if time_index is not None else f"{fields}.")
         return "\n".join(lines)
     numbered = rng.random() < 0.5
+    # A category or a title reads on its own; a bare number does not ("1, 12.00"): numbers carry their
+    # field's name (and the unit of a measure), and a missing number is left out.
+    named = [_lower_first(t.labels[i]) if c.kind in ("int", "float") else None for i, c in enumerate(cols)]
+    units = [f" {unit}" if unit and i in t.plan.measures else "" for i in range(len(cols))]
+
+    def shown(i: int, v: str) -> str | None:
+        if named[i] is None:
+            return v
+        return f"{named[i]} {v}{units[i]}" if v != "" else None
+
     lines = []
     for k, row in enumerate(t.values, start=1):
         mark = f"{k}." if numbered else "-"
-        if time_index is not None:
-            rest = ", ".join(v for i, v in enumerate(row) if i != time_index)
-            lines.append(f"{mark} {row[time_index]}: {rest}")
-        else:
-            lines.append(f"{mark} " + ", ".join(row))
+        parts = [x for i, v in enumerate(row) if i != time_index and (x := shown(i, v)) is not None]
+        lines.append(f"{mark} {row[time_index]}: {', '.join(parts)}" if time_index is not None
+                     else f"{mark} " + ", ".join(parts))
     return "\n".join(lines)
 
 

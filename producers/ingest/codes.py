@@ -6,8 +6,8 @@ from importlib import resources
 import duckdb
 
 from producers.datasets.definition import CodeSource, CodeTable
-from producers.ingest.raw_load import sql_str
-from producers.ingest.typed_sql import pad_code, qualify
+from producers.ingest.raw_load import sql_ident, sql_str
+from producers.ingest.typed_sql import RawColumns, pad_code
 
 # Card-network lists first: their wording is what people see on statements. Ranges last, so
 # a code missing from every list still gets its ISO 18245 range ("Airlines", "Lodging", ...).
@@ -36,7 +36,7 @@ def iso18245_sql() -> str:
     return " UNION ALL ".join(parts)
 
 
-def _source_sql(src: CodeSource, rank: int, raw_tables: dict[str, str]) -> str:
+def _source_sql(src: CodeSource, rank: int, raw_tables: dict[str, str], cols: RawColumns) -> str:
     base = rank * 100  # keeps each source's internal priorities below the next source's
     if src.iso18245:
         return (f"SELECT code, description, if(priority >= {RANGE_PRIORITY}, priority, {base} + priority) AS priority "
@@ -45,13 +45,13 @@ def _source_sql(src: CodeSource, rank: int, raw_tables: dict[str, str]) -> str:
         rows = ", ".join(f"({sql_str(str(k))}, {sql_str(str(v))})" for k, v in src.values.items()) or "(NULL, NULL)"
         return f"SELECT code, description, {base} AS priority FROM (VALUES {rows}) v(code, description)"
     table = raw_tables[src.table]
-    return (f"SELECT {qualify(src.code, src.table)} AS code, {qualify(src.description, src.table)} AS description, "
-            f"{base} AS priority FROM {table} AS \"{src.table}\"")
+    return (f"SELECT {cols.sql(src.code, src.table)} AS code, {cols.sql(src.description, src.table)} AS description, "
+            f"{base} AS priority FROM {table} AS {sql_ident(src.table)}")
 
 
-def code_table_sql(name: str, table: CodeTable, raw_tables: dict[str, str]) -> str:
+def code_table_sql(name: str, table: CodeTable, raw_tables: dict[str, str], cols: RawColumns) -> str:
     """(code_table, code, description): one description per code, the highest-priority source's."""
-    union = " UNION ALL ".join(_source_sql(s, i, raw_tables) for i, s in enumerate(table.sources))
+    union = " UNION ALL ".join(_source_sql(s, i, raw_tables, cols) for i, s in enumerate(table.sources))
     code = "trim(code)" if table.pad is None else pad_code("trim(code)", table.pad)
     return (f"SELECT {sql_str(name)} AS code_table, {code} AS code, "
             f"arg_min(trim(regexp_replace(description, '\\s+', ' ', 'g')), priority) AS description "
@@ -60,8 +60,10 @@ def code_table_sql(name: str, table: CodeTable, raw_tables: dict[str, str]) -> s
 
 
 def build_codes(con: duckdb.DuckDBPyConnection, target: str, tables: dict[str, CodeTable],
-                raw_tables: dict[str, str]) -> None:
-    selects = [code_table_sql(n, t, raw_tables) for n, t in tables.items()]
+                raw_tables: dict[str, str], cols: RawColumns | None = None) -> None:
+    """Code tables hold no `sql:` expressions: they are built on the warehouse connection."""
+    cols = cols or RawColumns({})
+    selects = [code_table_sql(n, t, raw_tables, cols) for n, t in tables.items()]
     if not selects:
         selects = ["SELECT NULL::VARCHAR AS code_table, NULL::VARCHAR AS code, NULL::VARCHAR AS description WHERE false"]
     con.execute(f"CREATE OR REPLACE TABLE {target} AS {' UNION ALL '.join(selects)} ORDER BY code_table, code")

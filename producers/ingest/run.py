@@ -2,7 +2,9 @@
 
 1. find and hash the files; skip when this exact source and definition are already ingested
 2. load each file as text into staging tables, keeping line numbers and structural rejects
-3. type every column in SQL; rows whose values do not parse become rejects with a reason
+3. type every column in SQL; rows whose values do not parse become rejects with a reason.
+   This is the step that runs a mapping's `sql:` expressions, so it runs in a sandbox: a
+   DuckDB without file or network access that holds only the declared tables
 4. stop, leaving the warehouse untouched, when a file's rejected share exceeds the threshold
 5. swap all staging tables into place in one transaction and append to the ingest log
 """
@@ -20,13 +22,19 @@ import duckdb
 
 from producers.datasets.definition import DatasetDefinition
 from producers.ingest.codes import build_codes
-from producers.ingest.raw_load import RawTable, load_raw, sql_str
+from producers.ingest.raw_load import RawLoadError, RawTable, duckdb_message, load_raw, sql_ident, sql_str
+from producers.ingest.sandbox import Sandbox
 from producers.ingest.source_files import SourceFile, locate, source_hash, unpack_if_zip
-from producers.ingest.typed_sql import TypedColumn, field_column, qualify, reasons, time_column, user_column
+from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
+                                        user_column)
 from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, drop_staging, last_ingest, swap_tables, table_exists
+from producers.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, swap_tables,
+                                 table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
+MAX_SHRINK = 0.5
+"""A re-ingest that loses more than this share of the last ingest's events or users (or all of
+them: a header-only file) needs `allow_shrink`; a truncated export otherwise replaces good data."""
 
 
 class IngestError(RuntimeError):
@@ -38,6 +46,8 @@ class IngestConfig:
     source: Path
     max_reject_share: float = 0.01  # per file
     force: bool = False  # re-ingest even when the source is unchanged
+    max_line_size: int | None = None  # bytes per CSV line; None: DuckDB's default (2,000,000)
+    allow_shrink: bool = False  # replace the data even when events or users drop by more than MAX_SHRINK
 
 
 @dataclass
@@ -75,12 +85,13 @@ def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
         data_hash = source_hash(files)
         con = home.connect()
         try:
+            check_schema_owner(con, definition.name)
             previous = last_ingest(con, schema)
             if (not config.force and previous and previous["source_hash"] == data_hash
                     and previous["definition_fingerprint"] == definition.fingerprint()):
                 log(f"{definition.name}: source unchanged since ingest {previous['ingest_id']}; skipping (--force re-runs)")
                 return _summary(con, definition, previous, skipped=True)
-            con.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {sql_ident(schema)}")
             drop_staging(con, schema)
             try:
                 return _ingest(con, definition, config, files, data_hash, log)
@@ -100,22 +111,27 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     for table, src in files.items():
         log(f"reading {src.path.name} ({table})")
         try:
-            raw[table] = load_raw(con, schema, src, definition.tables[table])
+            raw[table] = load_raw(con, schema, src, definition.tables[table], config.max_line_size)
+        except RawLoadError as e:
+            raise IngestError(str(e)) from None
         except duckdb.Error as e:
-            first = str(e).strip().splitlines()[0]
-            raise IngestError(f"{src.path.name}: cannot be read ({first}); check its delimiter, quote and "
-                              f"encoding in the definition of table {table!r}") from e
-    _check_columns(definition, files, raw)
+            raise IngestError(f"{src.path.name}: cannot be read ({duckdb_message(e)}); check the definition of "
+                              f"table {table!r}") from None
+    cols = _check_columns(definition, files, raw)
 
-    stg = lambda name: f'"{schema}"."{name}{STAGING_SUFFIX}"'  # noqa: E731
-    log("typing events")
-    type_rejects = [_build_events(con, definition, raw, files, stg("events"), stg("evrej"))]
-    if definition.users:
-        log("typing users")
-        type_rejects.append(_build_users(con, definition, raw, files, stg("users"), stg("usrej")))
-    else:
-        con.execute(f"CREATE TABLE {stg('users')} AS SELECT DISTINCT user_id FROM {stg('events')} ORDER BY 1")
-    build_codes(con, stg("codes"), definition.codes, {t: r.table for t, r in raw.items()})
+    stg = lambda name: f"{sql_ident(schema)}.{sql_ident(name + STAGING_SUFFIX)}"  # noqa: E731
+    with Sandbox(con, raw) as box:
+        events_from = _events_from(con, definition, raw, cols, files)
+        _check_expressions(box, definition, events_from)
+        log("typing events")
+        type_rejects = [_build_events(con, box, definition, raw, cols, files, events_from,
+                                      stg("events"), stg("evrej"))]
+        if definition.users:
+            log("typing users")
+            type_rejects.append(_build_users(con, box, definition, raw, cols, files, stg("users"), stg("usrej")))
+        else:
+            con.execute(f"CREATE TABLE {stg('users')} AS SELECT DISTINCT user_id FROM {stg('events')} ORDER BY 1")
+    build_codes(con, stg("codes"), definition.codes, {t: r.table for t, r in raw.items()}, cols)
 
     rejects = [r.rejects for r in raw.values() if r.rejects] + type_rejects
     con.execute(f"CREATE TABLE {stg('rejects')} AS " +
@@ -125,9 +141,10 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     stats = _file_stats(con, files, raw, stg("rejects"))
     _enforce_reject_threshold(con, stats, stg("rejects"), config.max_reject_share)
 
-    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchone()[0]
-    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchone()[0]
+    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
+    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
     n_rejects = sum(s.rows_rejected for s in stats)
+    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
     con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
                 f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
                 [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
@@ -146,79 +163,119 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
 
 
-def _check_columns(definition: DatasetDefinition, files: dict[str, SourceFile], raw: dict[str, RawTable]) -> None:
-    """Name the file and column when a plain column reference is missing (before any SQL fails)."""
-    needed: dict[str, set[str]] = {t: set() for t in raw}
+def _check_columns(definition: DatasetDefinition, files: dict[str, SourceFile],
+                   raw: dict[str, RawTable]) -> RawColumns:
+    """Name the file and column when a column reference is missing (before any SQL fails)."""
+    cols = RawColumns({t: r.columns for t, r in raw.items()})
     ev = definition.events
-    needed[ev.table].add(ev.user)
+    refs = [(ev.table, ev.user), *((ev.table, f.column) for f in ev.fields if f.column)]
     if ev.time.column:
-        needed[ev.table].add(ev.time.column)
+        refs.append((ev.table, ev.time.column))
     for lk in ev.lookups:
-        needed[ev.table].update(lk.join)
-        needed[lk.table].update(lk.join.values())
-    refs = [(ev.table, f.column) for f in ev.fields if f.column]
+        refs += [(ev.table, a) for a in lk.join] + [(lk.table, b) for b in lk.join.values()]
     if definition.users:
-        needed[definition.users.table].add(definition.users.user)
-        refs += [(definition.users.table, f.column) for f in definition.users.labels + definition.users.attributes
-                 if f.column]
-    for table, col in refs:
-        tbl, _, name = col.rpartition(".")
-        needed[tbl or table].add(name)
-    for table, cols in needed.items():
-        missing = sorted(cols - set(raw[table].columns))
-        if missing:
-            raise IngestError(f"{files[table].path.name}: missing column(s) {missing}; "
-                              f"the file has {raw[table].columns}")
+        us = definition.users
+        refs += [(us.table, us.user)] + [(us.table, f.column) for f in us.labels + us.attributes if f.column]
+    refs += [(s.table, c) for ct in definition.codes.values() for s in ct.sources if s.table
+             for c in (s.code, s.description) if c]
+    missing: dict[str, list[str]] = {}
+    for table, ref in refs:
+        if cols.find(ref, table) is None:
+            missing.setdefault(table, []).append(ref)
+    for table, names in missing.items():
+        raise IngestError(f"{files[table].path.name}: missing column(s) {sorted(set(names))}; "
+                          f"the file has {raw[table].columns}")
+    return cols
 
 
-def _typed_select(columns: list[TypedColumn], table: str, from_sql: str, raw_cols: list[str],
+def _check_expressions(box: Sandbox, definition: DatasetDefinition, events_from: str) -> None:
+    """Bind each `sql:` expression on its own, so a typo is reported with its place in the mapping."""
+    for path, table, sql in definition.sql_expressions():
+        from_sql = events_from if table == definition.events.table else sql_ident(table)
+        try:
+            box.execute(f"SELECT {expression(sql)} FROM {from_sql} LIMIT 0")
+        except duckdb.Error as e:
+            raise IngestError(f"{definition.origin}: {path}: {duckdb_message(e)}") from None
+
+
+def _evaluate(box: Sandbox, definition: DatasetDefinition, sql: str, from_sql: str, table: str,
+              what: str):
+    """The typed rows as Arrow; an expression that fails on some value is named with its mapping path."""
+    try:
+        return box.to_arrow(sql)
+    except duckdb.Error as e:
+        for path, expr_table, expr in definition.sql_expressions():
+            if expr_table != table:
+                continue
+            try:
+                box.execute(f"SELECT count({expression(expr)}) FROM {from_sql}")
+            except duckdb.Error as inner:
+                raise IngestError(f"{definition.origin}: {path}: {duckdb_message(inner)}") from None
+        raise IngestError(f"{what}: typing failed ({duckdb_message(e)})") from None
+
+
+def _typed_select(columns: list[TypedColumn], table: str, line: str, from_sql: str, raw_cols: RawColumns,
                   delimiter: str) -> str:
     # The raw record is rebuilt from the text columns so a reject shows what the file said.
-    raw_record = f"concat_ws({sql_str(delimiter)}, " + ", ".join(f"coalesce({qualify(c, table)}, '')" for c in raw_cols) + ")"
-    values = ", ".join(f'{c.value} AS "{c.name}"' for c in columns)
-    return (f'SELECT "{table}"._line AS _line, {raw_record} AS _raw, {reasons(columns)} AS _reason, {values} '
-            f"FROM {from_sql}")
+    raw_record = (f"concat_ws({sql_str(delimiter)}, " +
+                  ", ".join(f"coalesce({raw_cols.sql(c, table)}, '')" for c in raw_cols.tables[table]) + ")")
+    values = ", ".join(f"{c.value} AS {sql_ident(c.name)}" for c in columns)
+    return (f"SELECT {sql_ident(table)}.{sql_ident(line)} AS __line, {raw_record} AS __raw, "
+            f"{reasons(columns)} AS __reason, {values} FROM {from_sql}")
 
 
-def _split(con: duckdb.DuckDBPyConnection, parsed_sql: str, target: str, rejects: str, source: str,
+def _split(con: duckdb.DuckDBPyConnection, parsed, target: str, rejects: str, source: str,
            names: list[str], order: str) -> str:
-    """Rows that parsed go to `target`, the others to `rejects`."""
-    parsed = target.replace(STAGING_SUFFIX, "_parsed" + STAGING_SUFFIX)
-    con.execute(f"CREATE TABLE {parsed} AS {parsed_sql}")
-    cols = ", ".join(f'"{n}"' for n in names)
-    con.execute(f"CREATE TABLE {target} AS SELECT {cols} FROM {parsed} WHERE _reason IS NULL ORDER BY {order}")
-    con.execute(f"CREATE TABLE {rejects} AS SELECT {sql_str(source)} AS source, _line AS row_number, "
-                f"_raw AS raw_record, _reason AS reason FROM {parsed} WHERE _reason IS NOT NULL")
-    con.execute(f"DROP TABLE {parsed}")
+    """Rows that parsed (an Arrow table from the sandbox) go to `target`, the others to `rejects`."""
+    view = "__typed_rows"
+    con.register(view, parsed)
+    try:
+        cols = ", ".join(sql_ident(n) for n in names)
+        con.execute(f"CREATE TABLE {target} AS SELECT {cols} FROM {view} WHERE __reason IS NULL ORDER BY {order}")
+        con.execute(f"CREATE TABLE {rejects} AS SELECT {sql_str(source)} AS source, __line AS row_number, "
+                    f"__raw AS raw_record, __reason AS reason FROM {view} WHERE __reason IS NOT NULL")
+    finally:
+        con.unregister(view)
     return rejects
 
 
-def _build_events(con, definition: DatasetDefinition, raw: dict[str, RawTable], files: dict[str, SourceFile],
-                  target: str, rejects: str) -> str:
+def _events_from(con, definition: DatasetDefinition, raw: dict[str, RawTable], cols: RawColumns,
+                 files: dict[str, SourceFile]) -> str:
+    """The FROM clause of the events, in the sandbox: the events table and its lookups, joined."""
     ev = definition.events
-    columns = [user_column(ev.user, ev.user_dtype, ev.table), time_column(ev.time, ev.table)]
-    columns += [field_column(f, ev.table, _pad(definition, f)) for f in ev.fields]
-    from_sql = f'{raw[ev.table].table} AS "{ev.table}"'
+    from_sql = sql_ident(ev.table)
     for lk in ev.lookups:
-        _check_unique_lookup(con, raw[lk.table].table, lk.table, list(lk.join.values()), files[lk.table])
-        cond = " AND ".join(f"{qualify(a, ev.table)} = {qualify(b, lk.table)}" for a, b in lk.join.items())
-        from_sql += f' LEFT JOIN {raw[lk.table].table} AS "{lk.table}" ON {cond}'
+        keys = [cols.find(b, lk.table)[1] for b in lk.join.values()]
+        _check_unique_lookup(con, raw[lk.table].table, lk.table, keys, files[lk.table])
+        cond = " AND ".join(f"{cols.sql(a, ev.table)} = {cols.sql(b, lk.table)}" for a, b in lk.join.items())
+        from_sql += f" LEFT JOIN {sql_ident(lk.table)} ON {cond}"
+    return from_sql
+
+
+def _build_events(con, box: Sandbox, definition: DatasetDefinition, raw: dict[str, RawTable], cols: RawColumns,
+                  files: dict[str, SourceFile], from_sql: str, target: str, rejects: str) -> str:
+    ev = definition.events
+    columns = [user_column(ev.user, ev.user_dtype, ev.table, cols), time_column(ev.time, ev.table, cols)]
+    columns += [field_column(f, ev.table, cols, _pad(definition, f)) for f in ev.fields]
     delimiter = definition.tables[ev.table].delimiter or ","
-    sql = _typed_select(columns, ev.table, from_sql, raw[ev.table].columns, delimiter)
-    return _split(con, sql, target, rejects, files[ev.table].path.name, [c.name for c in columns],
+    sql = _typed_select(columns, ev.table, raw[ev.table].line, from_sql, cols, delimiter)
+    parsed = _evaluate(box, definition, sql, from_sql, ev.table, files[ev.table].path.name)
+    return _split(con, parsed, target, rejects, files[ev.table].path.name, [c.name for c in columns],
                   "user_id, event_time")
 
 
-def _build_users(con, definition: DatasetDefinition, raw: dict[str, RawTable], files: dict[str, SourceFile],
-                 target: str, rejects: str) -> str:
+def _build_users(con, box: Sandbox, definition: DatasetDefinition, raw: dict[str, RawTable], cols: RawColumns,
+                 files: dict[str, SourceFile], target: str, rejects: str) -> str:
     us = definition.users
-    columns = [user_column(us.user, definition.events.user_dtype, us.table)]
-    columns += [field_column(f, us.table, _pad(definition, f)) for f in [*us.labels, *us.attributes]]
+    columns = [user_column(us.user, definition.events.user_dtype, us.table, cols)]
+    columns += [field_column(f, us.table, cols, _pad(definition, f)) for f in [*us.labels, *us.attributes]]
     delimiter = definition.tables[us.table].delimiter or ","
-    sql = _typed_select(columns, us.table, f'{raw[us.table].table} AS "{us.table}"', raw[us.table].columns, delimiter)
+    from_sql = sql_ident(us.table)
+    sql = _typed_select(columns, us.table, raw[us.table].line, from_sql, cols, delimiter)
     # Label files of transaction datasets repeat the user's label on every row: keep one.
-    sql = f"SELECT DISTINCT ON (_reason IS NULL, {', '.join(c.name for c in columns)}) * FROM ({sql})"
-    return _split(con, sql, target, rejects, files[us.table].path.name, [c.name for c in columns], "user_id")
+    sql = f"SELECT DISTINCT ON (__reason IS NULL, {', '.join(sql_ident(c.name) for c in columns)}) * FROM ({sql})"
+    parsed = _evaluate(box, definition, sql, from_sql, us.table, files[us.table].path.name)
+    return _split(con, parsed, target, rejects, files[us.table].path.name, [c.name for c in columns], "user_id")
 
 
 def _pad(definition: DatasetDefinition, f) -> int | None:
@@ -226,7 +283,7 @@ def _pad(definition: DatasetDefinition, f) -> int | None:
 
 
 def _check_unique_lookup(con, table: str, name: str, keys: list[str], src: SourceFile) -> None:
-    cols = ", ".join(f'"{k}"' for k in keys)
+    cols = ", ".join(sql_ident(k) for k in keys)
     dupes = con.execute(f"SELECT {cols}, count(*) FROM {table} GROUP BY ALL HAVING count(*) > 1 LIMIT 5").fetchall()
     if dupes:
         raise IngestError(f"{src.path.name}: {name} must have one row per {keys}, but these repeat: {dupes}; "
@@ -250,7 +307,7 @@ def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_sha
         ).fetchall()
         rows = con.execute(
             f"SELECT list(row_number ORDER BY row_number) FROM (SELECT DISTINCT row_number FROM {rejects} "
-            f"WHERE source = ? ORDER BY 1 LIMIT 20)", [s.file]).fetchone()[0]
+            f"WHERE source = ? ORDER BY 1 LIMIT 20)", [s.file]).fetchall()[0][0]
         lines.append(f"{s.file}: {s.rows_rejected} of {s.rows_read} rows rejected ({s.reject_share:.2%}, "
                      f"threshold {max_share:.2%}); rows {', '.join(map(str, rows))}"
                      f"{' ...' if s.rows_rejected > len(rows) else ''}")
@@ -259,11 +316,25 @@ def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_sha
                       "\nFix the file, or raise the threshold with --max-reject-share.")
 
 
+def _refuse_shrink(name: str, previous: dict | None, n_events: int, n_users: int, allowed: bool) -> None:
+    if previous is None or allowed:
+        return
+    drops = []
+    for what, before, now in (("events", previous["events"], n_events), ("users", previous["users"], n_users)):
+        if before and (now == 0 or (before - now) / before > MAX_SHRINK):
+            drops.append(f"{what} {before:,} -> {now:,} ({(before - now) / before:.0%} fewer)")
+    if drops:
+        raise IngestError(f"{name}: this source would shrink the dataset against ingest {previous['ingest_id']}: "
+                          f"{'; '.join(drops)} (more than {MAX_SHRINK:.0%} or down to none, e.g. a truncated or "
+                          "header-only file); the warehouse was left unchanged. Check the files, or pass "
+                          "--allow-shrink to replace the data anyway")
+
+
 def _stage_ingest_log(con, schema: str, target: str, row: dict) -> None:
     cols = ", ".join(f"? AS {k}" for k in row)
     con.execute(f"CREATE TABLE {target} AS SELECT {cols}", list(row.values()))
     if table_exists(con, schema, "ingest_log"):
-        con.execute(f'INSERT INTO {target} BY NAME SELECT * FROM "{schema}".ingest_log')
+        con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {sql_ident(schema)}.ingest_log")
 
 
 def _summary(con, definition: DatasetDefinition, previous: dict, skipped: bool) -> IngestResult:

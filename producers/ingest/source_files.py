@@ -40,14 +40,25 @@ def unpack_if_zip(source: Path, scratch: Path) -> Path:
 
 
 def locate(definition: DatasetDefinition, folder: Path) -> dict[str, SourceFile]:
-    """Each declared table's file: the first candidate name found anywhere under `folder`."""
+    """Each declared table's file: the first candidate name found anywhere under `folder`.
+
+    Only files under `folder` are read: the definition refuses absolute paths and `..`, and a
+    symbolic link that leads outside the folder is refused here (a shared mapping must not
+    reach the rest of the machine).
+    """
     found: dict[str, SourceFile] = {}
+    root = folder.resolve()
     for table, spec in definition.tables.items():
         path = _first_match(folder, spec.candidates)
         if path is None:
             raise SourceError(
                 f"{definition.name}: table {table!r} needs one of {spec.candidates} under {folder}, found none"
             )
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            raise SourceError(
+                f"{definition.origin}: tables.{table}.file: {path} leads to {real}, outside the source folder "
+                f"{folder}; a mapping may only read files under --source (copy the file there)")
         found[table] = SourceFile(table, path, sha256_file(path))
     return found
 

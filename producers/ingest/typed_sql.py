@@ -3,13 +3,18 @@
 Each typed value comes with a reject condition: the raw value is present, but the typed value
 is NULL, so it did not parse. Pure functions from the definition to SQL text, so they can be
 read and tested without a database.
+
+Raw column names come from data files and may hold any text: they reach SQL only through
+`qualify` (quoted identifiers). A mapping's `sql:` expression is pasted in as written: it was
+checked to be one expression when the definition was parsed, and it is evaluated on a sandboxed
+connection (`producers.ingest.sandbox`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from producers.datasets.definition import FieldSpec, TimeSpec
-from producers.ingest.raw_load import sql_str
+from producers.ingest.raw_load import sql_ident, sql_str
 
 
 INTEGER_TYPES = {"BIGINT", "INTEGER"}
@@ -30,25 +35,53 @@ class TypedColumn:
 
     def reason(self) -> str:
         """SQL giving the reject reason for this column, or NULL when it parsed."""
-        return (f"CASE WHEN {self.failed()} THEN 'field {self.name}: cannot read ' || "
-                f"'\"' || {self.raw} || '\" as {self.what}' END")
+        before, after = sql_str(f'field {self.name}: cannot read "'), sql_str(f'" as {self.what}')
+        return f"CASE WHEN {self.failed()} THEN {before} || {self.raw} || {after} END"
 
 
-def qualify(column: str, table: str) -> str:
-    """`rating` -> `"ratings"."rating"`; an already qualified `movies.movie_title` is quoted as is."""
-    if "." in column and not column.startswith('"'):
-        tbl, col = column.split(".", 1)
-        return f'"{tbl}"."{col}"'
-    return f'"{table}"."{column}"'
+def qualify(table: str, column: str) -> str:
+    """`"table"."column"`, both quoted: any text names exactly one column."""
+    return f"{sql_ident(table)}.{sql_ident(column)}"
 
 
-def user_column(raw_column: str, dtype: str, table: str) -> TypedColumn:
-    raw = qualify(raw_column, table)
+def expression(sql: str) -> str:
+    """A mapping's `sql:` expression in parentheses, on lines of its own so a trailing comment ends there."""
+    return f"(\n{sql}\n)"
+
+
+@dataclass(frozen=True)
+class RawColumns:
+    """The raw columns of each declared table: resolves a mapping's column references.
+
+    A reference is a column of the table at hand exactly as its file names it (`region.north`
+    is one column when the file has it), or `table.column` for another declared table's column
+    (`movies.movie_title`).
+    """
+
+    tables: dict[str, list[str]]
+
+    def find(self, ref: str, table: str) -> tuple[str, str] | None:
+        if ref in self.tables.get(table, ()):
+            return table, ref
+        for i, char in enumerate(ref):
+            if char == "." and ref[i + 1:] in self.tables.get(ref[:i], ()):
+                return ref[:i], ref[i + 1:]
+        return None
+
+    def sql(self, ref: str, table: str) -> str:
+        found = self.find(ref, table)
+        if found is None:  # the ingest checks every reference first, so this is a bug
+            raise LookupError(f"column {ref!r} is in no declared table")
+        return qualify(*found)
+
+
+def user_column(raw_column: str, dtype: str, table: str, cols: RawColumns) -> TypedColumn:
+    raw = cols.sql(raw_column, table)
     return TypedColumn("user_id", cast(f"trim({raw})", dtype), raw, dtype)
 
 
-def time_column(spec: TimeSpec, table: str) -> TypedColumn:
-    raw = qualify(spec.column, table) if spec.column else f"({spec.sql})"
+def time_column(spec: TimeSpec, table: str, cols: RawColumns) -> TypedColumn:
+    raw = cols.sql(spec.column, table) if spec.column else expression(spec.sql)
     text = f"trim({raw})"
     fmt = spec.format
     if fmt == "auto":
@@ -70,7 +103,7 @@ def time_column(spec: TimeSpec, table: str) -> TypedColumn:
         what = f"'<day index> HH:MM:SS' (day 0 = {spec.origin})"
     else:
         value, what = f"try_strptime({text}, {sql_str(fmt)})", f"a time in format {fmt}"
-    return TypedColumn("event_time", value, raw, what.replace("'", "''"))
+    return TypedColumn("event_time", value, raw, what)
 
 
 def cast(text: str, dtype: str) -> str:
@@ -85,7 +118,7 @@ def pad_code(text: str, width: int) -> str:
     return f"lpad({text}, greatest({width}, length({text}))::INTEGER, '0')"
 
 
-def field_column(spec: FieldSpec, table: str, pad: int | None = None) -> TypedColumn:
+def field_column(spec: FieldSpec, table: str, cols: RawColumns, pad: int | None = None) -> TypedColumn:
     """A raw column is trimmed and cast; an `sql` expression is cast as it is (it may not be text).
 
     Only a field with a raw `column` is checked for parse failures: a computed value has no
@@ -93,9 +126,9 @@ def field_column(spec: FieldSpec, table: str, pad: int | None = None) -> TypedCo
     `pad` is the width of the field's code table, so values match its codes by equality.
     """
     dtype = spec.dtype.upper()
-    raw = qualify(spec.column, table) if spec.column else None
+    raw = cols.sql(spec.column, table) if spec.column else None
     if spec.sql:
-        value = f"({spec.sql})" if dtype == "VARCHAR" else f"TRY_CAST(({spec.sql}) AS {dtype})"
+        value = expression(spec.sql) if dtype == "VARCHAR" else f"TRY_CAST({expression(spec.sql)} AS {dtype})"
     elif dtype == "VARCHAR":
         value = pad_code(f"nullif(trim({raw}), '')", pad) if pad else raw
     else:

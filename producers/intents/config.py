@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from producers.enrich.options import LLMOptions
+from producers.redact import redacted
 
 
 class IntentsError(RuntimeError):
@@ -62,7 +63,7 @@ class TaxonomyConfig:
         self.text.check()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return redacted(asdict(self))  # recorded with the results: no endpoint credentials
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class LabelConfig:
         self.text.check()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return redacted(asdict(self))  # recorded with the results: no endpoint credentials
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ class DistillConfig:
         self.text.check()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return redacted(asdict(self))  # recorded with the results: no endpoint credentials
 
 
 @dataclass

@@ -1,16 +1,31 @@
 """Fit each user's text into a token budget by dropping the oldest events; the header always stays.
 
-Counting is exact for the tokenizer in use: each text is tokenized once, with character offsets,
-which tell how many tokens every suffix of the event lines takes. Where BPE merges across the cut
-change the count, the cut text is tokenized once more and moved on by one line until it fits
-(rare). So no text is tokenized many times over.
+Counting is exact for the tokenizer in use, and costs about what the kept text costs, not the
+whole history:
+
+- With a byte-level BPE tokenizer (GPT-2 style regex pre-tokenizer, no normalizer: SmolLM2,
+  Llama 3, Qwen, GPT-2...) a line break that follows a non-space character always starts a new
+  pre-token, and BPE never merges across pre-tokens: a text's count is the sum of its lines'
+  counts (each with its leading "\n"). So lines are counted from the newest back, in batched
+  rounds of about what the budget can hold, until the budget is spent (`_fit_by_lines`); the
+  older part of a long history is never tokenized.
+- Any other tokenizer: each text is tokenized once, with character offsets, which tell how many
+  tokens every suffix of the event lines takes; where BPE merges across the cut change the
+  count, the cut text is tokenized once more and moved on by one line until it fits (rare).
+
+Both give the same texts and counts (tests/producers/test_serialize.py compares them). A text
+format plugs in by rendering each event as one line (no line break inside an event), which is
+what both paths cut at.
 """
 from __future__ import annotations
 
 import bisect
+import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
+
 
 
 @dataclass(frozen=True)
@@ -43,8 +58,103 @@ def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids, _ in encode(tokenizer, texts)]
 
 
+def splits_at_line_breaks(tokenizer: Any) -> bool:
+    """Whether counts add up over pieces cut before "\n" (see the module docstring): a fast
+    tokenizer with no normalizer, a byte-level regex pre-tokenizer (optionally after digit
+    splitting) without a prefix space, and a BPE model."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return False
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, AttributeError):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+    return (spec.get("normalizer") is None and (spec.get("model") or {}).get("type") == "BPE"
+            and len(byte_level) == 1 and all(p.get("type") in ("ByteLevel", "Digits") for p in steps)
+            and byte_level[0].get("use_regex", True) and not byte_level[0].get("add_prefix_space", False))
+
+
 def fit_texts(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
     """`header + "\n" + body` for each body, cut to at most `budget` tokens (0: no budget)."""
+    if budget > 0 and header.strip() and not header[-1].isspace() and splits_at_line_breaks(tokenizer):
+        return _fit_by_lines(tokenizer, header, bodies, budget)
+    return _fit_by_offsets(tokenizer, header, bodies, budget)
+
+
+def line_counts(tokenizer: Any, chunks: Sequence[list[str]]) -> list[list[int]]:
+    """For each list of lines, the tokens of each line with its leading "\n" (exact where
+    `splits_at_line_breaks`): one text per list, tokenized once with offsets."""
+    texts = ["\n" + "\n".join(lines) for lines in chunks]
+    out = []
+    for lines, text, (_, offsets) in zip(chunks, texts, encode(tokenizer, texts)):
+        starts = [start for start, _ in offsets]
+        at, bounds = 0, []
+        for line in lines:
+            bounds.append(bisect.bisect_left(starts, at))
+            at += len(line) + 1
+        bounds.append(len(starts))
+        out.append([bounds[k + 1] - bounds[k] for k in range(len(lines))])
+    return out
+
+
+def _fit_by_lines(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
+    """Count each body's lines from the newest back, in batched rounds, until the budget is spent.
+
+    A body with an empty line or a line ending in a space (where counts may not add up) is
+    fitted by offsets over the whole text."""
+    header_tokens = count_tokens(tokenizer, [header])[0]
+    room = budget - header_tokens
+    out: list[Fitted | None] = [None] * len(bodies)
+    lines = {}
+    for i, body in enumerate(bodies):
+        if not body:
+            out[i] = Fitted(header, 0, header_tokens)
+            continue
+        split = body.split("\n")
+        if any(line[-1:].isspace() or not line for line in split):
+            out[i] = _fit_by_offsets(tokenizer, header, [body], budget)[0]
+            continue
+        lines[i] = split
+    # Round 1 counts about the lines the budget can hold (from the mean characters per token of a
+    # sample), later rounds twice as many; a line costs at least one token, so it ends.
+    sample = [split[-20:] for split in list(lines.values())[:50]]
+    sample_tokens = sum(map(sum, line_counts(tokenizer, sample)))
+    chars_per_token = sum(len(x) for lines_ in sample for x in lines_) / max(1, sample_tokens) if sample else 4.0
+    state = {i: (0, 0, 0) for i in lines}  # index -> (lines counted from the end, their tokens, next chunk)
+    for i, split in lines.items():
+        mean_chars = sum(map(len, split[-20:])) / min(20, len(split)) + 1
+        state[i] = (0, 0, max(4, math.ceil(1.25 * room * chars_per_token / mean_chars)))
+    while state:
+        asks = []
+        for i, (done, _, chunk) in state.items():
+            split = lines[i]
+            take = split[max(0, len(split) - done - chunk):len(split) - done]
+            asks.append((i, take))
+        nxt = {}
+        for (i, take), these in zip(asks, line_counts(tokenizer, [take for _, take in asks])):
+            done, used, chunk = state[i]
+            split = lines[i]
+            finished = False
+            for n in reversed(these):
+                if used + n > room:
+                    finished = True
+                    break
+                used += n
+                done += 1
+            if finished or done == len(split):
+                kept = split[len(split) - done:]
+                text = header + "\n" + "\n".join(kept) if kept else header
+                out[i] = Fitted(text, done, header_tokens + used)
+            else:
+                nxt[i] = (done, used, chunk * 2)
+        state = nxt
+    return out  # type: ignore[return-value]
+
+
+def _fit_by_offsets(tokenizer: Any, header: str, bodies: Sequence[str], budget: int) -> list[Fitted]:
     texts = [f"{header}\n{body}" if body else header for body in bodies]
     encoded = encode(tokenizer, texts)
     if budget <= 0:

@@ -68,3 +68,17 @@ def test_evaluate_before_publish_says_what_to_run(llm4es, grouplens):
     result = llm4es("evaluate", "movielens-100k", "--features", "agg")
     assert_clean_exit_1(result)
     assert "llm4es aggregate" in result.output and "llm4es publish" in result.output
+
+
+def test_evaluate_defaults_to_the_published_feature_sets(llm4es, tmp_path):
+    source = write_grouplens(tmp_path / "ml", n_users=40, n_movies=30, per_user=(20, 22))
+    for args in (("ingest", "movielens-100k", "--source", source), ("validate", "movielens-100k", "--no-data-docs"),
+                 ("aggregate", "movielens-100k"), ("publish", "movielens-100k")):
+        result = llm4es(*args)
+        assert result.exit_code == 0, result.output
+    evaluated = llm4es("evaluate", "movielens-100k", "--target", "age", "--protocol", "paper")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "│ agg " in evaluated.output and "│ coles " not in evaluated.output
+    for name in ("coles", "llm4es", "coles+llm4es", "coles+agg"):
+        assert f"not evaluated: {name} (" in evaluated.output
+    assert "llm4es coles" in evaluated.output and "llm4es embed" in evaluated.output

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from producers.publish import online_features, publish
+from producers.publish import default_project, online_features, publish
 from producers.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import T1, USERS, same_bits
@@ -34,7 +34,7 @@ def test_feast_cli_apply_and_materialize_incremental(tmp_path):
     publish(home, "cli-test")
 
     applied = feast(home, "apply")
-    assert "Applying changes for project llm4es" in applied.stdout
+    assert f"Applying changes for project {default_project(home)}" in applied.stdout
     now = datetime.now(timezone.utc).replace(microsecond=0, tzinfo=None).isoformat()
     materialized = feast(home, "materialize-incremental", now)
     assert "cli_test__llm4es_embedding" in materialized.stdout

@@ -9,8 +9,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from producers.publish import (PublishConfig, PublishError, ensure_repo, get_store, historical_features, materialize,
-                               online_features, package_repo_dir, publish, published_views)
+from producers.publish import (TEMPLATES, PublishConfig, PublishError, default_project, ensure_repo, get_store,
+                               historical_features, materialize, online_features, package_repo_dir, publish,
+                               published_views)
 from producers.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import DATASET, RUN, SCHEMA, T1, USERS, same_bits
@@ -43,7 +44,7 @@ def test_registry_has_vector_lengths_provenance_and_no_expiry(published):
     from feast.types import Array, Float32, Float64, Int64
 
     store = get_store(published.home)
-    assert store.project == "llm4es"
+    assert store.project == default_project(published.home)  # the home's own project
     fv = store.get_feature_view(f"{SCHEMA}__llm4es_embedding")
     vector = {f.name: f for f in fv.features}["vector"]
     assert vector.dtype == Array(Float32) and vector.vector_length == 8
@@ -68,8 +69,12 @@ def test_registry_has_vector_lengths_provenance_and_no_expiry(published):
 def test_repo_and_manifest_on_disk(published):
     repo = published.home.root / "feature_repo"
     assert published.result.repo == repo
-    for name in ("feature_store.yaml", "feature_store.redis.yaml", "definitions.py"):
+    for name in ("definitions.py", "registry_store.py"):
         assert (repo / name).read_bytes() == (package_repo_dir() / name).read_bytes()
+    for name, template in TEMPLATES.items():  # the templates with the home's project
+        want = (package_repo_dir() / template).read_text().replace("project: llm4es\n",
+                                                                   f"project: {default_project(published.home)}\n")
+        assert (repo / name).read_text() == want
     manifest = json.loads((published.home.data_dir / "feast" / "manifest.json").read_text())
     entry = manifest["datasets"][DATASET]
     assert entry["user_id_type"] == "INT64" and entry["entity"] == f"{SCHEMA}__user"

@@ -161,8 +161,17 @@ def test_bank_transactions_with_amounts_and_mcc(home, tmp_path):
     assert validate(home, "gender", ValidateConfig(data_docs=False)).success
     with open(source / "transactions.csv", encoding="utf-8") as f:
         txns = [(int(r["customer_id"]), r["mcc_code"].zfill(4), float(r["amount"])) for r in csv.DictReader(f)]
-    result = coles(home, "gender", replace(TINY, cnt_min=20, cnt_max=40))  # every user is shorter than cnt_min
+    said = []
+    # every user is shorter than cnt_min; an epoch of at most one batch
+    result = coles(home, "gender", replace(TINY, cnt_min=20, cnt_max=40, max_batches_per_epoch=1), log=said.append)
+    n_users = len({u for u, _, _ in txns})
+    warning = next(m for m in said if m.startswith("warning:"))
+    assert f"{n_users} of {n_users} users (100%) have fewer than 20 events" in warning
+    assert any("training on everyone" in m for m in said)
+    assert any(f"1 of {-(-n_users // TINY.batch_size)} batches per epoch" in m for m in said)
+    assert any(m.startswith("epoch 1/1:") and "(1 batches)" in m for m in said)
     meta = read_provenance(result.parquet_path)
+    assert (meta["short_users"], meta["training_users"], meta["batches_per_epoch"]) == (n_users, n_users, 1)
     assert set(meta["inputs"]["categorical"]) == {"mcc", "tr_type", "term_id"}
     assert meta["inputs"]["numeric"] == ["amount", TIME_DELTA]
     assert meta["inputs"]["categorical"]["mcc"] == len({m for _, m, _ in txns})
@@ -241,3 +250,17 @@ def test_bad_config_values_are_refused_before_any_work(change, message, tmp_path
     with pytest.raises(ColesError, match=message):
         coles(Home.resolve(tmp_path / "nowhere"), "movielens-100k", replace(TINY, **change))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_training_plan_follows_the_data():
+    from producers.coles.config import training_plan
+
+    movielens = training_plan(np.full(943, 20) + np.arange(943) % 700, ColesConfig())
+    assert (len(movielens.train_rows), movielens.n_short, movielens.batches_per_epoch, movielens.note) == \
+        (943, 0, 15, "")  # MovieLens-100k: everyone, every batch, as before the rule
+    mixed = np.array([2] * 300 + [40] * 200)  # 200 long enough: more than two batches of 64
+    plan = training_plan(mixed, ColesConfig())
+    assert plan.train_rows == tuple(range(300, 500)) and plan.n_short == 300 and plan.batches_per_epoch == 4
+    few = training_plan(np.array([2] * 20_000 + [40] * 50), ColesConfig())  # purchases: ~2 per customer
+    assert len(few.train_rows) == 20_050 and "training on everyone" in few.note
+    assert few.batches_per_epoch == 100 and "100 of 314 batches per epoch" in few.note

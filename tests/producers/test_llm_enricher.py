@@ -81,6 +81,7 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth: list[str | None] = []
+        self.paths: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,6 +94,7 @@ class FakeServer:
                     n = len(server.requests)
                     server.requests.append(body)
                     server.auth.append(self.headers.get("Authorization"))
+                    server.paths.append(self.path)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 self._answer(n, body)  # every path ends in _send, which counts the request out
@@ -188,6 +190,39 @@ def test_failed_request_names_the_endpoint(tmp_path):
     [err] = OpenAIBackend(opts, backoff_s=0.01).generate([[{"role": "user", "content": "hi"}]], [1])
     assert isinstance(err, GenerationError)
     assert "http://127.0.0.1:9/v1/chat/completions" in str(err) and "2 attempt(s)" in str(err)
+
+
+def test_endpoint_credentials_are_used_but_never_shown(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeServer(fail_first=10**6, max_requests=10**6) as server:
+        port = server.endpoint.split(":")[-1].split("/")[0]
+        endpoint = f"http://bob:hunter2@127.0.0.1:{port}/key-sk-SECRET42/v1?api_key=SECRET43"
+        logs = []
+        opts = LLMOptions(backend="openai", model="m", endpoint=endpoint, retries=1, timeout_s=5)
+        backend = OpenAIBackend(opts, backoff_s=0.01, log=logs.append)
+        [err] = backend.generate([[{"role": "user", "content": "hi"}]], [1])
+        enricher = LLMEnricher(opts, fallback=StubFallback(), home=None, schema="s", backend=backend,
+                               cache_path=tmp_path / "c.duckdb", log=logs.append)
+        enricher.rewrite(DEFINITION, [history(1)], 0)
+    # The request went where the URL says, with user:password as Basic authentication.
+    assert server.paths[0] == "/key-sk-SECRET42/v1/chat/completions?api_key=SECRET43"
+    assert server.auth[0] == "Basic Ym9iOmh1bnRlcjI="  # bob:hunter2
+    shown = f"http://***@127.0.0.1:{port}/***/v1/chat/completions?api_key=***"
+    assert str(err).startswith(f"{shown}: all 2 attempt(s) failed; last: HTTP 500")
+    assert enricher.first_error.startswith(shown)
+    for line in [str(err), *logs]:
+        assert "SECRET4" not in line and "hunter2" not in line
+    assert any(line.startswith(f"openai backend: {shown}") for line in logs)
+
+
+def test_default_timeouts_are_bounded_and_printed():
+    from producers.enrich.backends import describe_timeouts, worst_case_s
+
+    opts = LLMOptions()
+    assert (opts.timeout_s, opts.retries) == (30.0, 2)
+    assert worst_case_s(opts) == 3 * 30 + 1 + 2  # three attempts, backoffs of 1 and 2 s
+    assert describe_timeouts(opts) == ("timeout 30 s x 3 attempt(s) with backoff: at most 93 s per request on an "
+                                       "unresponsive endpoint (--timeout, --retries)")
 
 
 def test_backend_errors_are_not_cached(tmp_path):
@@ -385,3 +420,16 @@ def test_cached_outputs_are_checked_again(tmp_path):
     con = duckdb.connect(str(path), read_only=True)
     assert dict(con.execute("SELECT user_id, status FROM llm_cache").fetchall()) == {"1": "ok", "2": "refused:too_short"}
     con.close()
+
+
+def test_fallback_share_threshold():
+    from producers.enrich.base import EnrichError, EnrichReport
+    from producers.enrich.run import refuse_fallbacks
+
+    report = EnrichReport("d", "llm", users=10, variants=2, fallbacks=2, refusals={"too_short": 2})
+    refuse_fallbacks(report, 0.1)  # 2 of 20 = 10%: at the threshold, accepted
+    report.fallbacks = 3
+    with pytest.raises(EnrichError, match=r"3 of 20 llm texts \(15%\) would be template fallbacks.*too_short 2"):
+        refuse_fallbacks(report, 0.1)
+    refuse_fallbacks(report, 1.0)
+    refuse_fallbacks(EnrichReport("d", "template", 10, 2, fallbacks=20), 0.0)  # templates never fall back

@@ -136,3 +136,44 @@ def test_fit_is_exact_when_merges_cross_line_breaks():
         (fitted,) = fit_texts(tok, header, ["\n".join(lines)], budget)
         assert fitted.n_tokens == count_tokens(tok, [fitted.text])[0] <= budget
         assert fitted.text.split("\n")[1:] == (lines[len(lines) - fitted.n_events:] if fitted.n_events else [])
+
+
+def _smollm2_or_skip():
+    from producers.cache import default_cache_dir
+
+    try:
+        from training.models import load_tokenizer, resolve_model
+
+        return load_tokenizer(resolve_model("smollm2-135m", cache_dir=default_cache_dir()))
+    except Exception as e:  # noqa: BLE001 - not cached here: the byte-level fixture tokenizer still runs
+        pytest.skip(f"SmolLM2 tokenizer not available: {e}")
+
+
+@pytest.mark.parametrize("which", ["fixture", "smollm2"])
+def test_line_counting_gives_the_texts_and_counts_of_whole_text_counting(tok, which):
+    """The fast path (lines counted from the newest back) against tokenizing every text whole
+    with offsets: the same texts, the same counts, for every budget."""
+    import random
+
+    from producers.serialize.budget import _fit_by_offsets, line_counts, splits_at_line_breaks
+
+    tokenizer = tok if which == "fixture" else _smollm2_or_skip()
+    assert splits_at_line_breaks(tokenizer)
+    rng = random.Random(0)
+    words = ["Toy Story", "Heroes", "Grocery Stores, Supermarkets", "  spaced", "café", "日本", "x\ty", "1995",
+             "-2245.92", "", "a  b", "<td>", "'s", "e\u00a0", "!!"]
+    bodies = []
+    for n in (1, 2, 5, 30, 120):
+        for _ in range(6):
+            lines = [f"2019-01-{rng.randrange(1, 29):02d} {rng.randrange(24):02d}:00, "
+                     + ", ".join(rng.choice(words) for _ in range(rng.randrange(1, 4))) for _ in range(n)]
+            bodies.append("\n".join(lines))
+    bodies += ["", "last ends in a space \nnext", "2019-01-01, 5"]
+    header = "Date | Title | Year | Genres | Rating"
+    plain = [b.split("\n") for b in bodies if b and "space \n" not in b and "\u00a0" not in b]
+    whole = count_tokens(tokenizer, ["\n" + "\n".join(x) for x in plain])
+    assert [sum(c) for c in line_counts(tokenizer, plain)] == whole
+    for budget in (12, 40, 100, 400, 5000):
+        fast = fit_texts(tokenizer, header, bodies, budget)
+        assert fast == _fit_by_offsets(tokenizer, header, bodies, budget), budget
+        assert [f.n_tokens for f in fast] == count_tokens(tokenizer, [f.text for f in fast])

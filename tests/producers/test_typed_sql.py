@@ -7,7 +7,9 @@ import duckdb
 import pytest
 
 from producers.datasets.definition import FieldSpec, TimeSpec
-from producers.ingest.typed_sql import field_column, time_column
+from producers.ingest.typed_sql import RawColumns, field_column, time_column
+
+COLS = RawColumns({"t": ["x"]})
 
 
 def evaluate(column, raw: str | None):
@@ -21,7 +23,7 @@ def evaluate(column, raw: str | None):
     ("", None, False), (None, None, False),
 ])
 def test_integers_never_round_fractions(raw, value, failed):
-    col = field_column(FieldSpec(name="n", column="x", dtype="INTEGER"), "t")
+    col = field_column(FieldSpec(name="n", column="x", dtype="INTEGER"), "t", COLS)
     assert evaluate(col, raw) == (value, failed)
 
 
@@ -31,24 +33,24 @@ def test_integers_never_round_fractions(raw, value, failed):
     ("3 25:00:00", None), ("3 10:61:00", None), ("3 10:00:61", None), ("3.5 10:00:00", None), ("x", None),
 ])
 def test_day_index_time_checks_the_clock(raw, value):
-    col = time_column(TimeSpec(column="x", format="day_index_time", origin="2019-01-01"), "t")
+    col = time_column(TimeSpec(column="x", format="day_index_time", origin="2019-01-01"), "t", COLS)
     got, failed = evaluate(col, raw)
     assert got == value and failed == (value is None)
 
 
 def test_day_index_rejects_fractional_days():
-    col = time_column(TimeSpec(column="x", format="day_index", origin="2019-01-01"), "t")
+    col = time_column(TimeSpec(column="x", format="day_index", origin="2019-01-01"), "t", COLS)
     assert evaluate(col, "6")[0] == datetime(2019, 1, 7)
     assert evaluate(col, "6.5") == (None, True)
 
 
 @pytest.mark.parametrize("raw, value", [("742", "0742"), ("5411", "5411"), ("12345", "12345"), ("", None)])
 def test_codes_are_padded_without_cutting(raw, value):
-    col = field_column(FieldSpec(name="mcc", column="x", kind="categorical"), "t", pad=4)
+    col = field_column(FieldSpec(name="mcc", column="x", kind="categorical"), "t", COLS, pad=4)
     assert evaluate(col, raw)[0] == value
 
 
 def test_unix_seconds_are_utc():
-    col = time_column(TimeSpec(column="x", format="unix"), "t")
+    col = time_column(TimeSpec(column="x", format="unix"), "t", COLS)
     assert evaluate(col, "881250949")[0] == datetime(1997, 12, 4, 15, 55, 49)
     assert evaluate(col, "1e30") == (None, True)

@@ -274,28 +274,163 @@ def fake_run(home, model_dir, run="run-1"):
     folder = home.root / "runs" / "movielens_100k" / run
     for name, epoch, seed in (("epoch-1", 1, 1), ("epoch-2", 2, 2), ("step-25", 2.5, 3), (".epoch-3.tmp", 3, 4)):
         out = save_tiny_model(folder / "models" / name, tiny_tokenizer(), seed=seed)
-        marker = {"epoch": epoch, "model_source": str(model_dir), "global_step": 10 * epoch}
+        marker = {"epoch": epoch, "model_source": str(model_dir), "global_step": int(10 * epoch)}
         (out / CHECKPOINT_FILE).write_text(json.dumps(marker))
     return folder
 
 
-def test_a_run_folder_gives_one_set_per_epoch(ready_home, model_dir):
+def test_a_run_folder_gives_one_set_per_saved_model(ready_home, model_dir):
     run = fake_run(ready_home, model_dir)
     found = find_checkpoints(ready_home, str(run))
-    assert [c.epoch for c in found] == [1, 2]  # whole epochs only: no step-N, no half-written folder
-    assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/epoch-{e}" for e in (1, 2)]
+    # every saved model, epochs and the step-N one that --max-steps leaves, oldest first; no half-written folder
+    assert [c.epoch for c in found] == [1, 2, None]
+    assert [c.label for c in found] == [f"runs/movielens_100k/run-1/models/{n}" for n in ("epoch-1", "epoch-2",
+                                                                                          "step-25")]
 
     r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint=str(run)))
-    assert [s.epoch for s in r.sets] == [1, 2] and len(set(r.parquet)) == 2
+    assert [s.epoch for s in r.sets] == [1, 2, None] and len(set(r.parquet)) == 3
     rows = table_rows(ready_home)
-    assert len(rows) == 24 and {row[5] for row in rows} == {1, 2}
+    assert len(rows) == 36 and {row[5] for row in rows} == {1, 2, None}
     by_epoch = {e: np.array([row[1] for row in rows if row[5] == e]) for e in (1, 2)}
     assert np.abs(by_epoch[1] - by_epoch[2]).max() > 1e-3  # different weights, different vectors
-    for s in r.sets:
+    for s in r.sets[:2]:
         meta = read_provenance(s.parquet)
         assert meta["epoch"] == s.epoch and meta["checkpoint_info"]["global_step"] == 10 * s.epoch
         assert s.model == str(model_dir)
+    assert read_provenance(r.sets[2].parquet)["checkpoint_info"]["global_step"] == 25
 
     # One epoch folder alone (relative to the home) replaces only its own set.
     one = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/run-1/models/epoch-2"))
-    assert [s.epoch for s in one.sets] == [2] and len(table_rows(ready_home)) == 24
+    assert [s.epoch for s in one.sets] == [2] and len(table_rows(ready_home)) == 36
+
+
+def test_a_run_stopped_by_max_steps_embeds_its_step_model_and_state_json_decides(ready_home, model_dir):
+    """`finetune --max-steps 30` leaves models/step-30 only; state.json names the run's models."""
+    run = ready_home.root / "runs" / "movielens_100k" / "short"
+    out = save_tiny_model(run / "models" / "step-30", tiny_tokenizer(), seed=5)
+    (out / CHECKPOINT_FILE).write_text(json.dumps({"epoch": 0.75, "global_step": 30, "model_source": str(model_dir)}))
+    save_tiny_model(run / "models" / "step-99", tiny_tokenizer(), seed=6)  # not in state.json: not the run's
+    (run / "state.json").write_text(json.dumps({"models": ["step-30"], "global_step": 30}))
+    found = find_checkpoints(ready_home, "runs/movielens_100k/short")
+    assert [c.label for c in found] == ["runs/movielens_100k/short/models/step-30"] and found[0].epoch is None
+    r = embed(ready_home, "movielens-100k", config(model_dir, checkpoint="runs/movielens_100k/short"))
+    assert len(r.sets) == 1 and r.sets[0].n_users == 12
+
+
+def test_an_unusable_checkpoint_folder_says_what_was_expected(ready_home):
+    empty = ready_home.root / "runs" / "movielens_100k" / "nothing"
+    (empty / "models").mkdir(parents=True)
+    (empty / "config.json").unlink(missing_ok=True)
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(EmbedError, match=r"models/epoch-E/ or models/step-N/.*found models/, notes.txt"):
+        find_checkpoints(ready_home, str(empty))
+    with pytest.raises(EmbedError, match="no such folder"):
+        find_checkpoints(ready_home, str(empty / "missing"))
+    odd = ready_home.root / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"run_name": "x"}))  # a run's config, not a model's
+    with pytest.raises(EmbedError, match="is not a model's config"):
+        find_checkpoints(ready_home, str(odd))
+
+
+def test_the_suite_is_pinned_to_the_cpu(monkeypatch):
+    """tests/conftest.py sets LLM4ES_DEVICE=cpu; `auto` follows it (and refuses CUDA where there is none)."""
+    import torch
+
+    from training.embed import pick_device
+
+    assert pick_device("auto").type == "cpu" and EmbedConfig().device == "auto"
+    monkeypatch.setenv("LLM4ES_DEVICE", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbedError, match="CUDA is not available"):
+            pick_device("auto")
+    else:
+        assert pick_device("auto").type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo on the CPU)
+
+
+def torchrun(home, model_dir, *die, nproc=2):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "LLM4ES_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(root / "tests" / "training" / "embed_worker.py"), str(home.root), str(model_dir), *map(str, die)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return done, sorted(results, key=lambda r: r["rank"])
+
+
+def vectors_by_user(home):
+    return {u: np.array(v) for u, v in query(home, "SELECT user_id, vector FROM movielens_100k.embeddings")}
+
+
+def test_shards_are_length_balanced_and_cover_every_user_once():
+    lengths = [100, 90, 80, 10, 10, 10, 5, 300]
+    shards = embed_mod.shard_users(lengths, 2)
+    assert sorted(i for s in shards for i in s) == list(range(8))
+    loads = [sum(lengths[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(lengths[i] for i in range(8) if i != 7)  # greedy bound
+    assert shards == embed_mod.shard_users(lengths, 2)  # a pure function: a resumed process finds its shard
+    assert embed_mod.shard_users(lengths, 1) == [list(range(8))]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_output_and_a_killed_rank_resumes(built_home, model_dir, tmp_path):
+    one = Home.resolve(shutil.copytree(built_home.root, tmp_path / "one"))
+    embed(one, "movielens-100k", config(model_dir, batch_tokens=256))
+    expected = vectors_by_user(one)
+
+    two = Home.resolve(shutil.copytree(built_home.root, tmp_path / "two"))
+    killed, _ = torchrun(two, model_dir, 1, 1)  # process 1 dies after its first part file
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    parts = list((two.data_dir / "movielens_100k" / "embeddings_parts").glob("*/batch-r001-*.parquet"))
+    assert len(parts) == 1  # its finished part is on disk, and nothing was published
+    assert not query(two, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'embeddings'")[0][0]
+
+    done, results = torchrun(two, model_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["rank"] for r in results] == [0, 1] and all(r["n_users"] == 12 for r in results)
+    assert results[1]["resumed"] >= 1  # process 1 took up its shard where it died
+    assert results[0]["computed"] + results[1]["computed"] + sum(r["resumed"] for r in results) == 12
+    got = vectors_by_user(two)
+    assert got.keys() == expected.keys()
+    assert max(np.abs(got[u] - expected[u]).max() for u in got) <= 1e-5
+    assert results[0]["parquet"] == results[1]["parquet"] and read_provenance(results[0]["parquet"])[
+        "num_processes"] == 2
+    assert not list((two.data_dir / "movielens_100k" / "embeddings_parts").glob("*"))  # merged once, cleaned up
+
+
+def test_progress_shows_in_a_log_file(ready_home, model_dir, monkeypatch):
+    """stdout not a terminal (a log file): lines with users done, tokens/s and an ETA, not just 'loading'."""
+    from training import hardware
+
+    monkeypatch.setattr(hardware.sys.stdout, "isatty", lambda: False, raising=False)
+    lines: list[str] = []
+    embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=256), log=lines.append)
+    progress = [line for line in lines if " users (" in line]
+    assert progress and progress[-1].startswith("12/12 users (100%)")
+    assert "tokens/s" in progress[-1] and "ETA 0m00s" in progress[-1]
+
+
+def test_progress_lines_come_every_interval_and_at_the_end():
+    from training.hardware import Progress
+
+    lines: list[str] = []
+    p = Progress(lines.append, total=10, unit="users", every_s=3600, enabled=True)
+    for done in range(1, 11):
+        p.update(done, tokens=done * 100)
+    assert len(lines) == 1 and lines[0].startswith("10/10 users (100%)")  # the interval holds back the rest
+    p = Progress(lines.append, total=10, unit="users", every_s=0, enabled=True)
+    p.update(4, 400)
+    assert lines[-1].startswith("4/10 users (40%)") and "ETA" in lines[-1]
+    quiet: list[str] = []
+    Progress(quiet.append, total=3, unit="users", enabled=False).update(3, 10)
+    assert not quiet  # a terminal has tqdm's bar instead

@@ -204,3 +204,66 @@ def test_session_rollups_resolve_by_kind_and_session_keyed_views_are_refused():
         resolve_feature_set("session_embedding", views)
     with pytest.raises(EvaluateError, match="llm4es intents distill"):
         resolve_feature_set("intents", PlantedSource({}).views())
+
+
+class AggColesOnly(PlantedSource):
+    """What a user has before any LLM work: agg and CoLES published, no LLM4ES view."""
+
+    def views(self):
+        return [v for v in super().views() if v.kind in ("agg", "coles")]
+
+
+def test_default_features_are_the_published_ones_and_the_missing_are_named(ml_home, tmp_path):
+    home, users = ml_home
+    config = EvaluateConfig(targets=("age",), protocols=("paper",), lgbm=FAST, linear_probe=False, out_dir=tmp_path)
+    r = evaluate(home, "movielens-100k", config, source=AggColesOnly(users)).report
+    assert r["feature_sets"] == ["no features", "agg", "coles", "coles+agg"]
+    assert set(r["missing"]) == {"llm4es", "coles+llm4es"}
+    assert "llm4es embed" in r["missing"]["llm4es"] and "llm4es embed" in r["missing"]["coles+llm4es"]
+    assert r["results"]["age"]["coles+agg"]["views"] == ["ml__coles_embedding", "ml__agg_features"]
+    assert "## Not evaluated (not published)" in (tmp_path / "evaluation.md").read_text()
+
+
+def test_default_features_fail_only_when_none_is_published_and_named_sets_must_exist(ml_home, tmp_path):
+    home, users = ml_home
+
+    class Nothing(PlantedSource):
+        def views(self):
+            return []
+
+    with pytest.raises(EvaluateError, match="none of the default feature sets"):
+        evaluate(home, "movielens-100k", EvaluateConfig(out_dir=tmp_path), source=Nothing(users))
+    named = EvaluateConfig(features=("agg", "llm4es"), out_dir=tmp_path)
+    with pytest.raises(EvaluateError, match="no llm4es features are published"):
+        evaluate(home, "movielens-100k", named, source=AggColesOnly(users))
+
+
+def test_reports_keep_one_file_per_call_and_merge_the_latest_by_feature_set(ml_home, tmp_path):
+    home, users = ml_home
+    base = dict(targets=("age",), protocols=("paper",), lgbm=FAST, linear_probe=False, out_dir=tmp_path)
+    first = evaluate(home, "movielens-100k", EvaluateConfig(features=("agg", "coles"), **base),
+                     source=PlantedSource(users))
+    second = evaluate(home, "movielens-100k", EvaluateConfig(features=("llm4es", "coles"), **base),
+                      source=PlantedSource(users))
+    latest = json.loads((tmp_path / "evaluation.json").read_text())
+    assert latest["feature_sets"] == ["no features", "agg", "coles", "llm4es"]
+    # agg comes from the first call, coles was replaced by the second's (same folds: same numbers here)
+    assert latest["results"]["age"]["agg"] == json.loads(json.dumps(first.report["results"]["age"]["agg"]))
+    assert latest["sources"] == {"no features": second.report["run"], "agg": first.report["run"],
+                                 "coles": second.report["run"], "llm4es": second.report["run"]}
+    assert "kept agg" in second.merge_note
+    md = (tmp_path / "evaluation.md").read_text()
+    assert "| agg |" in md and "| llm4es |" in md
+    # each call's own report stays as it was
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == sorted([first.report["run"], second.report["run"]]) and len(set(runs)) == 2
+    own = json.loads(first.paths["run_json"].read_text())
+    assert own["feature_sets"] == ["no features", "agg", "coles"]
+
+    # other folds: rows are not comparable, so the latest report starts anew and says why
+    third = evaluate(home, "movielens-100k", EvaluateConfig(features=("coles",), seed=7, **base),
+                     source=PlantedSource(users))
+    latest = json.loads((tmp_path / "evaluation.json").read_text())
+    assert latest["feature_sets"] == ["no features", "coles"]
+    assert "seed" in third.merge_note and "starts anew" in third.merge_note
+    assert len(list((tmp_path / "runs").iterdir())) == 3

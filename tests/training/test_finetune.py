@@ -168,7 +168,7 @@ def test_run_folder_layout(home, tiny_model):
     assert saved["data"]["n_texts"] == 12 and saved["data"]["texts_per_kind"] == {"serialized": 12}
     assert saved["data"]["source_hashes"] and len(saved["data"]["texts_sha256"]) == 64
     assert saved["schedule"] == {"steps_per_epoch": 6, "total_steps": 12, "epochs": 2, "warmup_steps": 0,
-                                 "num_processes": 1, "effective_batch_size": 2}
+                                 "num_processes": 1, "effective_batch_size": 2, "tokens_per_step_budget": None}
     assert saved["code_version"]
 
     for epoch in (1, 2):
@@ -269,10 +269,29 @@ def test_packed_rows_give_each_text_its_own_logits(tiny_model):
 
 def test_padded_batches_mask_padding_by_position_not_by_id():
     texts = [np.array([5, 6, 2], dtype=np.int32), np.array([7, 2], dtype=np.int32)]
-    batch = make_collate(pad_id=2, packed=False)([[texts[0]], [texts[1]]])  # pad id == EOS id
+    batch = make_collate(pad_id=2, packed=False, padding_mask=True)([[texts[0]], [texts[1]]])  # pad id == EOS id
     assert batch["input_ids"].tolist() == [[5, 6, 2], [7, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
+    assert "attention_mask" not in make_collate(pad_id=2, packed=False)([[texts[0]], [texts[1]]])
+
+
+def test_right_padding_needs_no_mask_the_loss_is_the_same(tiny_model):
+    """Without the 2-D mask SDPA runs its causal kernel; the loss must not change."""
+    import torch
+
+    from training.finetune import training_loss
+
+    model = load_causal_lm(str(tiny_model), dtype=torch.float32).eval()
+    rng = np.random.default_rng(4)
+    rows = [[rng.integers(3, 300, n).astype(np.int32)] for n in (30, 11, 22, 5)]
+    with torch.no_grad():
+        losses = []
+        for padding_mask in (True, False):
+            batch = make_collate(pad_id=2, packed=False, padding_mask=padding_mask)(rows)
+            batch.pop("n_tokens")
+            losses.append(training_loss(model, batch).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
@@ -293,3 +312,124 @@ def test_pack_items_fits_every_text_once():
     assert sorted(i for p in packs for i in p) == list(range(200))
     assert all(sum(lengths[list(p)]) <= 64 for p in packs)
     assert len(packs) <= int(np.ceil(lengths.sum() / 64 * 1.25))  # close to the bound
+
+
+def test_saving_tied_embeddings_warns_of_no_shared_tensor(home, tied_model, caplog):
+    """SmolLM2 ties its input and output embeddings: every save used to warn "Removed shared tensor"."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    r = finetune(home, DATASET, cfg(tied_model, max_steps=1))
+    assert r.checkpoints and not [m for m in caplog.messages if "shared tensor" in m]
+    # and what was saved comes back tied: the embedding step reads the saved model
+    w = weights(r.models[-1])
+    model = load_causal_lm(str(r.models[-1]), dtype=None)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "model.embed_tokens.weight" in w
+
+
+def test_finetune_reports_steps_epochs_and_precision(home, tiny_model):
+    lines = []
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=3), log=lines.append)
+    assert r.steps_per_epoch == 6 and r.steps == 3 and r.mfu is None  # 12 texts / batch 2; no MFU on a CPU
+    start = next(line for line in lines if line.startswith("training "))
+    assert "3 steps (0.50 epochs of 6 steps)" in start and "float32 on cpu" in start and "precision no" not in start
+
+
+def test_fsdp_with_lora_or_partial_training_is_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from training.finetune import _refuse_fsdp_partial
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    for bad in (dict(lora_r=4), dict(trainable_layers=1)):
+        with pytest.raises(FinetuneError, match="not supported under FSDP: run it with DDP"):
+            _refuse_fsdp_partial(fsdp, FinetuneConfig(**bad))
+    _refuse_fsdp_partial(fsdp, FinetuneConfig())  # full fine-tuning under FSDP is fine
+    _refuse_fsdp_partial(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), FinetuneConfig(lora_r=4))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_training_forward_keeps_packed_texts_apart(tiny_model, chunked):
+    """`training_loss`, the loop's own forward: a packed row's loss equals the token-weighted mean of its
+    texts' losses alone. A loop that drops use_cache=False (or sends a 2-D mask) lets texts attend
+    to each other and fails here."""
+    import torch
+
+    from training.finetune import training_loss
+    from training.loss import bypass_lm_head
+
+    model = load_causal_lm(str(tiny_model), dtype=torch.float32).eval()
+    head = bypass_lm_head(model) if chunked else None
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(3, 300, n).astype(np.int32) for n in (9, 15, 6)]
+    collate = make_collate(pad_id=2, packed=True)
+    packed = collate([texts])
+    packed.pop("n_tokens")
+    with torch.no_grad():
+        loss_packed = training_loss(model, packed, head).item()
+        per_text = []
+        for t in texts:
+            alone = make_collate(pad_id=2, packed=False)([[t]])
+            alone.pop("n_tokens")
+            per_text.append((training_loss(model, alone, head).item(), len(t) - 1))
+    expected = sum(loss * n for loss, n in per_text) / sum(n for _, n in per_text)
+    assert loss_packed == pytest.approx(expected, rel=1e-5)
+    if chunked:
+        from training.loss import restore_lm_head
+
+        restore_lm_head(model)
+    with torch.no_grad():  # the leak this guards against is real: with a cache the texts mix
+        leaky = model(**packed).loss.item()
+    assert abs(leaky - expected) > 1e-4
+
+
+def test_token_budget_batches_hold_the_budget_and_the_same_count_every_epoch():
+    from training.data import EpochBatchSampler
+
+    lengths = np.random.default_rng(5).integers(5, 100, 57)
+    per_epoch = [epoch_batches(lengths, 1, seed=0, epoch=e, group_by_length=True, batch_tokens=256) for e in range(3)]
+    for batches in per_epoch:
+        assert sorted(i for b in batches for i in b) == list(range(57))
+        assert all(len(b) == 1 or len(b) * max(lengths[b]) <= 256 for b in batches)
+    assert len({len(b) for b in per_epoch}) == 1 and per_epoch[0] != per_epoch[1]
+    assert max(len(b) for b in per_epoch[0]) > 2  # short texts come many to a batch
+    sampler = EpochBatchSampler(lengths, 1, 0, True, batch_tokens=256)
+    assert len(sampler) == len(per_epoch[0]) and sampler.batch_size is None  # accelerate: batches vary in size
+
+
+def test_finetune_with_a_token_budget(home, tiny_model):
+    r = finetune(home, DATASET, cfg(tiny_model, batch_tokens=96, epochs=1))
+    assert r.steps == r.steps_per_epoch == 6  # 12 texts cut to 48 tokens, two per 96-token batch
+    with pytest.raises(FinetuneError, match="must hold one row"):
+        cfg(tiny_model, batch_tokens=40)
+
+
+def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_model, monkeypatch):
+    """issue 17: `finetune --max-steps` leaves models/step-N; `embed --checkpoint <run folder>` embeds it.
+    The finetune line names steps, the share of an epoch and the precision plainly."""
+    from click.testing import CliRunner
+    from rich.console import Console
+
+    import producers.cli
+    from producers.cli import cli
+
+    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
+    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
+    base = ["--home", str(home.root), "--cache", str(home.root / "cache")]
+    run = CliRunner().invoke(cli, [*base, "finetune", DATASET, "--model", str(tiny_model), "--mixture",
+                                   "serialized:1", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",
+                                   "--run-name", "short"])
+    assert run.exit_code == 0, run.output
+    assert "3 steps (0.50 epochs, 0 complete)" in run.output and "precision no" not in run.output
+    assert "models/step-3" in run.output
+    emb = CliRunner().invoke(cli, [*base, "embed", DATASET, "--model", str(tiny_model), "--checkpoint",
+                                   "runs/movielens_100k/short", "--max-length", "48", "--layers", "1:"])
+    assert emb.exit_code == 0, emb.output
+    assert "runs/movielens_100k/short/models/step-3" in emb.output and "12 vectors" in emb.output
+    bad = CliRunner().invoke(cli, [*base, "embed", DATASET, "--model", str(tiny_model), "--checkpoint",
+                                   "runs/movielens_100k"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert "models/epoch-E/ or models/step-N/" in bad.output

@@ -1,6 +1,8 @@
 """The linear probe: a second reader on the same splits, in the report next to LightGBM."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from tests.training.test_evaluate import FAST, PlantedSource, ml_home  # noqa: F401 (module fixture)
@@ -61,3 +63,14 @@ def test_every_feature_set_gets_a_linear_row_on_the_same_views(ml_home, tmp_path
                                                           lgbm=FAST, linear_probe=False, out_dir=tmp_path / "off"),
                    source=PlantedSource(users))
     assert off.report["feature_sets"] == ["no features", "coles"]
+
+
+def test_linear_rows_merge_by_feature_set_like_the_others(ml_home, tmp_path):  # noqa: F811
+    home, users = ml_home
+    base = dict(targets=("age",), protocols=("paper",), lgbm=FAST, linear=FAST_PROBE, out_dir=tmp_path)
+    first = evaluate(home, "movielens-100k", EvaluateConfig(features=("agg",), **base), source=PlantedSource(users))
+    evaluate(home, "movielens-100k", EvaluateConfig(features=("llm4es",), **base), source=PlantedSource(users))
+    latest = json.loads((tmp_path / "evaluation.json").read_text())
+    assert {"agg", "agg (linear)", "llm4es", "llm4es (linear)"} <= set(latest["feature_sets"])
+    assert latest["results"]["age"]["agg (linear)"] == json.loads(
+        json.dumps(first.report["results"]["age"]["agg (linear)"]))

@@ -1,11 +1,20 @@
 """Evaluation reports: a JSON file, Markdown tables in the shape of the paper's table 4, a bar chart.
 
 Everything is rendered from the JSON-ready dict `evaluate` builds, so the three files always agree.
+
+Each `evaluate` call writes its own report under `runs/<UTC time>/` and updates the latest report
+(`evaluation.{json,md,png}` in the report folder): rows of feature sets this call evaluated replace
+the earlier rows of the same names, the others are kept, so `evaluate --features agg,coles` followed
+by `evaluate --features llm4es` ends with all three in one table. Rows are only comparable on the
+same folds, so the merge happens only when the earlier report used the same protocol settings,
+targets and labelled users; otherwise the latest report starts anew and says why.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from training.evaluate.protocol import LOWER_IS_BETTER
@@ -52,6 +61,14 @@ def markdown(report: dict) -> str:
         for target, name, view in chosen:
             cands = report["results"][target][name]["candidates"]
             lines.append(f"- {target}, {name}: {view} (" + ", ".join(f"{v}: {s:.3f}" for v, s in cands.items()) + ")")
+        lines.append("")
+    if report.get("missing"):
+        lines += ["## Not evaluated (not published)", ""]
+        lines += [f"- {name}: {reason}" for name, reason in report["missing"].items()]
+        lines.append("")
+    if report.get("sources"):
+        lines += ["## Where each row comes from", ""]
+        lines += [f"- {name}: the call of {run} (runs/{run}/)" for name, run in report["sources"].items()]
         lines.append("")
     lines += ["## Feature views", ""]
     for view, info in report["views"].items():
@@ -106,3 +123,84 @@ def write(report: dict, out_dir: Path) -> dict[str, Path]:
         os.replace(tmp, paths[key])
     bar_chart(report, paths["png"])
     return paths
+
+
+# The settings that fix the folds and the models: two reports can share a table only if all agree.
+_SAME_SPLITS = ("protocols", "test_share", "folds", "cv_repeats", "seed", "lgbm")
+
+
+@dataclass
+class Saved:
+    paths: dict[str, Path]  # json/markdown/png: the latest (merged) report; run_json/run_markdown/run_png: this call's
+    merged: dict
+    note: str  # what the merge did, for the log ("" when there was no earlier report)
+
+
+def save(report: dict, out_dir: Path) -> Saved:
+    """This call's report under runs/<time>/, and the latest report merged with the earlier one."""
+    run_dir = _run_dir(out_dir, report["produced_at"])
+    report["run"] = run_dir.name
+    run_paths = write(report, run_dir)
+    latest = out_dir / "evaluation.json"
+    previous, note = None, ""
+    if latest.exists():
+        try:
+            previous = json.loads(latest.read_text())
+        except (OSError, ValueError):
+            note = f"the latest report {latest} is unreadable: it starts anew (the runs/ folder keeps every call)"
+    merged = report
+    if previous is not None:
+        differences = incompatibilities(previous, report)
+        if differences:
+            note = (f"the latest report {latest} was made with other {', '.join(differences)}: it starts anew with "
+                    "this call's feature sets (earlier reports stay under runs/)")
+        else:
+            merged = merge(previous, report)
+            kept = [n for n in merged["feature_sets"] if merged["sources"][n] != report["run"]]
+            if kept:
+                note = f"latest report: kept {', '.join(kept)} from earlier calls with the same folds"
+    paths = write(merged, out_dir)
+    paths.update({f"run_{k}": v for k, v in run_paths.items()})
+    return Saved(paths, merged, note)
+
+
+def incompatibilities(previous: dict, report: dict) -> list[str]:
+    """What differs between two reports that makes their rows incomparable (empty: they can be merged)."""
+    out = []
+    if previous.get("schema") != report["schema"]:
+        out.append("dataset")
+    if previous.get("label_time") != report["label_time"]:
+        out.append("label time")
+    old = previous.get("config", {})
+    new = json.loads(json.dumps(report["config"], default=str))  # as it reads back from disk (tuples are lists)
+    out += [key for key in _SAME_SPLITS if old.get(key) != new.get(key)]
+    same_targets = [(t["name"], t["task"], t["n_users"], t["classes"]) for t in previous.get("targets", [])] == \
+        [(t["name"], t["task"], t["n_users"], t["classes"]) for t in report["targets"]]
+    if not same_targets:
+        out.append("targets or labelled users")
+    return out
+
+
+def merge(previous: dict, report: dict) -> dict:
+    """`report` over `previous`: this call's feature sets replace theirs, the others are kept (in their order)."""
+    earlier = previous.get("run", previous.get("produced_at", "?"))
+    sources = {name: previous.get("sources", {}).get(name, earlier) for name in previous["feature_sets"]}
+    sources.update({name: report["run"] for name in report["feature_sets"]})
+    names = list(previous["feature_sets"]) + [n for n in report["feature_sets"] if n not in previous["feature_sets"]]
+    results = {target: {**previous["results"].get(target, {}), **sets} for target, sets in report["results"].items()}
+    views = {**previous.get("views", {}), **report["views"]}
+    coverage = {**previous.get("coverage", {}), **report["coverage"]}
+    # a set evaluated now is no longer missing; one missing now but evaluated earlier keeps its earlier rows
+    missing = {n: r for n, r in {**previous.get("missing", {}), **report.get("missing", {})}.items() if n not in names}
+    return {**report, "feature_sets": names, "results": results, "views": views, "coverage": coverage,
+            "missing": missing, "sources": sources}
+
+
+def _run_dir(out_dir: Path, produced_at: str) -> Path:
+    """runs/<UTC time> for this call, a new folder even when two calls share a second."""
+    stamp = datetime.fromisoformat(produced_at).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate, n = out_dir / "runs" / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = out_dir / "runs" / f"{stamp}-{n}"
+    return candidate

@@ -35,6 +35,9 @@ KINDS = ("agg", "coles", "llm4es", "sessions", "intents")
 _PRODUCER = {"agg": "llm4es aggregate", "coles": "llm4es coles", "llm4es": "llm4es embed",
              "sessions": "llm4es sessions embed", "intents": "llm4es intents distill"}
 PROTOCOLS = ("paper", "cv")
+# What `evaluate` compares when no feature set is named; only the published ones are evaluated (the
+# rest are named as missing), so a user with agg and CoLES but no LLM4ES yet gets those two.
+DEFAULT_FEATURES = ("agg", "coles", "llm4es", "coles+llm4es", "coles+agg")
 BASELINE = "no features"  # the constant predictor every report starts with
 
 
@@ -45,7 +48,7 @@ class EvaluateError(ValueError):
 @dataclass(frozen=True)
 class EvaluateConfig:
     targets: tuple[str, ...] = ()  # label names; default: every label of the dataset
-    features: tuple[str, ...] = ("agg", "coles", "llm4es", "coles+llm4es", "coles+agg")
+    features: tuple[str, ...] = ()  # feature sets to compare; default: those of DEFAULT_FEATURES that are published
     protocols: tuple[str, ...] = PROTOCOLS
     test_share: float = 0.1  # paper protocol: held-out test users
     folds: int = 5
@@ -59,6 +62,14 @@ class EvaluateConfig:
     linear_probe: bool = True
     linear: LinearProbe = field(default_factory=LinearProbe)
     out_dir: Path | None = None  # default: <home>/reports/evaluate/<schema>
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A default feature set left out because a part of it is not published."""
+
+    name: str
+    reason: str
 
 
 class View(Protocol):
@@ -89,9 +100,11 @@ class Part:
 @dataclass
 class EvaluateResult:
     dataset: str
-    report: dict
-    paths: dict[str, Path]
+    report: dict  # this call's results
+    paths: dict[str, Path]  # "json"/"markdown"/"png": the merged latest report; "run_*": this call's own files
     seconds: float
+    merged: dict | None = None  # the latest report: this call's feature sets over compatible earlier calls'
+    merge_note: str = ""  # how the latest report was formed (kept rows from earlier calls, or started anew)
 
     def table(self, protocol: str) -> list[tuple[str, dict[str, str]]]:
         """(feature set, {"target metric": "mean ± std"}) rows, for printing."""
@@ -112,7 +125,7 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
     definition, labels, label_time = _labels(home, dataset, config)
     source = source or FeastSource(home, dataset)
     views = {v.name: v for v in source.views()}
-    sets = {name: resolve_feature_set(name, list(views.values()), config.select_epoch) for name in config.features}
+    sets, missing = _feature_sets(config, list(views.values()))  # the missing ones are in the report
     needed = sorted({v for parts in sets.values() for p in parts for v in p.candidates})
     import pandas as pd
 
@@ -160,19 +173,46 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
 
     report = {
         "dataset": dataset, "schema": definition.schema, "label_time": str(label_time),
-        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *_with_readers(config)],
-        "results": results, "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
+        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *_with_readers(config, sets)],
+        "missing": {m.name: m.reason for m in missing}, "results": results,
+        "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
         "config": _config_json(config), "code_version": code_version(),
         "produced_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir = config.out_dir or home.root / "reports" / "evaluate" / definition.schema
-    paths = report_files.write(report, Path(out_dir))
-    return EvaluateResult(dataset, report, paths, time.perf_counter() - started)
+    saved = report_files.save(report, Path(out_dir))
+    return EvaluateResult(dataset, report, saved.paths, time.perf_counter() - started, saved.merged, saved.note)
 
 
-def _with_readers(config: EvaluateConfig) -> list[str]:
+def _feature_sets(config: EvaluateConfig, views: list[View]) -> tuple[dict[str, list[Part]], list[Missing]]:
+    """The feature sets to evaluate, resolved to views, and the default ones left out as unpublished.
+
+    Sets the user names must all resolve (an error says which part does not); the default sets are
+    filtered to the published ones, and only when none is published is that an error."""
+    if config.features:
+        return {name: resolve_feature_set(name, views, config.select_epoch) for name in config.features}, []
+    sets, missing = {}, []
+    for name in DEFAULT_FEATURES:
+        try:
+            sets[name] = resolve_feature_set(name, views, config.select_epoch)
+        except EvaluateError as e:
+            missing.append(Missing(name, _missing_reason(name, views) or str(e)))
+    if not sets:
+        producers = ", ".join(f"`{_PRODUCER[k]}`" for k in ("agg", "coles", "llm4es"))
+        raise EvaluateError(f"none of the default feature sets ({', '.join(DEFAULT_FEATURES)}) is published for "
+                            f"this dataset: run {producers} and then `llm4es publish`")
+    return sets, missing
+
+
+def _missing_reason(name: str, views: list[View]) -> str:
+    kinds = {v.kind for v in views}
+    absent = [t.strip() for t in name.split("+") if t.strip() in KINDS and t.strip() not in kinds]
+    return "; ".join(f"no {k} view: run `{_PRODUCER[k]}` and `llm4es publish`" for k in absent)
+
+
+def _with_readers(config: EvaluateConfig, names) -> list[str]:
     """Report rows: each feature set, followed by its linear-probe row when the probe runs."""
-    return [n for name in config.features for n in ((name, linear_name(name)) if config.linear_probe else (name,))]
+    return [n for name in names for n in ((name, linear_name(name)) if config.linear_probe else (name,))]
 
 
 def resolve_feature_set(name: str, views: list[View], select_epoch: bool = True) -> list[Part]:
@@ -280,8 +320,6 @@ def _check(config: EvaluateConfig) -> None:
     bad = [p for p in config.protocols if p not in PROTOCOLS]
     if bad or not config.protocols:
         raise EvaluateError(f"protocols must be among {', '.join(PROTOCOLS)}, not {', '.join(bad) or 'none'}")
-    if not config.features:
-        raise EvaluateError("give at least one feature set")
     if not 0 < config.test_share < 1:
         raise EvaluateError(f"test_share must be between 0 and 1, not {config.test_share}")
     if config.folds < 2 or config.cv_repeats < 1:

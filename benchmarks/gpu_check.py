@@ -1,0 +1,296 @@
+"""One prepared GPU run: correctness on CUDA, training and embedding throughput + MFU, optional quality run.
+
+    python -m benchmarks.gpu_check --out gpu-check-out            # on one H100/H200, about 5-8 minutes
+    python -m benchmarks.gpu_check --dry-run --out /tmp/gc         # the same code, tiny, on the CPU
+
+Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
+
+1. the CUDA tests (`pytest -m cuda tests/training/test_cuda.py`): GPU vs CPU embeddings (float32
+   within 1e-4, bf16 cosine >= 0.999), packing isolation under SDPA, left/right padding NaN-free,
+   a 10-step fine-tune's losses GPU vs CPU. On a CPU they skip, and the step says so.
+2. throughput with random weights of the real shapes (speed does not depend on the values):
+   SmolLM2-135M and Llama-3.2-1B (dry run: a tiny Llama). Training: the fine-tuning step itself
+   (`training.data.make_collate`, `training.finetune.training_loss` with the chunked loss, its AdamW, fused on CUDA,
+   bf16 autocast through accelerate as `llm4es finetune` runs it) on full 2048-token rows;
+   embedding: `training.embed.Embedder.encode_ids` on the bare decoder over length-sorted batches.
+   Real tokens per second of pure compute (synchronised, after warm-up), and MFU =
+   tokens/s x FLOPs per token / peak, FLOPs per token from `training.hardware.model_flops_per_token`
+   (6N + attention for training, 2N + attention for the bare decoder; README "Speed and MFU").
+3. optional (`--quality-model DIR --source ML100K_DIR`): the real pipeline on MovieLens-100k:
+   ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
+   embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
+
+The GPU machine is offline: see ../shared/gpu/README.md (or the README section "GPU check") for
+taking wheels, data and the real model along.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                         tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+TARGETS = {"smollm2-135m": {"train_tokens_per_s": 300_000, "embed_tokens_per_s": 1_000_000},
+           "llama-3.2-1b": {"train_mfu": 0.40}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_model(name: str, folder: Path, device) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.fixtures.tiny_model import tiny_tokenizer
+
+    config = LlamaConfig(**SHAPES[name], max_position_embeddings=8192, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)  # the token ids are random anyway: any pad/eos will do
+    return folder
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, device) -> dict:
+    """The fine-tuning step on full rows of random tokens: real tokens/s of compute, peak memory, MFU."""
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+
+    from training.data import make_collate
+    from training.finetune import FinetuneConfig, _optimizer, training_loss
+    from training.hardware import fast_cuda_settings, model_flops_per_token, peak_flops
+    from training.models import load_causal_lm
+
+    cuda = device.type == "cuda"
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    fast_cuda_settings(acc.device)
+    from training.loss import bypass_lm_head
+
+    model = load_causal_lm(str(model_dir), dtype=torch.float32).train()
+    head = bypass_lm_head(model)  # the chunked loss, as `llm4es finetune` runs by default
+    optimizer = _optimizer(model, FinetuneConfig(), fused=cuda)
+    model, optimizer = acc.prepare(model, optimizer)
+    vocab = model.config.vocab_size if hasattr(model, "config") else acc.unwrap_model(model).config.vocab_size
+    rng = np.random.default_rng(0)
+    collate = make_collate(pad_id=0, packed=False)
+    rows = [[rng.integers(3, vocab, seq).astype(np.int32)] for _ in range(batch)]
+    data = {k: v.to(acc.device) for k, v in collate(rows).items() if k != "n_tokens"}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(acc.device)
+            t0 = time.perf_counter()
+        loss = training_loss(model, data, head)
+        acc.backward(loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    sync(acc.device)
+    seconds = time.perf_counter() - t0
+    tps = steps * batch * seq / seconds
+    config = acc.unwrap_model(model).config
+    flops = model_flops_per_token(config, mean_context=seq / 2, training=True)
+    peak, name = peak_flops(acc.device)
+    out = {"kind": "train", "seq": seq, "batch": batch, "steps": steps, "seconds": round(seconds, 3),
+           "tokens_per_s": round(tps), "flops_per_token": flops, "device": name,
+           "mfu": round(tps * flops / peak, 4) if peak else None,
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+           "loss_first_last": [round(float(losses[0]), 4), round(float(losses[-1]), 4)],
+           "finite": bool(all(torch.isfinite(x).item() for x in losses))}
+    del model, optimizer, acc
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def embed_throughput(model_dir: Path, n_texts: int, lo: int, hi: int, batch_tokens: int, device) -> dict:
+    """`Embedder.encode_ids` over length-sorted batches of random token ids: real tokens/s of compute, MFU."""
+    import numpy as np
+    import torch
+
+    from training.embed import EmbedConfig, Embedder, plan_batches
+    from training.hardware import model_flops_per_token, peak_flops
+
+    cfg = EmbedConfig(model=str(model_dir), layers="9:" if n_texts > 64 else "1:", max_length=hi,
+                      device=str(device), batch_tokens=batch_tokens)
+    e = Embedder.load(str(model_dir), str(model_dir), cfg)
+    vocab = e.base.config.vocab_size
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(lo, hi + 1, n_texts)
+    texts = [rng.integers(3, vocab, int(n)).tolist() for n in lengths]
+    batches = plan_batches(lengths.tolist(), batch_tokens)
+    e.encode_ids([texts[i] for i in batches[0]])  # warm-up (and the largest batch first: memory shows now)
+    sync(e.device)
+    t0 = time.perf_counter()
+    padded, nan = 0, 0
+    for b in batches:
+        enc = e.encode_ids([texts[i] for i in b])
+        padded += enc.padded_tokens
+        nan += int(np.isnan(enc.vectors).sum())
+    sync(e.device)
+    seconds = time.perf_counter() - t0
+    tokens = int(lengths.sum())
+    mean_context = float((lengths.astype(float) ** 2).sum() / tokens) / 2
+    flops = model_flops_per_token(e.base.config, mean_context, training=False, lm_head=False)
+    peak, name = peak_flops(e.device)
+    dtype = str(next(e.base.parameters()).dtype).removeprefix("torch.")
+    e.close()
+    tps = tokens / seconds
+    return {"kind": "embed", "texts": n_texts, "tokens": tokens, "padding": round(1 - tokens / padded, 4),
+            "batch_tokens": batch_tokens, "dtype": dtype, "seconds": round(seconds, 3), "tokens_per_s": round(tps),
+            "flops_per_token": flops, "device": name, "mfu": round(tps * flops / peak, 4) if peak else None,
+            "nan": nan}
+
+
+def cuda_tests(out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+           str(ROOT / "tests" / "training" / "test_cuda.py")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    (out / "cuda_tests.log").write_text(done.stdout + done.stderr)
+    tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+    return {"returncode": done.returncode, "summary": tail[0]}
+
+
+def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epochs: int, limit: int | None) -> dict:
+    """The real pipeline on MovieLens-100k: ingest, serialize, enrich template:7, finetune, embed (no GX: --force)."""
+    from producers.datasets.definition import load_builtin
+    from producers.enrich.run import EnrichConfig, enrich
+    from producers.ingest import IngestConfig, ingest
+    from producers.serialize.run import SerializeConfig, serialize
+    from producers.warehouse import Home
+    from training.embed import EmbedConfig, embed
+    from training.finetune import FinetuneConfig, finetune
+
+    shutil.rmtree(out / "quality-home", ignore_errors=True)  # a fresh run, never a resumed one
+    home = Home.resolve(out / "quality-home")
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
+    serialize(home, "movielens-100k", SerializeConfig(model=str(model_dir), max_tokens=max_length, force=True))
+    enrich(home, "movielens-100k", EnrichConfig(tokenizer=str(model_dir), max_tokens=max_length, force=True))
+    t0 = time.perf_counter()
+    ft = finetune(home, "movielens-100k", FinetuneConfig(model=str(model_dir), mixture="template:7", epochs=epochs,
+                                                          max_length=max_length, batch_size=8, force=True),
+                  log=log)
+    layers = "9:" if limit is None else "1:"  # the authors' layers; the dry run's tiny model has 3 blocks
+    em = embed(home, "movielens-100k", EmbedConfig(model=str(model_dir), checkpoint=str(ft.models[-1]), layers=layers,
+                                                  max_length=max_length, limit_users=limit, force=True), log=log)
+    parquet = Path(em.sets[0].parquet)
+    shutil.copy(parquet, out / parquet.name)
+    return {"finetune_steps": ft.steps, "final_loss": ft.final_loss, "train_tokens_per_s": round(ft.tokens_per_second),
+            "train_mfu": ft.mfu, "embed_tokens_per_s": round(em.sets[0].tokens_per_s), "n_users": em.sets[0].n_users,
+            "parquet": parquet.name, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("gpu-check-out"))
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: the plumbing, no figures")
+    ap.add_argument("--skip-1b", action="store_true")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--quality-model", type=Path, default=None, help="a real model folder (e.g. converted SmolLM2)")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="the real SmolLM2 GGUF (joined from its halves): converted here, then the quality model")
+    ap.add_argument("--source", type=Path, default=None, help="MovieLens-100k files for the quality run")
+    ap.add_argument("--quality-epochs", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from benchmarks.machine import describe
+    from training.hardware import choose_device
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device = torch.device("cpu") if args.dry_run else choose_device("auto")
+    if device.type != "cuda" and not args.dry_run:
+        print("FAIL: no CUDA device; --dry-run runs the same steps tiny on the CPU")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": describe(), "torch": torch.__version__, "device": str(device),
+                    "dry_run": args.dry_run, "checks": {}, "throughput": {}, "targets": TARGETS}
+    log(report["machine"])
+    failed = 0
+    if not args.skip_tests:
+        log("CUDA tests (tests/training/test_cuda.py)")
+        r = cuda_tests(args.out)
+        report["checks"]["cuda_tests"] = r
+        ok = r["returncode"] == 0 or (device.type == "cpu" and r["returncode"] == 5)
+        failed += not ok
+        log(f"{'PASS' if ok else 'FAIL'} cuda tests: {r['summary']}")
+
+    models = args.out / "models"
+    names = ["tiny"] if args.dry_run else ["smollm2-135m"] + ([] if args.skip_1b else ["llama-3.2-1b"])
+    for name in names:
+        folder = build_model(name, models / name, "cpu" if args.dry_run else device)
+        seq = 128 if args.dry_run else 2048
+        batch = 2 if args.dry_run else (16 if name == "smollm2-135m" else 8)
+        steps, warmup = (3, 1) if args.dry_run else (20, 3)
+        for attempt in (batch, batch // 2, batch // 4):  # a batch that does not fit halves, and says so
+            try:
+                tr = train_throughput(folder, seq, max(attempt, 1), steps, warmup, device)
+                break
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log(f"{name}: batch {attempt} x {seq} does not fit; halving")
+        else:
+            tr = {"error": "out of memory"}
+        n_texts = 48 if args.dry_run else 2048
+        em = embed_throughput(folder, n_texts, seq // 4, seq, 4096 if args.dry_run else 65536, device)
+        report["throughput"][name] = {"train": tr, "embed": em}
+        mfu = lambda r: f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""  # noqa: E731
+        log(f"{name} train: {tr.get('tokens_per_s', 0):,} tokens/s{mfu(tr)} (batch {tr.get('batch')} x {seq}, "
+            f"peak {tr.get('peak_mem_gib')} GiB, losses finite: {tr.get('finite')})")
+        log(f"{name} embed: {em['tokens_per_s']:,} tokens/s{mfu(em)} ({em['dtype']}, padding {em['padding']:.1%}, "
+            f"NaN {em['nan']})")
+        failed += (not tr.get("finite", False)) + (em["nan"] > 0)
+        shutil.rmtree(folder, ignore_errors=True)  # nothing large travels back
+
+    if args.gguf:
+        from training.models import convert_gguf_to_safetensors
+
+        log(f"converting {args.gguf} to a float32 model folder")
+        args.quality_model = convert_gguf_to_safetensors(args.gguf, args.out / "models" / "smollm2-135m-real")
+    if args.quality_model:
+        if not args.source:
+            print("FAIL: --quality-model needs --source (the MovieLens-100k files)")
+            return 2
+        log("quality run: template:7, one epoch at 2048 tokens")
+        seq = 256 if args.dry_run else 2048
+        report["quality"] = quality_run(args.quality_model, args.source, args.out, seq, args.quality_epochs,
+                                        32 if args.dry_run else None)
+        log(f"quality run: {report['quality']}")
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log(f"{'FAIL' if failed else 'PASS'}: {failed} failed; figures in {args.out / 'gpu_check.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The README's second mapping example (labels in their own file, a multi-valued field, a code
+table) on generated files in its shape: it ingests, validates, and the texts use it as described."""
+from __future__ import annotations
+
+import pytest
+
+from producers.datasets.definition import load_mapping
+from producers.enrich.base import UserHistory
+from producers.enrich.templates import Synonyms, TemplateEnricher
+from producers.ingest import IngestConfig, ingest
+from producers.serialize.render import header, rendered_events_sql
+from producers.warehouse import Home
+from tests.fixtures.listens_files import COUNTRIES, UNKNOWN_COUNTRY, write_listens
+from validation.run import ValidateConfig, validate
+
+
+@pytest.fixture(scope="module")
+def listens(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("listens")
+    written = write_listens(folder / "src")
+    definition = load_mapping(folder / "src" / "listens.yaml")
+    home = Home.resolve(folder / "home")
+    ingest(home, definition, IngestConfig(source=folder / "src"))
+    return home, definition, written
+
+
+def test_the_readme_mapping_ingests_and_validates(listens):
+    home, definition, written = listens
+    report = validate(home, "listens", ValidateConfig(data_docs=False))
+    assert report.success, [(r.check, r.column, r.examples) for r in report.failed]
+    con = home.connect(read_only=True)
+    try:
+        events = con.execute("SELECT user_id, epoch(event_time)::BIGINT, track, tags, country, seconds "
+                             "FROM listens.events ORDER BY user_id, event_time").fetchall()
+        users = con.execute("SELECT user_id, premium, age FROM listens.users ORDER BY user_id").fetchall()
+        rendered = con.execute(f"SELECT DISTINCT e.country, r.t_country FROM ({rendered_events_sql(definition)}) r "
+                               "JOIN listens.events e USING (user_id, event_time)").fetchall()
+    finally:
+        con.close()
+    plays = sorted(written["plays"], key=lambda p: (p[0], p[1]))
+    assert [(u, t, track, tags, c, s) for u, t, track, tags, c, s in events] == plays
+    assert any("|" in e[3] for e in events)  # the multi-valued cell is kept whole
+    assert users == sorted((u, p, a) for u, (p, a) in written["labels"].items())  # the label file, as it is
+    # the code table names the countries; a code it lacks stays as the code
+    assert dict(rendered) == {**COUNTRIES, UNKNOWN_COUNTRY: UNKNOWN_COUNTRY}
+    assert header(definition) == "Played | Track | Tags | Country | Seconds played"
+
+
+def test_the_prose_rewrite_counts_per_tag(listens):
+    _, definition, written = listens
+    rows = [["2021-03-01 10:00", "Heroes", "rock|glam", "United Kingdom", "200"],
+            ["2021-03-02 10:00", "Ziggy", "rock", "United Kingdom", "100"]]
+    h = UserHistory(1, ["time", "track", "tags", "country", "seconds"],
+                    ["Played", "Track", "Tags", "Country", "Seconds played"], rows, "")
+    plain = TemplateEnricher(seed=0, synonyms=Synonyms.parse({}))
+    texts = [plain.rewrite_one(definition, h, v, "prose").text for v in range(6)]
+    assert all("rock" in t and "2 song plays" in t for t in texts)
+    assert any("rock: 2 song plays, average seconds played 150.00 seconds" in t for t in texts)
+    assert any("glam: 1 song play, average seconds played 200.00 seconds" in t for t in texts)
+
+
+def test_min_events_per_user_is_a_check_not_a_filter(listens, tmp_path):
+    home, definition, written = listens
+    strict = definition.model_copy(update={"events": definition.events.model_copy(update={"min_events_per_user": 3})})
+    strict_home = Home.resolve(tmp_path / "home")
+    ingest(strict_home, strict, IngestConfig(source=home.root.parent / "src"))
+    report = validate(strict_home, "listens", ValidateConfig(data_docs=False))
+    counts = {}
+    for u, *_ in written["plays"]:
+        counts[u] = counts.get(u, 0) + 1
+    short = sum(1 for n in counts.values() if n < 3)
+    assert short and not report.success
+    (activity,) = [r for r in report.failed if r.batch == "activity"]
+    assert activity.failed == short  # the check counts the short users...
+    con = strict_home.connect(read_only=True)
+    try:  # ...and none was dropped
+        assert con.execute("SELECT count(DISTINCT user_id) FROM listens.events").fetchone()[0] == len(counts)
+    finally:
+        con.close()

@@ -1,0 +1,108 @@
+"""The GPU path against the CPU path (skipped without CUDA; `benchmarks/gpu_check` runs these on a GPU).
+
+Every other test is pinned to the CPU (tests/conftest.py); these choose their devices themselves.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.fixtures.tiny_model import save_tiny_model, tiny_tokenizer  # noqa: E402
+from training.data import make_collate  # noqa: E402
+from training.embed import EmbedConfig, Embedder  # noqa: E402
+from training.finetune import training_loss  # noqa: E402
+from training.models import load_causal_lm  # noqa: E402
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TEXTS = ["the cat sat on the mat with the hat " * k for k in (1, 7, 3, 12)] + ["a dog", "in the beginning " * 9]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-cuda"), tiny_tokenizer(), seed=0, max_positions=512)
+
+
+def vectors(model_dir, device, dtype, side="right", texts=TEXTS):
+    cfg = EmbedConfig(model=str(model_dir), layers="all", max_length=500, dtype=dtype, device=device,
+                      padding_side=side)
+    e = Embedder.load(str(model_dir), str(model_dir), cfg)
+    try:
+        return e.encode(texts).vectors, np.stack([e.encode([t]).vectors[0] for t in texts])
+    finally:
+        e.close()
+
+
+def cosine_min(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def test_gpu_float32_embeddings_match_the_cpu(model_dir):
+    cpu, _ = vectors(model_dir, "cpu", "float32")
+    gpu, _ = vectors(model_dir, "cuda", "float32")
+    assert np.isfinite(gpu).all() and np.abs(gpu - cpu).max() <= 1e-4
+
+
+def test_gpu_bfloat16_embeddings_point_where_the_cpu_ones_do(model_dir):
+    cpu, _ = vectors(model_dir, "cpu", "float32")
+    gpu, _ = vectors(model_dir, "cuda", "bfloat16")
+    assert np.isfinite(gpu).all() and cosine_min(gpu, cpu) >= 0.999
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_padding_on_either_side_gives_no_nan_and_the_vector_of_the_text_alone(model_dir, side, dtype):
+    batched, alone = vectors(model_dir, "cuda", dtype, side=side)
+    assert np.isfinite(batched).all()
+    if dtype == "float32":
+        assert np.abs(batched - alone).max() <= 1e-4
+    else:
+        assert cosine_min(batched, alone) >= 0.999
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_packed_texts_stay_apart_under_sdpa_on_cuda(model_dir, amp):
+    model = load_causal_lm(str(model_dir), dtype=torch.float32).to("cuda").eval()
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(3, 250, n).astype(np.int32) for n in (70, 120, 40)]
+    batch = {k: v.to("cuda") for k, v in make_collate(pad_id=2, packed=True)([texts]).items() if k != "n_tokens"}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        at = 0
+        for t in texts:
+            alone = model(input_ids=torch.from_numpy(t.astype(np.int64))[None].to("cuda")).logits[0]
+            err = (packed[0, at:at + len(t)].float() - alone.float()).abs().max().item()
+            assert err <= (5e-2 if amp else 1e-4), f"text at {at}: packed differs from alone by {err}"
+            at += len(t)
+        # the same through the training step's own forward: per-batch loss equals the CPU's
+        loss_gpu = training_loss(model, {**batch, "labels": batch["labels"]}).float().item()
+    cpu_model = load_causal_lm(str(model_dir), dtype=torch.float32).eval()
+    cpu_batch = {k: v.cpu() for k, v in batch.items()}
+    with torch.no_grad():
+        loss_cpu = training_loss(cpu_model, cpu_batch).item()
+    assert abs(loss_gpu - loss_cpu) <= (2e-2 if amp else 1e-4) * abs(loss_cpu)
+
+
+def test_a_short_finetune_gives_the_cpu_losses(tmp_path, model_dir):
+    """Ten steps in bf16 autocast on the GPU against float32 on the CPU, same data and seed."""
+    from producers.datasets.definition import load_builtin
+    from producers.ingest import IngestConfig, ingest
+    from producers.serialize.run import SerializeConfig, serialize
+    from producers.warehouse import Home
+    from tests.fixtures.movielens_files import write_grouplens
+    from training.finetune import FinetuneConfig, finetune
+
+    home = Home.resolve(tmp_path / "home")
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=write_grouplens(tmp_path / "ml")))
+    serialize(home, "movielens-100k", SerializeConfig(model="tiny", max_tokens=200), tokenizer=tiny_tokenizer())
+    losses = {}
+    for device in ("cpu", "cuda"):
+        cfg = FinetuneConfig(model=str(model_dir), mixture="serialized:1", max_length=200, batch_size=4, lr=3e-3,
+                             warmup_steps=0, max_steps=10, device=device, run_name=f"r-{device}", force=True)
+        losses[device] = np.array(finetune(home, "movielens-100k", cfg).losses)
+    assert np.isfinite(losses["cuda"]).all()
+    assert np.abs(losses["cuda"] - losses["cpu"]).max() <= 0.02 * np.abs(losses["cpu"]).mean()
