@@ -9,7 +9,8 @@ Three forms of forward + backward + AdamW on the same right-padded rows, alterna
   never attends to the padding on its right, and padding has no label;
 - `no mask + chunked loss` (the new default): the LM head bypassed, `training.loss` computes the
   loss chunk by chunk over real target tokens, with no (batch, seq, vocab) float32 logits.
-It prints the losses (they must agree), the median step times and, on CUDA, peak memory.
+It prints the losses (they must agree), the median step times and, on CUDA, peak memory. With
+`--bf16` the CPU steps run under bf16 autocast (on CUDA they always do).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast on the CPU too, as the cpu-bf16 demo plan fine-tunes (always on CUDA)")
     args = ap.parse_args()
 
     import numpy as np
@@ -65,7 +68,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or args.bf16):
                 loss = training_loss(model, batches[mask], head)
             loss.backward()
             optimizer.step()
