@@ -68,7 +68,7 @@ def main() -> None:
     from producers.coles import ColesConfig, coles
     from producers.datasets.definition import parse_definition
     from producers.ingest import IngestConfig, ingest
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     print(describe())
     print(f"code: {Path(producers.__file__).resolve().parents[1]}")

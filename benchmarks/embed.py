@@ -46,12 +46,12 @@ BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # H100 SXM; 
 
 def ensure_texts(home_dir: Path, model: str) -> None:
     """Ingest, validate and serialize MovieLens-100k into `home_dir` unless its texts are there."""
-    from producers.cache import default_cache_dir
+    from producers.stores.cache import default_cache_dir
     from producers.datasets.default_sources import fetch_default_source
     from producers.datasets.definition import load_builtin
     from producers.ingest import IngestConfig, ingest
     from producers.serialize.run import SerializeConfig, serialize
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
     from validation.run import ValidateConfig, validate
 
     home = Home.resolve(home_dir)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     n_users = (0 if on_gpu else 64) if args.users is None else args.users
     max_length = args.max_length or (2048 if on_gpu else 512)
 
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
     from training.embed import (
         EmbedConfig,
         Embedder,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         pick_device,
         pick_dtype,
     )
-    from training.models import load_causal_lm, load_tokenizer, resolve_model
+    from producers.shared.models import load_causal_lm, load_tokenizer, resolve_model
 
     print(describe())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -48,7 +48,7 @@ def main() -> None:
     from benchmarks.embed import ensure_texts, load, plain_loop, read_texts
     from benchmarks.machine import describe
     from training.embed import Embedder, EmbedConfig, plan_batches
-    from training.models import load_causal_lm, resolve_model
+    from producers.shared.models import load_causal_lm, resolve_model
 
     torch.set_num_threads(args.threads)
     print(describe())
@@ -78,7 +78,7 @@ def main() -> None:
         return out, seconds, sum(lengths)
 
     model = load_causal_lm(path, torch.float32).eval()
-    from training.models import load_tokenizer
+    from producers.shared.models import load_tokenizer
     tok = load_tokenizer(path)
     tok.pad_token = tok.pad_token or tok.eos_token
     chosen = range(9, model.config.num_hidden_layers + 1)

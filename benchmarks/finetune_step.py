@@ -41,7 +41,7 @@ def main() -> None:
     from benchmarks.machine import describe
     from training.data import make_collate
     from training.finetune import FinetuneConfig, _optimizer, training_loss
-    from training.models import load_causal_lm, resolve_model
+    from producers.shared.models import load_causal_lm, resolve_model
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)

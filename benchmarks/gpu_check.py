@@ -86,7 +86,7 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     from training.data import make_collate
     from training.finetune import FinetuneConfig, _optimizer, training_loss
     from training.hardware import fast_cuda_settings, model_flops_per_token, peak_flops
-    from training.models import load_causal_lm
+    from producers.shared.models import load_causal_lm
 
     cuda = device.type == "cuda"
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
@@ -187,7 +187,7 @@ def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epoch
     from producers.enrich.run import EnrichConfig, enrich
     from producers.ingest import IngestConfig, ingest
     from producers.serialize.run import SerializeConfig, serialize
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
     from training.embed import EmbedConfig, embed
     from training.finetune import FinetuneConfig, finetune
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)  # nothing large travels back
 
     if args.gguf:
-        from training.models import convert_gguf_to_safetensors
+        from producers.shared.models import convert_gguf_to_safetensors
 
         log(f"converting {args.gguf} to a float32 model folder")
         args.quality_model = convert_gguf_to_safetensors(args.gguf, args.out / "models" / "smollm2-135m-real")

@@ -21,7 +21,7 @@ import duckdb  # noqa: E402
 from benchmarks.machine import describe, peak_rss_mib  # noqa: E402
 from producers.datasets.definition import parse_definition  # noqa: E402
 from producers.ingest import IngestConfig, ingest  # noqa: E402
-from producers.warehouse import Home  # noqa: E402
+from producers.stores.warehouse import Home  # noqa: E402
 from validation.run import ValidateConfig, validate  # noqa: E402
 
 MAPPING = """

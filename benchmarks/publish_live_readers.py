@@ -56,7 +56,7 @@ def write_snapshot(home, when: datetime, users: list[int], dim: int, seed: int) 
 
 def run(root: Path, online_store: str, users: list[int], dim: int, readers: int) -> dict:
     from producers.publish import PublishConfig, get_store, publish
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     shutil.rmtree(root, ignore_errors=True)
     home = Home.resolve(root)

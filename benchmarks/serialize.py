@@ -62,11 +62,11 @@ def generate(con: duckdb.DuckDBPyConnection, n_events: int, n_users: int) -> Dat
 
 
 def movielens(con: duckdb.DuckDBPyConnection, home: Path) -> DatasetDefinition:
-    from producers.cache import default_cache_dir
+    from producers.stores.cache import default_cache_dir
     from producers.datasets.default_sources import fetch_default_source
     from producers.datasets.definition import load_builtin
     from producers.ingest import IngestConfig, ingest
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     d = load_builtin("movielens-100k")
     h = Home.resolve(home)
@@ -146,7 +146,7 @@ def main() -> None:
     print(describe(), f"DuckDB {duckdb.__version__}, pandas {pd.__version__}")
     tok = None
     if not args.no_budget:
-        from training.models import load_tokenizer, resolve_model
+        from producers.shared.models import load_tokenizer, resolve_model
 
         tok = load_tokenizer(resolve_model("smollm2-135m"))
     con = duckdb.connect()

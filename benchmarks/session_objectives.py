@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import numpy as np
 
-    from producers.cache import default_cache_dir
+    from producers.stores.cache import default_cache_dir
     from producers.pipeline import Pipeline
     from producers.sessions import SessionEncoderConfig, SessionsConfig
     from producers.synthetic.agreement import read_planted

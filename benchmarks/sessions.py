@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"online: {', '.join(v.name for v in views)} read back for session {session} / user {user}")
 
     if dataset == "bank-clickstream":
-        from producers.cache import default_cache_dir
+        from producers.stores.cache import default_cache_dir
         from producers.synthetic.agreement import planted_agreement, read_planted
 
         planted = read_planted(default_cache_dir() / "datasets" / dataset / "planted_intents.csv")

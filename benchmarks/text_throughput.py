@@ -82,8 +82,8 @@ def main() -> None:
     from producers.enrich.run import EnrichConfig, enrich
     from producers.ingest import IngestConfig, ingest
     from producers.serialize.run import SerializeConfig, serialize
-    from producers.warehouse import Home
-    from training.models import load_tokenizer, resolve_model
+    from producers.stores.warehouse import Home
+    from producers.shared.models import load_tokenizer, resolve_model
 
     import producers
 

@@ -25,7 +25,7 @@ from producers.datasets.definition import load_builtin, parse_definition  # noqa
 from producers.ingest import IngestConfig, ingest  # noqa: E402
 from producers.serialize.render import FORMATS  # noqa: E402
 from producers.serialize.run import SerializeConfig, serialize  # noqa: E402
-from producers.warehouse import Home  # noqa: E402
+from producers.stores.warehouse import Home  # noqa: E402
 from validation.run import ValidateConfig, validate  # noqa: E402
 
 STATES_MAPPING = """
@@ -81,7 +81,7 @@ def measure(home: Home, dataset: str, tokenizer) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     from tests.fixtures.bank_files import write_age_group, write_gender, write_rosbank
-    from training.models import load_tokenizer, resolve_model
+    from producers.shared.models import load_tokenizer, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=300, help="users of the bank fixtures and people of the states")
@@ -93,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cases = []
-        from producers.cache import default_cache_dir
+        from producers.stores.cache import default_cache_dir
         from producers.datasets.default_sources import fetch_default_source
 
         cases.append(("movielens-100k", load_builtin("movielens-100k"), None))  # the real data, from the cache

@@ -44,10 +44,10 @@ from typing import Any, Callable
 
 import duckdb
 
-from producers.as_of import pick_as_of
+from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
-from producers.provenance import code_version
-from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables, table_exists
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables, table_exists
 
 TABLE = "agg_features"
 META_TABLE = "agg_features_meta"

@@ -39,11 +39,11 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from producers.cache import FetchError
+        from producers.stores.cache import FetchError
         from producers.datasets.definition import DefinitionError
         from producers.ingest import IngestError
         from producers.ingest.source_files import SourceError
-        from producers.enrich.mixture import MixtureError
+        from producers.shared.mixture import MixtureError
         from training.embed import EmbedError
         from producers.coles.config import ColesError
         from producers.sessions.config import SessionsError
@@ -52,9 +52,9 @@ def _errors(fn):
         from training.evaluate.run import EvaluateError
         from training.finetune import FinetuneError
         from producers.serialize.run import SerializeError
-        from producers.warehouse import WarehouseError
+        from producers.stores.warehouse import WarehouseError
         from producers.enrich.base import EnrichError
-        from producers.redact import redact_text
+        from producers.shared.redact import redact_text
         from validation.gate import ValidationGateError
 
         import duckdb
@@ -80,7 +80,7 @@ def _errors(fn):
                      f"results are intact. ({type(full).__name__}: {detail})")
             if isinstance(e, (duckdb.IOException, duckdb.ConnectionException)):
                 if "lock" in str(e).lower():  # a connection opened without Home.connect
-                    from producers.warehouse import locked_message
+                    from producers.stores.warehouse import locked_message
 
                     fail(locked_message(_warehouse_of(args), str(e)))
                 fail(f"cannot open the warehouse: {e}")
@@ -123,7 +123,7 @@ class PipelineOrder(click.Group):
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    from producers.redact import redact_text
+    from producers.shared.redact import redact_text
 
     # Progress lines may quote an endpoint URL: its credentials are never printed.
     ctx.obj = Pipeline.create(home, cache_dir, log=lambda msg: err_console.print(f"[dim]· {redact_text(msg)}[/]"))
@@ -142,7 +142,7 @@ reject_opt = click.option("--max-reject-share", type=click.FloatRange(0, 1), def
 def datasets(p: Pipeline) -> None:
     """List built-in datasets and what the warehouse holds."""
     from producers.datasets.definition import builtin_names, load_builtin
-    from producers.warehouse import ingested_datasets
+    from producers.stores.warehouse import ingested_datasets
 
     table = Table("dataset", "kind", "in warehouse", "description")
     present = set()

@@ -10,10 +10,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from producers.cache import default_cache_dir
+from producers.stores.cache import default_cache_dir
 from producers.datasets.default_sources import fetch_default_source
 from producers.datasets.definition import DatasetDefinition, DefinitionError, load_builtin, load_mapping
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 
 Log = Callable[[str], None]
 
@@ -148,7 +148,7 @@ class Pipeline:
 
     def first_user(self, dataset: str):
         """The smallest user id with events (a user every feature view holds)."""
-        from producers.warehouse import stored_definition
+        from producers.stores.warehouse import stored_definition
 
         con = self.home.connect(read_only=True)
         try:
@@ -164,7 +164,7 @@ class Pipeline:
 
     def fetch(self, model: str | None = None) -> dict[str, Path]:
         """Put the default dataset and model in the cache (idempotent, fast when already there)."""
-        from training.models import DEFAULT_MODEL, resolve_model
+        from producers.shared.models import DEFAULT_MODEL, resolve_model
 
         fetched = {"movielens-100k": fetch_default_source("movielens-100k", self.cache_dir)}
         name = model or DEFAULT_MODEL
@@ -173,7 +173,7 @@ class Pipeline:
 
     def sample_text(self, dataset: str) -> str | None:
         """The first user's serialized text, if there is one."""
-        from producers.warehouse import stored_definition, table_exists
+        from producers.stores.warehouse import stored_definition, table_exists
 
         con = self.home.connect(read_only=True)
         try:

@@ -57,9 +57,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from producers.datasets.definition import schema_name
-from producers.locks import file_lock
-from producers.provenance import code_version
-from producers.warehouse import Home
+from producers.stores.locks import file_lock
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home
 
 if TYPE_CHECKING:
     import pandas as pd

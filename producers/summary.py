@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import duckdb
 
-from producers.warehouse import last_ingest, stored_definition
+from producers.stores.warehouse import last_ingest, stored_definition
 
 
 def dataset_summary(con: duckdb.DuckDBPyConnection, dataset: str) -> dict:

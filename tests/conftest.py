@@ -18,7 +18,7 @@ def cpu_unless_marked_cuda(request, monkeypatch):
 
 @pytest.fixture
 def home(tmp_path):
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     return Home.resolve(tmp_path / "home")
 

@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from producers.enrich.mixture import Mixture, MixtureError, check_available
-from producers.warehouse import WarehouseError, table_exists
+from producers.shared.mixture import Mixture, MixtureError, check_available
+from producers.stores.warehouse import WarehouseError, table_exists
 
 IGNORE_INDEX = -100
 """Label value the causal-LM loss skips (padding, and the first token of every packed text)."""

@@ -47,9 +47,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from producers.provenance import code_version
-from producers.warehouse import Home, float32_lists, stored_definition, table_exists
-from training.models import DEFAULT_MODEL, resolve_model
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home, float32_lists, stored_definition, table_exists
+from producers.shared.models import DEFAULT_MODEL, resolve_model
 from validation.gate import require_valid
 
 if TYPE_CHECKING:
@@ -379,7 +379,7 @@ class Embedder:
     def load(cls, model_path: str, tokenizer_path: str, config: EmbedConfig, log: Log = lambda _: None) -> Embedder:
         from transformers import AutoModel
 
-        from training.models import load_tokenizer
+        from producers.shared.models import load_tokenizer
 
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)

@@ -44,9 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
-from producers.enrich.mixture import Mixture
-from producers.provenance import code_version
-from producers.warehouse import Home, stored_definition
+from producers.shared.mixture import Mixture
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home, stored_definition
 from validation.gate import require_valid
 
 CHECKPOINT_MARKER = "llm4es_checkpoint.json"
@@ -65,8 +65,8 @@ class FinetuneError(ValueError):
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = "smollm2-135m"  # registry name, local folder or hub id (training.models.resolve_model)
-    mixture: str = "template:7"  # producers.enrich.mixture.Mixture spec
+    model: str = "smollm2-135m"  # registry name, local folder or hub id (producers.shared.models.resolve_model)
+    mixture: str = "template:7"  # producers.shared.mixture.Mixture spec
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set it decides, not `epochs`
     lr: float = 1e-4  # peak; full fine-tuning of a ~100M-3B model
@@ -158,7 +158,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     from training.data import (EpochBatchSampler, ItemDataset, make_collate, pack_items, read_mixture_tokens,
                                single_items)
-    from training.models import load_tokenizer, resolve_model
+    from producers.shared.models import load_tokenizer, resolve_model
 
     from training.hardware import choose_device, fast_cuda_settings
 
@@ -318,7 +318,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
 
 def default_run_name(dataset: str, model: str, mixture: Mixture) -> str:
-    from training.models import REGISTRY
+    from producers.shared.models import REGISTRY
 
     model_tag = model if model in REGISTRY else Path(model.rstrip("/")).name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset}__{model_tag}__{mixture}").strip("-")
@@ -406,7 +406,7 @@ def _mfu(accelerator, model, tokens, tokens_per_s: float) -> float | None:
 def _build_model(model_path: str, config: FinetuneConfig, say: Log):
     import torch
 
-    from training.models import load_causal_lm
+    from producers.shared.models import load_causal_lm
 
     model = load_causal_lm(model_path, dtype=torch.float32)  # fp32 master weights; autocast does bf16
     if config.gradient_checkpointing:
@@ -567,7 +567,7 @@ def _finish_epoch(accelerator, model, tokenizer, run_dir: Path, record: dict, st
 
 
 def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora: bool) -> None:
-    """The weights as a plain Hugging Face folder that `training.models.load_causal_lm` loads.
+    """The weights as a plain Hugging Face folder that `producers.shared.models.load_causal_lm` loads.
 
     A LoRA model is saved merged (base + adapter, so the embedding step needs no peft), with the
     adapter alone in `adapter/`; the merge happens on a copy, so training goes on unmerged.
@@ -616,7 +616,7 @@ def _result(run_dir: Path, record: dict, state: dict, seconds: float, tokens_run
 
 
 def _replace_folder(new: Path, dest: Path) -> None:
-    from training.models import _swap_into_place
+    from producers.shared.models import _swap_into_place
 
     _swap_into_place(new, dest)
 

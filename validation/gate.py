@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import duckdb
 
-from producers.warehouse import last_ingest, one, stored_definition, table_exists
+from producers.stores.warehouse import last_ingest, one, stored_definition, table_exists
 
 
 class ValidationGateError(RuntimeError):

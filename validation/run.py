@@ -21,8 +21,8 @@ import duckdb
 import pandas as pd
 
 from producers.datasets.definition import DatasetDefinition
-from producers.provenance import code_version
-from producers.warehouse import Home, last_ingest, stored_definition, table_exists
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists
 from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, non_finite_column, session_checks
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult, training_plan
-from producers.devices import pick_device
-from producers.provenance import code_version
-from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
+from producers.shared.devices import pick_device
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
                                  swap_in_with_parquet)
 
 TABLE = "coles_embeddings"

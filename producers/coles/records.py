@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from producers.as_of import pick_as_of
+from producers.shared.as_of import pick_as_of
 from producers.coles.config import ColesConfig, ColesError
 from producers.datasets.definition import DatasetDefinition, FieldSpec
 

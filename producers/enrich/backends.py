@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from producers.enrich.options import LLMOptions
-from producers.redact import redact_text, redact_url
+from producers.shared.redact import redact_text, redact_url
 
 Messages = list[dict[str, str]]
 
@@ -107,14 +107,14 @@ class LocalBackend:
 
     def _resolved(self) -> str:
         if self._path is None:
-            from training.models import resolve_model
+            from producers.shared.models import resolve_model
 
             self._path = resolve_model(self.options.model, progress=self._log)
         return self._path
 
     def prompt_tokenizer(self):
         if self._tokenizer is None:
-            from training.models import load_tokenizer
+            from producers.shared.models import load_tokenizer
 
             tokenizer = load_tokenizer(self._resolved())
             tokenizer.padding_side = "left"
@@ -127,7 +127,7 @@ class LocalBackend:
         if self._model is None:
             import torch
 
-            from training.models import load_causal_lm
+            from producers.shared.models import load_causal_lm
 
             cuda = torch.cuda.is_available()
             self._device = torch.device("cuda" if cuda else "cpu")
@@ -217,7 +217,7 @@ class OpenAIBackend:
     retried `retries` times with exponential backoff (`BACKOFF_S`, doubled each time, at least a
     429's Retry-After) after a timeout, a connection error, HTTP 429 or 5xx; any other 4xx, or an
     unreadable answer, fails at once. A request that fails for good becomes a `GenerationError`
-    naming the endpoint, its credentials redacted (`producers.redact`). The key, when `api_key_env`
+    naming the endpoint, its credentials redacted (`producers.shared.redact`). The key, when `api_key_env`
     is set in the environment, goes out as
     `Authorization: Bearer`.
     """
@@ -257,7 +257,7 @@ class OpenAIBackend:
         A hub id would need the hub, which may be out of reach; the enricher then estimates tokens
         from characters.
         """
-        from training.models import REGISTRY, load_tokenizer, resolve_model
+        from producers.shared.models import REGISTRY, load_tokenizer, resolve_model
 
         model = self.options.model
         if model in REGISTRY or Path(model).expanduser().is_dir():

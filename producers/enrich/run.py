@@ -14,11 +14,11 @@ import pandas as pd
 
 from producers.enrich.base import EnrichError, EnrichReport, UserHistory
 from producers.enrich.options import LLMOptions
-from producers.provenance import code_version
+from producers.stores.provenance import code_version
 from producers.serialize.budget import count_tokens
 from producers.serialize.render import line_sql, rendered_events_sql
-from producers.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
-from producers.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
+from producers.stores.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
+from producers.stores.warehouse import Home, WarehouseError, last_ingest, stored_definition, table_exists
 from validation.gate import require_valid
 
 
@@ -112,7 +112,7 @@ def make_enricher(config: EnrichConfig, home: Home, schema: str, log: Callable[[
 
 def enrich(home: Home, dataset: str, config: EnrichConfig, log: Callable[[str], None] = lambda _: None,
            tokenizer=None) -> EnrichReport:
-    from training.models import load_tokenizer, resolve_model
+    from producers.shared.models import load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
     con = home.connect()

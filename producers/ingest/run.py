@@ -27,8 +27,8 @@ from producers.ingest.sandbox import Sandbox
 from producers.ingest.source_files import SourceFile, locate, source_hash, unpack_if_zip
 from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
                                         user_column)
-from producers.provenance import code_version
-from producers.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, swap_tables,
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, swap_tables,
                                  table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]

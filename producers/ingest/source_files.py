@@ -6,7 +6,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from producers.cache import sha256_file
+from producers.stores.cache import sha256_file
 from producers.datasets.definition import DatasetDefinition
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from producers.enrich.options import LLMOptions
-from producers.redact import redacted
+from producers.shared.redact import redacted
 
 
 class IntentsError(RuntimeError):

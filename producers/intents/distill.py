@@ -32,8 +32,8 @@ from producers.intents.config import DistillConfig, DistillResult, IntentsError
 from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
-from producers.provenance import code_version
-from producers.warehouse import (STAGING_SUFFIX, Home, float32_lists, one, stored_definition, swap_in_with_parquet,
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, float32_lists, one, stored_definition, swap_in_with_parquet,
                                  table_exists)
 
 TABLE = "session_intents"

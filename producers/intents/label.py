@@ -25,7 +25,7 @@ from producers.intents.config import IntentsError, LabelConfig, LabelResult
 from producers.intents.prompts import label_prompt, parse_label, prompt_hash
 from producers.intents.session_text import read_session_texts, sample_sessions
 from producers.intents.store import cached_labels, load_taxonomy, store_labels
-from producers.warehouse import Home, stored_definition
+from producers.stores.warehouse import Home, stored_definition
 
 UNPARSABLE = "<unparsable>"
 RAW_KEEP = 2000

@@ -20,7 +20,7 @@ from producers.datasets.definition import DatasetDefinition
 from producers.intents.config import IntentsError, TextConfig
 from producers.ingest.raw_load import sql_str
 from producers.serialize.render import value_text
-from producers.warehouse import table_exists
+from producers.stores.warehouse import table_exists
 
 SEP = " | "
 

@@ -13,7 +13,7 @@ import duckdb
 from producers.datasets.definition import DatasetDefinition
 from producers.intents.config import IntentsError
 from producers.intents.prompts import Label
-from producers.warehouse import one, table_exists
+from producers.stores.warehouse import one, table_exists
 
 TAXONOMIES = "intent_taxonomies"
 LABELS = "intent_llm_labels"

@@ -29,8 +29,8 @@ from producers.intents.prompts import (
 )
 from producers.intents.session_text import read_session_texts, sample_sessions
 from producers.intents.store import TAXONOMIES, load_taxonomy, store_taxonomy
-from producers.provenance import code_version
-from producers.warehouse import Home, stored_definition, table_exists
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home, stored_definition, table_exists
 
 RAW_KEEP = 4000
 """Characters of each taxonomy answer kept in the round record (enough to see what went wrong)."""

@@ -11,11 +11,11 @@ from typing import Callable
 
 import pandas as pd
 
-from producers.provenance import code_version
+from producers.stores.provenance import code_version
 from producers.serialize.budget import count_tokens, fit_texts
 from producers.serialize.render import FORMATS, Format, TimeFormat, header, user_bodies_sql
-from producers.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
-from producers.warehouse import Home, last_ingest, stored_definition
+from producers.stores.texts import config_json, ensure_table, export_parquet, replace_kind, stage_frame
+from producers.stores.warehouse import Home, last_ingest, stored_definition
 from validation.gate import require_valid
 
 
@@ -46,7 +46,7 @@ class SerializeResult:
 
 def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[str], None] = lambda _: None,
               tokenizer=None) -> SerializeResult:
-    from training.models import load_tokenizer, resolve_model
+    from producers.shared.models import load_tokenizer, resolve_model
 
     if config.format not in FORMATS:
         raise SerializeError(f"format must be one of {', '.join(FORMATS)}, not {config.format!r}")

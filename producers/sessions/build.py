@@ -30,9 +30,9 @@ from typing import Callable
 import duckdb
 
 from producers.datasets.definition import DatasetDefinition
-from producers.provenance import code_version
+from producers.stores.provenance import code_version
 from producers.sessions.config import SessionsConfig, SessionsError, SessionsResult
-from producers.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
+from producers.stores.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
 
 Log = Callable[[str], None]
 TABLES = ("sessions", "session_events", "sessions_meta")

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from producers.devices import pick_device
-from producers.provenance import code_version
+from producers.shared.devices import pick_device
+from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.warehouse import STAGING_SUFFIX, Home, float32_lists, swap_in_with_parquet
+from producers.stores.warehouse import STAGING_SUFFIX, Home, float32_lists, swap_in_with_parquet
 
 TABLE = "session_embeddings"
 PARQUET_KEY = b"llm4es"
@@ -104,7 +104,7 @@ def infer(model: Any, data: F.Sessions, config: SessionEncoderConfig, device: An
 
 
 def _reencode(home: Home, p: Any, config: SessionEncoderConfig, vocab: F.Vocab) -> F.Sessions:
-    from producers.warehouse import stored_definition
+    from producers.stores.warehouse import stored_definition
 
     con = home.connect(read_only=True)
     try:

@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from producers.devices import pick_device
-from producers.provenance import code_version
+from producers.shared.devices import pick_device
+from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEncoderConfig, SessionEncoderResult, SessionsError
-from producers.warehouse import Home, last_ingest, one, stored_definition, table_exists
+from producers.stores.warehouse import Home, last_ingest, one, stored_definition, table_exists
 
 Log = Callable[[str], None]
 DONE = "done.json"

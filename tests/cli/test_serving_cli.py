@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.cli.conftest import assert_clean_exit_1
 from tests.fixtures.movielens_files import write_grouplens
 from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer

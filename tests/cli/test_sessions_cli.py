@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from producers.publish import online_features, published_views
 from producers.synthetic.agreement import planted_agreement, read_planted
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.cli.conftest import assert_clean_exit_1
 
 TAXONOMY = """home_loans: mortgages, mortgage rates, refinancing

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 
 os.environ.setdefault("FEAST_USAGE", "False")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producers.publish import default_project, online_features, publish
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import T1, USERS, same_bits
 

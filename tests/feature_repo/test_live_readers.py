@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from producers.publish import PublishConfig, get_store, publish
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 
 DATASET, SCHEMA = "live", "live"
@@ -190,7 +190,7 @@ KILLED = """
 import sys, time
 from pathlib import Path
 import producers.publish as p
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 
 phase, marker, home, dataset = sys.argv[1:5]
 def reached(name):

@@ -15,7 +15,7 @@ import producers.cli
 from producers.cli import cli
 from producers.datasets.definition import parse_definition, schema_name
 from producers.ingest import IngestConfig, ingest
-from producers.warehouse import Home, WarehouseError, stored_definition
+from producers.stores.warehouse import Home, WarehouseError, stored_definition
 from tests.producers.test_generic import write_shop
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 
 from producers.publish import PublishConfig, get_store, online_features, publish
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import T1, USERS, same_bits
 

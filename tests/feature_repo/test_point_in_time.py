@@ -15,7 +15,7 @@ from producers.aggregate import AggregateConfig, aggregate
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.publish import PublishConfig, historical_features, materialize, online_features, publish, published_views
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import same_bits
 from tests.fixtures.movielens_files import write_grouplens

@@ -12,7 +12,7 @@ import pytest
 from producers.publish import (TEMPLATES, PublishConfig, PublishError, default_project, ensure_repo, get_store,
                                historical_features, materialize, online_features, package_repo_dir, publish,
                                published_views)
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import DATASET, RUN, SCHEMA, T1, USERS, same_bits
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from producers.publish import PublishConfig, PublishError, historical_features, materialize, online_features, publish
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.feature_repo import files
 from tests.feature_repo.conftest import same_bits
 

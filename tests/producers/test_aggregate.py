@@ -13,7 +13,7 @@ import pytest
 from producers.aggregate import ACTIVITY, AggregateConfig, AggregateError, aggregate, slugify
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
-from producers.warehouse import Home, last_ingest
+from producers.stores.warehouse import Home, last_ingest
 from tests.fixtures.bank_files import write_gender
 from tests.fixtures.movielens_files import GENRES, read_ratings, write_grouplens
 from validation.gate import ValidationGateError

@@ -11,7 +11,7 @@ import pytest
 
 from producers.datasets.definition import builtin_names, load_builtin
 from producers.ingest import IngestConfig, ingest
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.bank_files import (
     AGE_BAD_LINES,
     AGE_KNOWN,

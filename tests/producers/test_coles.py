@@ -16,7 +16,7 @@ from producers.coles import ColesConfig, ColesError, coles, read_provenance
 from producers.coles.records import TIME_DELTA, read_records
 from producers.datasets.definition import load_builtin, parse_definition
 from producers.ingest import IngestConfig, ingest
-from producers.warehouse import Home, last_ingest, stored_definition
+from producers.stores.warehouse import Home, last_ingest, stored_definition
 from tests.fixtures.bank_files import write_gender
 from tests.fixtures.movielens_files import read_ratings, write_grouplens
 from validation.gate import ValidationGateError

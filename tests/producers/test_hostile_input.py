@@ -179,7 +179,7 @@ def test_hostile_headers_in_a_generic_mapping_files(tmp_path, trap):
                                       "--max-reject-share", "0.2"])
     assert result.exit_code == 0, result.output
     assert "6 events" in result.output
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
     assert_nothing_escaped(Home.resolve(home), trap)
 
 

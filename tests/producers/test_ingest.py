@@ -113,7 +113,7 @@ def test_many_garbled_lines_fail_and_leave_previous_tables_intact(home, grouplen
 
 @pytest.mark.parametrize("fail_on", ["users", "ingest_log"])
 def test_failure_mid_swap_rolls_back_every_table(home, grouplens, monkeypatch, fail_on):
-    import producers.warehouse as wh
+    import producers.stores.warehouse as wh
 
     run(home, grouplens)
     before = snapshot(home)

@@ -35,7 +35,7 @@ from producers.intents import (
     read_session_texts,
 )
 from producers.intents.session_text import SessionEvent, SessionHead, format_offset, format_session
-from producers.warehouse import Home, stored_definition
+from producers.stores.warehouse import Home, stored_definition
 from tests.fixtures.movielens_files import write_grouplens
 
 DATASET, SCHEMA = "movielens-100k", "movielens_100k"

@@ -295,7 +295,7 @@ def test_killed_run_resumes(tmp_path):
 
 
 def test_cache_home_location(tmp_path):
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     home = Home.resolve(tmp_path)
     enricher = LLMEnricher(LLMOptions(model="fake"), fallback=StubFallback(), home=home, schema="movielens_100k",

@@ -1,7 +1,7 @@
 import duckdb
 import pytest
 
-from producers.enrich.mixture import Mixture, MixtureError, check_available
+from producers.shared.mixture import Mixture, MixtureError, check_available
 
 
 def test_parse_and_print():

@@ -9,7 +9,7 @@ from producers.enrich.base import UserHistory
 from producers.enrich.templates import Synonyms, TemplateEnricher
 from producers.ingest import IngestConfig, ingest
 from producers.serialize.render import header, rendered_events_sql
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.listens_files import COUNTRIES, UNKNOWN_COUNTRY, write_listens
 from validation.run import ValidateConfig, validate
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 
 from producers.enrich.options import LLMOptions
-from producers.redact import redact_text, redact_url, redacted
-from producers.texts import config_json
+from producers.shared.redact import redact_text, redact_url, redacted
+from producers.stores.texts import config_json
 
 
 @pytest.mark.parametrize("url, shown", [

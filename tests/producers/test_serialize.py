@@ -139,10 +139,10 @@ def test_fit_is_exact_when_merges_cross_line_breaks():
 
 
 def _smollm2_or_skip():
-    from producers.cache import default_cache_dir
+    from producers.stores.cache import default_cache_dir
 
     try:
-        from training.models import load_tokenizer, resolve_model
+        from producers.shared.models import load_tokenizer, resolve_model
 
         return load_tokenizer(resolve_model("smollm2-135m", cache_dir=default_cache_dir()))
     except Exception as e:  # noqa: BLE001 - not cached here: the byte-level fixture tokenizer still runs

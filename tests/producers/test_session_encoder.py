@@ -15,7 +15,7 @@ from producers.ingest import IngestConfig, ingest
 from producers.sessions import (SessionEncoderConfig, SessionsConfig, SessionsError, build_sessions,
                                 embed_sessions, train_encoder)
 from producers.sessions.embed import infer, read_provenance
-from producers.warehouse import Home, last_ingest
+from producers.stores.warehouse import Home, last_ingest
 from tests.fixtures.clicks_files import CLICKS_YAML, write_clicks
 
 TINY = SessionEncoderConfig(d_model=16, n_layers=1, n_heads=2, dropout=0.1, max_events=8, max_categories=50,
@@ -41,7 +41,7 @@ def weights(run_dir, epoch):
 
 def test_features_from_the_session_events(clicks):
     from producers.sessions import features as F
-    from producers.warehouse import stored_definition
+    from producers.stores.warehouse import stored_definition
 
     con = clicks.connect(read_only=True)
     try:
@@ -141,7 +141,7 @@ def test_embeddings_are_deterministic_batch_invariant_and_carry_provenance(click
     # another batching of the same sessions gives the same vectors
     con = clicks.connect(read_only=True)
     try:
-        from producers.warehouse import stored_definition
+        from producers.stores.warehouse import stored_definition
 
         data, vocab = F.load(con, stored_definition(con, "clicks"), TINY)
     finally:

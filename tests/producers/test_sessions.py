@@ -10,7 +10,7 @@ import pytest
 from producers.datasets.definition import load_builtin, parse_definition
 from producers.ingest import IngestConfig, ingest
 from producers.sessions import SessionsConfig, SessionsError, build_sessions
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.clicks_files import CLICKS_YAML, write_clicks
 from tests.fixtures.movielens_files import read_ratings, write_grouplens
 from validation.gate import ValidationGateError

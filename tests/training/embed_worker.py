@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from training import embed as embed_mod
 from training.embed import EmbedConfig, embed
 

@@ -13,7 +13,7 @@ from tests.fixtures.tiny_model import save_tiny_model, tiny_tokenizer  # noqa: E
 from training.data import make_collate  # noqa: E402
 from training.embed import EmbedConfig, Embedder  # noqa: E402
 from training.finetune import training_loss  # noqa: E402
-from training.models import load_causal_lm  # noqa: E402
+from producers.shared.models import load_causal_lm  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -92,7 +92,7 @@ def test_a_short_finetune_gives_the_cpu_losses(tmp_path, model_dir):
     from producers.datasets.definition import load_builtin
     from producers.ingest import IngestConfig, ingest
     from producers.serialize.run import SerializeConfig, serialize
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
     from tests.fixtures.movielens_files import write_grouplens
     from training.finetune import FinetuneConfig, finetune
 

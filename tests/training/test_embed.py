@@ -11,7 +11,7 @@ import pytest
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.serialize.run import SerializeConfig, serialize
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
 from tests.fixtures.tiny_model import TINY, save_tiny_model, tiny_tokenizer
 from training import embed as embed_mod
@@ -104,7 +104,7 @@ def test_layer_specs_resolve_like_python_slices_of_hidden_states():
 def test_pooling_matches_a_hand_computation(model_dir, layers):
     import torch
 
-    from training.models import load_causal_lm, load_tokenizer
+    from producers.shared.models import load_causal_lm, load_tokenizer
 
     texts = ["the cat sat on the mat with the hat", "a dog", "in the beginning there was the word"]
     e = embedder(model_dir, layers=layers)

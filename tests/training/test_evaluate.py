@@ -14,7 +14,7 @@ import pytest
 
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
 from training.evaluate import EvaluateConfig, EvaluateError, evaluate
 from training.evaluate.protocol import (LgbmParams, ProtocolResult, best_candidate, cv_splits, encode_labels,

@@ -11,12 +11,12 @@ import pytest
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.serialize.run import SerializeConfig, serialize
-from producers.warehouse import Home
+from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
 from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer
 from training.data import IGNORE_INDEX, epoch_batches, make_collate, pack_items
 from training.finetune import CHECKPOINT_MARKER, FinetuneConfig, FinetuneError, config_hash, finetune
-from training.models import load_causal_lm
+from producers.shared.models import load_causal_lm
 from validation.gate import ValidationGateError
 from validation.run import ValidateConfig, validate
 

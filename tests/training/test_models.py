@@ -1,4 +1,4 @@
-"""Tests for `training.models`: offline and quick, except the opt-in real download."""
+"""Tests for `producers.shared.models`: offline and quick, except the opt-in real download."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training import models
-from training.models import (
+from producers.shared import models
+from producers.shared.models import (
     DEFAULT_MODEL,
     MARKER,
     REGISTRY,
@@ -115,7 +115,7 @@ def _forbid_network_and_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_module_import_does_not_pull_in_torch() -> None:
-    code = "import sys, training.models; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, producers.shared.models; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

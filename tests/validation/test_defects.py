@@ -83,7 +83,7 @@ def unrated_movie(src: Path, user: int) -> int:
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """The clean fixture, ingested and validated once with Data Docs on: (home, source, report)."""
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     root = tmp_path_factory.mktemp("clean")
     source = write_grouplens(root / "ml-100k")
@@ -275,7 +275,7 @@ def test_wrong_encoding_rejects_users_and_orphans_their_events(home, grouplens):
 @pytest.fixture(scope="module")
 def retyped(tmp_path_factory):
     """The clean fixture with events.rating turned into VARCHAR in the warehouse, validated."""
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     root = tmp_path_factory.mktemp("retyped")
     home = Home.resolve(root / "home")
@@ -304,7 +304,7 @@ def test_a_check_that_cannot_run_says_why(retyped):
 
 
 def test_chunked_validation_gives_the_same_verdicts_and_counts(tmp_path):
-    from producers.warehouse import Home
+    from producers.stores.warehouse import Home
 
     source = write_grouplens(tmp_path / "ml-100k", n_users=100)  # ~2,500 events: 3 chunks of <= 1,000 rows
     user, movie, _, _ = ratings(source)[0]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from producers.aggregate import AggregateConfig, AggregateError, aggregate
-from producers.as_of import pick_as_of
+from producers.shared.as_of import pick_as_of
 from producers.cli import cli
 from producers.datasets.definition import DefinitionError, parse_definition
 from producers.ingest import IngestConfig, IngestError, ingest

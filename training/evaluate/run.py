@@ -22,8 +22,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from producers.provenance import code_version
-from producers.warehouse import Home, stored_definition
+from producers.stores.provenance import code_version
+from producers.stores.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
 from training.evaluate.probe import LinearProbe, linear_name
 from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,

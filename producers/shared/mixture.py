@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producers.texts import KINDS
+from producers.stores.texts import KINDS
 
 
 class MixtureError(ValueError):

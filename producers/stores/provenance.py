@@ -14,7 +14,7 @@ def code_version() -> str:
         version = metadata.version("llm4es")
     except metadata.PackageNotFoundError:
         version = "0.0.0"
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=5).stdout.strip()
