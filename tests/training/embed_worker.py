@@ -33,8 +33,10 @@ def main() -> None:
         embed_mod._write_part = write_then_die
     config = EmbedConfig(model=model, layers="1:", max_length=120, batch_tokens=256)
     s = embed(Home.resolve(home), "movielens-100k", config).sets[0]
-    print("RESULT " + json.dumps({"rank": rank, "computed": s.n_computed, "resumed": s.n_resumed,
-                                  "n_users": s.n_users, "parquet": s.parquet}), flush=True)
+    # One write call per line: the ranks share torchrun's stdout, and print() may split a line.
+    line = "RESULT " + json.dumps({"rank": rank, "computed": s.n_computed, "resumed": s.n_resumed,
+                                   "n_users": s.n_users, "parquet": s.parquet}) + "\n"
+    os.write(1, line.encode())
 
 
 if __name__ == "__main__":

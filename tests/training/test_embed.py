@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import duckdb
@@ -364,7 +365,8 @@ def torchrun(home, model_dir, *die, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(root / "tests" / "training" / "embed_worker.py"), str(home.root), str(model_dir), *map(str, die)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    # Tolerant of two ranks' lines run together: each result is one flat JSON object.
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", done.stdout)]
     return done, sorted(results, key=lambda r: r["rank"])
 
 
