@@ -1089,20 +1089,6 @@ def demo(p: Pipeline, dataset: str, hardware: str) -> None:
                   f"report {ev.paths['markdown']}", soft_wrap=True)
 
 
-def print_summary(s: dict) -> None:
-    lo, med, hi = s["events_per_user"]
-    console.print(f"{s['dataset']}: {s['events']:,} events by {s['users_with_events']:,} users "
-                  f"({s['users']:,} in users), {s['first_event']} .. {s['last_event']}")
-    console.print(f"events per user: min {lo}, median {med:g}, max {hi}; rejected rows: {s['rejects']}")
-    console.print(f"event fields: {', '.join(s['fields'])}")
-    for name, value in s["labels"].items():
-        if isinstance(value, tuple):
-            console.print(f"label {name}: mean {value[0]}, range {value[1]}..{value[2]}, {value[3]} users")
-        else:
-            console.print(f"label {name}: " + ", ".join(f"{k}={v}" for k, v in value))
-    console.print(f"ingest {s['ingest_id']}, data version {s['source_hash']}")
-
-
 def main() -> None:
     cli(prog_name="llm4es")
 

@@ -170,27 +170,3 @@ class Pipeline:
         name = model or DEFAULT_MODEL
         fetched[name] = Path(resolve_model(name, cache_dir=self.cache_dir, progress=self.log))
         return fetched
-
-    def sample_text(self, dataset: str) -> str | None:
-        """The first user's serialized text, if there is one."""
-        from producers.stores.warehouse import stored_definition, table_exists
-
-        con = self.home.connect(read_only=True)
-        try:
-            schema = stored_definition(con, dataset).schema
-            if not table_exists(con, schema, "texts"):
-                return None
-            row = con.execute(f'SELECT text FROM "{schema}".texts WHERE kind = \'serialized\' '
-                              "ORDER BY user_id LIMIT 1").fetchone()
-            return row[0] if row else None
-        finally:
-            con.close()
-
-    def summary(self, dataset: str) -> dict:
-        from producers.summary import dataset_summary
-
-        con = self.home.connect(read_only=True)
-        try:
-            return dataset_summary(con, dataset)
-        finally:
-            con.close()
