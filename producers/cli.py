@@ -39,37 +39,20 @@ def _errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from producers.stores.cache import FetchError
-        from producers.datasets.definition import DefinitionError
-        from producers.ingest import IngestError
-        from producers.ingest.source_files import SourceError
-        from producers.shared.mixture import MixtureError
-        from training.embed import EmbedError
-        from producers.coles.config import ColesError
-        from producers.sessions.config import SessionsError
-        from producers.intents.config import IntentsError
-        from producers.publish import PublishError
-        from training.evaluate.run import EvaluateError
-        from training.finetune import FinetuneError
-        from producers.serialize.run import SerializeError
-        from producers.stores.warehouse import WarehouseError
-        from producers.enrich.base import EnrichError
         from producers.shared.redact import redact_text
-        from validation.gate import ValidationGateError
-
         import duckdb
 
-        def fail(message: str) -> None:
+        from producers.errors import Llm4esError
+
+        def fail(message: str, exit_code: int = 1) -> None:
             # Messages may quote an endpoint URL: never print its credentials.
             err_console.print(f"[bold red]error:[/] {redact_text(message)}", soft_wrap=True)
-            sys.exit(1)
+            sys.exit(exit_code)
 
         try:
             return fn(*args, **kwargs)
-        except (DefinitionError, IngestError, SourceError, FetchError, WarehouseError, ValidationGateError,
-                SerializeError, MixtureError, FinetuneError, EmbedError, EvaluateError,
-                PublishError, ColesError, SessionsError, IntentsError, EnrichError) as e:
-            fail(str(e))
+        except Llm4esError as e:
+            fail(str(e), e.exit_code)
         except Exception as e:
             if (full := _disk_full(e)) is not None:
                 home = args[0].home.root if args and hasattr(args[0], "home") else "the llm4es home"

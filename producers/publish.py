@@ -57,6 +57,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from producers.datasets.definition import schema_name
+from producers.errors import Llm4esError
 from producers.stores.locks import file_lock
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home
@@ -90,7 +91,7 @@ _INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT
 _FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
 
 
-class PublishError(ValueError):
+class PublishError(Llm4esError, ValueError):
     """Nothing to publish, inputs that do not fit, or a Feast repo that cannot take them."""
 
 

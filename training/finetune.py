@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
+from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
@@ -59,7 +60,7 @@ RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient
 Log = Callable[[str], None]
 
 
-class FinetuneError(ValueError):
+class FinetuneError(Llm4esError, ValueError):
     """The fine-tuning cannot run as asked (bad config, incompatible resume, ...)."""
 
 

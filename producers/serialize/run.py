@@ -11,6 +11,7 @@ from typing import Callable
 
 import pandas as pd
 
+from producers.errors import Llm4esError
 from producers.stores.provenance import code_version
 from producers.serialize.budget import count_tokens, fit_texts
 from producers.serialize.render import FORMATS, Format, TimeFormat, header, user_bodies_sql
@@ -19,7 +20,7 @@ from producers.stores.warehouse import Home, last_ingest, stored_definition
 from validation.gate import require_valid
 
 
-class SerializeError(ValueError):
+class SerializeError(Llm4esError, ValueError):
     """The serialization cannot be done as asked (e.g. the budget is smaller than the header)."""
 
 
