@@ -107,6 +107,39 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     started = datetime.now(timezone.utc).replace(tzinfo=None)
     ingest_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
+    stats = stage_tables(con, definition, config, files, log)
+    stg = lambda name: f"{sql_ident(schema)}.{sql_ident(name + STAGING_SUFFIX)}"  # noqa: E731
+    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
+    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
+    n_rejects = sum(s.rows_rejected for s in stats)
+    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
+    con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
+                f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
+                [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
+                 data_hash, ingest_id])
+    _stage_ingest_log(con, schema, stg("ingest_log"), {
+        "ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
+        "files": json.dumps([s.__dict__ for s in stats]), "source_hash": data_hash,
+        "definition_fingerprint": definition.fingerprint(),
+        "rows_read": sum(s.rows_read for s in stats), "events": n_events, "users": n_users,
+        "rejects": n_rejects, "max_reject_share": config.max_reject_share,
+        "started_at": started, "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "code_version": code_version(),
+    })
+    log("swapping tables into place")
+    swap_tables(con, schema, SWAPPED_TABLES)
+    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+
+
+def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, config: IngestConfig,
+                 files: dict[str, SourceFile], log: Callable[[str], None],
+                 check_tables: set[str] | None = None) -> list[FileStats]:
+    """Steps 2-4: `events`, `users`, `codes` and `rejects` of `files`, typed, as `<name>__staging` tables.
+
+    Raises IngestError when a file's rejected share exceeds the threshold (only the files of
+    `check_tables` are held to it; None: all). `append` reuses this for the new files.
+    """
+    schema = definition.schema
     raw: dict[str, RawTable] = {}
     for table, src in files.items():
         log(f"reading {src.path.name} ({table})")
@@ -139,28 +172,9 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                 " ORDER BY source, row_number")
 
     stats = _file_stats(con, files, raw, stg("rejects"))
-    _enforce_reject_threshold(con, stats, stg("rejects"), config.max_reject_share)
-
-    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
-    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
-    n_rejects = sum(s.rows_rejected for s in stats)
-    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
-    con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
-                f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
-                [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
-                 data_hash, ingest_id])
-    _stage_ingest_log(con, schema, stg("ingest_log"), {
-        "ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
-        "files": json.dumps([s.__dict__ for s in stats]), "source_hash": data_hash,
-        "definition_fingerprint": definition.fingerprint(),
-        "rows_read": sum(s.rows_read for s in stats), "events": n_events, "users": n_users,
-        "rejects": n_rejects, "max_reject_share": config.max_reject_share,
-        "started_at": started, "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
-        "code_version": code_version(),
-    })
-    log("swapping tables into place")
-    swap_tables(con, schema, SWAPPED_TABLES)
-    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+    checked = stats if check_tables is None else [s for s in stats if s.table in check_tables]
+    _enforce_reject_threshold(con, checked, stg("rejects"), config.max_reject_share)
+    return stats
 
 
 def _check_columns(definition: DatasetDefinition, files: dict[str, SourceFile],
