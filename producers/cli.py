@@ -217,16 +217,25 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
 @click.option("--allow-shrink", is_flag=True,
               help="Replace the data even when events or users drop by more than half against the last ingest "
                    "(or to none).")
+@click.option("--append", is_flag=True,
+              help="Add the new events in --source to the stored ones (deduplicated by the event key) instead of "
+                   "replacing them.")
 @click.pass_obj
 @_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
-           force: bool, max_line_size: int | None, allow_shrink: bool) -> None:
+           force: bool, max_line_size: int | None, allow_shrink: bool, append: bool) -> None:
     """Load DATASET's raw files into the warehouse (atomic: all tables or none).
 
     DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
     mapping file declares. Malformed rows go to the `rejects` table with a reason.
+    With --append, only events not stored yet are added, and the delta is logged.
     """
     t0 = time.perf_counter()
+    if append:
+        if source is None or force or allow_shrink:
+            raise click.UsageError("--append needs --source NEW_FILES and takes neither --force nor --allow-shrink")
+        _print_append(p.append(dataset, source, mapping, max_reject_share, max_line_size), time.perf_counter() - t0)
+        return
     r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size=max_line_size,
                  allow_shrink=allow_shrink)
     verb = "already ingested" if r.skipped else f"ingested in {time.perf_counter() - t0:.1f}s"
@@ -238,6 +247,23 @@ def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None,
     console.print(table)
     if r.n_rejects:
         console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
+
+
+def _print_append(r, seconds: float) -> None:
+    if not r.changed:
+        console.print(f"[green]✓[/] {r.dataset}: nothing new ({r.duplicates_skipped:,} events already stored); "
+                      "the warehouse is unchanged")
+        return
+    console.print(f"[green]✓[/] {r.dataset}: +{r.rows_added:,} events for {r.users_touched:,} users "
+                  f"({r.users_new:,} new), {r.duplicates_skipped:,} duplicates skipped, {r.rejects:,} rejected rows, "
+                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {r.n_users:,} users "
+                  f"(appended in {seconds:.1f}s; ingest {r.ingest_id}, data {r.source_hash})", soft_wrap=True)
+    if r.dedupe_on_all_columns:
+        console.print("the dataset declares no events.key: duplicates were rows equal in every column")
+    for table, path in r.fallback_files.items():
+        console.print(f"table {table} read from the earlier source {path} (unchanged)", soft_wrap=True)
+    console.print(f"delta logged in {r.schema}.ingest_delta; run `llm4es validate {r.dataset}` before later stages",
+                  soft_wrap=True)
 
 
 @cli.command()

@@ -56,6 +56,14 @@ class Pipeline:
                               allow_shrink=allow_shrink)
         return ingest(self.home, definition, config, self.log)
 
+    def append(self, dataset: str, source: Path, mapping: Path | None = None, max_reject_share: float = 0.01,
+               max_line_size: int | None = None):
+        from producers.ingest import IngestConfig
+        from producers.ingest.append import append
+
+        config = IngestConfig(Path(source), max_reject_share, max_line_size=max_line_size)
+        return append(self.home, self.definition(dataset, mapping), config, self.log)
+
     def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
                  data_docs: bool = True):
         from validation.run import ValidateConfig, validate
