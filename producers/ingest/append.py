@@ -152,7 +152,8 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     stg = lambda name: q(name + STAGING_SUFFIX)  # noqa: E731
     started = datetime.now(timezone.utc).replace(tzinfo=None)
     new_tables = {t for t in files if t not in fallback}
-    all_stats = stage_tables(con, definition, config, files, log, check_tables=new_tables)
+    staged_definition, files = _skip_unchanged_users(definition, files, fallback)
+    all_stats = stage_tables(con, staged_definition, config, files, log, check_tables=new_tables)
     stats = [s for s in all_stats if s.table in new_tables]
     new_names = sorted({s.file for s in stats})
 
@@ -174,8 +175,11 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                 f"WHERE source IN (SELECT unnest(?::VARCHAR[]))", [new_names])
     n_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {stg('new_rejects')}")[0]
     # Users and codes: only ids not stored yet (an append never rewrites a stored label).
-    con.execute(f"CREATE TABLE {stg('new_users')} AS SELECT * FROM {stg('users')} "
-                f"WHERE user_id NOT IN (SELECT user_id FROM {q('users')})")
+    if staged_definition.users is definition.users:
+        con.execute(f"CREATE TABLE {stg('new_users')} AS SELECT * FROM {stg('users')} "
+                    f"WHERE user_id NOT IN (SELECT user_id FROM {q('users')})")
+    else:  # the users file was not read again: no user to add
+        con.execute(f"CREATE TABLE {stg('new_users')} AS SELECT * FROM {q('users')} LIMIT 0")
     con.execute(f"CREATE TABLE {stg('new_codes')} AS SELECT n.* FROM {stg('codes')} n ANTI JOIN {q('codes')} o "
                 "ON n.code_table IS NOT DISTINCT FROM o.code_table AND n.code IS NOT DISTINCT FROM o.code")
     n_new_user_rows = one(con, f"SELECT count(*) FROM {stg('new_users')}")[0]
@@ -244,6 +248,23 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                         n_users=n_users, **common)
 
 
+def _skip_unchanged_users(definition: DatasetDefinition, files: dict[str, SourceFile],
+                          fallback: dict[str, str]) -> tuple[DatasetDefinition, dict[str, SourceFile]]:
+    """An unchanged users file read from an earlier source adds no user: it is not read again.
+
+    Its users are all stored; a new event's user missing from it stays missing (the data gate
+    reports events of unknown users where the definition says the users file covers them)."""
+    us = definition.users
+    if us is None or us.table not in fallback or us.table == definition.events.table:
+        return definition, files
+    used_elsewhere = ({lk.table for lk in definition.events.lookups} |
+                      {s.table for ct in definition.codes.values() for s in ct.sources if s.table})
+    if us.table in used_elsewhere:
+        return definition, files
+    return (definition.model_copy(update={"users": None}),
+            {t: f for t, f in files.items() if t != us.table})
+
+
 def _add_new_events(con, stored: str, staged: str, target: str, key: list[str], columns: list[str]) -> None:
     """`target`: the staged events whose key is in neither the stored events nor earlier in the staged ones.
 
@@ -254,9 +275,8 @@ def _add_new_events(con, stored: str, staged: str, target: str, key: list[str], 
     on = " AND ".join(f"n.{sql_ident(k)} IS NOT DISTINCT FROM o.{sql_ident(k)}" for k in key)
     # A key repeated within the new files is one event sent twice: keep one row of it.
     con.execute(f"""CREATE TABLE {target} AS
-        SELECT {cols} FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY user_id, event_time) AS __n
-                            FROM {staged}) n
-        WHERE __n = 1 AND NOT EXISTS (SELECT 1 FROM {stored} o WHERE {on})
+        SELECT {cols} FROM (SELECT DISTINCT ON ({keys}) * FROM {staged} ORDER BY {keys}, user_id, event_time) n
+        ANTI JOIN {stored} o ON {on}
         ORDER BY user_id, event_time""")
 
 

@@ -218,3 +218,18 @@ def test_changed_users_by_event_time_and_by_append(home, grouplens, tmp_path):
     assert changed_users(home, ML.schema, since=_ts(AFTER - 1)) == [4]
     assert appended_users(home, ML.schema, mark) == [4, 9]
     assert appended_users(home, ML.schema, utc_now()) == []
+
+
+def test_a_new_user_comes_with_the_users_file(home, grouplens, tmp_path):
+    ingest(home, ML, IngestConfig(grouplens))
+    delta = write_delta(tmp_path / "d", [f"13\t{m}\t4\t{AFTER + m}" for m in range(1, 21)])
+    (delta / "u.user").write_text((grouplens / "u.user").read_text() + "13|33|F|writer|12345\n")
+    r = append(home, ML, IngestConfig(delta))
+    assert (r.rows_added, r.users_touched, r.users_new, r.n_users) == (20, 1, 1, 13)
+    assert r.fallback_files.keys() == {"movies"}
+    assert count(home, "SELECT age, gender FROM movielens_100k.users WHERE user_id = 13") == [(33, "F")]
+    # Stored users' rows are not rewritten by a users file that differs.
+    (delta / "u.user").write_text("1|99|M|writer|00000\n" + "13|33|F|writer|12345\n")
+    before = count(home, "SELECT * FROM movielens_100k.users ORDER BY user_id")
+    append(home, ML, IngestConfig(delta))
+    assert count(home, "SELECT * FROM movielens_100k.users ORDER BY user_id") == before
