@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -69,7 +71,10 @@ def main() -> None:
     ap.add_argument("--delta-share", type=float, default=0.01)
     ap.add_argument("--delta-days", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="timings are the median of this many runs")
     ap.add_argument("--validate", action="store_true", help="also time the GX data gate after the append")
+    ap.add_argument("--gate-dim", type=int, default=768,
+                    help="also time the snapshot gate on a random snapshot of --visitors users x this dimension (0: skip)")
     ap.add_argument("--keep", type=Path, help="generate into this folder and keep it (default: a temp folder)")
     args = ap.parse_args()
     print(describe())
@@ -99,19 +104,31 @@ def main() -> None:
         since = con.execute('SELECT max(event_time) FROM "bank_clickstream".events').fetchall()[0][0]
         con.close()
 
-        a, t_append = timed("append", lambda: append(home, definition, IngestConfig(root / "delta")))
-        print(f"ingest --append of the delta:  {t_append:7.2f}s (+{a.rows_added:,} events, {a.duplicates_skipped:,} "
+        # Each append runs on its own copy of the base warehouse, each re-ingest into a fresh one.
+        homes = []
+        for i in range(args.repeat):
+            shutil.copytree(home.root, root / f"home-{i}")
+            homes.append(Home.resolve(root / f"home-{i}"))
+        runs = [timed("append", lambda h=h: append(h, definition, IngestConfig(root / "delta"))) for h in homes]
+        a, t_append = runs[0][0], statistics.median(t for _, t in runs)
+        home = homes[0]
+        print(f"ingest --append of the delta:  {t_append:7.2f}s (median of {args.repeat}: "
+              f"{', '.join(f'{t:.2f}' for _, t in runs)}; +{a.rows_added:,} events, {a.duplicates_skipped:,} "
               f"duplicates, {a.users_touched:,} users, {a.min_event_time} .. {a.max_event_time})")
-        users, t_changed = timed("changed", lambda: changed_users(home, definition.schema, since))
+        changed = [timed("changed", lambda: changed_users(home, definition.schema, since)) for _ in range(args.repeat)]
+        users, t_changed = changed[0][0], statistics.median(t for _, t in changed)
         print(f"changed_users since {since}: {t_changed:7.3f}s ({len(users):,} users; "
               f"{'exactly the delta visitors' if users == delta_users else 'NOT the delta visitors'})")
         again, t_again = timed("re-append", lambda: append(home, definition, IngestConfig(root / "delta")))
         print(f"re-append of the same delta:   {t_again:7.2f}s ({again.rows_added} added, "
               f"{again.duplicates_skipped:,} duplicates skipped)")
 
-        full_home = Home.resolve(root / "home-full")
-        f, t_full = timed("full", lambda: ingest(full_home, definition, IngestConfig(root / "full")))
-        print(f"full re-ingest, base + delta:  {t_full:7.2f}s ({f.n_events:,} events)")
+        fulls = [timed("full", lambda i=i: ingest(Home.resolve(root / f"home-full-{i}"), definition,
+                                                  IngestConfig(root / "full"))) for i in range(args.repeat)]
+        f, t_full = fulls[0][0], statistics.median(t for _, t in fulls)
+        full_home = Home.resolve(root / "home-full-0")
+        print(f"full re-ingest, base + delta:  {t_full:7.2f}s (median of {args.repeat}: "
+              f"{', '.join(f'{t:.2f}' for _, t in fulls)}; {f.n_events:,} events)")
         same = _same_events(home, full_home, definition.schema)
         print(f"appended warehouse == re-ingested warehouse (events, users): {same}")
         print(f"append + changed_users / full re-ingest: {(t_append + t_changed) / t_full:.1%} "
@@ -121,7 +138,29 @@ def main() -> None:
 
             rep, t_val = timed("validate", lambda: validate(home, DATASET, ValidateConfig(data_docs=False)))
             print(f"GX data gate on the appended table: {t_val:7.1f}s ({'passed' if rep.success else 'FAILED'})")
+        if args.gate_dim:
+            _time_gate(args.visitors, args.gate_dim, delta_users)
         print(f"peak RSS: {peak_rss_mib():,.0f} MiB; load average after: {os.getloadavg()[0]:.1f} (1 min)")
+
+
+def _time_gate(n: int, dim: int, changed: list[int]) -> None:
+    """The snapshot gate on a refresh of `changed` users (new draws) against the previous full snapshot."""
+    import pyarrow as pa
+
+    from producers.stores.warehouse import float32_lists
+    from validation.snapshot_gate import check_snapshot
+
+    rng = np.random.default_rng(0)
+    old = rng.standard_normal((n, dim)) * np.linspace(2.0, 0.2, dim)
+    new = old.copy()
+    rows = np.asarray(changed) - 1
+    new[rows] = rng.standard_normal((len(rows), dim)) * np.linspace(2.0, 0.2, dim)
+    users = np.arange(1, n + 1)
+    unchanged = np.setdiff1d(users, changed)
+    snap = lambda m: pa.table({"user_id": users, "vector": float32_lists(m)})  # noqa: E731
+    report, dt = timed("gate", lambda: check_snapshot(snap(new), snap(old), unchanged_users=unchanged))
+    print(f"snapshot gate, {n:,} users x {dim} dims against the previous snapshot: {dt:6.2f}s "
+          f"({len(report.checks)} checks, {'passed' if report.success else 'FAILED'})")
 
 
 def _same_events(a: Home, b: Home, schema: str) -> bool:
