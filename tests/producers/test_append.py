@@ -47,7 +47,11 @@ def count(home, sql: str):
 
 
 def test_append_adds_new_events_for_a_few_users_and_logs_the_delta(home, grouplens, tmp_path):
+    from validation.gate import ValidationGateError, require_valid
+    from validation.run import ValidateConfig, validate
+
     base = ingest(home, ML, IngestConfig(grouplens))
+    assert validate(home, ML.name, ValidateConfig(data_docs=False)).success
     rows = new_ratings(grouplens, [2, 5, 7])
     r = append(home, ML, IngestConfig(write_delta(tmp_path / "d1", rows)))
     assert r.changed and r.rows_added == 9 and r.duplicates_skipped == 0 and r.rejects == 0
@@ -67,10 +71,14 @@ def test_append_adds_new_events_for_a_few_users_and_logs_the_delta(home, grouple
     assert log[1][1] != base.source_hash  # a new data version for every later stage
     assert changed_users(home, ML.schema, since=_ts(AFTER - 1)) == [2, 5, 7]
 
-    # The data gate still runs on the whole table, and passes.
-    from validation.gate import require_valid
-    from validation.run import ValidateConfig, validate
-
+    # Later stages refuse the appended data until the data gate has run on the whole table again ...
+    con = home.connect(read_only=True)
+    try:
+        with pytest.raises(ValidationGateError, match="re-ingested after its last validation"):
+            require_valid(con, ML.name)
+    finally:
+        con.close()
+    # ... and it passes.
     report = validate(home, ML.name, ValidateConfig(data_docs=False))
     assert report.success, [(c.check, c.failed, c.examples) for c in report.failed]
     con = home.connect(read_only=True)
