@@ -210,13 +210,14 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     # ingest_log lists every file the stored data came from, so the data gate checks reject shares of all.
     all_files = json.loads(previous["files"]) + [asdict(s) for s in stats]
     finished = datetime.now(timezone.utc).replace(tzinfo=None)
-    delta = {"ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
+    source = str(Path(config.source).resolve())
+    delta = {"ingest_id": ingest_id, "dataset": definition.name, "source": source,
              "files": json.dumps([asdict(s) for s in stats]), "rows_read": rows_read, "rows_added": n_added,
              "duplicates_skipped": n_valid - n_added, "rejects": n_rejects, "users_touched": touched,
              "users_new": new_users, "min_event_time": t_min, "max_event_time": t_max,
              "dedupe_key": json.dumps(key), "source_hash": data_hash, "started_at": started,
              "finished_at": finished, "code_version": code_version()}
-    log_row = {"ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
+    log_row = {"ingest_id": ingest_id, "dataset": definition.name, "source": source,
                "files": json.dumps(all_files), "source_hash": data_hash,
                "definition_fingerprint": definition.fingerprint(), "rows_read": previous["rows_read"] + rows_read,
                "events": n_events, "users": n_users, "rejects": total_rejects,

@@ -112,13 +112,16 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
     n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
     n_rejects = sum(s.rows_rejected for s in stats)
-    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
+    previous = last_ingest(con, schema)
+    _refuse_shrink(definition.name, previous, n_events, n_users, config.allow_shrink)
+    _refuse_dropping_appends(con, definition.name, schema, previous, n_events, config.allow_shrink)
     con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
                 f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
                 [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
                  data_hash, ingest_id])
     _stage_ingest_log(con, schema, stg("ingest_log"), {
-        "ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
+        # absolute, so `ingest --append` finds the unchanged tables here from any directory
+        "ingest_id": ingest_id, "dataset": definition.name, "source": str(Path(config.source).resolve()),
         "files": json.dumps([s.__dict__ for s in stats]), "source_hash": data_hash,
         "definition_fingerprint": definition.fingerprint(),
         "rows_read": sum(s.rows_read for s in stats), "events": n_events, "users": n_users,
@@ -342,6 +345,21 @@ def _refuse_shrink(name: str, previous: dict | None, n_events: int, n_users: int
                           f"{'; '.join(drops)} (more than {MAX_SHRINK:.0%} or down to none, e.g. a truncated or "
                           "header-only file); the warehouse was left unchanged. Check the files, or pass "
                           "--allow-shrink to replace the data anyway")
+
+
+def _refuse_dropping_appends(con, name: str, schema: str, previous: dict | None, n_events: int,
+                             allowed: bool) -> None:
+    """After `ingest --append`, a full ingest of a source without the appended events (yesterday's full
+    export, run again by mistake) would drop them: fewer events than stored needs `allow_shrink`."""
+    if previous is None or allowed or n_events >= previous["events"] or not table_exists(con, schema, "ingest_delta"):
+        return
+    row = con.execute(f"SELECT ingest_id FROM {sql_ident(schema)}.ingest_delta WHERE ingest_id = ?",
+                      [previous["ingest_id"]]).fetchall()
+    if row:
+        raise IngestError(f"{name}: the stored data includes events appended by ingest {previous['ingest_id']} "
+                          f"(`ingest --append`); this source has {n_events:,} events against {previous['events']:,} "
+                          "stored, so replacing the data would drop appended events; the warehouse was left "
+                          "unchanged. Ingest a source that includes them, append to it, or pass --allow-shrink")
 
 
 def _stage_ingest_log(con, schema: str, target: str, row: dict) -> None:

@@ -241,3 +241,13 @@ def test_a_new_user_comes_with_the_users_file(home, grouplens, tmp_path):
     before = count(home, "SELECT * FROM movielens_100k.users ORDER BY user_id")
     append(home, ML, IngestConfig(delta))
     assert count(home, "SELECT * FROM movielens_100k.users ORDER BY user_id") == before
+
+
+def test_a_full_ingest_of_the_old_source_does_not_drop_appended_events(home, grouplens, tmp_path):
+    ingest(home, ML, IngestConfig(grouplens))
+    append(home, ML, IngestConfig(write_delta(tmp_path / "d", new_ratings(grouplens, [1]))))
+    before = snapshot(home)
+    with pytest.raises(IngestError, match=r"appended by ingest .* would drop appended events"):
+        ingest(home, ML, IngestConfig(grouplens))
+    assert snapshot(home) == before
+    assert ingest(home, ML, IngestConfig(grouplens, allow_shrink=True)).n_events == len(before["events"]) - 3
