@@ -171,9 +171,13 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                count(DISTINCT a.user_id) FILTER (WHERE a.user_id NOT IN (SELECT user_id FROM {q('users')})),
                min(a.event_time), max(a.event_time)
         FROM {stg('added')} AS a""")
-    con.execute(f"CREATE TABLE {stg('new_rejects')} AS SELECT * FROM {stg('rejects')} "
-                f"WHERE source IN (SELECT unnest(?::VARCHAR[]))", [new_names])
-    n_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {stg('new_rejects')}")[0]
+    # The new files' rejects, less those a re-sent file already put there.
+    n_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {stg('rejects')} "
+                         f"WHERE source IN (SELECT unnest(?::VARCHAR[]))", [new_names])[0]
+    con.execute(f"CREATE TABLE {stg('new_rejects')} AS SELECT n.* FROM {stg('rejects')} n ANTI JOIN {q('rejects')} o "
+                "ON n.source = o.source AND n.row_number = o.row_number AND n.raw_record IS NOT DISTINCT FROM "
+                "o.raw_record WHERE n.source IN (SELECT unnest(?::VARCHAR[]))", [new_names])
+    n_new_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {stg('new_rejects')}")[0]
     # Users and codes: only ids not stored yet (an append never rewrites a stored label).
     if staged_definition.users is definition.users:
         con.execute(f"CREATE TABLE {stg('new_users')} AS SELECT * FROM {stg('users')} "
@@ -190,7 +194,7 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     common = dict(dataset=definition.name, schema=schema, files=stats, rows_read=rows_read,
                   duplicates_skipped=n_valid - n_added, rejects=n_rejects, dedupe_key=key,
                   dedupe_on_all_columns=not definition.events.key, fallback_files=fallback)
-    if not (n_added or n_rejects or n_new_user_rows or n_new_codes):
+    if not (n_added or n_new_rejects or n_new_user_rows or n_new_codes):
         log(f"{definition.name}: nothing new in {config.source} ({n_valid - n_added:,} events already stored); "
             "the warehouse is unchanged")
         return AppendResult(ingest_id=None, source_hash=previous["source_hash"], rows_added=0, users_touched=0,
@@ -206,7 +210,7 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     data_hash = h.hexdigest()[:16]
     n_events = n_events_before + n_added
     n_users = n_users_before + n_new_user_rows
-    total_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {q('rejects')}")[0] + n_rejects
+    total_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {q('rejects')}")[0] + n_new_rejects
     # ingest_log lists every file the stored data came from, so the data gate checks reject shares of all.
     all_files = json.loads(previous["files"]) + [asdict(s) for s in stats]
     finished = datetime.now(timezone.utc).replace(tzinfo=None)

@@ -122,6 +122,10 @@ def test_malformed_rows_go_to_rejects_and_too_many_leave_the_table_unchanged(hom
     assert (r.rows_added, r.rejects) == (29, 1)
     (reject,) = count(home, "SELECT source, row_number, reason FROM movielens_100k.rejects")
     assert reject[:2] == ("u.data", 4) and "movie_id" in reject[2]
+    # Sent again, the file adds neither events nor a second copy of its reject.
+    again = append(home, ML, IngestConfig(write_delta(tmp_path / "bad", rows), max_reject_share=0.05))
+    assert not again.changed and (again.duplicates_skipped, again.rejects) == (29, 1)
+    assert count(home, "SELECT count(*) FROM movielens_100k.rejects") == [(1,)]
 
 
 def test_a_changed_definition_or_no_events_file_is_refused(home, grouplens, tmp_path):
