@@ -184,6 +184,8 @@ class _Expectation:
     check: str
     threshold: str
     figure_column: str | None = None  # figures batch: the column whose value is the figure
+    examples: list = field(default_factory=list)  # shown when the check fails (e.g. missing users)
+    when_missing: str = "n/a"  # the figure's text when it could not be measured (NaN): a failure
 
 
 def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | None, config: SnapshotGateConfig,
@@ -196,6 +198,8 @@ def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | Non
                      "no NaN or infinite values", "every value finite"),
         _Expectation("vectors", "ExpectColumnValuesToBeUnique", {"column": "user_id"},
                      "one vector per user", "user keys unique"),
+        _Expectation("vectors", "ExpectTableRowCountToBeBetween", {"min_value": 1},
+                     "the snapshot holds users", "at least 1 user"),
     ]
     figures: dict[str, float] = {}
     if old is not None:
@@ -232,15 +236,15 @@ def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | Non
         ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
                                {"column": "share_present", "min_value": config.min_share_present},
                                "share of expected users present", f">= {config.min_share_present:.1%} of "
-                               f"{len(want):,}", "share_present"))
-        ex[-1].kwargs["meta_examples"] = missing[:EXAMPLES]
+                               f"{len(want):,}", "share_present", examples=[f"missing {u}" for u in missing[:EXAMPLES]]))
     if unchanged is not None and old is not None:
         cos, n = mean_cosine(old, new, dim, unchanged)
         figures["mean_cosine_unchanged"] = cos
         ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
                                {"column": "mean_cosine_unchanged", "min_value": config.min_mean_cosine},
                                f"unchanged users keep their vectors (mean cosine old vs new, {n:,} users)",
-                               f">= {config.min_mean_cosine}", "mean_cosine_unchanged"))
+                               f">= {config.min_mean_cosine}", "mean_cosine_unchanged",
+                               when_missing="no unchanged user is in both snapshots (check the user keys' type)"))
     return vectors, pd.DataFrame([figures]) if figures else None, ex
 
 
@@ -294,8 +298,7 @@ def _run_gx(vectors: pd.DataFrame, figures: pd.DataFrame | None, expectations: l
             continue
         suite = context.suites.add(gx.ExpectationSuite(name=f"snapshot.{batch}"))
         for i, e in batch_ex:
-            kwargs = {k: v for k, v in e.kwargs.items() if not k.startswith("meta_")}
-            suite.add_expectation(getattr(gxe, e.expectation)(**kwargs, meta={"index": i}))
+            suite.add_expectation(getattr(gxe, e.expectation)(**e.kwargs, meta={"index": i}))
         asset = source.add_dataframe_asset(batch)
         vd = context.validation_definitions.add(gx.ValidationDefinition(
             name=f"snapshot.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
@@ -314,15 +317,16 @@ def _gate_check(e: _Expectation, er, frame: pd.DataFrame) -> GateCheck:
     raised = (er.exception_info or {}).get("raised_exception")
     if e.figure_column is not None:
         value = float(frame[e.figure_column].iloc[0])
-        figure = f"{e.figure_column} = {value:.4g}" if not math.isnan(value) else f"{e.figure_column} = n/a"
-        examples = [f"missing {u}" for u in e.kwargs.get("meta_examples", [])]
+        figure = f"{e.figure_column} = {value:.4g}" if not math.isnan(value) else f"{e.figure_column}: {e.when_missing}"
         # NaN (nothing to compare) cannot pass a bound
         return GateCheck(e.check, e.expectation, bool(er.success) and not math.isnan(value), figure, e.threshold,
-                         examples)
+                         list(e.examples))
     n = int(r.get("element_count") or len(frame))
     bad = int(r.get("unexpected_count") or 0)
     if raised:
         return GateCheck(e.check, e.expectation, False, f"could not run: {er.exception_info}", e.threshold)
+    if e.expectation == "ExpectTableRowCountToBeBetween":
+        return GateCheck(e.check, e.expectation, bool(er.success), f"{r.get('observed_value', n)} users", e.threshold)
     figure = f"{bad:,} of {n:,} users fail ({(bad / n if n else 0):.2%})"
     if e.kwargs.get("column") == "norm" and n:
         figure += f"; norms {frame['norm'].min():.4g}..{frame['norm'].max():.4g}"

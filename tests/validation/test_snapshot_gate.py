@@ -122,3 +122,13 @@ def test_psi_is_zero_for_the_same_sample_and_large_for_a_shift():
     x = np.random.default_rng(0).standard_normal(5000)
     assert psi(x, x) == pytest.approx(0.0, abs=1e-9)
     assert psi(x, x + 1.0) > 0.5
+
+
+def test_an_empty_snapshot_and_unmatched_unchanged_users_fail():
+    empty = pa.table({"user_id": pa.array([], pa.int64()), "vector": pa.array([], pa.list_(pa.float32()))})
+    with pytest.raises(SnapshotGateError, match=r"FAIL the snapshot holds users: 0 users"):
+        check_snapshot(empty)
+    old = vectors()
+    # user keys as text in one snapshot and numbers in the other: the check cannot silently pass
+    with pytest.raises(SnapshotGateError, match="no unchanged user is in both snapshots"):
+        check_snapshot(table(old), table(old), unchanged_users=[str(u) for u in range(N)])
