@@ -61,8 +61,19 @@ class Pipeline:
         from producers.ingest import IngestConfig
         from producers.ingest.append import append
 
+        from producers.datasets.definition import builtin_names
+        from producers.stores.warehouse import stored_definition
+
         config = IngestConfig(Path(source), max_reject_share, max_line_size=max_line_size)
-        return append(self.home, self.definition(dataset, mapping), config, self.log)
+        if mapping is None and dataset not in builtin_names():
+            con = self.home.connect(read_only=True)  # your own data: the mapping it was ingested with
+            try:
+                definition = stored_definition(con, dataset)
+            finally:
+                con.close()
+        else:
+            definition = self.definition(dataset, mapping)
+        return append(self.home, definition, config, self.log)
 
     def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
                  data_docs: bool = True):

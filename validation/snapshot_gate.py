@@ -229,8 +229,8 @@ def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | Non
         if expected is None:
             expected = old.users
     if expected is not None:
-        want = set(_plain(u) for u in expected)
-        have = set(_plain(u) for u in new.users[new.lengths > 0])
+        want = {_plain(u) for u in expected}
+        have = {_plain(u) for u in new.users[new.lengths > 0]}
         figures["share_present"] = len(want & have) / len(want) if want else 1.0
         missing = sorted(want - have, key=str)
         ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
@@ -268,7 +268,7 @@ def projections(dim: int, k: int, seed: int) -> np.ndarray:
 
 def mean_cosine(old: Snapshot, new: Snapshot, dim: int, users: Iterable) -> tuple[float, int]:
     """Mean cosine between each listed user's old and new vector (users in both snapshots), and how many."""
-    wanted = set(_plain(u) for u in users)
+    wanted = {_plain(u) for u in users}
     ou, om = old.matrix(dim)
     nu, nm = new.matrix(dim)
     pos = {_plain(u): i for i, u in enumerate(ou) if _plain(u) in wanted}
