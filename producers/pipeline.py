@@ -74,6 +74,24 @@ class Pipeline:
                               allow_shrink=allow_shrink)
         return ingest(self.home, definition, config, self.log)
 
+    def append(self, dataset: str, source: Path, mapping: Path | None = None,
+               max_reject_share: float = IngestConfig.max_reject_share,
+               max_line_size: int | None = IngestConfig.max_line_size):
+        from producers.datasets.definition import builtin_names
+        from producers.ingest.append import append
+        from producers.stores.warehouse import stored_definition
+
+        config = IngestConfig(Path(source), max_reject_share, max_line_size=max_line_size)
+        if mapping is None and dataset not in builtin_names():
+            con = self.home.connect(read_only=True)  # your own data: the mapping it was ingested with
+            try:
+                definition = stored_definition(con, dataset)
+            finally:
+                con.close()
+        else:
+            definition = self.definition(dataset, mapping)
+        return append(self.home, definition, config, self.log)
+
     def validate(self, dataset: str, max_reject_share: float = ValidateConfig.max_reject_share,
                  chunk_rows: int = ValidateConfig.chunk_rows, data_docs: bool = ValidateConfig.data_docs):
         from validation.run import validate

@@ -88,16 +88,26 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
 @click.option("--allow-shrink", is_flag=True,
               help="Replace the data even when events or users drop by more than half against the last ingest "
                    "(or to none).")
+@click.option("--append", is_flag=True,
+              help="Add the new events in --source to the stored ones (deduplicated by the event key) instead of "
+                   "replacing them.")
 @click.pass_obj
 @handle_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
-           force: bool, max_line_size: int | None, allow_shrink: bool) -> None:
+           force: bool, max_line_size: int | None, allow_shrink: bool, append: bool) -> None:
     """Load DATASET's raw files into the warehouse (atomic: all tables or none).
 
     DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
     mapping file declares. Malformed rows go to the `rejects` table with a reason.
+    With --append, only events not stored yet are added, and the delta is logged.
     """
     t0 = time.perf_counter()
+    if append:
+        if source is None or force or allow_shrink:
+            raise click.UsageError("--append needs --source NEW_FILES and takes neither --force nor --allow-shrink")
+        printers.print_append(p.append(dataset, source, mapping, max_reject_share, max_line_size),
+                              time.perf_counter() - t0)
+        return
     r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size=max_line_size,
                  allow_shrink=allow_shrink)
     printers.print_ingest(r, time.perf_counter() - t0)

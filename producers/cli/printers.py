@@ -45,6 +45,23 @@ def print_ingest(r, seconds: float) -> None:
         console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
 
 
+def print_append(r, seconds: float) -> None:
+    if not r.changed:
+        console.print(f"[green]✓[/] {r.dataset}: nothing new ({r.duplicates_skipped:,} events already stored); "
+                      "the warehouse is unchanged")
+        return
+    console.print(f"[green]✓[/] {r.dataset}: +{r.rows_added:,} events for {r.users_touched:,} users "
+                  f"({r.users_new:,} new), {r.duplicates_skipped:,} duplicates skipped, {r.rejects:,} rejected rows, "
+                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {r.n_users:,} users "
+                  f"(appended in {seconds:.1f}s; ingest {r.ingest_id}, data {r.source_hash})", soft_wrap=True)
+    if r.dedupe_on_all_columns:
+        console.print("the dataset declares no events.key: duplicates were rows equal in every column")
+    for table, path in r.fallback_files.items():
+        console.print(f"table {table} read from the earlier source {path} (unchanged)", soft_wrap=True)
+    console.print(f"delta logged in {r.schema}.ingest_delta; run `llm4es validate {r.dataset}` before later stages",
+                  soft_wrap=True)
+
+
 def print_validation(report) -> None:
     table = Table("", "check", "table", "checked", "failed", "examples", title=f"validation of {report.dataset}",
                   title_justify="left")

@@ -108,6 +108,42 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     started = datetime.now(timezone.utc).replace(tzinfo=None)
     ingest_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
+    stats = stage_tables(con, definition, config, files, log)
+    stg = lambda name: f"{sql_ident(schema)}.{sql_ident(name + STAGING_SUFFIX)}"  # noqa: E731
+    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
+    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
+    n_rejects = sum(s.rows_rejected for s in stats)
+    previous = last_ingest(con, schema)
+    _refuse_shrink(definition.name, previous, n_events, n_users, config.allow_shrink)
+    _refuse_dropping_appends(con, definition.name, schema, previous, n_events, config.allow_shrink)
+    con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
+                f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
+                [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
+                 data_hash, ingest_id])
+    _stage_ingest_log(con, schema, stg("ingest_log"), {
+        # absolute, so `ingest --append` finds the unchanged tables here from any directory
+        "ingest_id": ingest_id, "dataset": definition.name, "source": str(Path(config.source).resolve()),
+        "files": json.dumps([s.__dict__ for s in stats]), "source_hash": data_hash,
+        "definition_fingerprint": definition.fingerprint(),
+        "rows_read": sum(s.rows_read for s in stats), "events": n_events, "users": n_users,
+        "rejects": n_rejects, "max_reject_share": config.max_reject_share,
+        "started_at": started, "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
+        "code_version": code_version(),
+    })
+    log("swapping tables into place")
+    swap_tables(con, schema, SWAPPED_TABLES)
+    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+
+
+def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, config: IngestConfig,
+                 files: dict[str, SourceFile], log: Callable[[str], None],
+                 check_tables: set[str] | None = None) -> list[FileStats]:
+    """Steps 2-4: `events`, `users`, `codes` and `rejects` of `files`, typed, as `<name>__staging` tables.
+
+    Raises IngestError when a file's rejected share exceeds the threshold (only the files of
+    `check_tables` are held to it; None: all). `append` reuses this for the new files.
+    """
+    schema = definition.schema
     raw: dict[str, RawTable] = {}
     for table, src in files.items():
         log(f"reading {src.path.name} ({table})")
@@ -140,28 +176,9 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                 " ORDER BY source, row_number")
 
     stats = _file_stats(con, files, raw, stg("rejects"))
-    _enforce_reject_threshold(con, stats, stg("rejects"), config.max_reject_share)
-
-    n_events = con.execute(f"SELECT count(*) FROM {stg('events')}").fetchall()[0][0]
-    n_users = con.execute(f"SELECT count(*) FROM {stg('users')}").fetchall()[0][0]
-    n_rejects = sum(s.rows_rejected for s in stats)
-    _refuse_shrink(definition.name, last_ingest(con, schema), n_events, n_users, config.allow_shrink)
-    con.execute(f"CREATE TABLE {stg('dataset_meta')} AS SELECT ? AS name, ? AS definition, "
-                f"? AS definition_fingerprint, ? AS source_hash, ? AS ingest_id",
-                [definition.name, json.dumps(definition.model_dump(mode="json")), definition.fingerprint(),
-                 data_hash, ingest_id])
-    _stage_ingest_log(con, schema, stg("ingest_log"), {
-        "ingest_id": ingest_id, "dataset": definition.name, "source": str(config.source),
-        "files": json.dumps([s.__dict__ for s in stats]), "source_hash": data_hash,
-        "definition_fingerprint": definition.fingerprint(),
-        "rows_read": sum(s.rows_read for s in stats), "events": n_events, "users": n_users,
-        "rejects": n_rejects, "max_reject_share": config.max_reject_share,
-        "started_at": started, "finished_at": datetime.now(timezone.utc).replace(tzinfo=None),
-        "code_version": code_version(),
-    })
-    log("swapping tables into place")
-    swap_tables(con, schema, SWAPPED_TABLES)
-    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+    checked = stats if check_tables is None else [s for s in stats if s.table in check_tables]
+    _enforce_reject_threshold(con, checked, stg("rejects"), config.max_reject_share)
+    return stats
 
 
 def _check_columns(definition: DatasetDefinition, files: dict[str, SourceFile],
@@ -329,6 +346,21 @@ def _refuse_shrink(name: str, previous: dict | None, n_events: int, n_users: int
                           f"{'; '.join(drops)} (more than {MAX_SHRINK:.0%} or down to none, e.g. a truncated or "
                           "header-only file); the warehouse was left unchanged. Check the files, or pass "
                           "--allow-shrink to replace the data anyway")
+
+
+def _refuse_dropping_appends(con, name: str, schema: str, previous: dict | None, n_events: int,
+                             allowed: bool) -> None:
+    """After `ingest --append`, a full ingest of a source without the appended events (yesterday's full
+    export, run again by mistake) would drop them: fewer events than stored needs `allow_shrink`."""
+    if previous is None or allowed or n_events >= previous["events"] or not table_exists(con, schema, "ingest_delta"):
+        return
+    row = con.execute(f"SELECT ingest_id FROM {sql_ident(schema)}.ingest_delta WHERE ingest_id = ?",
+                      [previous["ingest_id"]]).fetchall()
+    if row:
+        raise IngestError(f"{name}: the stored data includes events appended by ingest {previous['ingest_id']} "
+                          f"(`ingest --append`); this source has {n_events:,} events against {previous['events']:,} "
+                          "stored, so replacing the data would drop appended events; the warehouse was left "
+                          "unchanged. Ingest a source that includes them, append to it, or pass --allow-shrink")
 
 
 def _stage_ingest_log(con, schema: str, target: str, row: dict) -> None:
