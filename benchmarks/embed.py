@@ -47,7 +47,7 @@ BF16_DENSE_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # H100 SXM; 
 def ensure_texts(home_dir: Path, model: str) -> None:
     """Ingest, validate and serialize MovieLens-100k into `home_dir` unless its texts are there."""
     from producers.stores.cache import default_cache_dir
-    from producers.datasets.default_sources import fetch_default_source
+    from producers.ingest.default_sources import fetch_default_source
     from producers.datasets.definition import load_builtin
     from producers.ingest import IngestConfig, ingest
     from producers.serialize.run import SerializeConfig, serialize

@@ -63,7 +63,7 @@ def generate(con: duckdb.DuckDBPyConnection, n_events: int, n_users: int) -> Dat
 
 def movielens(con: duckdb.DuckDBPyConnection, home: Path) -> DatasetDefinition:
     from producers.stores.cache import default_cache_dir
-    from producers.datasets.default_sources import fetch_default_source
+    from producers.ingest.default_sources import fetch_default_source
     from producers.datasets.definition import load_builtin
     from producers.ingest import IngestConfig, ingest
     from producers.stores.warehouse import Home

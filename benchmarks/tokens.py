@@ -94,7 +94,7 @@ def main() -> None:
         root = Path(tmp)
         cases = []
         from producers.stores.cache import default_cache_dir
-        from producers.datasets.default_sources import fetch_default_source
+        from producers.ingest.default_sources import fetch_default_source
 
         cases.append(("movielens-100k", load_builtin("movielens-100k"), None))  # the real data, from the cache
         cases += [("rosbank", load_builtin("rosbank"), write_rosbank(root / "rosbank", n_users=args.users)),

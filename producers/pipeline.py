@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from producers.aggregate import AggregateConfig
-from producers.datasets.default_sources import fetch_default_source
+from producers.ingest.default_sources import fetch_default_source
 from producers.datasets.definition import (
     DatasetDefinition,
     DefinitionError,

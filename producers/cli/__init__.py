@@ -51,7 +51,7 @@ are cached under --cache (default: $LLM4ES_CACHE or ~/.cache/llm4es).
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    from producers.shared.redact import redact_text
+    from producers.redact import redact_text
 
     # Progress lines may quote an endpoint URL: its credentials are never printed.
     ctx.obj = Pipeline.create(home, cache_dir,

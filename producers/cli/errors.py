@@ -48,7 +48,7 @@ def handle_errors(fn):
 
 def fail(message: str, exit_code: int = 1) -> None:
     """Print `error: message` on stderr and exit."""
-    from producers.shared.redact import redact_text
+    from producers.redact import redact_text
 
     # Messages may quote an endpoint URL: never print its credentials.
     printers.err_console.print(f"[bold red]error:[/] {redact_text(message)}", soft_wrap=True)

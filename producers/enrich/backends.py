@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from producers.enrich.options import LLMOptions
-from producers.shared.redact import redact_text, redact_url
+from producers.redact import redact_text, redact_url
 
 Messages = list[dict[str, str]]
 
@@ -217,7 +217,7 @@ class OpenAIBackend:
     retried `retries` times with exponential backoff (`BACKOFF_S`, doubled each time, at least a
     429's Retry-After) after a timeout, a connection error, HTTP 429 or 5xx; any other 4xx, or an
     unreadable answer, fails at once. A request that fails for good becomes a `GenerationError`
-    naming the endpoint, its credentials redacted (`producers.shared.redact`). The key, when `api_key_env`
+    naming the endpoint, its credentials redacted (`producers.redact`). The key, when `api_key_env`
     is set in the environment, goes out as
     `Authorization: Bearer`.
     """

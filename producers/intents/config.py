@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from producers.enrich.options import LLMOptions
 from producers.errors import Llm4esError
-from producers.shared.redact import redacted
+from producers.redact import redacted
 
 
 class IntentsError(Llm4esError, RuntimeError):

@@ -1,3 +1,3 @@
 """The model and text layer shared by producers and training: LLM registry and tokenizer,
-text mixtures, device choice, redaction, as-of dates. Points only down, to the stores.
+text mixtures, device choice, as-of dates. Points only down, to the stores.
 """

@@ -80,6 +80,6 @@ def config_json(config) -> str:
     """The config as recorded with the texts: JSON, credentials in URLs (an endpoint's key) redacted."""
     from dataclasses import asdict, is_dataclass
 
-    from producers.shared.redact import redacted
+    from producers.redact import redacted
 
     return json.dumps(redacted(asdict(config) if is_dataclass(config) else config), sort_keys=True, default=str)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from producers.enrich.options import LLMOptions
-from producers.shared.redact import redact_text, redact_url, redacted
+from producers.redact import redact_text, redact_url, redacted
 from producers.stores.texts import config_json
 
 

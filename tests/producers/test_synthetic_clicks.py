@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from producers.cli import cli
-from producers.datasets.default_sources import GENERATED_MARKER, fetch_default_source
+from producers.ingest.default_sources import GENERATED_MARKER, fetch_default_source
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.synthetic.clickstream import (
