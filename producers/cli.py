@@ -174,7 +174,16 @@ def fetch(p: Pipeline, model: str | None) -> None:
               help="Same seed and options: the same files, byte for byte.")
 @click.option("--days", type=click.IntRange(1, 1000), default=60, show_default=True,
               help="Days from 2024-01-01 that sessions start on.")
-def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
+@click.option("--app-users", type=click.FloatRange(0, 1), default=None,
+              help="Also draw the app side (producers/synthetic/crosschannel.py): this share of people use the app; "
+                   "their linked web sessions carry their customer id. [default: web only, as before]")
+@click.option("--link-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --app-users: chance that an app user's web session is linked (logged in).")
+@click.option("--tiles", type=click.IntRange(2, 7), default=4, show_default=True, help="With --app-users: K tiles.")
+@click.option("--conversion-days", type=click.IntRange(1), default=14, show_default=True,
+              help="With --app-users: a visit converts when a product is opened within N days.")
+def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int, app_users: float | None, link_share: float,
+                 tiles: int, conversion_days: int) -> None:
     """Generate a synthetic bank-website clickstream with planted session intents into OUT_DIR.
 
     Writes clicks.csv (one row per page view: visitor, session id, time, page type, page, seconds
@@ -192,6 +201,16 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
     """
     from producers.synthetic.clickstream import ClickstreamConfig, ClickstreamError, write_clickstream
 
+    if app_users is not None:
+        from producers.synthetic.crosschannel import synth_command
+
+        try:
+            lines = synth_command(out_dir, visitors, seed, days, app_users, link_share, tiles, conversion_days)
+        except ClickstreamError as e:
+            err_console.print(f"[bold red]error:[/] {e}")
+            sys.exit(1)
+        console.print("[green]✓[/] " + "\n".join(lines), soft_wrap=True)
+        return
     try:
         r = write_clickstream(out_dir, ClickstreamConfig(visitors=visitors, seed=seed, days=days))
     except ClickstreamError as e:
@@ -925,6 +944,22 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
     if not r.materialized:
         console.print(f"next: feast -c {r.repo} materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)", soft_wrap=True)
 
+
+
+@cli.command("evaluate-crosschannel")
+@dataset_arg
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The `synth-clicks --app-users` folder (app_visits.csv, app_tiles.csv).")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
+@click.pass_obj
+@_errors
+def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
+    """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each
+    app visit's time (training/evaluate/crosschannel.py); report under reports/crosschannel/."""
+    from training.evaluate.crosschannel import evaluate_command
+
+    for line in evaluate_command(p.home, dataset, source, folds, log=p.log):
+        console.print(line, soft_wrap=True, markup=False)
 
 @cli.command()
 @dataset_arg
