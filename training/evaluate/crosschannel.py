@@ -46,7 +46,8 @@ class CrossChannelError(EvaluateError):
 @dataclass(frozen=True)
 class CrossChannelEvalConfig:
     folds: int = 5  # GroupKFold by user; mean ± std over the folds
-    C: float = 0.5  # logistic regression inverse L2 strength
+    Cs: tuple[float, ...] = (0.01, 0.05, 0.25)  # logistic regression inverse L2 strengths; each feature set
+    # picks its own on an inner split of the training users (a wider set needs a stronger penalty)
     recent_sessions: int = 10  # K for the labeller's shares (publish's rollups use their own K, default 10)
     labeller: str | None = None  # the label cache's model name; None: the one with most labels
     max_iter: int = 500
@@ -193,6 +194,17 @@ def _logreg(C: float, max_iter: int, **kw):
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, **kw))
 
 
+def _fit_tuned(X: np.ndarray, y: np.ndarray, groups: np.ndarray, config: "CrossChannelEvalConfig",
+               score: Callable, **kw):
+    """Pick C on a held-out fifth of the training users (higher `score` is better), then refit on all of them."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    inner, held = next(GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=0).split(X, y, groups))
+    best = max(config.Cs, key=lambda C: score(_logreg(C, config.max_iter, **kw).fit(X[inner], y[inner]),
+                                              X[held], y[held]))
+    return _logreg(best, config.max_iter, **kw).fit(X, y)
+
+
 def ranking_rows(visits: pd.DataFrame, tiles: pd.DataFrame, X_visit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One row per (visit, shown tile): visit features x tile one-hot (per-tile weights), tile and position one-hots."""
     index = pd.Series(np.arange(len(visits)), index=visits["visit_id"].to_numpy())
@@ -236,6 +248,8 @@ def evaluate_ranking(visits, tiles, X_app, blocks, config: CrossChannelEvalConfi
     sets = {"app only": X_app, "+ session embedding": np.hstack([X_app, blocks["embedding"]]),
             "+ distilled intents": np.hstack([X_app, blocks["distilled"]]),
             "+ both": np.hstack([X_app, blocks["embedding"], blocks["distilled"]])}
+    from sklearn.metrics import log_loss
+
     groups = visits["user_id"].to_numpy()
     folds = _folds(groups, config.folds)
     per_fold: dict[str, list[dict]] = {}
@@ -245,7 +259,8 @@ def evaluate_ranking(visits, tiles, X_app, blocks, config: CrossChannelEvalConfi
         results = []
         for train_v, test_v in folds:
             train = np.isin(vrow, train_v)
-            model = _logreg(config.C, config.max_iter).fit(Xr[train], y[train])
+            model = _fit_tuned(Xr[train], y[train], groups[rows[train]], config,
+                               lambda m, X_, y_: -log_loss(y_, m.predict_proba(X_)[:, 1], labels=[0, 1]))
             p = model.predict_proba(Xr[~train])[:, 1]
             results.append(ranking_metrics(p, y[~train], rows[~train], tile[~train]))
         per_fold[name] = results
@@ -264,12 +279,15 @@ def evaluate_conversion(visits, X_app, blocks, config: CrossChannelEvalConfig, l
     sets = {"app only": X_app, "session embedding": np.hstack([X_app, blocks["embedding"]]),
             "labeller intents": np.hstack([X_app, blocks["labeller"]]),
             "distilled intents": np.hstack([X_app, blocks["distilled"]])}
-    folds = _folds(visits["user_id"].to_numpy(), config.folds)
+    groups = visits["user_id"].to_numpy()
+    folds = _folds(groups, config.folds)
     per_fold: dict[str, list[dict]] = {}
     for name, X in sets.items():
         results = []
         for train, test in folds:
-            model = _logreg(config.C, config.max_iter, class_weight="balanced").fit(X[train], y[train])
+            model = _fit_tuned(X[train], y[train], groups[train], config,
+                               lambda m, X_, y_: f1_score(y_, m.predict(X_), average="macro", zero_division=0),
+                               class_weight="balanced")
             pred = model.predict(X[test])
             results.append({"micro_f1": float(f1_score(y[test], pred, average="micro")),
                             "macro_f1": float(f1_score(y[test], pred, average="macro", labels=range(len(PRODUCTS)),
