@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 smol.llm_seconds_per_session
     timed("publish", p.publish, DATASET, PublishConfig())
     report = timed("evaluate", evaluate_crosschannel, p.home, DATASET, source,
-                   CrossChannelEvalConfig(folds=args.folds, labeller="lexical"), latency, log)
+                   CrossChannelEvalConfig(folds=args.folds, labeller=label.model), latency, log)
     js, md = write_report(p.home, report)
     print(markdown(report))
     print(f"reports: {js}, {md}")

@@ -121,6 +121,9 @@ def labeller_shares(home: Home, schema: str, visits: pd.DataFrame, recent: int,
         if not models:
             raise CrossChannelError(f"{schema}: no intent labels: run `llm4es intents label` first")
         labeller = labeller or models[0][0]
+        if labeller not in {m for m, _ in models}:
+            raise CrossChannelError(f"{schema}: no intent labels by {labeller!r}; labels there are by "
+                                    f"{', '.join(m for m, _ in models)}")
         version = con.execute(f'SELECT max(taxonomy_version) FROM "{schema}".intent_llm_labels WHERE model = ?',
                               [labeller]).fetchone()[0]
         names = [r[0] for r in con.execute(
