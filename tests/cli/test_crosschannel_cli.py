@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from producers.stores.warehouse import Home
-from training.evaluate.crosschannel import fetch_web_features, load_app_side
+from training.evaluate.crosschannel import fetch_web_features, labeller_shares, load_app_side
 from tests.cli.test_sessions_cli import DATASET, TAXONOMY, ok
 
 
@@ -69,6 +69,13 @@ def test_web_sessions_reach_app_visits_point_in_time(llm4es, tmp_path):
         before_end, at_end = n + k, n + len(probe) + k
         earlier = web["sessions_so_far"][before_end]
         assert web["sessions_so_far"][at_end] == (0 if pd.isna(earlier) else earlier) + 1
+
+    # The labeller's shares (not a Feast view) follow the same rule: none before the first linked session ends.
+    shares, _ = labeller_shares(home, "bank_clickstream", frame, 10)
+    has = web["sessions_so_far"].fillna(0).to_numpy() > 0
+    total = shares.sum(axis=1).to_numpy()
+    assert shares.shape[1] >= 4 and np.allclose(total[~has], 0)
+    assert (np.abs(total[has] - 1) < 1e-9).mean() > 0.95  # a few sessions the labeller left unlabelled
 
     out = ok(llm4es("evaluate-crosschannel", DATASET, "--source", source, "--folds", 2))
     assert "Tile ranking" in out and "macro Recall@1" in out and "micro F1" in out
