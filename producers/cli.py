@@ -946,21 +946,6 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 
 
 
-@cli.command("evaluate-crosschannel")
-@dataset_arg
-@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="The `synth-clicks --app-users` folder (app_visits.csv, app_tiles.csv).")
-@click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
-@click.pass_obj
-@_errors
-def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
-    """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each
-    app visit's time (training/evaluate/crosschannel.py); report under reports/crosschannel/."""
-    from training.evaluate.crosschannel import evaluate_command
-
-    for line in evaluate_command(p.home, dataset, source, folds, log=p.log):
-        console.print(line, soft_wrap=True, markup=False)
-
 @cli.command()
 @dataset_arg
 @click.option("--target", "targets", multiple=True, help="A label to predict (repeatable). Default: every label.")
@@ -1032,6 +1017,21 @@ def print_evaluation(r) -> None:
     console.print(f"reports: {r.paths['markdown']} (+ .json, .png; this call: {r.paths['run_markdown'].parent}); "
                   f"{r.seconds:.0f}s", soft_wrap=True)
 
+
+@cli.command("evaluate-crosschannel")
+@dataset_arg
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The `synth-clicks --app-users` folder (app_visits.csv, app_tiles.csv).")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
+@click.pass_obj
+@_errors
+def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
+    """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each
+    app visit's time (training/evaluate/crosschannel.py); report under reports/crosschannel/."""
+    from training.evaluate.crosschannel import evaluate_command
+
+    for line in evaluate_command(p.home, dataset, source, folds, log=p.log):
+        console.print(line, soft_wrap=True, markup=False)
 
 @cli.command()
 @click.option("--dataset", default="movielens-100k", show_default=True)
