@@ -53,8 +53,17 @@ def fetch(p: Pipeline, model: str | None) -> None:
               help="Same seed and options: the same files, byte for byte.")
 @click.option("--days", type=click.IntRange(1, 1000), default=ClickstreamConfig.days, show_default=True,
               help="Days from 2024-01-01 that sessions start on.")
+@click.option("--app-users", type=click.FloatRange(0, 1), default=None,
+              help="Also draw the app side (producers/synthetic/crosschannel.py): this share of people use the app; "
+                   "their linked web sessions carry their customer id. [default: web only, as before]")
+@click.option("--link-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --app-users: chance that an app user's web session is linked (logged in).")
+@click.option("--tiles", type=click.IntRange(2, 7), default=4, show_default=True, help="With --app-users: K tiles.")
+@click.option("--conversion-days", type=click.IntRange(1), default=14, show_default=True,
+              help="With --app-users: a visit converts when a product is opened within N days.")
 @handle_errors
-def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
+def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int, app_users: float | None, link_share: float,
+                 tiles: int, conversion_days: int) -> None:
     """Generate a synthetic bank-website clickstream with planted session intents into OUT_DIR.
 
     Writes clicks.csv (one row per page view: visitor, session id, time, page type, page, seconds
@@ -72,6 +81,12 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
     """
     from producers.synthetic.clickstream import write_clickstream
 
+    if app_users is not None:
+        from producers.synthetic.crosschannel import synth_command
+
+        lines = synth_command(out_dir, visitors, seed, days, app_users, link_share, tiles, conversion_days)
+        printers.console.print("[green]✓[/] " + "\n".join(lines), soft_wrap=True)
+        return
     r = write_clickstream(out_dir, ClickstreamConfig(visitors=visitors, seed=seed, days=days))
     printers.print_synth_clicks(r)
 

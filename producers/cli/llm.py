@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
+from pathlib import Path
 
 import click
 
@@ -157,3 +158,19 @@ def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str 
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
                             select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe)
     printers.print_evaluation(p.evaluate(dataset, config))
+
+
+@click.command("evaluate-crosschannel")
+@dataset_arg
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The `synth-clicks --app-users` folder (app_visits.csv, app_tiles.csv).")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
+@click.pass_obj
+@handle_errors
+def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
+    """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each
+    app visit's time (training/evaluate/crosschannel.py); report under reports/crosschannel/."""
+    from training.evaluate.crosschannel import evaluate_command
+
+    for line in evaluate_command(p.home, dataset, source, folds, log=p.log):
+        printers.console.print(line, soft_wrap=True, markup=False)

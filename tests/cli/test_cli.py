@@ -35,7 +35,8 @@ def test_help_lists_the_commands():
     # In the order a pipeline runs them, not alphabetically.
     names = [line.split()[0] for line in commands.strip().splitlines() if not line.startswith("    ")]
     assert names == ["datasets", "fetch", "synth-clicks", "ingest", "validate", "serialize", "aggregate", "enrich",
-                     "finetune", "embed", "coles", "sessions", "intents", "publish", "evaluate", "demo"]
+                     "finetune", "embed", "coles", "sessions", "intents", "publish", "evaluate",
+                     "evaluate-crosschannel", "demo"]
 
 
 def test_datasets_lists_builtins_and_what_the_warehouse_holds(llm4es, grouplens):
