@@ -12,11 +12,11 @@ from typing import Any, Callable
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult, training_plan
 from producers.shared.devices import pick_device
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
-                                 swap_in_with_parquet)
+from producers.stores.outputs import COLES, read_provenance, staging, write_staged
+from producers.stores.warehouse import Home, float32_lists, last_ingest, stored_definition
 
-TABLE = "coles_embeddings"
-PARQUET_KEY = b"llm4es"
+TABLE = COLES.table
+__all__ = ["TABLE", "coles", "model_name", "parquet_path", "read_provenance"]
 
 Log = Callable[[str], None]
 
@@ -158,28 +158,19 @@ def model_name(config: ColesConfig) -> str:
 
 
 def parquet_path(home: Home, schema: str) -> Path:
-    return home.data_dir / schema / f"{TABLE}.parquet"
-
-
-def read_provenance(parquet: str | Path) -> dict:
-    """The `llm4es` key-value metadata of the Parquet copy."""
-    import pyarrow.parquet as pq
-
-    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
+    return COLES.parquet_path(home, schema)
 
 
 def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, provenance: dict,
            produced_at: datetime, source_hash: str | None, log: Log) -> Path:
-    """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
+    """The vectors as the staged output, then the one write path (`producers.stores.outputs.write_staged`)."""
     import pyarrow as pa
 
     arrow = pa.table({"user_id": pa.array(users), "vector": float32_lists(vectors)})
-    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
     parquet = parquet_path(home, schema)
     con = home.connect()
     try:
-        con.execute(f"DROP TABLE IF EXISTS {stg}")
-        try:
+        with staging(con, COLES, schema) as stg:
             con.register("coles_vectors", arrow)
             con.execute(f"""CREATE TABLE {stg} AS
                 SELECT CAST(user_id AS {user_type}) AS user_id, CAST(vector AS FLOAT[]) AS vector,
@@ -194,11 +185,7 @@ def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, p
                          "produced_at": produced_at, "source_hash": source_hash,
                          "code_version": provenance["code_version"]})
             con.unregister("coles_vectors")
-            rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
-            table = rel.to_arrow_table()
-            swap_in_with_parquet(con, schema, [TABLE], table, parquet, provenance, log)
-        finally:
-            con.execute(f"DROP TABLE IF EXISTS {stg}")
+            write_staged(con, COLES, schema, parquet, provenance, log)
     finally:
         con.close()
     return parquet
