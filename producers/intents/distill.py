@@ -33,13 +33,13 @@ from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
 from producers.stores.provenance import code_version
-from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, read_provenance, staging, write_staged
+from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, read_provenance, write_output
 from producers.stores.warehouse import Home, float32_lists, one, stored_definition, table_exists
 
 TABLE = SESSION_INTENTS.table
 META = SESSION_INTENTS.companions[0]
 EMBEDDINGS = SESSION_EMBEDDINGS.table
-__all__ = ["TABLE", "distill_intents", "parquet_path", "read_provenance"]
+__all__ = ["TABLE", "distill_intents", "read_provenance"]
 
 
 def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillConfig(), log: Log = lambda _: None,
@@ -280,41 +280,30 @@ def _embedding_provenance(home: Home, con: duckdb.DuckDBPyConnection, d: Dataset
     return {"table": f"{d.schema}.{EMBEDDINGS}", "rows": int(n), "note": "no Parquet copy with provenance found"}
 
 
-def parquet_path(home: Home, schema: str) -> Path:
-    return SESSION_INTENTS.parquet_path(home, schema)
-
-
 def _write(home: Home, schema: str, features: dict, predicted: list[str], proba, version: int, provenance: dict,
            produced_at: datetime, log: Log) -> Path:
-    """The labels as the staged output (and its meta row), then the one write path (`write_staged`)."""
+    """The labels (and their meta row) through the one write path (`producers.stores.outputs.write_output`)."""
     import pyarrow as pa
 
     arrow = pa.table({"session_id": pa.array(features["session_id"], pa.string()),
                       "label": pa.array(predicted, pa.string()), "probabilities": float32_lists(proba)})
-    parquet = parquet_path(home, schema)
-    con = home.connect()
-    try:
-        with staging(con, SESSION_INTENTS, schema) as stg:
-            con.register("intent_rows", arrow)
-            con.execute(f"""CREATE TABLE {stg} AS
-                SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
-                       r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
-                       CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
-                       CAST($code_version AS VARCHAR) AS code_version
-                FROM intent_rows AS r JOIN "{schema}".{EMBEDDINGS} AS m USING (session_id)
-                ORDER BY r.session_id""",
-                        {"version": version, "classifier": provenance["classifier"], "produced_at": produced_at,
-                         "code_version": provenance["code_version"]})
-            con.unregister("intent_rows")
-            con.execute(f"CREATE TABLE {SESSION_INTENTS.staging_name(schema, META)} AS SELECT "
-                        "CAST($v AS INTEGER) AS taxonomy_version, CAST($labels AS JSON) AS labels, "
-                        "CAST($p AS JSON) AS provenance, CAST($t AS TIMESTAMP) AS produced_at",
-                        {"v": version, "labels": json.dumps(provenance["labels"]),
-                         "p": json.dumps(provenance, default=str), "t": produced_at})
-            write_staged(con, SESSION_INTENTS, schema, parquet, provenance, log)
-    finally:
-        con.close()
-    return parquet
+
+    def meta(con) -> None:
+        con.execute(f"CREATE TABLE {SESSION_INTENTS.staging_name(schema, META)} AS SELECT "
+                    "CAST($v AS INTEGER) AS taxonomy_version, CAST($labels AS JSON) AS labels, "
+                    "CAST($p AS JSON) AS provenance, CAST($t AS TIMESTAMP) AS produced_at",
+                    {"v": version, "labels": json.dumps(provenance["labels"]),
+                     "p": json.dumps(provenance, default=str), "t": produced_at})
+
+    return write_output(home, SESSION_INTENTS, schema, arrow, f"""
+            SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
+                   r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
+                   CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
+                   CAST($code_version AS VARCHAR) AS code_version
+            FROM new_rows AS r JOIN "{schema}".{EMBEDDINGS} AS m USING (session_id)
+            ORDER BY r.session_id""", provenance, log=log, also=meta,
+                        params={"version": version, "classifier": provenance["classifier"],
+                                "produced_at": produced_at, "code_version": provenance["code_version"]})
 
 
 def _reports(home: Home, d: DatasetDefinition, provenance: dict, metrics: dict, latency: dict) -> tuple[Path, Path]:

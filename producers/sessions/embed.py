@@ -24,11 +24,11 @@ from producers.shared.devices import pick_device
 from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.stores.outputs import SESSION_EMBEDDINGS, read_provenance, staging, write_staged
+from producers.stores.outputs import SESSION_EMBEDDINGS, read_provenance, write_output
 from producers.stores.warehouse import Home, float32_lists
 
 TABLE = SESSION_EMBEDDINGS.table
-__all__ = ["TABLE", "embed_sessions", "infer", "parquet_path", "read_provenance"]
+__all__ = ["TABLE", "embed_sessions", "infer", "read_provenance"]
 Log = Callable[[str], None]
 
 
@@ -113,28 +113,14 @@ def _reencode(home: Home, p: Any, config: SessionEncoderConfig, vocab: F.Vocab) 
         con.close()
 
 
-def parquet_path(home: Home, schema: str) -> Path:
-    return SESSION_EMBEDDINGS.parquet_path(home, schema)
-
-
 def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: np.ndarray, provenance: dict,
            log: Log) -> Path:
-    """The vectors as the staged output, then the one write path (`producers.stores.outputs.write_staged`)."""
+    """The vectors through the one write path (`producers.stores.outputs.write_output`)."""
     import pyarrow as pa
 
     arrow = pa.table({"session_id": pa.array(data.session_ids, pa.string()), "user_id": pa.array(data.user_ids),
                       "session_end": pa.array(data.ends, pa.timestamp("us")), "embedding": float32_lists(vectors)})
-    parquet = parquet_path(home, schema)
-    con = home.connect()
-    try:
-        with staging(con, SESSION_EMBEDDINGS, schema) as stg:
-            con.register("session_vectors", arrow)
-            con.execute(f"""CREATE TABLE {stg} AS
-                SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {user_type}) AS user_id,
-                       CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
-                FROM session_vectors ORDER BY session_id""")
-            con.unregister("session_vectors")
-            write_staged(con, SESSION_EMBEDDINGS, schema, parquet, provenance, log)
-    finally:
-        con.close()
-    return parquet
+    return write_output(home, SESSION_EMBEDDINGS, schema, arrow, f"""
+            SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {user_type}) AS user_id,
+                   CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
+            FROM new_rows ORDER BY session_id""", provenance, log=log)

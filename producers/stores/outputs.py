@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,14 @@ class FeatureOutput:
     depend on the data (aggregates: one column per category value) declares `open_columns` instead and
     publishes every numeric column it holds. `file` is the Parquet location under `data/<schema>/`; a
     `{set}` in it stands for the set's name when one table holds several sets (LLM4ES embeddings).
-    `sets` names the columns that tell the sets apart; `derived` names the outputs publish computes
-    from this one (the session rollups), each by a function its producer registers (`DERIVATIONS`).
+    `sets` names the columns that tell the sets apart.
+
+    How publish serves it (`publish_as`): `snapshots` (one user-keyed set; every publish adds a snapshot
+    to its history, view `<schema>__<view>`), `sets` (user-keyed vectors, one history per set; the default
+    set's view is `<schema>__<view>`, and with `view_every_set` every set also gets `<schema>__<label>__<set>`)
+    or `sessions` (session-keyed rows written afresh, view `<schema>__<view>`, plus the user-level rollups
+    that `rollup` names: a module of the stage that owns the output, offering `session_columns(types)` and
+    `session_views(con, provenance, recent, user_dtype)` over a DuckDB table `sess` of the session rows).
     """
 
     kind: str
@@ -59,9 +66,17 @@ class FeatureOutput:
     open_columns: bool = False
     sets: tuple[str, ...] = ()
     companions: tuple[str, ...] = ()  # tables swapped in with the main one (e.g. `<table>_meta`)
-    derived: tuple[str, ...] = ()
-    description: str = ""
+    publish_as: str = "snapshots"  # snapshots | sets | sessions
+    view: str = ""  # the (default) view's name after `<schema>__` (default: the table's name)
+    view_every_set: bool = False
+    label: str = ""  # how a view's description opens (`LLM4ES embeddings of {dataset} users`)
+    rollup: str = ""  # sessions: the module that defines the session and user rollup views
+    description: str = ""  # the input, as publish's messages name it
     produced_by: str = ""  # the command that writes it (named in publish's "nothing to publish" error)
+
+    @property
+    def view_name(self) -> str:
+        return self.view or self.table
 
     def parquet_path(self, home: Home, schema: str, set_name: str | None = None) -> Path:
         if "{set}" in self.file:
@@ -87,12 +102,14 @@ class FeatureOutput:
 AGGREGATES = FeatureOutput(
     kind="agg", table="agg_features", entity="user", key="user_id", timestamp="feature_timestamp",
     file="agg_features.parquet", open_columns=True, companions=("agg_features_meta",),
+    label="aggregate features of {dataset} users (activity, numeric statistics, top categories)",
     description="aggregate features (agg_features.parquet)", produced_by="llm4es aggregate")
 COLES = FeatureOutput(
     kind="coles", table="coles_embeddings", entity="user", key="user_id", timestamp="feature_timestamp",
     file="coles_embeddings.parquet", vectors=("vector",), sets=("model", "checkpoint"),
     scalars=(("dim", "INTEGER"), ("model", "VARCHAR"), ("checkpoint", "VARCHAR"), ("epoch", "INTEGER"),
              ("produced_at", "TIMESTAMP"), ("source_hash", "VARCHAR"), ("code_version", "VARCHAR")),
+    publish_as="sets", view="coles_embedding", label="CoLES embeddings of {dataset} users",
     description="CoLES embeddings (coles_embeddings.parquet)", produced_by="llm4es coles")
 LLM4ES = FeatureOutput(
     kind="llm4es", table="embeddings", entity="user", key="user_id", timestamp="feature_timestamp",
@@ -100,19 +117,42 @@ LLM4ES = FeatureOutput(
     scalars=(("dim", "INTEGER"), ("model", "VARCHAR"), ("checkpoint", "VARCHAR"), ("epoch", "INTEGER"),
              ("layers", "VARCHAR"), ("text_kind", "VARCHAR"), ("produced_at", "TIMESTAMP"),
              ("source_hash", "VARCHAR"), ("code_version", "VARCHAR")),
+    publish_as="sets", view="llm4es_embedding", view_every_set=True, label="LLM4ES embeddings of {dataset} users",
     description="LLM4ES embeddings (embeddings/*.parquet)", produced_by="llm4es embed")
 SESSION_EMBEDDINGS = FeatureOutput(
     kind="sessions", table="session_embeddings", entity="session", key="session_id", timestamp="session_end",
     file="session_embeddings.parquet", scalars=(("user_id", "user"),), vectors=("embedding",),
-    derived=("session_embedding", "session_embedding_rollup"),
+    publish_as="sessions", view="session_embedding", rollup="producers.sessions.rollup",
     description="session embeddings (session_embeddings.parquet)", produced_by="llm4es sessions embed")
 SESSION_INTENTS = FeatureOutput(
     kind="intents", table="session_intents", entity="session", key="session_id", timestamp="session_end",
     file="session_intents.parquet", companions=("session_intents_meta",),
     scalars=(("user_id", "user"), ("taxonomy_version", "INTEGER"), ("label", "VARCHAR"), ("classifier", "VARCHAR"),
              ("produced_at", "TIMESTAMP"), ("code_version", "VARCHAR")), vectors=("probabilities",),
-    derived=("session_intent", "intent_shares"),
+    publish_as="sessions", view="session_intent", rollup="producers.intents.shares",
     description="session intents (session_intents.parquet)", produced_by="llm4es intents distill")
+
+@dataclass(frozen=True)
+class DerivedView:
+    """One view publish serves from a session-keyed output: the sessions themselves or a user rollup of them.
+
+    `query` reads the temp table `sess` (session_id, user_id, feature_timestamp = the session's end,
+    produced_at, n = the session's rank among its user's, and the output's value columns); `features`
+    are the Feast fields (name, dtype, vector_length); `what` opens the view's description.
+    """
+
+    kind: str
+    view: str
+    query: str
+    features: tuple[dict, ...]
+    what: str
+    session_keyed: bool
+
+
+def feature_slug(text: str) -> str:
+    """A value as part of a feature or view name: `Sci-Fi!` -> `sci_fi`."""
+    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:48].strip("_") or "x"
+
 
 OUTPUTS: dict[str, FeatureOutput] = {o.kind: o for o in (AGGREGATES, COLES, LLM4ES, SESSION_EMBEDDINGS, SESSION_INTENTS)}
 
@@ -142,6 +182,26 @@ def staging(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema: str
             con.execute(f"DROP TABLE IF EXISTS {name}")
 
 
+def write_output(home: Home, output: FeatureOutput, schema: str, rows: "pa.Table", select: str, provenance: dict,
+                 params: dict | None = None, log: Log = lambda _: None,
+                 also: Callable[["duckdb.DuckDBPyConnection"], None] | None = None) -> Path:
+    """The one write path for a producer's computed rows: `select` (SQL over `rows`, registered as the view
+    `new_rows`) builds the staging table, `also(con)` stages the companion tables, then `write_staged`."""
+    con = home.connect()
+    try:
+        with staging(con, output, schema) as stg:
+            con.register("new_rows", rows)
+            try:
+                con.execute(f"CREATE TABLE {stg} AS {select}", params or {})
+            finally:
+                con.unregister("new_rows")
+            if also is not None:
+                also(con)
+            return write_staged(con, output, schema, output.parquet_path(home, schema), provenance, log)
+    finally:
+        con.close()
+
+
 def write_staged(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema: str, parquet: Path,
                  provenance: dict, log: Log = lambda _: None) -> Path:
     """Swap the staged output in and write its Parquet copy, together.
@@ -151,23 +211,23 @@ def write_staged(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema
     the file renamed into place. A failure before the swap leaves both the old tables and the old file.
     """
     rows = _arrow(con.sql(f"SELECT * FROM {output.staging_name(schema)} ORDER BY {output.key}"))
-    tmp = _write_temp(rows, parquet, provenance)
-    try:
-        tables = [output.table, *output.companions]
+    tables = [output.table, *output.companions]
+
+    def swap() -> None:
         log(f"swapping {', '.join(f'{schema}.{t}' for t in tables)} into place")
         swap_tables(con, schema, tables)
-        os.replace(tmp, parquet)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return parquet
+
+    return write_parquet(rows, parquet, provenance, before_rename=swap)
 
 
-def write_parquet(rows: "pa.Table", parquet: Path, provenance: dict) -> Path:
-    """`rows` with `provenance` to `parquet`, atomically (temp file beside it, then rename): for a copy of
-    rows that already live in the warehouse (the LLM4ES export of one set)."""
+def write_parquet(rows: "pa.Table", parquet: Path, provenance: dict,
+                  before_rename: Callable[[], None] = lambda: None) -> Path:
+    """`rows` with `provenance` to `parquet`, atomically: a temp file beside it, `before_rename` (the table
+    swap of `write_staged`), then the rename. Alone: for a copy of rows that already live in the warehouse
+    (the LLM4ES export of one set)."""
     tmp = _write_temp(rows, parquet, provenance)
     try:
+        before_rename()
         os.replace(tmp, parquet)
     except BaseException:
         tmp.unlink(missing_ok=True)
