@@ -129,10 +129,13 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
     _name_sets(schema, sets)
     is_default = {s: s == defaults.get(sets[s]["kind"]) for s in sets}
     order = view_kinds()
+
+    def rank(s: str) -> tuple:
+        kind = sets[s]["kind"]
+        return order.index(kind) if kind in order else len(order), not is_default[s], sets[s]["name"]
+
     views = [_view_entry(dataset, schema, sets[s], is_default[s])
-             for s in sorted(sets, key=lambda s: (order.index(sets[s]["kind"]) if sets[s]["kind"] in order else len(order),
-                                                  not is_default[s], sets[s]["name"]))
-             if is_default[s] or _every_set(sets[s]["kind"])]
+             for s in sorted(sets, key=rank) if is_default[s] or _every_set(sets[s]["kind"])]
     entry = {"dataset": dataset, "schema": schema, "entity": f"{schema}__user", "user_id_type": user_type,
              "session_entity": f"{schema}__session",
              "published_at": now, "published_by": code_version(), "defaults": defaults, "sets": sets, "views": views}
@@ -164,7 +167,8 @@ def _stage_snapshots(con, output: FeatureOutput, path: Path, id_sql: str, user_t
         lengths = [n for (n,) in con.execute(f'SELECT DISTINCT len("{name}") FROM read_parquet({_sql_path(path)}) '
                                              f'WHERE "{name}" IS NOT NULL').fetchall()]
         if len(lengths) != 1:
-            raise PublishError(f"{path}: {name} holds vectors of {len(lengths)} different lengths ({sorted(lengths)[:5]})")
+            raise PublishError(f"{path}: {name} holds vectors of {len(lengths)} different lengths "
+                               f"({sorted(lengths)[:5]})")
         features.append(f'CAST("{name}" AS FLOAT[]) AS "{name}"')
         dtypes[name], dims[name] = "Array(Float32)", int(lengths[0])
     if dropped:

@@ -154,7 +154,9 @@ def feature_slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:48].strip("_") or "x"
 
 
-OUTPUTS: dict[str, FeatureOutput] = {o.kind: o for o in (AGGREGATES, COLES, LLM4ES, SESSION_EMBEDDINGS, SESSION_INTENTS)}
+# in the order publish reads them and lists their views
+OUTPUTS: dict[str, FeatureOutput] = {o.kind: o for o in (AGGREGATES, COLES, LLM4ES, SESSION_EMBEDDINGS,
+                                                       SESSION_INTENTS)}
 
 
 def register(output: FeatureOutput) -> FeatureOutput:
