@@ -200,7 +200,8 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
                 config: "PublishConfig", log: Log) -> list[dict]:
     """User-keyed vectors, one set per distinct value of the output's set columns, each added to its history."""
     kind, key_cols = output.kind, output.sets
-    types = _require(con, path, ["user_id", "vector", *key_cols, "produced_at"])
+    (vector,) = output.vectors  # a set's one vector column
+    types = _require(con, path, ["user_id", vector, *key_cols, "produced_at"])
     prov = _kv_provenance(path)
     src = f"read_parquet({_sql_path(path)})"
     cols = {c: (f'"{c}"' if c in types else "NULL") for c in ("epoch", "layers", "text_kind", "source_hash",
@@ -212,7 +213,8 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
         where = " AND ".join(f'"{c}" IS NOT DISTINCT FROM ${c}' for c in key_cols)
         n_null_ts, n_null_vec, dims, epochs, hashes, codes, produced = con.execute(
             f"SELECT count(*) FILTER (WHERE {cols['feature_timestamp']} IS NULL), "
-            "count(*) FILTER (WHERE vector IS NULL), list(DISTINCT len(vector)) FILTER (WHERE vector IS NOT NULL), "
+            f'count(*) FILTER (WHERE "{vector}" IS NULL), list(DISTINCT len("{vector}")) '
+            f'FILTER (WHERE "{vector}" IS NOT NULL), '
             f"list(DISTINCT {cols['epoch']}), list(DISTINCT {cols['source_hash']}), "
             f"list(DISTINCT {cols['code_version']}), max(produced_at) FROM {src} WHERE {where}", key).fetchall()[0]
         label = f"{path.name}" + (f" ({', '.join(f'{k}={v}' for k, v in key.items())})" if len(keys) > 1 else "")
@@ -226,9 +228,10 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
                 "produced_at, a later time, so no point-in-time join sees them too early")
         snapshot = (f"SELECT {id_sql} AS user_id, CAST(coalesce({cols['feature_timestamp']}, produced_at) AS TIMESTAMP) "
                     "AS feature_timestamp, CAST(produced_at AS TIMESTAMP) AS produced_at, "
-                    f"CAST(vector AS FLOAT[]) AS vector, CAST({cols['source_hash']} AS VARCHAR) AS source_hash, "
+                    f'CAST("{vector}" AS FLOAT[]) AS "{vector}", '
+                    f"CAST({cols['source_hash']} AS VARCHAR) AS source_hash, "
                     f"CAST({cols['code_version']} AS VARCHAR) AS code_version FROM {src} "
-                    f"WHERE {where} AND vector IS NOT NULL")
+                    f'WHERE {where} AND "{vector}" IS NOT NULL')
         set_id = _set_id(kind, key)
         target = out / kind / f"{set_id}.parquet"
         stats, _ = _merge(con, snapshot, target, writes, path, params=key)
