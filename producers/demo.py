@@ -1,4 +1,5 @@
-"""What `llm4es demo` runs, sized to the machine: the settings of every stage, chosen once.
+"""What `llm4es demo` runs, sized to the machine: the settings of every stage, chosen once (`plan`),
+and the loop that runs them (`run_demo`).
 
 The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts the two LLM stages
 (and says so in its output); on a GPU it runs them as the paper does. Three hardware classes:
@@ -24,12 +25,18 @@ a `(linear)` row per feature set.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from producers.enrich.run import EnrichConfig
+from producers.shared.models import DEFAULT_MODEL
 from training.embed import EmbedConfig
 from training.evaluate import EvaluateConfig
 from training.finetune import FinetuneConfig
+
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
 
 DEMO_FEATURES = ("agg", "coles", "llm4es", "coles+llm4es", "coles+agg")
 
@@ -56,7 +63,7 @@ def detect_hardware() -> str:
     return "cpu-bf16" if fast_bf16 else "cpu"
 
 
-def plan(hardware: str, model: str = "smollm2-135m", seed: int = 0) -> DemoPlan:
+def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
     run_name = "demo"
     enrich = EnrichConfig(enricher="template", variants=7, seed=seed)
     evaluate = EvaluateConfig(features=DEMO_FEATURES, cv_repeats=3, seed=seed)
@@ -85,3 +92,97 @@ def plan(hardware: str, model: str = "smollm2-135m", seed: int = 0) -> DemoPlan:
               f"embedding: each text's last {length} tokens (the paper uses up to 2048), in the compact format "
               "(a date per day, runs collapsed: about twice the events per token of the paper's lines), fp32"],
         serialize_format="compact")
+
+
+class DemoDisplay(Protocol):
+    """What shows the demo's progress (the CLI's printers.DemoPrinter prints it with rich)."""
+
+    def start(self, dataset: str, hardware: str, cuts: list[str]) -> None: ...
+    def step(self, i: int, steps: int, title: str, elapsed_s: float) -> None: ...
+    def line(self, text: str, soft_wrap: bool = False) -> None: ...
+    def validation(self, report: Any) -> None: ...
+    def evaluation(self, result: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    validated: bool  # False: the dataset failed validation and the demo stopped after step 2
+    evaluation: Any = None
+    seconds: float = 0.0
+
+
+def run_demo(p: Pipeline, dataset: str, demo_plan: DemoPlan, show: DemoDisplay) -> DemoResult:
+    """The whole pipeline end to end with `demo_plan`'s settings, then one online read; `show` reports each step."""
+    from dataclasses import replace
+
+    from producers.coles import ColesConfig
+    from producers.publish import PublishConfig
+
+    t0 = time.perf_counter()
+    steps = 12
+    show.start(dataset, demo_plan.hardware, demo_plan.cuts)
+
+    def step(i: int, title: str) -> None:
+        show.step(i, steps, title, time.perf_counter() - t0)
+
+    step(1, f"ingest {dataset}")
+    r = p.ingest(dataset)
+    show.line(f"{r.n_events:,} events, {r.n_users:,} users, {r.n_rejects:,} rejected rows"
+              f"{' (unchanged source, reused)' if r.skipped else ''}")
+    step(2, f"validate {dataset}")
+    report = p.validate(dataset)
+    show.validation(report)
+    if not report.success:
+        return DemoResult(validated=False, seconds=time.perf_counter() - t0)
+    step(3, "serialize histories to text")
+    s = p.serialize(dataset, demo_plan.embed.model, demo_plan.serialize_max_tokens, "readable",
+                    fmt=demo_plan.serialize_format)
+    show.line(f"{s.n_texts:,} texts from {s.n_events:,} of {s.n_events_total:,} events; {s.n_cut:,} users cut to "
+              f"the {demo_plan.serialize_max_tokens}-token budget (largest text {s.max_tokens_seen:,} tokens)")
+    step(4, "enrich: 7 template rewrites per user")
+    e = p.enrich(dataset, demo_plan.enrich)
+    show.line(f"{e.written:,} texts in {e.seconds:.1f}s; formats: "
+              + ", ".join(f"{k} {v:,}" for k, v in sorted(e.by_format.items())))
+    step(5, "aggregate features")
+    a = p.aggregate(dataset)
+    show.line(f"{a.n_users:,} users x {a.n_features} features as of {a.as_of}")
+    if demo_plan.finetune is None:
+        step(6, "fine-tune: skipped on this hardware (see the CPU budget above)")
+        checkpoint = None
+    else:
+        step(6, f"fine-tune {demo_plan.finetune.model} on the {demo_plan.finetune.mixture} mixture")
+        f = p.finetune(dataset, demo_plan.finetune)
+        losses = f.losses
+        show.line(f"{f.steps} steps, loss {losses[0]:.3f} -> {f.final_loss:.3f}, {f.tokens_per_second:,.0f} "
+                  "tokens/s" if losses else f"{f.steps} steps")
+        checkpoint = str(f.models[-1])
+    step(7, f"embed every user with the {'base' if checkpoint is None else 'fine-tuned'} model")
+    em = p.embed(dataset, replace(demo_plan.embed, checkpoint=checkpoint))
+    for es in em.sets:
+        show.line(f"{es.n_users:,} vectors of size {es.dim} from {es.checkpoint} at {es.tokens_per_s:,.0f} tokens/s")
+    step(8, "CoLES embeddings (pytorch-lifestream)")
+    c = p.coles(dataset, ColesConfig(seed=demo_plan.evaluate.seed + 42))
+    show.line(f"{c.n_users:,} vectors of size {c.dim} ({c.model}, {c.epoch} epochs"
+              f"{', reused' if not c.epochs_trained else f', final loss {c.final_loss:.3f}'})")
+    step(9, "publish to Feast (feast apply)")
+    pub = p.publish(dataset, PublishConfig())
+    show.line(f"{len(pub.views)} feature views: " + ", ".join(v.name for v in pub.views), soft_wrap=True)
+    step(10, "materialize into the online store (SQLite)")
+    p.materialize("sqlite")
+    step(11, "evaluate: LightGBM and a linear probe on features fetched from Feast")
+    ev = p.evaluate(dataset, demo_plan.evaluate)
+    show.evaluation(ev)
+    step(12, "an online read, as a serving model would do it")
+    user = p.first_user(dataset)
+    online = p.online_features(dataset, ["llm4es_embedding", "coles_embedding", "agg_features"], [user])
+    features = online.iloc[0].drop("user_id")
+    is_vector = [hasattr(v, "__len__") and not isinstance(v, str) for v in features.values]
+    show.line(f"get_online_features(user_id={user}):")
+    for (column, value), vector in zip(features.items(), is_vector):
+        if vector:
+            show.line(f"  {column}: [{', '.join(f'{x:.3f}' for x in value[:4])}, ...] ({len(value)} floats)",
+                      soft_wrap=True)
+    show.line(f"  ... and {is_vector.count(False)} aggregate features", soft_wrap=True)
+    show.line(f"done in {time.perf_counter() - t0:.0f}s; warehouse {p.home.warehouse_path}; "
+              f"report {ev.paths['markdown']}", soft_wrap=True)
+    return DemoResult(validated=True, evaluation=ev, seconds=time.perf_counter() - t0)

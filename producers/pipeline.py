@@ -8,12 +8,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from producers.stores.cache import default_cache_dir
+from producers.aggregate import AggregateConfig
 from producers.datasets.default_sources import fetch_default_source
-from producers.datasets.definition import DatasetDefinition, DefinitionError, load_builtin, load_mapping
+from producers.datasets.definition import (
+    DatasetDefinition,
+    DefinitionError,
+    load_builtin,
+    load_mapping,
+)
+from producers.ingest import IngestConfig
+from producers.stores.cache import default_cache_dir
 from producers.stores.warehouse import Home
+from validation.run import ValidateConfig
+
+if TYPE_CHECKING:  # the stages' configs; their modules load when a method runs
+    from producers.coles import ColesConfig
+    from producers.enrich.run import EnrichConfig
+    from producers.intents import DistillConfig, LabelConfig, TaxonomyConfig
+    from producers.publish import PublishConfig
+    from producers.sessions import SessionEncoderConfig, SessionsConfig
+    from training.embed import EmbedConfig
+    from training.evaluate import EvaluateConfig
+    from training.finetune import FinetuneConfig
 
 Log = Callable[[str], None]
 
@@ -39,9 +57,9 @@ class Pipeline:
         return definition
 
     def ingest(self, dataset: str, source: Path | None = None, mapping: Path | None = None,
-               max_reject_share: float = 0.01, force: bool = False, max_line_size: int | None = None,
-               allow_shrink: bool = False):
-        from producers.ingest import IngestConfig, ingest
+               max_reject_share: float = IngestConfig.max_reject_share, force: bool = IngestConfig.force,
+               max_line_size: int | None = IngestConfig.max_line_size, allow_shrink: bool = IngestConfig.allow_shrink):
+        from producers.ingest import ingest
         from producers.ingest.source_files import SourceError
 
         definition = self.definition(dataset, mapping)
@@ -56,9 +74,9 @@ class Pipeline:
                               allow_shrink=allow_shrink)
         return ingest(self.home, definition, config, self.log)
 
-    def validate(self, dataset: str, max_reject_share: float = 0.01, chunk_rows: int = 2_000_000,
-                 data_docs: bool = True):
-        from validation.run import ValidateConfig, validate
+    def validate(self, dataset: str, max_reject_share: float = ValidateConfig.max_reject_share,
+                 chunk_rows: int = ValidateConfig.chunk_rows, data_docs: bool = ValidateConfig.data_docs):
+        from validation.run import validate
 
         return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs), self.log)
 
@@ -69,49 +87,50 @@ class Pipeline:
         config = SerializeConfig(model=model, max_tokens=max_tokens, time_format=time_format, format=fmt, force=force)
         return serialize(self.home, dataset, config, self.log)
 
-    def aggregate(self, dataset: str, top_n: int = 20, as_of: datetime | None = None,
-                  amount_field: str | None = None, force: bool = False):
-        from producers.aggregate import AggregateConfig, aggregate
+    def aggregate(self, dataset: str, top_n: int = AggregateConfig.top_n,
+                  as_of: datetime | None = AggregateConfig.as_of,
+                  amount_field: str | None = AggregateConfig.amount_field, force: bool = AggregateConfig.force):
+        from producers.aggregate import aggregate
 
         config = AggregateConfig(top_n=top_n, as_of=as_of, amount_field=amount_field, force=force)
         return aggregate(self.home, dataset, config, self.log)
 
-    def enrich(self, dataset: str, config):
+    def enrich(self, dataset: str, config: EnrichConfig):
         from producers.enrich.run import enrich
 
         return enrich(self.home, dataset, config, self.log)
 
-    def finetune(self, dataset: str, config):
+    def finetune(self, dataset: str, config: FinetuneConfig):
         from training.finetune import finetune
 
         return finetune(self.home, dataset, config, self.log)
 
-    def embed(self, dataset: str, config):
+    def embed(self, dataset: str, config: EmbedConfig):
         from training.embed import embed
 
         return embed(self.home, dataset, config, self.log)
 
-    def coles(self, dataset: str, config):
+    def coles(self, dataset: str, config: ColesConfig):
         from producers.coles import coles
 
         return coles(self.home, dataset, config, self.log)
 
-    def sessions_build(self, dataset: str, config):
+    def sessions_build(self, dataset: str, config: SessionsConfig):
         from producers.sessions import build_sessions
 
         return build_sessions(self.home, dataset, config, self.log)
 
-    def sessions_train(self, dataset: str, config):
+    def sessions_train(self, dataset: str, config: SessionEncoderConfig):
         from producers.sessions import train_encoder
 
         return train_encoder(self.home, dataset, config, self.log)
 
-    def sessions_embed(self, dataset: str, config):
+    def sessions_embed(self, dataset: str, config: SessionEncoderConfig):
         from producers.sessions import embed_sessions
 
         return embed_sessions(self.home, dataset, config, self.log)
 
-    def intents_build(self, dataset: str, config):
+    def intents_build(self, dataset: str, config: TaxonomyConfig):
         from producers.intents import build_taxonomy
 
         return build_taxonomy(self.home, dataset, config, self.log)
@@ -121,17 +140,17 @@ class Pipeline:
 
         return import_taxonomy(self.home, dataset, path, max_labels, self.log)
 
-    def intents_label(self, dataset: str, config):
+    def intents_label(self, dataset: str, config: LabelConfig):
         from producers.intents import label_sessions
 
         return label_sessions(self.home, dataset, config, self.log)
 
-    def intents_distill(self, dataset: str, config):
+    def intents_distill(self, dataset: str, config: DistillConfig):
         from producers.intents import distill_intents
 
         return distill_intents(self.home, dataset, config, self.log)
 
-    def publish(self, dataset: str, config):
+    def publish(self, dataset: str, config: PublishConfig):
         from producers.publish import publish
 
         return publish(self.home, dataset, config, self.log)
@@ -157,7 +176,7 @@ class Pipeline:
         finally:
             con.close()
 
-    def evaluate(self, dataset: str, config):
+    def evaluate(self, dataset: str, config: EvaluateConfig):
         from training.evaluate import evaluate
 
         return evaluate(self.home, dataset, config, self.log)
@@ -170,27 +189,3 @@ class Pipeline:
         name = model or DEFAULT_MODEL
         fetched[name] = Path(resolve_model(name, cache_dir=self.cache_dir, progress=self.log))
         return fetched
-
-    def sample_text(self, dataset: str) -> str | None:
-        """The first user's serialized text, if there is one."""
-        from producers.stores.warehouse import stored_definition, table_exists
-
-        con = self.home.connect(read_only=True)
-        try:
-            schema = stored_definition(con, dataset).schema
-            if not table_exists(con, schema, "texts"):
-                return None
-            row = con.execute(f'SELECT text FROM "{schema}".texts WHERE kind = \'serialized\' '
-                              "ORDER BY user_id LIMIT 1").fetchone()
-            return row[0] if row else None
-        finally:
-            con.close()
-
-    def summary(self, dataset: str) -> dict:
-        from producers.summary import dataset_summary
-
-        con = self.home.connect(read_only=True)
-        try:
-            return dataset_summary(con, dataset)
-        finally:
-            con.close()

@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from producers.errors import Llm4esError
 from producers.stores.outputs import LLM4ES, atomic_write_text, read_provenance, write_parquet
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, float32_lists, stored_definition, table_exists
@@ -67,7 +68,7 @@ POOLING = "mean over the selected hidden states, then mean over the attention-ma
 Log = Callable[[str], None]
 
 
-class EmbedError(ValueError):
+class EmbedError(Llm4esError, ValueError):
     """The embedding run cannot be done as asked (no texts, an empty layer range, a bad checkpoint...)."""
 
 

@@ -44,7 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
+from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
+from producers.shared.models import DEFAULT_MODEL
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from validation.gate import require_valid
@@ -59,13 +61,13 @@ RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient
 Log = Callable[[str], None]
 
 
-class FinetuneError(ValueError):
+class FinetuneError(Llm4esError, ValueError):
     """The fine-tuning cannot run as asked (bad config, incompatible resume, ...)."""
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = "smollm2-135m"  # registry name, local folder or hub id (producers.shared.models.resolve_model)
+    model: str = DEFAULT_MODEL  # registry name, local folder or hub id (producers.shared.models.resolve_model)
     mixture: str = "template:7"  # producers.shared.mixture.Mixture spec
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set it decides, not `epochs`

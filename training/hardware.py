@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-DEVICE_ENV = "LLM4ES_DEVICE"
+from producers.shared.devices import requested_device
 
 # Dense bf16 tensor-core peaks without sparsity, in FLOP/s, by a substring of torch.cuda.get_device_name().
 # The first match wins, so the more specific names come first.
@@ -32,8 +32,7 @@ def choose_device(device: str = "auto", error: type[Exception] = ValueError) -> 
     """The torch device `device` names; `auto` honours LLM4ES_DEVICE, then CUDA (this rank's GPU), then CPU."""
     import torch
 
-    if device == "auto":
-        device = os.environ.get(DEVICE_ENV, "").strip() or "auto"
+    device = requested_device(device)
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import duckdb
 
+from producers.errors import Llm4esError
 from producers.stores.warehouse import last_ingest, one, stored_definition, table_exists
 
 
-class ValidationGateError(RuntimeError):
+class ValidationGateError(Llm4esError, RuntimeError):
     """The dataset has not passed validation since it was last ingested."""
 
 

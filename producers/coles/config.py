@@ -10,12 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from producers.errors import Llm4esError
+
 # Config fields that change neither the data nor the maths of an epoch: they are left out of the
 # run key, so a run asked for more epochs continues the same run, and a finished one is reused.
 NOT_IN_RUN_KEY = frozenset({"epochs", "device", "threads", "num_workers", "force", "resume", "progress"})
 
 
-class ColesError(ValueError):
+class ColesError(Llm4esError, ValueError):
     """The CoLES run cannot be done as asked (bad config value, no events, no usable fields)."""
 
 

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from producers.datasets.expressions import check_expression
+from producers.errors import Llm4esError
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DTYPES = {"VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP"}
@@ -35,7 +36,7 @@ NUMERIC_DTYPES = {"BIGINT", "INTEGER", "DOUBLE"}
 WINDOW_NOW_SLACK = timedelta(days=1)  # "now" in a time window: clocks and time zones differ by up to a day
 
 
-class DefinitionError(ValueError):
+class DefinitionError(Llm4esError, ValueError):
     """The dataset definition (mapping file) is malformed."""
 
 

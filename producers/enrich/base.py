@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from producers.datasets.definition import DatasetDefinition
+from producers.errors import Llm4esError
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class EnrichReport:
         return self.fallbacks / total if total else 0.0
 
 
-class EnrichError(RuntimeError):
+class EnrichError(Llm4esError, RuntimeError):
     """The enrichment did not produce what was asked (e.g. too many LLM outputs fell back to templates)."""
 
 

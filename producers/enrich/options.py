@@ -4,11 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from producers.shared.models import DEFAULT_MODEL
+
 
 @dataclass(frozen=True)
 class LLMOptions:
     backend: Literal["local", "openai", "lexical"] = "local"  # lexical: intents label only (producers.intents.lexical)
-    model: str = "smollm2-135m"  # local: registry name, folder or hub id; openai: the served model's name
+    model: str = DEFAULT_MODEL  # local: registry name, folder or hub id; openai: the served model's name
     endpoint: str | None = None  # OpenAI-compatible base URL (vLLM, llama.cpp server, Ollama), e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key, if the server wants one
     concurrency: int = 4  # requests in flight (openai backend)

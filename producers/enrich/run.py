@@ -14,6 +14,7 @@ import pandas as pd
 
 from producers.enrich.base import EnrichError, EnrichReport, UserHistory
 from producers.enrich.options import LLMOptions
+from producers.shared.models import DEFAULT_MODEL
 from producers.stores.provenance import code_version
 from producers.serialize.budget import count_tokens
 from producers.serialize.render import line_sql, rendered_events_sql
@@ -28,7 +29,7 @@ class EnrichConfig:
     variants: int = 7
     seed: int = 0
     limit_users: int | None = None  # the first N users by id (trying the LLM on a few)
-    tokenizer: str = "smollm2-135m"  # counts n_tokens of the rewrites
+    tokenizer: str = DEFAULT_MODEL  # counts n_tokens of the rewrites
     max_tokens: int = 2048  # template rewrites drop their oldest events to fit (0: no budget)
     llm: LLMOptions = field(default_factory=LLMOptions)
     # llm: the run fails, writing nothing, when more of its texts than this share are template

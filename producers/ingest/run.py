@@ -21,6 +21,7 @@ from typing import Callable
 import duckdb
 
 from producers.datasets.definition import DatasetDefinition
+from producers.errors import Llm4esError
 from producers.ingest.codes import build_codes
 from producers.ingest.raw_load import RawLoadError, RawTable, duckdb_message, load_raw, sql_ident, sql_str
 from producers.ingest.sandbox import Sandbox
@@ -37,7 +38,7 @@ MAX_SHRINK = 0.5
 them: a header-only file) needs `allow_shrink`; a truncated export otherwise replaces good data."""
 
 
-class IngestError(RuntimeError):
+class IngestError(Llm4esError, RuntimeError):
     """The source could not be ingested; the warehouse is as it was before."""
 
 

@@ -6,11 +6,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from producers.errors import Llm4esError
 from producers.stores.cache import sha256_file
 from producers.datasets.definition import DatasetDefinition
 
 
-class SourceError(FileNotFoundError):
+class SourceError(Llm4esError, FileNotFoundError):
     """A raw file the definition needs is missing from the source."""
 
 

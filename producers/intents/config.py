@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from producers.enrich.options import LLMOptions
+from producers.errors import Llm4esError
 from producers.shared.redact import redacted
 
 
-class IntentsError(RuntimeError):
+class IntentsError(Llm4esError, RuntimeError):
     """An intent stage cannot run as asked (a missing table, too few labels, a bad config value)."""
 
 

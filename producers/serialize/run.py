@@ -11,6 +11,8 @@ from typing import Callable
 
 import pandas as pd
 
+from producers.errors import Llm4esError
+from producers.shared.models import DEFAULT_MODEL
 from producers.stores.provenance import code_version
 from producers.serialize.budget import count_tokens, fit_texts
 from producers.serialize.render import FORMATS, Format, TimeFormat, header, user_bodies_sql
@@ -19,13 +21,13 @@ from producers.stores.warehouse import Home, last_ingest, stored_definition
 from validation.gate import require_valid
 
 
-class SerializeError(ValueError):
+class SerializeError(Llm4esError, ValueError):
     """The serialization cannot be done as asked (e.g. the budget is smaller than the header)."""
 
 
 @dataclass(frozen=True)
 class SerializeConfig:
-    model: str = "smollm2-135m"  # whose tokenizer counts the budget
+    model: str = DEFAULT_MODEL  # whose tokenizer counts the budget
     max_tokens: int = 2048  # per user text; 0 = no budget
     time_format: TimeFormat = "readable"
     format: Format = "paper"  # how events render to lines (producers/serialize/render.py): "paper" or "compact"

@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producers.errors import Llm4esError
 
-class SessionsError(RuntimeError):
+
+class SessionsError(Llm4esError, RuntimeError):
     """A sessions stage cannot be done as asked (bad config, failed checks, no trained encoder)."""
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from producers.errors import Llm4esError
 from producers.stores.texts import KINDS
 
 
-class MixtureError(ValueError):
+class MixtureError(Llm4esError, ValueError):
     """The mixture is malformed or asks for texts that were not produced."""
 
 

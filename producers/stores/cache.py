@@ -16,8 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from producers.errors import Llm4esError
 
-class FetchError(RuntimeError):
+
+class FetchError(Llm4esError, RuntimeError):
     """A wheel could not be downloaded or did not match its pinned hash."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from producers.errors import Llm4esError
 from producers.stores.warehouse import STAGING_SUFFIX, Home, swap_tables
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ PARQUET_KEY = b"llm4es"  # the Parquet key-value metadata entry holding an outpu
 Log = Callable[[str], None]
 
 
-class OutputError(ValueError):
+class OutputError(Llm4esError, ValueError):
     """An output file that lacks what its description promises (e.g. no provenance)."""
 
 

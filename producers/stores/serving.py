@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from producers.datasets.definition import schema_name
+from producers.errors import Llm4esError
 from producers.stores.warehouse import Home
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ ONLINE_STORES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.y
 MANIFEST_FORMAT = 1
 
 
-class PublishError(ValueError):
+class PublishError(Llm4esError, ValueError):
     """Nothing to publish, inputs that do not fit, or a Feast repo that cannot take them."""
 
 

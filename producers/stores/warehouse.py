@@ -16,11 +16,12 @@ from typing import Iterator
 import duckdb
 
 from producers.datasets.definition import DatasetDefinition, DefinitionError, schema_name
+from producers.errors import Llm4esError
 
 STAGING_SUFFIX = "__staging"
 
 
-class WarehouseError(RuntimeError):
+class WarehouseError(Llm4esError, RuntimeError):
     """The warehouse lacks what a stage needs (e.g. the dataset was never ingested)."""
 
 

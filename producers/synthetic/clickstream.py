@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from producers.errors import Llm4esError
+
 # Bump when the generated data changes for the same config: cached default copies regenerate.
 GENERATOR_VERSION = 1
 
@@ -201,7 +203,7 @@ FILES = ("clicks.csv", "visitors.csv", "planted_intents.csv", "README.txt")
 MAX_DWELL_S = 1500.0  # 25 minutes: with the few seconds before the next click, gaps stay under 30
 
 
-class ClickstreamError(ValueError):
+class ClickstreamError(Llm4esError, ValueError):
     """The synthetic clickstream cannot be generated as asked (bad config value, unwritable folder)."""
 
 

@@ -5,15 +5,15 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-import producers.cli
+import producers.cli.printers
 from producers.cli import cli
 
 
 @pytest.fixture(autouse=True)
 def wide_consoles(monkeypatch):
     """rich wraps at 80 columns when not on a terminal, which splits table cells; tests read 250."""
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "console", Console(highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "err_console", Console(stderr=True, highlight=False, width=250))
 
 
 @pytest.fixture

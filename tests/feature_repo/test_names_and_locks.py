@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-import producers.cli
+import producers.cli.printers
 from producers.cli import cli
 from producers.datasets.definition import parse_definition, schema_name
 from producers.ingest import IngestConfig, ingest
@@ -21,8 +21,8 @@ from tests.producers.test_generic import write_shop
 
 @pytest.fixture(autouse=True)
 def wide_consoles(monkeypatch):
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "console", Console(highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "err_console", Console(stderr=True, highlight=False, width=250))
 
 
 def _ingest_as(home: Home, folder: Path, name: str):

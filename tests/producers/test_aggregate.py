@@ -15,7 +15,7 @@ from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.stores.warehouse import Home, last_ingest
 from tests.fixtures.bank_files import write_gender
-from tests.fixtures.movielens_files import GENRES, read_ratings, write_grouplens
+from tests.fixtures.movielens_files import GENRES, read_ratings
 from validation.gate import ValidationGateError
 from validation.run import ValidateConfig, validate
 
@@ -27,13 +27,9 @@ def utc(ts: int) -> datetime:
 
 
 @pytest.fixture(scope="module")
-def ml(tmp_path_factory):
+def ml(validated_grouplens):
     """A validated grouplens fixture (ingest + validate once per module) and its raw ratings."""
-    root = tmp_path_factory.mktemp("agg")
-    source = write_grouplens(root / "ml-100k")
-    home = Home.resolve(root / "home")
-    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
-    assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
+    home, source = validated_grouplens
     # (user, movie, rating, unix time, year) per rating; genres per movie
     return home, read_ratings(source), movie_genres(source)
 

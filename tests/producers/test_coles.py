@@ -18,7 +18,7 @@ from producers.datasets.definition import load_builtin, parse_definition
 from producers.ingest import IngestConfig, ingest
 from producers.stores.warehouse import Home, last_ingest, stored_definition
 from tests.fixtures.bank_files import write_gender
-from tests.fixtures.movielens_files import read_ratings, write_grouplens
+from tests.fixtures.movielens_files import read_ratings
 from validation.gate import ValidationGateError
 from validation.run import ValidateConfig, validate
 
@@ -36,13 +36,9 @@ def slog(x: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def ml(tmp_path_factory):
+def ml(validated_grouplens):
     """A validated grouplens fixture (12 users, 20-30 ratings each) and its raw ratings."""
-    root = tmp_path_factory.mktemp("coles")
-    source = write_grouplens(root / "ml-100k")
-    home = Home.resolve(root / "home")
-    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
-    assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
+    home, source = validated_grouplens
     return home, read_ratings(source)  # (user, movie, rating, unix time, year)
 
 

@@ -142,9 +142,9 @@ def _smollm2_or_skip():
     from producers.stores.cache import default_cache_dir
 
     try:
-        from producers.shared.models import load_tokenizer, resolve_model
+        from producers.shared.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 
-        return load_tokenizer(resolve_model("smollm2-135m", cache_dir=default_cache_dir()))
+        return load_tokenizer(resolve_model(DEFAULT_MODEL, cache_dir=default_cache_dir()))
     except Exception as e:  # noqa: BLE001 - not cached here: the byte-level fixture tokenizer still runs
         pytest.skip(f"SmolLM2 tokenizer not available: {e}")
 

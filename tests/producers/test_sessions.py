@@ -12,9 +12,8 @@ from producers.ingest import IngestConfig, ingest
 from producers.sessions import SessionsConfig, SessionsError, build_sessions
 from producers.stores.warehouse import Home
 from tests.fixtures.clicks_files import CLICKS_YAML, write_clicks
-from tests.fixtures.movielens_files import read_ratings, write_grouplens
+from tests.fixtures.movielens_files import read_ratings
 from validation.gate import ValidationGateError
-from validation.run import ValidateConfig, validate
 
 SCHEMA = "movielens_100k"
 WEEK = 7 * 24 * 60
@@ -25,12 +24,8 @@ def utc(ts: int) -> datetime:
 
 
 @pytest.fixture(scope="module")
-def ml(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sessions")
-    source = write_grouplens(root / "ml-100k")
-    home = Home.resolve(root / "home")
-    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=source))
-    assert validate(home, "movielens-100k", ValidateConfig(data_docs=False)).success
+def ml(validated_grouplens):
+    home, source = validated_grouplens
     return home, read_ratings(source)
 
 

@@ -548,9 +548,9 @@ def test_token_counts_add_up_over_lines_on_every_format():
              for definition, make in CASES.values() for u in (1, 2) for v in range(8) for fmt in FORMATS]
     tokenizers = [trained_tokenizer(texts[::3], vocab_size=500)]
     try:
-        from producers.shared.models import load_tokenizer, resolve_model
+        from producers.shared.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 
-        tokenizers.append(load_tokenizer(resolve_model("smollm2-135m")))
+        tokenizers.append(load_tokenizer(resolve_model(DEFAULT_MODEL)))
     except Exception:  # noqa: BLE001 - not cached: the fixture tokenizer still checks the rule
         pass
     cut = re.compile(r"(?<=\S)(?=\n)")

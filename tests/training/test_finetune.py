@@ -413,11 +413,11 @@ def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_mo
     from click.testing import CliRunner
     from rich.console import Console
 
-    import producers.cli
+    import producers.cli.printers
     from producers.cli import cli
 
-    monkeypatch.setattr(producers.cli, "console", Console(highlight=False, width=250))
-    monkeypatch.setattr(producers.cli, "err_console", Console(stderr=True, highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "console", Console(highlight=False, width=250))
+    monkeypatch.setattr(producers.cli.printers, "err_console", Console(stderr=True, highlight=False, width=250))
     base = ["--home", str(home.root), "--cache", str(home.root / "cache")]
     run = CliRunner().invoke(cli, [*base, "finetune", DATASET, "--model", str(tiny_model), "--mixture",
                                    "serialized:1", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",

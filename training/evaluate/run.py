@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from producers.errors import Llm4esError
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
@@ -41,7 +42,7 @@ DEFAULT_FEATURES = ("agg", "coles", "llm4es", "coles+llm4es", "coles+agg")
 BASELINE = "no features"  # the constant predictor every report starts with
 
 
-class EvaluateError(ValueError):
+class EvaluateError(Llm4esError, ValueError):
     """The evaluation cannot run as asked (unknown target or feature set, nothing published, no labels)."""
 
 

@@ -1,0 +1,124 @@
+"""Getting data in: `datasets`, `fetch`, `synth-clicks`, `ingest`, `validate`."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from producers.cli import printers
+from producers.cli.errors import handle_errors
+from producers.cli.options import dataset_arg, mapping_opt, reject_opt
+from producers.ingest import IngestConfig
+from producers.pipeline import Pipeline
+from producers.shared.models import DEFAULT_MODEL
+from producers.synthetic.clickstream import ClickstreamConfig
+from validation.run import ValidateConfig
+
+
+@click.command()
+@click.pass_obj
+@handle_errors
+def datasets(p: Pipeline) -> None:
+    """List built-in datasets and what the warehouse holds."""
+    from producers.datasets.definition import builtin_names, load_builtin
+    from producers.stores.warehouse import ingested_datasets
+
+    present = set()
+    if p.home.warehouse_path.exists():
+        con = p.home.connect(read_only=True)
+        present = set(ingested_datasets(con))
+        con.close()
+    rows = [(name, "built-in", "yes" if name in present else "", load_builtin(name).description)
+            for name in builtin_names()]
+    rows += [(name, "mapping", "yes", "") for name in sorted(present - set(builtin_names()))]
+    printers.print_datasets(rows)
+
+
+@click.command()
+@click.option("--model", default=None, help=f"Registry name of the model to cache. [default: {DEFAULT_MODEL}]")
+@click.pass_obj
+@handle_errors
+def fetch(p: Pipeline, model: str | None) -> None:
+    """Download the default dataset and model into the cache (safe to re-run)."""
+    printers.print_fetched(p.fetch(model))
+
+
+@click.command("synth-clicks")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--visitors", type=click.IntRange(1), default=ClickstreamConfig.visitors, show_default=True,
+              help="Visitors to generate.")
+@click.option("--seed", type=int, default=ClickstreamConfig.seed, show_default=True,
+              help="Same seed and options: the same files, byte for byte.")
+@click.option("--days", type=click.IntRange(1, 1000), default=ClickstreamConfig.days, show_default=True,
+              help="Days from 2024-01-01 that sessions start on.")
+@handle_errors
+def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int) -> None:
+    """Generate a synthetic bank-website clickstream with planted session intents into OUT_DIR.
+
+    Writes clicks.csv (one row per page view: visitor, session id, time, page type, page, seconds
+    on page, search query, device), visitors.csv (the opened_product label, segment, region),
+    planted_intents.csv (the true intent of every session: mortgage, credit card, savings and
+    investing, loan shopping, account servicing, help and support; kept aside, the dataset never
+    reads it) and README.txt (how it was drawn). Then:
+
+    \b
+      llm4es ingest bank-clickstream --source OUT_DIR
+      llm4es validate bank-clickstream
+
+    Without --source, `ingest bank-clickstream` generates the default set (2,000 visitors, seed 0)
+    into the cache.
+    """
+    from producers.synthetic.clickstream import write_clickstream
+
+    r = write_clickstream(out_dir, ClickstreamConfig(visitors=visitors, seed=seed, days=days))
+    printers.print_synth_clicks(r)
+
+
+@click.command()
+@dataset_arg
+@click.option("--source", type=click.Path(exists=True, path_type=Path),
+              help="Folder or zip with the dataset's raw files. [default: the cached copy, where one exists]")
+@mapping_opt
+@reject_opt
+@click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
+@click.option("--max-line-size", type=click.IntRange(1024), default=IngestConfig.max_line_size,
+              help="Longest CSV line accepted, in bytes (a longer line is a rejected row). [default: DuckDB's 2000000]")
+@click.option("--allow-shrink", is_flag=True,
+              help="Replace the data even when events or users drop by more than half against the last ingest "
+                   "(or to none).")
+@click.pass_obj
+@handle_errors
+def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
+           force: bool, max_line_size: int | None, allow_shrink: bool) -> None:
+    """Load DATASET's raw files into the warehouse (atomic: all tables or none).
+
+    DATASET is a built-in name (see `llm4es datasets`) or, with --mapping, the name your
+    mapping file declares. Malformed rows go to the `rejects` table with a reason.
+    """
+    t0 = time.perf_counter()
+    r = p.ingest(dataset, source, mapping, max_reject_share, force, max_line_size=max_line_size,
+                 allow_shrink=allow_shrink)
+    printers.print_ingest(r, time.perf_counter() - t0)
+
+
+@click.command()
+@dataset_arg
+@reject_opt
+@click.option("--chunk-rows", type=click.IntRange(1000), default=ValidateConfig.chunk_rows, show_default=True,
+              help="Events validated per chunk (chunks hold whole users).")
+@click.option("--no-data-docs", is_flag=True, help="Skip writing GX's HTML Data Docs.")
+@click.pass_obj
+@handle_errors
+def validate(p: Pipeline, dataset: str, max_reject_share: float, chunk_rows: int, no_data_docs: bool) -> None:
+    """Run DATASET's data-quality checks (Great Expectations) on the warehouse.
+
+    Prints a table of checks, writes a JSON result and HTML Data Docs under
+    reports/validation/, and exits 1 if any check fails. Later stages refuse to run on a
+    dataset whose last validation failed.
+    """
+    report = p.validate(dataset, max_reject_share, chunk_rows, not no_data_docs)
+    printers.print_validation(report)
+    if not report.success:
+        sys.exit(1)
