@@ -14,7 +14,9 @@ found relative to this file (the repo is `<home>/feature_repo`), so the same fil
   (`user_id`, `embedding`) and `s__session_intent` (`user_id`, `intent`, `intent_probabilities`,
   `taxonomy_version`), one row per session timestamped with its end; their user rollups
   `s__session_embedding_rollup` (last session's embedding, mean over the last K sessions) and
-  `s__intent_shares` (share of each intent over the last K sessions), one row per user and session end.
+  `s__intent_shares` (share of each intent over the last K sessions), one row per user and session end;
+- a view for any other output kind registered with `producers.stores.outputs.register` (built from the
+  manifest like the rest: nothing here names a kind).
 
 Every view reads one Parquet file under `data/feast/<schema>/` holding all published snapshots of
 its set (one row per user and `feature_timestamp`, the as-of time of the events the row was

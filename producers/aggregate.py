@@ -34,9 +34,7 @@ the same provenance as JSON under the key-value metadata key `llm4es`.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,11 +45,11 @@ import duckdb
 from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables, table_exists
+from producers.stores.outputs import AGGREGATES, staging, write_staged
+from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists
 
-TABLE = "agg_features"
-META_TABLE = "agg_features_meta"
-PARQUET_KEY = b"llm4es"
+TABLE = AGGREGATES.table
+META_TABLE = AGGREGATES.companions[0]
 NUMERIC_STATS = ("count", "mean", "std", "min", "max", "sum")
 ACTIVITY = ("n_events", "active_days", "span_days", "events_per_active_day", "recency_days")
 SLUG_MAX = 40
@@ -94,12 +92,8 @@ def aggregate(home: Home, dataset: str, config: AggregateConfig = AggregateConfi
         require_valid(con, dataset, config.force)
         definition = stored_definition(con, dataset)
         schema = definition.schema
-        staging = [f"{TABLE}{STAGING_SUFFIX}", f"{META_TABLE}{STAGING_SUFFIX}"]
-        _drop(con, schema, staging)
-        try:
+        with staging(con, AGGREGATES, schema):
             return _aggregate(con, home, definition, config, log)
-        finally:
-            _drop(con, schema, staging)
     finally:
         con.close()
 
@@ -194,7 +188,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
-    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
+    stg = AGGREGATES.staging_name(schema)
     con.execute(f"CREATE TABLE {stg} AS SELECT {', '.join(select)} FROM {events} WHERE {where} "
                 "GROUP BY user_id ORDER BY user_id", params)
     columns = [r[0] for r in con.execute(f"DESCRIBE {stg}").fetchall()]
@@ -225,7 +219,8 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     }
     blob = json.loads(json.dumps(provenance, default=str))  # category values such as dates as text
     con.execute(
-        f'CREATE TABLE "{schema}"."{META_TABLE}{STAGING_SUFFIX}" AS SELECT CAST(? AS TIMESTAMP) AS produced_at, '
+        f"CREATE TABLE {AGGREGATES.staging_name(schema, META_TABLE)} AS SELECT "
+        "CAST(? AS TIMESTAMP) AS produced_at, "
         "? AS dataset, CAST(? AS TIMESTAMP) AS as_of, CAST(? AS BIGINT) AS n_users, CAST(? AS INTEGER) AS n_features, "
         "? AS code_version, ? AS ingest_id, ? AS source_hash, ? AS definition_fingerprint, "
         "? AS validation_run_id, CAST(? AS BOOLEAN) AS validation_passed, ? AS config, ? AS columns, "
@@ -233,17 +228,9 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         [produced_at, d.name, as_of, n_users, len(columns) - 2, blob["code_version"], blob["ingest_id"],
          blob["source_hash"], blob["definition_fingerprint"], blob["validation_run_id"], blob["validation_passed"],
          json.dumps(blob["config"]), json.dumps(columns), json.dumps(blob["categories"]),
-         str(_parquet_path(home, schema))])
+         str(AGGREGATES.parquet_path(home, schema))])
 
-    parquet = _parquet_path(home, schema)
-    tmp = _write_parquet_tmp(con, stg, parquet, blob)
-    try:
-        log(f"swapping {schema}.{TABLE} into place")
-        swap_tables(con, schema, [TABLE, META_TABLE])
-        os.replace(tmp, parquet)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    parquet = write_staged(con, AGGREGATES, schema, AGGREGATES.parquet_path(home, schema), blob, log)
     return AggregateResult(d.name, n_users, len(columns) - 2, columns, parquet, as_of, f"{schema}.{TABLE}", blob)
 
 
@@ -329,31 +316,3 @@ def _last_validation(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[str, 
                        "ORDER BY started_at DESC LIMIT 1").fetchone()
 
 
-def _parquet_path(home: Home, schema: str) -> Path:
-    return home.data_dir / schema / f"{TABLE}.parquet"
-
-
-def _write_parquet_tmp(con: duckdb.DuckDBPyConnection, stg: str, parquet: Path, provenance: dict) -> Path:
-    """Write the staged table to a temporary file beside `parquet` (renamed into place by the caller)."""
-    import pyarrow.parquet as pq
-
-    rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
-    table = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
-    metadata = dict(table.schema.metadata or {})
-    metadata[PARQUET_KEY] = json.dumps(provenance).encode()
-    table = table.replace_schema_metadata(metadata)
-    parquet.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        pq.write_table(table, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _drop(con: duckdb.DuckDBPyConnection, schema: str, tables: list[str]) -> None:
-    for t in tables:
-        con.execute(f'DROP TABLE IF EXISTS "{schema}"."{t}"')

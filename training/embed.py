@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from producers.errors import Llm4esError
+from producers.stores.outputs import LLM4ES, atomic_write_text, read_provenance, write_parquet
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, float32_lists, stored_definition, table_exists
 from producers.shared.models import DEFAULT_MODEL, resolve_model
@@ -61,8 +62,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "llm4es_checkpoint.json"
 BASE_CHECKPOINT = "base"
-TABLE = "embeddings"
-KV_KEY = "llm4es"
+TABLE = LLM4ES.table
 POOLING = "mean over the selected hidden states, then mean over the attention-masked tokens, in float32"
 
 Log = Callable[[str], None]
@@ -666,7 +666,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         if ranks.main:
             parts.mkdir(parents=True, exist_ok=True)
             if not (parts / "run.json").exists():
-                _atomic_write_text(parts / "run.json", json.dumps(provenance, indent=2, default=str) + "\n")
+                atomic_write_text(parts / "run.json", json.dumps(provenance, indent=2, default=str) + "\n")
         group.barrier()
         done = _users_in_parts(parts)
         group.barrier()  # every process has read the parts before any writes new ones
@@ -964,15 +964,12 @@ def parquet_path(home: Home, schema: str, key: dict) -> Path:
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = (f"{slug(key['model'])}__{slug(key['checkpoint'])}__L{key['layers'].replace(':', '-')}"
-            f"__{slug(key['text_kind'])}-{digest}.parquet")
-    return home.data_dir / schema / TABLE / name
+            f"__{slug(key['text_kind'])}-{digest}")
+    return LLM4ES.parquet_path(home, schema, name)
 
 
 def _export(home: Home, schema: str, key: dict, provenance: dict) -> Path:
-    import pyarrow.parquet as pq
-
-    path = parquet_path(home, schema, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The set's rows, as merged into the warehouse table, to its Parquet copy (the one write path for files)."""
     con = home.connect(read_only=True)
     try:
         where = " AND ".join(f"{k} = ${k}" for k in key)
@@ -980,23 +977,4 @@ def _export(home: Home, schema: str, key: dict, provenance: dict) -> Path:
         table = (getattr(rel, "to_arrow_table", None) or rel.arrow)()  # DuckDB 1.x calls it arrow()
     finally:
         con.close()
-    meta = dict(table.schema.metadata or {})
-    meta[KV_KEY.encode()] = json.dumps(provenance, sort_keys=True, default=str).encode()
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_provenance(parquet: str | Path) -> dict:
-    """The `llm4es` key-value metadata of an exported embeddings file."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(parquet).metadata or {}
-    return json.loads(meta[KV_KEY.encode()])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return write_parquet(table, parquet_path(home, schema, key), dict(sorted(provenance.items())))

@@ -213,12 +213,11 @@ def print_publish(r) -> None:
     for column in ("view", "kind", "features", "produced by", "as of"):
         table.add_column(column)
     for v in r.views:
-        what = v.model or ""
-        if v.kind == "llm4es":
-            what = f"{v.model} @ {v.checkpoint}, layers {v.layers}, {v.text_kind}"
-        features = (f"vector[{v.dim}]" if v.dim and v.kind in ("coles", "llm4es") else
+        # generic over output kinds: what a view's tags hold, not which kind it is
+        what = f"{v.model} @ {v.checkpoint}, layers {v.layers}, {v.text_kind}" if v.layers else v.model or ""
+        features = (f"vector[{v.dim}]" if v.dim and v.features == ("vector",) else
                     f"{', '.join(v.features)}" if len(v.features) <= 4 else f"{len(v.features)} columns")
-        table.add_row(v.name + (" (default)" if v.is_default and v.kind == "llm4es" else ""), v.kind, features, what,
+        table.add_row(v.name + (" (default)" if v.is_default and v.layers else ""), v.kind, features, what,
                       v.feature_timestamps[-1] if v.feature_timestamps else "")
     console.print(table)
     console.print(f"[green]✓[/] repo {r.repo} applied in {r.seconds:.1f}s"

@@ -28,6 +28,6 @@ Every user with at least one event is embedded: training slices need no minimum 
 torch, Lightning and ptls are imported only when `coles` runs.
 """
 from producers.coles.config import ColesConfig, ColesError, ColesResult
-from producers.coles.produce import TABLE, coles, parquet_path, read_provenance
+from producers.coles.produce import TABLE, coles, read_provenance
 
-__all__ = ["TABLE", "ColesConfig", "ColesError", "ColesResult", "coles", "parquet_path", "read_provenance"]
+__all__ = ["TABLE", "ColesConfig", "ColesError", "ColesResult", "coles", "read_provenance"]

@@ -12,11 +12,11 @@ from typing import Any, Callable
 from producers.coles.config import NOT_IN_RUN_KEY, ColesConfig, ColesError, ColesResult, training_plan
 from producers.shared.devices import pick_device
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, float32_lists, last_ingest, stored_definition,
-                                 swap_in_with_parquet)
+from producers.stores.outputs import COLES, read_provenance, write_output
+from producers.stores.warehouse import Home, float32_lists, last_ingest, stored_definition
 
-TABLE = "coles_embeddings"
-PARQUET_KEY = b"llm4es"
+TABLE = COLES.table
+__all__ = ["TABLE", "coles", "model_name", "read_provenance"]
 
 Log = Callable[[str], None]
 
@@ -157,51 +157,24 @@ def model_name(config: ColesConfig) -> str:
     return f"coles-gru-{config.hidden_size}"
 
 
-def parquet_path(home: Home, schema: str) -> Path:
-    return home.data_dir / schema / f"{TABLE}.parquet"
-
-
-def read_provenance(parquet: str | Path) -> dict:
-    """The `llm4es` key-value metadata of the Parquet copy."""
-    import pyarrow.parquet as pq
-
-    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
-
-
 def _write(home: Home, schema: str, user_type: str, users: list, vectors: Any, provenance: dict,
            produced_at: datetime, source_hash: str | None, log: Log) -> Path:
-    """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
+    """The vectors through the one write path (`producers.stores.outputs.write_output`)."""
     import pyarrow as pa
 
     arrow = pa.table({"user_id": pa.array(users), "vector": float32_lists(vectors)})
-    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
-    parquet = parquet_path(home, schema)
-    con = home.connect()
-    try:
-        con.execute(f"DROP TABLE IF EXISTS {stg}")
-        try:
-            con.register("coles_vectors", arrow)
-            con.execute(f"""CREATE TABLE {stg} AS
-                SELECT CAST(user_id AS {user_type}) AS user_id, CAST(vector AS FLOAT[]) AS vector,
-                       CAST(len(vector) AS INTEGER) AS dim, CAST($model AS VARCHAR) AS model,
-                       CAST($checkpoint AS VARCHAR) AS checkpoint, CAST($epoch AS INTEGER) AS epoch,
-                       CAST($feature_timestamp AS TIMESTAMP) AS feature_timestamp,
-                       CAST($produced_at AS TIMESTAMP) AS produced_at, CAST($source_hash AS VARCHAR) AS source_hash,
-                       CAST($code_version AS VARCHAR) AS code_version
-                FROM coles_vectors ORDER BY user_id""",
-                        {"model": provenance["model"], "checkpoint": provenance["checkpoint"],
-                         "epoch": provenance["epoch"], "feature_timestamp": provenance["feature_timestamp"],
-                         "produced_at": produced_at, "source_hash": source_hash,
-                         "code_version": provenance["code_version"]})
-            con.unregister("coles_vectors")
-            rel = con.sql(f"SELECT * FROM {stg} ORDER BY user_id")
-            table = rel.to_arrow_table()
-            swap_in_with_parquet(con, schema, [TABLE], table, parquet, provenance, log)
-        finally:
-            con.execute(f"DROP TABLE IF EXISTS {stg}")
-    finally:
-        con.close()
-    return parquet
+    return write_output(home, COLES, schema, arrow, f"""
+            SELECT CAST(user_id AS {user_type}) AS user_id, CAST(vector AS FLOAT[]) AS vector,
+                   CAST(len(vector) AS INTEGER) AS dim, CAST($model AS VARCHAR) AS model,
+                   CAST($checkpoint AS VARCHAR) AS checkpoint, CAST($epoch AS INTEGER) AS epoch,
+                   CAST($feature_timestamp AS TIMESTAMP) AS feature_timestamp,
+                   CAST($produced_at AS TIMESTAMP) AS produced_at, CAST($source_hash AS VARCHAR) AS source_hash,
+                   CAST($code_version AS VARCHAR) AS code_version
+            FROM new_rows ORDER BY user_id""", provenance, log=log,
+                        params={"model": provenance["model"], "checkpoint": provenance["checkpoint"],
+                                "epoch": provenance["epoch"], "feature_timestamp": provenance["feature_timestamp"],
+                                "produced_at": produced_at, "source_hash": source_hash,
+                                "code_version": provenance["code_version"]})
 
 
 

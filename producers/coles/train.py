@@ -36,6 +36,7 @@ import torch
 
 from producers.coles.config import ColesConfig, ColesError
 from producers.coles.records import Records
+from producers.stores.outputs import atomic_write_text
 
 Log = Callable[[str], None]
 CKPT_DIR = "checkpoints"
@@ -138,12 +139,6 @@ def read_state(run_dir: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError:
         return {"losses": []}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _EpochCallback(pl.Callback):

@@ -25,7 +25,7 @@ from producers.intents.config import (
     TaxonomyResult,
     TextConfig,
 )
-from producers.intents.distill import TABLE, distill_intents, parquet_path, read_provenance
+from producers.intents.distill import TABLE, distill_intents, read_provenance
 from producers.intents.label import label_sessions
 from producers.intents.prompts import PROMPTS, Label, parse_label, parse_taxonomy
 from producers.intents.session_text import format_session, read_session_texts, sample_sessions
@@ -33,5 +33,5 @@ from producers.intents.taxonomy import build_taxonomy, import_taxonomy
 
 __all__ = ["PROMPTS", "TABLE", "DistillConfig", "DistillResult", "IntentsError", "Label", "LabelConfig", "LabelResult",
            "TaxonomyConfig", "TaxonomyResult", "TextConfig", "build_taxonomy", "import_taxonomy", "distill_intents", "format_session",
-           "label_sessions", "parquet_path", "parse_label", "parse_taxonomy", "read_provenance", "read_session_texts",
+           "label_sessions", "parse_label", "parse_taxonomy", "read_provenance", "read_session_texts",
            "sample_sessions"]

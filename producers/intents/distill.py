@@ -33,13 +33,13 @@ from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, float32_lists, one, stored_definition, swap_in_with_parquet,
-                                 table_exists)
+from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, read_provenance, write_output
+from producers.stores.warehouse import Home, float32_lists, one, stored_definition, table_exists
 
-TABLE = "session_intents"
-META = "session_intents_meta"
-PARQUET_KEY = b"llm4es"
-EMBEDDINGS = "session_embeddings"
+TABLE = SESSION_INTENTS.table
+META = SESSION_INTENTS.companions[0]
+EMBEDDINGS = SESSION_EMBEDDINGS.table
+__all__ = ["TABLE", "distill_intents", "read_provenance"]
 
 
 def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillConfig(), log: Log = lambda _: None,
@@ -271,65 +271,39 @@ def _llm_latency(home: Home, d: DatasetDefinition, taxonomy, held_out: list[str]
 
 
 def _embedding_provenance(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition) -> dict[str, Any]:
-    path = home.data_dir / d.schema / f"{EMBEDDINGS}.parquet"
+    path = SESSION_EMBEDDINGS.parquet_path(home, d.schema)
     if path.exists():
-        import pyarrow.parquet as pq
-
-        meta = (pq.read_schema(path).metadata or {}).get(PARQUET_KEY)
+        meta = read_provenance(path, missing_ok=True)
         if meta:
-            return {"parquet": home.relative(path), **json.loads(meta)}
+            return {"parquet": home.relative(path), **meta}
     n = one(con, f'SELECT count(*) FROM "{d.schema}".{EMBEDDINGS}')[0]
     return {"table": f"{d.schema}.{EMBEDDINGS}", "rows": int(n), "note": "no Parquet copy with provenance found"}
 
 
-def parquet_path(home: Home, schema: str) -> Path:
-    return home.data_dir / schema / f"{TABLE}.parquet"
-
-
 def _write(home: Home, schema: str, features: dict, predicted: list[str], proba, version: int, provenance: dict,
            produced_at: datetime, log: Log) -> Path:
-    """Staging tables -> Parquet temp file -> swap the tables in, rename the file into place."""
+    """The labels (and their meta row) through the one write path (`producers.stores.outputs.write_output`)."""
     import pyarrow as pa
 
     arrow = pa.table({"session_id": pa.array(features["session_id"], pa.string()),
                       "label": pa.array(predicted, pa.string()), "probabilities": float32_lists(proba)})
-    stg, meta_stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"', f'"{schema}"."{META}{STAGING_SUFFIX}"'
-    parquet = parquet_path(home, schema)
-    con = home.connect()
-    try:
-        con.execute(f"DROP TABLE IF EXISTS {stg}")
-        con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
-        try:
-            con.register("intent_rows", arrow)
-            con.execute(f"""CREATE TABLE {stg} AS
-                SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
-                       r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
-                       CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
-                       CAST($code_version AS VARCHAR) AS code_version
-                FROM intent_rows AS r JOIN "{schema}".{EMBEDDINGS} AS m USING (session_id)
-                ORDER BY r.session_id""",
-                        {"version": version, "classifier": provenance["classifier"], "produced_at": produced_at,
-                         "code_version": provenance["code_version"]})
-            con.unregister("intent_rows")
-            con.execute(f"CREATE TABLE {meta_stg} AS SELECT CAST($v AS INTEGER) AS taxonomy_version, "
-                        "CAST($labels AS JSON) AS labels, CAST($p AS JSON) AS provenance, "
-                        "CAST($t AS TIMESTAMP) AS produced_at",
-                        {"v": version, "labels": json.dumps(provenance["labels"]),
-                         "p": json.dumps(provenance, default=str), "t": produced_at})
-            table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
-            swap_in_with_parquet(con, schema, [TABLE, META], table, parquet, provenance, log)
-        finally:
-            con.execute(f"DROP TABLE IF EXISTS {stg}")
-            con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
-    finally:
-        con.close()
-    return parquet
 
+    def meta(con) -> None:
+        con.execute(f"CREATE TABLE {SESSION_INTENTS.staging_name(schema, META)} AS SELECT "
+                    "CAST($v AS INTEGER) AS taxonomy_version, CAST($labels AS JSON) AS labels, "
+                    "CAST($p AS JSON) AS provenance, CAST($t AS TIMESTAMP) AS produced_at",
+                    {"v": version, "labels": json.dumps(provenance["labels"]),
+                     "p": json.dumps(provenance, default=str), "t": produced_at})
 
-def read_provenance(parquet: str | Path) -> dict:
-    import pyarrow.parquet as pq
-
-    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
+    return write_output(home, SESSION_INTENTS, schema, arrow, f"""
+            SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
+                   r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
+                   CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
+                   CAST($code_version AS VARCHAR) AS code_version
+            FROM new_rows AS r JOIN "{schema}".{EMBEDDINGS} AS m USING (session_id)
+            ORDER BY r.session_id""", provenance, log=log, also=meta,
+                        params={"version": version, "classifier": provenance["classifier"],
+                                "produced_at": produced_at, "code_version": provenance["code_version"]})
 
 
 def _reports(home: Home, d: DatasetDefinition, provenance: dict, metrics: dict, latency: dict) -> tuple[Path, Path]:

@@ -13,7 +13,6 @@ a session's vector does not depend on the batch it is in (padding is masked out)
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +24,11 @@ from producers.shared.devices import pick_device
 from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.stores.warehouse import STAGING_SUFFIX, Home, float32_lists, swap_in_with_parquet
+from producers.stores.outputs import SESSION_EMBEDDINGS, read_provenance, write_output
+from producers.stores.warehouse import Home, float32_lists
 
-TABLE = "session_embeddings"
-PARQUET_KEY = b"llm4es"
+TABLE = SESSION_EMBEDDINGS.table
+__all__ = ["TABLE", "embed_sessions", "infer", "read_provenance"]
 Log = Callable[[str], None]
 
 
@@ -113,40 +113,14 @@ def _reencode(home: Home, p: Any, config: SessionEncoderConfig, vocab: F.Vocab) 
         con.close()
 
 
-def parquet_path(home: Home, schema: str) -> Path:
-    return home.data_dir / schema / f"{TABLE}.parquet"
-
-
-def read_provenance(parquet: str | Path) -> dict:
-    """The `llm4es` key-value metadata of the Parquet copy."""
-    import pyarrow.parquet as pq
-
-    return json.loads((pq.read_schema(parquet).metadata or {})[PARQUET_KEY])
-
-
 def _write(home: Home, schema: str, user_type: str, data: F.Sessions, vectors: np.ndarray, provenance: dict,
            log: Log) -> Path:
-    """Staging table -> Parquet temp file -> swap the table in, rename the file into place."""
+    """The vectors through the one write path (`producers.stores.outputs.write_output`)."""
     import pyarrow as pa
 
     arrow = pa.table({"session_id": pa.array(data.session_ids, pa.string()), "user_id": pa.array(data.user_ids),
                       "session_end": pa.array(data.ends, pa.timestamp("us")), "embedding": float32_lists(vectors)})
-    stg = f'"{schema}"."{TABLE}{STAGING_SUFFIX}"'
-    parquet = parquet_path(home, schema)
-    con = home.connect()
-    try:
-        con.execute(f"DROP TABLE IF EXISTS {stg}")
-        try:
-            con.register("session_vectors", arrow)
-            con.execute(f"""CREATE TABLE {stg} AS
-                SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {user_type}) AS user_id,
-                       CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
-                FROM session_vectors ORDER BY session_id""")
-            con.unregister("session_vectors")
-            table = con.sql(f"SELECT * FROM {stg} ORDER BY session_id").to_arrow_table()
-            swap_in_with_parquet(con, schema, [TABLE], table, parquet, provenance, log)
-        finally:
-            con.execute(f"DROP TABLE IF EXISTS {stg}")
-    finally:
-        con.close()
-    return parquet
+    return write_output(home, SESSION_EMBEDDINGS, schema, arrow, f"""
+            SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {user_type}) AS user_id,
+                   CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
+            FROM new_rows ORDER BY session_id""", provenance, log=log)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from producers.shared.devices import pick_device
+from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEncoderConfig, SessionEncoderResult, SessionsError
@@ -117,12 +118,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

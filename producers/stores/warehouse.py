@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import duckdb
 
@@ -184,37 +184,6 @@ def last_ingest(con: duckdb.DuckDBPyConnection, schema: str) -> dict | None:
     cur = con.execute(f'SELECT * FROM "{schema}".ingest_log ORDER BY finished_at DESC LIMIT 1')
     rows = cur.fetchall()  # fetchall, not fetchone: DuckDB 2 keeps a half-read result open on the connection
     return dict(zip([d[0] for d in cur.description], rows[0])) if rows else None
-
-
-def swap_in_with_parquet(con: duckdb.DuckDBPyConnection, schema: str, tables: list[str], rows, parquet: Path,
-                         provenance: dict, log: Callable[[str], None] = lambda _: None) -> None:
-    """Swap staged tables in and write their Parquet copy, together.
-
-    `rows` (an Arrow table: the staged main table's rows) is written with `provenance` as JSON in its
-    metadata (key b"llm4es") to a temp file beside `parquet`; only then are `tables` swapped in from
-    their `__staging` copies, and the file renamed into place. A failure before the swap leaves both
-    the old tables and the old file; the temp file never outlives the call.
-    """
-    import json
-    import os
-    import tempfile
-
-    import pyarrow.parquet as pq
-
-    meta = dict(rows.schema.metadata or {})
-    meta[b"llm4es"] = json.dumps(provenance, default=str).encode()
-    parquet.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{parquet.stem}.", suffix=".parquet.tmp", dir=parquet.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        pq.write_table(rows.replace_schema_metadata(meta), tmp)
-        log(f"swapping {', '.join(f'{schema}.{t}' for t in tables)} into place")
-        swap_tables(con, schema, tables)
-        os.replace(tmp, parquet)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def float32_lists(matrix):

@@ -347,14 +347,14 @@ class FeastSource:
         self._views: list[View] | None = None
 
     def views(self) -> list[View]:
-        from producers.publish import published_views
+        from producers.stores.serving import published_views
 
         if self._views is None:  # the manifest, read once per evaluation
             self._views = published_views(self.home, self.dataset)
         return self._views
 
     def matrices(self, views: list[str], entity_df: Any) -> dict[str, np.ndarray]:
-        from producers.publish import historical_features
+        from producers.stores.serving import historical_features
 
         infos = {v.name: v for v in self.views()}
         df = historical_features(self.home, self.dataset, views, entity_df)  # rows in entity_df's order

@@ -1,0 +1,391 @@
+"""Snapshots: each produced output's rows added to its history, the Parquet files Feast reads offline.
+
+Every file is written beside its target (`writes`: temp -> target pairs) and renamed by the publish flow
+only when all are written.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from producers.publish.manifest import (_INT_TYPES, _choose_set, _every_set, _home_relative, _name_sets, _run_of,
+                                        _set_id, _timestamp, _view_entry, view_kinds)
+from producers.stores.outputs import OUTPUTS, PARQUET_KEY, FeatureOutput, read_provenance
+from producers.stores.provenance import code_version
+from producers.stores.serving import PublishError, feast_dir
+from producers.stores.warehouse import Home
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from producers.publish.flow import PublishConfig
+
+Log = Callable[[str], None]
+
+
+_FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+
+
+def _connect():
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ inputs become naive UTC, as the warehouse's
+    return con
+
+
+def _arrow(rel) -> "pa.Table":
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+
+
+def _sql_path(p: Path) -> str:
+    return "'" + str(p).replace("'", "''") + "'"
+
+
+def _kv_provenance(path: Path) -> dict:
+    return read_provenance(path, missing_ok=True)
+
+
+def _user_type(con, path: Path) -> str:
+    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_path(path)})").fetchall()}
+    if "user_id" not in types:
+        raise PublishError(f"{path} has no user_id column")
+    return "INT64" if types["user_id"].upper() in _INT_TYPES else "STRING"
+
+
+def _require(con, path: Path, columns: Sequence[str]) -> dict[str, str]:
+    types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_path(path)})").fetchall()}
+    missing = [c for c in columns if c not in types]
+    if missing:
+        raise PublishError(f"{path} lacks the column(s) {', '.join(missing)}")
+    return types
+
+
+def _stage(home: Home, dataset: str, schema: str, inputs: dict[str, list[Path]], previous: dict | None,
+           config: PublishConfig, log: Log) -> tuple[dict, list[tuple[Path, Path]], dict[str, int]]:
+    """The dataset's new manifest entry and the history files to rename into place (written as temps,
+    removed again when anything fails)."""
+    writes: list[tuple[Path, Path]] = []
+    try:
+        entry, new_rows = _stage_into(writes, home, dataset, schema, inputs, previous, config, log)
+    except BaseException:
+        for tmp, _ in writes:
+            tmp.unlink(missing_ok=True)
+        raise
+    return entry, writes, new_rows
+
+
+def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schema: str,
+                inputs: dict[str, list[Path]], previous: dict | None, config: PublishConfig,
+                log: Log) -> tuple[dict, dict[str, int]]:
+    feast = feast_dir(home)
+    out = feast / schema
+    con = _connect()
+    try:
+        user_types = {_user_type(con, p) for paths in inputs.values() for p in paths}
+        if previous:
+            user_types.add(previous["user_id_type"])
+        if len(user_types) > 1:
+            raise PublishError(f"{dataset}: the feature files disagree on the type of user_id (integer in some, text in "
+                               f"others{', or the published history' if previous else ''}); produce them again from "
+                               f"one ingest{f' or delete {out}' if previous else ''}")
+        user_type = user_types.pop()
+        id_sql = "CAST(user_id AS BIGINT)" if user_type == "INT64" else "CAST(user_id AS VARCHAR)"
+        sets: dict[str, dict] = {k: dict(v) for k, v in (previous or {}).get("sets", {}).items()}
+        new_rows: dict[str, int] = {}
+        current: dict[str, list[str]] = {}
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for kind, output in OUTPUTS.items():
+            for path in inputs.get(kind, []):
+                for info in _STAGERS[output.publish_as](con, output, path, id_sql, user_type, out, writes, config, log):
+                    info["published_at"] = now
+                    # a session view holds the current production only: written afresh
+                    fresh = output.publish_as == "sessions"
+                    sets[info["set_id"]] = info if fresh else {**sets.get(info["set_id"], {}), **info}
+                    current.setdefault(info["kind"], []).append(info["set_id"])
+    finally:
+        con.close()
+    for set_id in {s for ids in current.values() for s in ids}:
+        new_rows[set_id] = sets[set_id].pop("new_rows", 0)
+        # the earliest row not yet known to be in the online store: materialization restarts there
+        pending = [*sets[set_id].pop("new_timestamps", []), sets[set_id].get("pending_from")]
+        sets[set_id]["pending_from"] = min(t for t in pending if t)
+    defaults = dict((previous or {}).get("defaults", {}))
+    choosing = [k for k, o in OUTPUTS.items() if o.view_every_set]  # the kinds whose default set can be chosen
+    for kind, ids in current.items():
+        if kind not in choosing:
+            defaults[kind] = max(ids, key=lambda s: sets[s]["produced_at"] or "")
+    for kind in choosing:
+        if current.get(kind):
+            defaults[kind] = _choose_set(current[kind], sets, _home_relative(home, config.llm4es_set), log)
+        elif config.llm4es_set:
+            raise PublishError(f"LLM4ES set {config.llm4es_set!r} asked for, but {dataset} has no "
+                               f"{OUTPUTS[kind].description}")
+    _name_sets(schema, sets)
+    is_default = {s: s == defaults.get(sets[s]["kind"]) for s in sets}
+    order = view_kinds()
+
+    def rank(s: str) -> tuple:
+        kind = sets[s]["kind"]
+        return order.index(kind) if kind in order else len(order), not is_default[s], sets[s]["name"]
+
+    views = [_view_entry(dataset, schema, sets[s], is_default[s])
+             for s in sorted(sets, key=rank) if is_default[s] or _every_set(sets[s]["kind"])]
+    entry = {"dataset": dataset, "schema": schema, "entity": f"{schema}__user", "user_id_type": user_type,
+             "session_entity": f"{schema}__session",
+             "published_at": now, "published_by": code_version(), "defaults": defaults, "sets": sets, "views": views}
+    by_view = {v["set_id"]: v["name"] for v in views}
+    return entry, {by_view.get(s, s): n for s, n in new_rows.items()}
+
+
+def _stage_snapshots(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
+                     config: "PublishConfig", log: Log) -> list[dict]:
+    """One user-keyed set: its numeric columns (every one for an output with open columns, else the declared
+    scalars) and declared vectors, added as a snapshot to its history."""
+    types = _require(con, path, ["user_id", "feature_timestamp", *output.columns])
+    prov = _kv_provenance(path)
+    candidates = ([n for n in types if n not in ("user_id", "feature_timestamp", "produced_at")] if output.open_columns
+                  else [n for n, _ in output.scalars])
+    features, dtypes, dropped, dims = [], {}, [], {}
+    for name in candidates:
+        t = types[name]
+        base = t.upper().split("(")[0]
+        if base in _INT_TYPES:
+            features.append(f'CAST("{name}" AS BIGINT) AS "{name}"')
+            dtypes[name] = "Int64"
+        elif base in _FLOAT_TYPES or base == "DECIMAL":
+            features.append(f'CAST("{name}" AS DOUBLE) AS "{name}"')
+            dtypes[name] = "Float64"
+        else:
+            dropped.append(f"{name} ({t})")
+    for name in output.vectors:
+        lengths = [n for (n,) in con.execute(f'SELECT DISTINCT len("{name}") FROM read_parquet({_sql_path(path)}) '
+                                             f'WHERE "{name}" IS NOT NULL').fetchall()]
+        if len(lengths) != 1:
+            raise PublishError(f"{path}: {name} holds vectors of {len(lengths)} different lengths "
+                               f"({sorted(lengths)[:5]})")
+        features.append(f'CAST("{name}" AS FLOAT[]) AS "{name}"')
+        dtypes[name], dims[name] = "Array(Float32)", int(lengths[0])
+    if dropped:
+        log(f"{path.name}: not numeric, not published: {', '.join(dropped)}")
+    if not features:
+        raise PublishError(f"{path} has no numeric feature columns")
+    produced = _timestamp(prov.get("produced_at")) or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    produced_sql = ('CAST("produced_at" AS TIMESTAMP)' if "produced_at" in types
+                    else f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)")
+    snapshot = (f"SELECT {id_sql} AS user_id, CAST(feature_timestamp AS TIMESTAMP) AS feature_timestamp, "
+                f"{produced_sql} AS produced_at, {', '.join(features)} FROM read_parquet({_sql_path(path)})")
+    target = out / f"{output.table}.parquet"
+    stats, history_types = _merge(con, snapshot, target, writes, path)
+    # typed as the history holds them: a column that was DOUBLE in an older snapshot stays DOUBLE
+    dtypes = {n: (t if t.startswith("Array") else "Int64" if history_types[n].upper() == "BIGINT" else "Float64")
+              for n, t in dtypes.items()}
+    info = {"kind": output.kind, "set_id": output.kind, "source": str(target.relative_to(out.parent)),
+            "file": str(path), "dtypes": dtypes, "source_hash": prov.get("source_hash"),
+            "code_version": prov.get("code_version"), "ingest_id": prov.get("ingest_id"),
+            "definition_fingerprint": prov.get("definition_fingerprint"), "as_of": prov.get("as_of"), **stats}
+    if dims:
+        info["vector_lengths"] = dims
+    log(f"{path.name}: {stats['new_rows']:,} rows at {', '.join(stats['new_timestamps'])} "
+        f"({len(dtypes)} features) -> {target}")
+    return [info]
+
+
+def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
+                config: "PublishConfig", log: Log) -> list[dict]:
+    """User-keyed vectors, one set per distinct value of the output's set columns, each added to its history."""
+    kind, key_cols = output.kind, output.sets
+    (vector,) = output.vectors  # a set's one vector column
+    types = _require(con, path, ["user_id", vector, *key_cols, "produced_at"])
+    prov = _kv_provenance(path)
+    src = f"read_parquet({_sql_path(path)})"
+    cols = {c: (f'"{c}"' if c in types else "NULL") for c in ("epoch", "layers", "text_kind", "source_hash",
+                                                               "code_version", "feature_timestamp")}
+    keys = con.execute(f"SELECT DISTINCT {', '.join(key_cols)} FROM {src} ORDER BY ALL").fetchall()
+    infos = []
+    for values in keys:
+        key = dict(zip(key_cols, values))
+        where = " AND ".join(f'"{c}" IS NOT DISTINCT FROM ${c}' for c in key_cols)
+        n_null_ts, n_null_vec, dims, epochs, hashes, codes, produced = con.execute(
+            f"SELECT count(*) FILTER (WHERE {cols['feature_timestamp']} IS NULL), "
+            f'count(*) FILTER (WHERE "{vector}" IS NULL), list(DISTINCT len("{vector}")) '
+            f'FILTER (WHERE "{vector}" IS NOT NULL), '
+            f"list(DISTINCT {cols['epoch']}), list(DISTINCT {cols['source_hash']}), "
+            f"list(DISTINCT {cols['code_version']}), max(produced_at) FROM {src} WHERE {where}", key).fetchall()[0]
+        label = f"{path.name}" + (f" ({', '.join(f'{k}={v}' for k, v in key.items())})" if len(keys) > 1 else "")
+        if len(dims) != 1:
+            raise PublishError(f"{label}: vectors of {len(dims)} different lengths ({sorted(dims)[:5]})" if dims
+                               else f"{label}: no vectors")
+        if n_null_vec:
+            log(f"{label}: {n_null_vec:,} users without a vector, not published")
+        if n_null_ts:
+            log(f"{label}: {n_null_ts:,} rows have no feature_timestamp (made before it existed); using their "
+                "produced_at, a later time, so no point-in-time join sees them too early")
+        snapshot = (f"SELECT {id_sql} AS user_id, CAST(coalesce({cols['feature_timestamp']}, produced_at) AS TIMESTAMP) "
+                    "AS feature_timestamp, CAST(produced_at AS TIMESTAMP) AS produced_at, "
+                    f'CAST("{vector}" AS FLOAT[]) AS "{vector}", '
+                    f"CAST({cols['source_hash']} AS VARCHAR) AS source_hash, "
+                    f"CAST({cols['code_version']} AS VARCHAR) AS code_version FROM {src} "
+                    f'WHERE {where} AND "{vector}" IS NOT NULL')
+        set_id = _set_id(kind, key)
+        target = out / kind / f"{set_id}.parquet"
+        stats, _ = _merge(con, snapshot, target, writes, path, params=key)
+        epochs = [e for e in epochs if e is not None]
+        hashes = sorted(h for h in hashes if h is not None)
+        codes = sorted(c for c in codes if c is not None)
+        info = {"kind": kind, "set_id": set_id, "source": str(target.relative_to(out.parent)), "file": str(path),
+                **key, "epoch": int(epochs[0]) if len(epochs) == 1 else None, "dim": int(dims[0]),
+                "run": _run_of(key["checkpoint"]),
+                "source_hash": hashes[0] if len(hashes) == 1 else (",".join(hashes) if hashes else prov.get("source_hash")),
+                "code_version": codes[0] if len(codes) == 1 else (",".join(codes) if codes else prov.get("code_version")),
+                "texts_digest": prov.get("texts_digest"), "pooling": prov.get("pooling"), **stats}
+        info["produced_at"] = max(stats["produced_at"] or "", produced.isoformat() if produced else "") or None
+        log(f"{label}: {stats['new_rows']:,} vectors of {info['dim']} at {', '.join(stats['new_timestamps'])} -> {target}")
+        infos.append(info)
+    return infos
+
+
+def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
+                    config: "PublishConfig", log: Log) -> list[dict]:
+    """The views of a session-keyed output (`session_embeddings.parquet`, `session_intents.parquet`): the
+    sessions themselves and the user rollups its producer defines (`output.rollup`).
+
+    Rows are timestamped with the session's end: a session's vector or intent is known once it ended, so a
+    point-in-time join at time t sees exactly the sessions that ended by t, and the rollup row at a session's
+    end summarises the user's last `recent` sessions up to it. Unlike user snapshots, these files are
+    written afresh on every publish (a re-built session table may have other session ids).
+    """
+    recent = config.recent_sessions
+    if recent < 1:
+        raise PublishError(f"recent_sessions must be at least 1, not {recent}")
+    producer = importlib.import_module(output.rollup)  # named by the output: publish imports no producer
+    prov = _kv_provenance(path)
+    src = f"read_parquet({_sql_path(path)})"
+    types = _require(con, path, ["session_id", "user_id", output.timestamp])
+    values, value = producer.session_columns(types)
+    _require(con, path, [value])
+    produced = _timestamp(prov.get("produced_at")) or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    produced_sql = f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)"
+    end = output.timestamp
+    con.execute(f"CREATE OR REPLACE TEMP TABLE sess AS SELECT CAST(session_id AS VARCHAR) AS session_id, "
+                f"{id_sql} AS user_id, CAST({end} AS TIMESTAMP) AS feature_timestamp, {produced_sql} AS produced_at, "
+                f"{values}, row_number() OVER (PARTITION BY {id_sql} ORDER BY {end}, session_id) AS n "
+                f"FROM {src} WHERE {value} IS NOT NULL AND {end} IS NOT NULL")
+    n_sessions, n_ids = con.execute("SELECT count(*), count(DISTINCT session_id) FROM sess").fetchall()[0]
+    if not n_sessions:
+        raise PublishError(f"{path}: no sessions to publish")
+    if n_ids != n_sessions:
+        raise PublishError(f"{path}: {n_sessions - n_ids:,} session ids appear more than once")
+    try:
+        meta, views = producer.session_views(con, prov, recent, "Int64" if user_type == "INT64" else "String")
+    except ValueError as e:
+        raise PublishError(f"{path}: {e}") from e
+    common = {"source_hash": prov.get("source_hash") or (prov.get("data") or {}).get("source_hash"),
+              "code_version": prov.get("code_version"), "file": str(path), "recent_sessions": recent,
+              "produced_at": produced.isoformat()}
+    infos = []
+    for view in views:
+        target = out / "sessions" / f"{view.kind}.parquet"
+        stats, types_out = _write_fresh(con, view.query, target, writes, path)
+        info = {"kind": view.kind, "set_id": view.kind, "source": str(target.relative_to(out.parent)), **common,
+                **meta, "columns": types_out, "view": view.view, "features": list(view.features), "what": view.what,
+                "session_keyed": view.session_keyed, **stats}
+        log(f"{path.name}: {stats['new_rows']:,} {'sessions' if view.session_keyed else 'user rollup rows'}"
+            f" -> {target}")
+        infos.append(info)
+    con.execute("DROP TABLE sess")
+    return infos
+
+
+_STAGERS = {"snapshots": _stage_snapshots, "sets": _stage_sets, "sessions": _stage_sessions}
+
+
+def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> tuple[dict, dict[str, str]]:
+    """Write the query's rows to a temp file beside `target` (appended to `writes`): no history kept."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM ({query}) ORDER BY feature_timestamp, user_id")
+    n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
+                                      ).fetchall()[0]
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
+    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [first.isoformat(), last.isoformat()],
+             "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
+    stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
+                                          {"written_from": str(source), **stats})
+    _note_removed_keys(con, target, "session_id" if "session_id" in types else "user_id", writes)
+    con.execute("DROP TABLE fresh")
+    return stats, types
+
+
+def removed_keys_path(history: Path) -> Path:
+    """Beside a history written afresh: the keys its previous version had and it lacks, until publish has
+    cleared their online rows."""
+    return history.with_name(f"{history.stem}.removed.parquet")
+
+
+def _note_removed_keys(con, target: Path, key: str, writes: list) -> None:
+    """The keys of `target`'s previous version (and of a removal list not cleared yet) that `fresh` lacks."""
+    removed = removed_keys_path(target)
+    known = [f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(p)})" for p in (target, removed) if p.is_file()]
+    if not known:
+        return
+    gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
+    if gone.num_rows:
+        _write_beside(gone, removed, writes, {"removed_from": str(target)})
+
+
+def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
+           params: dict | None = None) -> tuple[dict, dict[str, str]]:
+    """Write `target`'s history plus the snapshot to a temp file beside it (appended to `writes`)."""
+
+    con.execute(f"CREATE OR REPLACE TEMP TABLE snap AS SELECT * FROM ({snapshot}) "
+                "QUALIFY row_number() OVER (PARTITION BY user_id, feature_timestamp ORDER BY produced_at DESC) = 1",
+                params or {})
+    n_new, new_ts = con.execute("SELECT count(*), list(DISTINCT feature_timestamp ORDER BY feature_timestamp) "
+                                "FROM snap").fetchall()[0]
+    if not n_new:
+        raise PublishError(f"{source}: no rows to publish")
+    if target.is_file():
+        old = (f"SELECT * FROM read_parquet({_sql_path(target)}) AS h WHERE NOT EXISTS (SELECT 1 FROM snap AS s "
+               "WHERE s.user_id = h.user_id AND s.feature_timestamp = h.feature_timestamp)")
+        query = f"SELECT * FROM ({old}) UNION ALL BY NAME SELECT * FROM snap"
+    else:
+        query = "SELECT * FROM snap"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE hist AS SELECT * FROM ({query}) ORDER BY feature_timestamp, user_id")
+    n_rows, all_ts, produced = con.execute(
+        "SELECT count(*), list(DISTINCT feature_timestamp ORDER BY feature_timestamp), max(produced_at) FROM hist"
+    ).fetchall()[0]
+    table = _arrow(con.sql("SELECT * FROM hist ORDER BY feature_timestamp, user_id"))
+    stats = {"new_rows": int(n_new), "new_timestamps": [t.isoformat() for t in new_ts], "n_rows": int(n_rows),
+             "feature_timestamps": [t.isoformat() for t in all_ts],
+             "produced_at": produced.isoformat() if produced else None}
+    history_types = {r[0]: r[1] for r in con.execute("DESCRIBE hist").fetchall()}
+    stats["data_version"] = _write_beside(table, target, writes, {"history_of": str(source), **stats})
+    con.execute("DROP TABLE snap")
+    con.execute("DROP TABLE hist")
+    return stats, history_types
+
+
+def _write_beside(table: "pa.Table", target: Path, writes: list, provenance: dict) -> str:
+    """`table` with `provenance` in its metadata, to a temp file beside `target` (appended to `writes`, renamed
+    into place only when every file of the publish is written); returns the file's hash (its data version)."""
+    import pyarrow.parquet as pq
+
+    meta = dict(table.schema.metadata or {})
+    meta[PARQUET_KEY] = json.dumps({**provenance, "code_version": code_version()}).encode()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
+    writes.append((tmp, target))
+    return _file_hash(tmp)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
