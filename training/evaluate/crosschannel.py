@@ -96,8 +96,8 @@ def load_app_side(source: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def fetch_web_features(home: Home, dataset: str, visits: pd.DataFrame) -> pd.DataFrame:
     """The web features of every app visit at its time, from Feast: the customer's session embedding
-    rollup and distilled intent shares. The only Feast read of this module (the serving import may move)."""
-    from producers.publish import historical_features, published_views
+    rollup and distilled intent shares. The only Feast read of this module."""
+    from producers.stores.serving import historical_features, published_views
 
     kinds = {v.kind: v.name for v in published_views(home, dataset)}
     missing = [k for k in ("sessions", "intents") if k not in kinds]
