@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # local torch wheel. On a GPU machine the default PyPI build (with CUDA) is what you want.
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup demo test fetch clean
+.PHONY: setup demo test lint fetch clean
 
 setup: $(STAMP) fetch
 
@@ -28,8 +28,13 @@ fetch: $(STAMP)
 demo: setup
 	$(VENV)/bin/llm4es demo
 
-test: setup
+# Lint first (seconds): the layer contracts and ruff, then the tests.
+test: setup lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) data reports
