@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import Stopwatch, describe  # noqa: E402
 
 TAXONOMY = Path(__file__).resolve().parent / "taxonomies" / "bank-website.txt"
 DATASET = "bank-clickstream"
@@ -53,13 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  · {msg}", flush=True)
 
     print(describe())
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        timings[name] = time.perf_counter() - t0
-        return out
+    timed = Stopwatch()
+    timings = timed.seconds
 
     source = args.home / "source"
     data = timed("generate", write_crosschannel, source, CrossChannelConfig(

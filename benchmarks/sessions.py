@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import Stopwatch, describe  # noqa: E402
 
 TAXONOMIES = Path(__file__).resolve().parent / "taxonomies"
 DEFAULT_TAXONOMY = {"bank-clickstream": TAXONOMIES / "bank-website.txt", "movielens-100k": TAXONOMIES / "movielens.txt"}
@@ -52,13 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p = Pipeline.create(args.home, log=log)
     dataset = args.dataset
     print(describe())
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        timings[name] = time.perf_counter() - t0
-        return out
+    timed = Stopwatch()
+    timings = timed.seconds
 
     timed("ingest", p.ingest, dataset)
     assert timed("validate", lambda: p.validate(dataset, data_docs=False)).success
