@@ -20,7 +20,6 @@ Events without a user (which validation refuses unless forced) belong to no sess
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from typing import Callable
 import duckdb
 
 from producers.datasets.definition import DatasetDefinition
+from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.sessions.config import SessionsConfig, SessionsError, SessionsResult
 from producers.stores.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
@@ -159,9 +159,7 @@ def _check(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg
     failed = [r for r in results if not r.success]
     payload = {"dataset": d.name, "run_id": run_id, "spec": spec, "success": not failed,
                "results": [asdict(r) for r in results], "code_version": code_version()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     if failed:
         lines = []
         for r in failed:

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from producers.stores.outputs import atomic_write_text
 from producers.stores.warehouse import Home
 from training.evaluate.run import EvaluateError
 
@@ -410,7 +411,6 @@ def markdown(r: CrossChannelReport) -> str:
 
 def write_report(home: Home, r: CrossChannelReport, folder: Path | None = None) -> tuple[Path, Path]:
     """reports/crosschannel/<schema>/crosschannel.{json,md} (temporary name, then rename)."""
-    import os
 
     from producers.datasets.definition import schema_name
 
@@ -418,9 +418,7 @@ def write_report(home: Home, r: CrossChannelReport, folder: Path | None = None) 
     folder.mkdir(parents=True, exist_ok=True)
     js, md = folder / "crosschannel.json", folder / "crosschannel.md"
     for path, text in ((js, json.dumps(asdict(r), indent=2, default=str) + "\n"), (md, markdown(r))):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return js, md
 
 
