@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timings are the median of this many runs")
     ap.add_argument("--validate", action="store_true", help="also time the GX data gate after the append")
     ap.add_argument("--gate-dim", type=int, default=768,
-                    help="also time the snapshot gate on a random snapshot of --visitors users x this dimension (0: skip)")
+                    help="also time the snapshot gate on a random snapshot of --visitors users "
+                         "x this dimension (0: skip)")
     ap.add_argument("--keep", type=Path, help="generate into this folder and keep it (default: a temp folder)")
     args = ap.parse_args()
     print(describe())

@@ -136,7 +136,6 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
 def embed_throughput(model_dir: Path, n_texts: int, lo: int, hi: int, batch_tokens: int, device) -> dict:
     """`Embedder.encode_ids` over length-sorted batches of random token ids: real tokens/s of compute, MFU."""
     import numpy as np
-    import torch
 
     from training.embed import EmbedConfig, Embedder, plan_batches
     from training.hardware import model_flops_per_token, peak_flops

@@ -80,7 +80,8 @@ def main() -> None:
         t = time.perf_counter()
         r = ingest(home, definition, IngestConfig(source=folder))
         dt = time.perf_counter() - t
-        print(f"ingest:   {dt:7.1f}s  {r.n_events / dt:12,.0f} events/s  ({r.n_events:,} events, {r.n_rejects} rejects)")
+        print(f"ingest:   {dt:7.1f}s  {r.n_events / dt:12,.0f} events/s  "
+              f"({r.n_events:,} events, {r.n_rejects} rejects)")
         t = time.perf_counter()
         report = validate(home, "bench", ValidateConfig(chunk_rows=args.chunk_rows, data_docs=False))
         dt = time.perf_counter() - t

@@ -39,12 +39,14 @@ def write_snapshot(home, when: datetime, users: list[int], dim: int, seed: int) 
     (folder / "embeddings").mkdir(parents=True, exist_ok=True)
     n = len(users)
     n_events = rng.integers(1, 500, size=n)
-    agg = pa.table({"user_id": pa.array(users, pa.int64()), "feature_timestamp": pa.array([when] * n, pa.timestamp("us")),
+    agg = pa.table({"user_id": pa.array(users, pa.int64()),
+                    "feature_timestamp": pa.array([when] * n, pa.timestamp("us")),
                     "n_events": pa.array(n_events, pa.int64())})
     meta = {b"llm4es": json.dumps({"produced_at": datetime(2025, 1, when.month).isoformat()}).encode()}
     pq.write_table(agg.replace_schema_metadata(meta), folder / "agg_features.parquet")
     vecs = rng.normal(size=(n, dim)).astype(np.float32)
-    vector = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)), pa.array(vecs.reshape(-1)))
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    vector = pa.ListArray.from_arrays(offsets, pa.array(vecs.reshape(-1)))
     emb = pa.table({"user_id": pa.array(users, pa.int64()), "vector": vector,
                     "model": ["smollm2-135m"] * n, "checkpoint": ["base"] * n, "layers": ["9:31"] * n,
                     "text_kind": ["serialized"] * n, "feature_timestamp": pa.array([when] * n, pa.timestamp("us")),

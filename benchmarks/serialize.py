@@ -95,9 +95,11 @@ def serialize_pandas(events: pd.DataFrame, codes: pd.DataFrame, d: DatasetDefini
             table = codes[codes["code_table"] == f.codes].set_index("code")["description"]
             text = col.astype("string").map(table).fillna(col.astype("string"))
         elif f.dtype.upper() == "DOUBLE":
-            text = col.map(lambda v: "" if pd.isna(v) else f"{v:.{f.decimals}f}")
+            text = col.map(lambda v, places=f.decimals: "" if pd.isna(v) else f"{v:.{places}f}")
+        elif f.dtype.upper() == "VARCHAR":
+            text = col.astype("string").str.replace("\r", " ").str.replace("\n", " ")
         else:
-            text = col.astype("string").str.replace("\r", " ").str.replace("\n", " ") if f.dtype.upper() == "VARCHAR" else col.astype("string")
+            text = col.astype("string")
         parts.append(text.fillna(""))
     df["line"] = parts[0].str.cat(parts[1:], sep=VALUE_SEP)
     head = HEADER_SEP.join([d.events.time.label, *(f.display for f in d.serialized_fields)])

@@ -94,13 +94,14 @@ def build(manifest: dict, feast_dir: Path) -> dict[str, Any]:
                 created_timestamp_column=CREATED_FIELD,
                 description=f"every published snapshot of {view['name']}",
             )
-            fields = [Field(name=SESSION_KEY, dtype=String) if keyed_by_session else Field(name=JOIN_KEY, dtype=entity_dtype)]
+            fields = [Field(name=SESSION_KEY, dtype=String) if keyed_by_session
+                      else Field(name=JOIN_KEY, dtype=entity_dtype)]
             for f in view["features"]:
                 fields.append(Field(name=f["name"], dtype=_DTYPES[f["dtype"]], vector_length=f.get("vector_length", 0)))
             objects[source.name] = source
             objects[view["name"]] = FeatureView(
-                name=view["name"], entities=[session if keyed_by_session else entity], ttl=NO_EXPIRY, schema=fields, source=source, online=True,
-                description=view["description"], tags=dict(view["tags"]), owner="llm4es")
+                name=view["name"], entities=[session if keyed_by_session else entity], ttl=NO_EXPIRY, schema=fields,
+                source=source, online=True, description=view["description"], tags=dict(view["tags"]), owner="llm4es")
     return objects
 
 

@@ -47,8 +47,6 @@ def _identity(x):
 def chunked_cross_entropy(hidden: Any, weight: Any, labels: Any, chunk_tokens: int | None = None) -> Any:
     """Mean cross-entropy of `labels[:, 1:]` given `hidden[:, :-1]` through the LM head `weight`,
     skipping IGNORE_INDEX targets; the same value as transformers' causal-LM loss."""
-    import torch
-
     h = hidden[:, :-1]
     y = labels[:, 1:].to(h.device)
     keep = y != IGNORE_INDEX

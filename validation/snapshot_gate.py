@@ -238,7 +238,8 @@ def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | Non
         ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
                                {"column": "share_present", "min_value": config.min_share_present},
                                "share of expected users present", f">= {config.min_share_present:.1%} of "
-                               f"{len(want):,}", "share_present", examples=[f"missing {u}" for u in missing[:EXAMPLES]]))
+                               f"{len(want):,}", "share_present",
+                               examples=[f"missing {u}" for u in missing[:EXAMPLES]]))
     if unchanged is not None and old is not None:
         cos, n = mean_cosine(old, new, dim, unchanged)
         figures["mean_cosine_unchanged"] = cos

@@ -44,7 +44,8 @@ are cached under --cache (default: $LLM4ES_CACHE or ~/.cache/llm4es).
 """
 
 
-@click.group(cls=PipelineOrder, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=PipelineOrder, help=HELP,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_HOME",
               help="Where data/ and reports/ live. [default: $LLM4ES_HOME or .]")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), envvar="LLM4ES_CACHE",

@@ -351,7 +351,8 @@ class LLMEnricher:
             t0 = time.perf_counter()
             texts = self.backend.generate([prompts[i].messages for i in batch], seeds)
             if len(texts) != len(batch):
-                raise RuntimeError(f"the {self.backend.name} backend returned {len(texts)} texts for {len(batch)} prompts")
+                raise RuntimeError(
+                    f"the {self.backend.name} backend returned {len(texts)} texts for {len(batch)} prompts")
             seconds = (time.perf_counter() - t0) / len(batch)
             now = datetime.now(timezone.utc).replace(tzinfo=None)
             rows = []

@@ -498,7 +498,9 @@ def _json(t: _Text) -> str:
     if indent:
         return json.dumps(data, indent=indent, ensure_ascii=False)
     # Compact: one event per line (about half the tokens of an indented document).
-    dump = lambda value: json.dumps(value, ensure_ascii=False)
+    def dump(value):
+        return json.dumps(value, ensure_ascii=False)
+
     parts = []
     for key, value in data.items():
         if isinstance(value, list) and value:

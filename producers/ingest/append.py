@@ -119,8 +119,9 @@ def _locate(con, definition: DatasetDefinition, source: Path,
             hit = _earlier_file(definition, table, earlier, scratch)
             if hit is None:
                 raise SourceError(
-                    f"{definition.name}: table {table!r} ({definition.tables[table].candidates}) is neither in the new "
-                    f"source {source} nor, unchanged, in an earlier ingest's source: put its file beside the new events")
+                    f"{definition.name}: table {table!r} ({definition.tables[table].candidates}) is neither in the "
+                    f"new source {source} nor, unchanged, in an earlier ingest's source: "
+                    "put its file beside the new events")
             found[table] = hit
             fallback[table] = str(hit.path)
     return found, fallback

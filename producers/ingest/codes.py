@@ -65,5 +65,6 @@ def build_codes(con: duckdb.DuckDBPyConnection, target: str, tables: dict[str, C
     cols = cols or RawColumns({})
     selects = [code_table_sql(n, t, raw_tables, cols) for n, t in tables.items()]
     if not selects:
-        selects = ["SELECT NULL::VARCHAR AS code_table, NULL::VARCHAR AS code, NULL::VARCHAR AS description WHERE false"]
+        selects = ["SELECT NULL::VARCHAR AS code_table, NULL::VARCHAR AS code, NULL::VARCHAR AS description "
+                   "WHERE false"]
     con.execute(f"CREATE OR REPLACE TABLE {target} AS {' UNION ALL '.join(selects)} ORDER BY code_table, code")

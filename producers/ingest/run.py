@@ -29,8 +29,8 @@ from producers.ingest.source_files import SourceFile, locate, source_hash, unpac
 from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
                                         user_column)
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, swap_tables,
-                                 table_exists)
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest,
+                                        swap_tables, table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5
@@ -90,7 +90,8 @@ def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
             previous = last_ingest(con, schema)
             if (not config.force and previous and previous["source_hash"] == data_hash
                     and previous["definition_fingerprint"] == definition.fingerprint()):
-                log(f"{definition.name}: source unchanged since ingest {previous['ingest_id']}; skipping (--force re-runs)")
+                log(f"{definition.name}: source unchanged since ingest {previous['ingest_id']}; "
+                    "skipping (--force re-runs)")
                 return _summary(con, definition, previous, skipped=True)
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {sql_ident(schema)}")
             drop_staging(con, schema)

@@ -32,6 +32,6 @@ from producers.intents.session_text import format_session, read_session_texts, s
 from producers.intents.taxonomy import build_taxonomy, import_taxonomy
 
 __all__ = ["PROMPTS", "TABLE", "DistillConfig", "DistillResult", "IntentsError", "Label", "LabelConfig", "LabelResult",
-           "TaxonomyConfig", "TaxonomyResult", "TextConfig", "build_taxonomy", "import_taxonomy", "distill_intents", "format_session",
-           "label_sessions", "parse_label", "parse_taxonomy", "read_provenance", "read_session_texts",
+           "TaxonomyConfig", "TaxonomyResult", "TextConfig", "build_taxonomy", "import_taxonomy", "distill_intents",
+           "format_session", "label_sessions", "parse_label", "parse_taxonomy", "read_provenance", "read_session_texts",
            "sample_sessions"]

@@ -56,7 +56,8 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
         d = stored_definition(con, dataset)
         require_session_tables(con, d)
         if not table_exists(con, d.schema, EMBEDDINGS):
-            raise IntentsError(f"{d.name} has no {d.schema}.{EMBEDDINGS} table: run `llm4es sessions embed {d.name}` first")
+            raise IntentsError(
+                f"{d.name} has no {d.schema}.{EMBEDDINGS} table: run `llm4es sessions embed {d.name}` first")
         if not table_exists(con, d.schema, LABELS):
             raise IntentsError(f"{d.name} has no LLM intent labels: run `llm4es intents label {d.name}` first")
         version = config.taxonomy_version or _newest_labelled_version(con, d, labeller)
@@ -82,9 +83,9 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
     trained = [n for n in names if counts.get(n, 0) >= 2]  # a stratified split needs 2 of each
     dropped = {n: counts[n] for n in names if 0 < counts.get(n, 0) < 2}
     if len(trained) < 2:
-        raise IntentsError(f"{d.name}, taxonomy v{taxonomy.version}: {len(llm)} embedded session(s) carry an LLM label, "
-                           f"and {len(trained)} label(s) have at least 2 examples ({dict(counts) or 'none'}); a "
-                           "classifier needs 2 labels or more: label more sessions (`llm4es intents label`)")
+        raise IntentsError(f"{d.name}, taxonomy v{taxonomy.version}: {len(llm)} embedded session(s) carry an LLM "
+                           f"label, and {len(trained)} label(s) have at least 2 examples ({dict(counts) or 'none'}); "
+                           "a classifier needs 2 labels or more: label more sessions (`llm4es intents label`)")
     sessions = sorted(s for s, lb in llm.items() if lb in trained)
     X_all = features["X"]
     X = X_all[[index[s] for s in sessions]]
@@ -129,7 +130,8 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
     }
     parquet = _write(home, d.schema, features, predicted, proba, taxonomy.version, provenance, produced_at, log)
     latency = {"classifier_seconds_per_session": clf_latency, "llm_seconds_per_session": llm_latency,
-               "llm_sessions": llm_n, "llm_mode": mode, "llm_model": labeller, "llm_cached_seconds_per_session": cached_latency}
+               "llm_sessions": llm_n, "llm_mode": mode, "llm_model": labeller,
+               "llm_cached_seconds_per_session": cached_latency}
     provenance["latency"] = latency
     report_json, report_md = _reports(home, d, provenance, metrics, latency)
     seconds = time.perf_counter() - started
@@ -169,7 +171,8 @@ def session_features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, top_v
     for f in d.events.fields:
         if f.kind != "categorical" or top_values <= 0:
             continue
-        top = con.execute(f'SELECT CAST("{f.name}" AS VARCHAR) AS v FROM {s}.session_events WHERE "{f.name}" IS NOT NULL '
+        top = con.execute(f'SELECT CAST("{f.name}" AS VARCHAR) AS v FROM {s}.session_events '
+                          f'WHERE "{f.name}" IS NOT NULL '
                           f"GROUP BY v ORDER BY count(*) DESC, v LIMIT {int(top_values)}").fetchall()
         for (v,) in top:
             shares.append(f"avg(CASE WHEN CAST(e.\"{f.name}\" AS VARCHAR) = {_lit(v)} THEN 1.0 ELSE 0.0 END)")
@@ -321,15 +324,18 @@ def _reports(home: Home, d: DatasetDefinition, provenance: dict, metrics: dict, 
 
     lines = [f"# Intent classifier distilled from the LLM: {d.name}, taxonomy v{provenance['taxonomy_version']}", "",
              f"Classifier `{provenance['classifier']}` on {provenance['inputs'][0]} + "
-             f"{len(provenance['inputs']) - 1} session features; LLM labels from {', '.join(provenance['llm_models'])}. "
+             f"{len(provenance['inputs']) - 1} session features; "
+             f"LLM labels from {', '.join(provenance['llm_models'])}. "
              f"{provenance['n_train']} train / {provenance['n_test']} held-out sessions (stratified, seed "
              f"{provenance['config']['seed']}).", "",
              "| Agreement with the LLM (held-out) | Value |", "|---|---|",
              f"| micro F1 | {metrics['micro_f1']:.3f} |", f"| macro F1 | {metrics['macro_f1']:.3f} |",
-             f"| accuracy | {metrics['accuracy']:.3f} |", f"| macro F1 of a uniform guess | {metrics['chance_macro_f1']:.3f} |",
+             f"| accuracy | {metrics['accuracy']:.3f} |",
+             f"| macro F1 of a uniform guess | {metrics['chance_macro_f1']:.3f} |",
              "", "| Latency per session | Value |", "|---|---|",
              f"| classifier (predict_proba, one session) | {secs(latency['classifier_seconds_per_session'])} |",
-             f"| LLM, measured now ({latency['llm_mode']}, {latency['llm_sessions']} sessions, {latency['llm_model']}) | "
+             f"| LLM, measured now ({latency['llm_mode']}, {latency['llm_sessions']} sessions, "
+             f"{latency['llm_model']}) | "
              f"{secs(latency['llm_seconds_per_session'])} |",
              f"| LLM, mean recorded in the label cache | {secs(latency['llm_cached_seconds_per_session'])} |",
              f"| speed-up | {speed} |", "", "| Label | F1 | held-out support |", "|---|---|---|"]

@@ -67,7 +67,8 @@ def label_sessions(home: Home, dataset: str, config: LabelConfig = LabelConfig()
 
     def store(batch_ids: list[str], answers: list[str | None], found: list[str | None], each: float) -> None:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
-        rows = [(s, taxonomy.version, lb, (raw or "")[:RAW_KEEP], backend.name, model, config.mode, hashes[s], each, now)
+        rows = [(s, taxonomy.version, lb, (raw or "")[:RAW_KEEP], backend.name, model, config.mode, hashes[s],
+                 each, now)
                 for s, raw, lb in zip(batch_ids, answers, found)]
         con = home.connect()
         try:

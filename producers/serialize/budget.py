@@ -89,7 +89,7 @@ def line_counts(tokenizer: Any, chunks: Sequence[list[str]]) -> list[list[int]]:
     `splits_at_line_breaks`): one text per list, tokenized once with offsets."""
     texts = ["\n" + "\n".join(lines) for lines in chunks]
     out = []
-    for lines, text, (_, offsets) in zip(chunks, texts, encode(tokenizer, texts)):
+    for lines, (_, offsets) in zip(chunks, encode(tokenizer, texts)):
         starts = [start for start, _ in offsets]
         at, bounds = 0, []
         for line in lines:
@@ -134,7 +134,7 @@ def _fit_by_lines(tokenizer: Any, header: str, bodies: Sequence[str], budget: in
             take = split[max(0, len(split) - done - chunk):len(split) - done]
             asks.append((i, take))
         nxt = {}
-        for (i, take), these in zip(asks, line_counts(tokenizer, [take for _, take in asks])):
+        for (i, _), these in zip(asks, line_counts(tokenizer, [take for _, take in asks])):
             done, used, chunk = state[i]
             split = lines[i]
             finished = False

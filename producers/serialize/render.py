@@ -128,7 +128,8 @@ def user_bodies_sql(d: DatasetDefinition, time_format: TimeFormat = "readable", 
     keep = f"[-{max_lines}:]" if max_lines else ""
     return (f"SELECT user_id, count(*) AS n_events_total, "
             f"array_to_string(list(line ORDER BY event_time, line){keep}, chr(10)) AS body "
-            f"FROM (SELECT user_id, event_time, {line_sql(d)} AS line FROM ({rendered_events_sql(d, time_format, where)})) "
+            f"FROM (SELECT user_id, event_time, {line_sql(d)} AS line "
+            f"FROM ({rendered_events_sql(d, time_format, where)})) "
             f"GROUP BY user_id")
 
 

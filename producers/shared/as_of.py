@@ -23,7 +23,8 @@ def utc_now() -> datetime:
 
 def pick_as_of(dataset: str, requested: datetime | None, first: datetime | None, last: datetime | None,
                error: type[Exception], now: datetime | None = None) -> datetime:
-    """`requested` (else the last event), refused with `error` when there are no events before it or it is in the future."""
+    """`requested` (else the last event), refused with `error` when there are no events before it or it is in
+    the future."""
     if last is None:
         raise error(f"{dataset} has no events")
     as_of = utc_naive(requested) if requested is not None else last

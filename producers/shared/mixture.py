@@ -51,4 +51,5 @@ def check_available(con, schema: str, mixture: Mixture) -> dict[str, int]:
             command = "serialize" if kind == "serialized" else f"enrich --enricher {kind} --variants {want}"
             raise MixtureError(f"mixture {mixture} needs {want} {kind} variant(s), the texts table has "
                                f"{have.get(kind, 0)}: run `llm4es {command}` first")
-    return dict(con.execute(f'SELECT kind, count(*) FROM "{schema}".texts WHERE {mixture.where()} GROUP BY 1').fetchall())
+    return dict(con.execute(
+        f'SELECT kind, count(*) FROM "{schema}".texts WHERE {mixture.where()} GROUP BY 1').fetchall())

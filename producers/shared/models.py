@@ -223,7 +223,8 @@ def _verify_folder(folder: Path, gguf_model: Any, gguf_tokenizer: Any) -> None:
     ids = saved_tokenizer(VERIFY_PROMPT, return_tensors="pt")["input_ids"]
     expected = gguf_tokenizer(VERIFY_PROMPT, return_tensors="pt")["input_ids"]
     if not torch.equal(ids, expected):
-        raise RuntimeError(f"saved tokenizer encodes {VERIFY_PROMPT!r} as {ids.tolist()}, the GGUF one as {expected.tolist()}")
+        raise RuntimeError(
+            f"saved tokenizer encodes {VERIFY_PROMPT!r} as {ids.tolist()}, the GGUF one as {expected.tolist()}")
     saved_model = load_causal_lm(str(folder), dtype=torch.float32)
     with torch.no_grad():
         want = gguf_model(input_ids=ids).logits
@@ -257,7 +258,8 @@ def _make_readable(folder: Path) -> None:
 
 
 def _swap_into_place(new: Path, dest: Path) -> None:
-    """`os.replace` a finished folder onto `dest`; it cannot overwrite a non-empty folder, so move an old one aside first."""
+    """`os.replace` a finished folder onto `dest`; it cannot overwrite a non-empty folder, so move an old one
+    aside first."""
     if not dest.exists():
         os.replace(new, dest)
         return

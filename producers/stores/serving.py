@@ -231,7 +231,10 @@ def _resolve_views(home: Home, dataset: str, views: Sequence[str]) -> tuple[list
         raise PublishError(f"views keyed by user and by session cannot be read together: "
                            f"{', '.join(f'{v.name} ({v.join_key})' for v in chosen)}")
     key = keys.pop()
-    entity = "STRING" if key == "session_id" else _read_manifest(manifest_path(home))["datasets"][dataset]["user_id_type"]
+    if key == "session_id":
+        entity = "STRING"
+    else:
+        entity = _read_manifest(manifest_path(home))["datasets"][dataset]["user_id_type"]
     return chosen, entity
 
 
@@ -258,8 +261,9 @@ def _as_vectors(values) -> list:
 def historical_features(home: Home, dataset: str, views: Sequence[str], entity_df: "pd.DataFrame",
                         online_store: str | None = None) -> "pd.DataFrame":
     """Point-in-time features: for each (user_id, event_timestamp) row, each view's latest snapshot at or
-    before event_timestamp (none: missing); session-keyed views take (session_id, event_timestamp) rows. Rows in `entity_df`'s order, its columns first, then one column
-    per feature named `<view>__<feature>`; vectors as float32 numpy arrays (None where missing).
+    before event_timestamp (none: missing); session-keyed views take (session_id, event_timestamp) rows.
+    Rows in `entity_df`'s order, its columns first, then one column per feature named `<view>__<feature>`;
+    vectors as float32 numpy arrays (None where missing).
     `views` are full view names or the part after `<schema>__` (`llm4es_embedding`, `agg_features`).
     The offline store is the same for every online store; `online_store` only picks whose registry to
     read (default: the first applied one, SQLite's before Redis')."""

@@ -149,7 +149,8 @@ def check_schema_owner(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
     if owner is not None and owner != dataset:
         raise WarehouseError(f"dataset {dataset!r} would use the warehouse schema {schema!r}, which holds dataset "
                              f"{owner!r} (names that differ only in case or punctuation share a schema): use "
-                             f"{owner!r} to mean that dataset, or give this one a name that differs in letters or digits")
+                             f"{owner!r} to mean that dataset, or give this one a name that differs in letters or "
+                             "digits")
 
 
 def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDefinition:

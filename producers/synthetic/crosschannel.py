@@ -177,7 +177,8 @@ def generate_crosschannel(config: CrossChannelConfig = CrossChannelConfig()) -> 
     person_ids = people.index.to_numpy()
     has_app = rng.random(len(person_ids)) < config.app_user_share
     app_people = set(person_ids[has_app].tolist())
-    linked = np.array([p in app_people for p in sessions["person_id"]]) & (rng.random(len(sessions)) < config.link_share)
+    linked = (np.array([p in app_people for p in sessions["person_id"]])
+              & (rng.random(len(sessions)) < config.link_share))
     session_no = sessions["session_id"].str[1:].astype(np.int64).to_numpy()
     bank_id = np.where(linked, sessions["person_id"].to_numpy(), ANON_BASE + session_no)
     origin = np.datetime64(config.web.start.isoformat(), "s")

@@ -47,7 +47,8 @@ def test_publish_then_evaluate_from_feast(llm4es, tmp_path, model_dir):
     report = json.loads((tmp_path / "home" / "reports" / "evaluate" / "movielens_100k" / "evaluation.json").read_text())
     assert report["n_users"] == 40 and report["coverage"]["movielens_100k__llm4es_embedding"] == 1.0
     entry = report["results"]["gender"]["agg+llm4es"]
-    dim = pq.read_table(next((tmp_path / "home" / "data" / "movielens_100k" / "embeddings").glob("*.parquet")))["dim"][0].as_py()
+    embeddings = next((tmp_path / "home" / "data" / "movielens_100k" / "embeddings").glob("*.parquet"))
+    dim = pq.read_table(embeddings)["dim"][0].as_py()
     assert entry["n_features"] - dim == report["results"]["gender"]["agg"]["n_features"] > 0
     assert len(entry["protocols"]["paper"]["roc_auc"]["scores"]) == 5
 

@@ -40,9 +40,11 @@ def write_all(home: Home) -> dict[str, np.ndarray]:
     _, out[f"{SCHEMA}__llm4es__base_smollm2_135m__enriched"] = files.embeddings_file(
         home.data_dir, DATASET, T1, USERS, text_kind="enriched", produced_at=datetime(2025, 1, 2))
     _, out[f"{SCHEMA}__llm4es__r1_epoch_1__serialized"] = files.embeddings_file(
-        home.data_dir, DATASET, T1, USERS, checkpoint=f"{RUN}/models/epoch-1", epoch=1, produced_at=datetime(2025, 1, 3))
+        home.data_dir, DATASET, T1, USERS, checkpoint=f"{RUN}/models/epoch-1", epoch=1,
+        produced_at=datetime(2025, 1, 3))
     _, out[f"{SCHEMA}__llm4es_embedding"] = files.embeddings_file(
-        home.data_dir, DATASET, T1, USERS, checkpoint=f"{RUN}/models/epoch-2", epoch=2, produced_at=datetime(2025, 1, 4))
+        home.data_dir, DATASET, T1, USERS, checkpoint=f"{RUN}/models/epoch-2", epoch=2,
+        produced_at=datetime(2025, 1, 4))
     return out
 
 

@@ -113,10 +113,12 @@ def session_files(data_dir: Path, dataset: str, sessions: list[tuple[str, int, d
     probs = rng.dirichlet(np.ones(len(labels)), size=n).astype(np.float32)
     intents = [labels[i] for i in probs.argmax(axis=1)]
     produced = (produced_at or datetime(2025, 1, 1)).isoformat()
-    base = {"session_id": pa.array([s for s, _, _ in sessions]), "user_id": pa.array([u for _, u, _ in sessions], pa.int64()),
+    base = {"session_id": pa.array([s for s, _, _ in sessions]),
+            "user_id": pa.array([u for _, u, _ in sessions], pa.int64()),
             "session_end": pa.array([t for _, _, t in sessions], pa.timestamp("us"))}
     folder = data_dir / schema_name(dataset)
-    _write(folder / "session_embeddings.parquet", pa.table({**base, "embedding": pa.array(list(emb), pa.list_(pa.float32()))}),
+    _write(folder / "session_embeddings.parquet",
+           pa.table({**base, "embedding": pa.array(list(emb), pa.list_(pa.float32()))}),
            {"model": "session-encoder", "run_dir": "runs/x/sessions/r1", "epoch": 3, "produced_at": produced,
             "code_version": "0.1.0+gtest"})
     _write(folder / "session_intents.parquet",

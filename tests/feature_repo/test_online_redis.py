@@ -54,7 +54,8 @@ def test_redis_serves_the_offline_vectors_bitwise(redis_home):
 
     # the same set embedded again at the same feature_timestamp: Redis skips writes that are not newer,
     # so publish drops the view's online rows first
-    _, again = files.embeddings_file(home.data_dir, dataset, T1, USERS, dim=32, salt=1, produced_at=datetime(2025, 1, 2))
+    _, again = files.embeddings_file(home.data_dir, dataset, T1, USERS, dim=32, salt=1,
+                                     produced_at=datetime(2025, 1, 2))
     publish(home, dataset, PublishConfig(online_store="redis", materialize=True))
     df = online_features(home, dataset, ["llm4es_embedding"], USERS, online_store="redis")
     assert all(same_bits(df[f"{schema}__llm4es_embedding__vector"][i], again[i]) for i in range(len(USERS)))

@@ -21,7 +21,8 @@ def test_views_names_kinds_and_run_grouping(published):
     views = {v.name: v for v in published_views(published.home, DATASET)}
     assert list(views) == [v.name for v in published.result.views]
     assert set(views) == {f"{SCHEMA}__agg_features", f"{SCHEMA}__coles_embedding", f"{SCHEMA}__llm4es_embedding",
-                          f"{SCHEMA}__llm4es__r1_epoch_1__serialized", f"{SCHEMA}__llm4es__base_smollm2_135m__serialized",
+                          f"{SCHEMA}__llm4es__r1_epoch_1__serialized",
+                          f"{SCHEMA}__llm4es__base_smollm2_135m__serialized",
                           f"{SCHEMA}__llm4es__base_smollm2_135m__enriched"}
     assert [v.name for v in views.values() if v.is_default] == [
         f"{SCHEMA}__agg_features", f"{SCHEMA}__coles_embedding", f"{SCHEMA}__llm4es_embedding"]
@@ -177,7 +178,8 @@ def test_choosing_the_default_set_and_skipping_missing_kinds(tmp_path):
     result = publish(home, DATASET, PublishConfig(llm4es_set="base_smollm2_135m__serialized"))
     default = next(v for v in result.views if v.is_default)
     assert default.checkpoint == "base"
-    assert {v.name for v in result.views} == {f"{SCHEMA}__llm4es_embedding", f"{SCHEMA}__llm4es__r1_epoch_1__serialized"}
+    assert {v.name for v in result.views} == {f"{SCHEMA}__llm4es_embedding",
+                                              f"{SCHEMA}__llm4es__r1_epoch_1__serialized"}
     # the default view now reads the base model's history, in the registry too
     assert same_bits(historical_features(home, DATASET, ["llm4es_embedding"], frame)[col][0], base[1])
     materialize(home)
@@ -194,7 +196,8 @@ def test_string_user_ids(tmp_path):
     assert get_store(home).get_entity("bank__user").value_type.name == "STRING"
     frame = pd.DataFrame({"user_id": ["u002", "u404"], "event_timestamp": [T1, T1]})
     df = historical_features(home, "bank", ["llm4es_embedding", "agg_features"], frame)
-    assert same_bits(df["bank__llm4es_embedding__vector"][0], vecs[1]) and df["bank__llm4es_embedding__vector"][1] is None
+    assert same_bits(df["bank__llm4es_embedding__vector"][0], vecs[1])
+    assert df["bank__llm4es_embedding__vector"][1] is None
     online = online_features(home, "bank", ["llm4es_embedding"], ["u002"])
     assert same_bits(online["bank__llm4es_embedding__vector"][0], vecs[1])
 

@@ -192,7 +192,8 @@ def test_a_killed_append_leaves_the_previous_tables(home, grouplens, tmp_path):
         mod.append(Home.resolve({str(home.root)!r}), load_builtin("movielens-100k"), IngestConfig({str(delta)!r}))
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
     assert out.returncode == 9, out.stderr
     n_inside = int(out.stdout.split()[-1])
     assert n_inside == len(before["events"]) + 6  # it died with the rows inserted, uncommitted

@@ -206,7 +206,8 @@ def test_gender(home, tmp_path):
     # "3 10:23:26" -> origin + 3 days 10:23:26; "7 00:00:60" -> origin + 7 days + 60 s.
     for values, want in [(GENDER_KNOWN[2], ORIGIN + timedelta(days=3, hours=10, minutes=23, seconds=26)),
                          (GENDER_KNOWN[3], ORIGIN + timedelta(days=7, minutes=1))]:
-        got = con.execute("SELECT event_time, mcc, tr_type, term_id FROM gender.events WHERE user_id = ? AND amount = ?",
+        got = con.execute("SELECT event_time, mcc, tr_type, term_id FROM gender.events "
+                          "WHERE user_id = ? AND amount = ?",
                           [values["customer_id"], float(values["amount"])]).fetchall()
         assert got == [(want, values["mcc_code"].zfill(4), values["tr_type"], values["term_id"] or None)]
     assert con.execute("SELECT min(amount) < 0 AND max(amount) > 0 FROM gender.events").fetchone()[0]

@@ -64,7 +64,7 @@ def test_budget_counts_events_not_lines(home, grouplens, tok):  # noqa: F811
     r = serialize(home, "movielens-100k", SerializeConfig(model="tiny", max_tokens=200, format="compact"),
                   tokenizer=tok)
     assert r.n_cut > 0 and r.n_events < full.n_events
-    for user, (text, n_events, n_tokens) in texts(home, "movielens_100k").items():
+    for text, n_events, n_tokens in texts(home, "movielens_100k").values():
         assert n_tokens <= 200
         body = text.split("\n")[1:]
         assert n_events == sum(line.count("; ") + 1 for line in body)  # no runs among distinct movies

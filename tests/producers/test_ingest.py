@@ -19,7 +19,8 @@ def snapshot(home):
     con = home.connect()
     try:
         tables = [r[0] for r in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'movielens_100k' ORDER BY 1").fetchall()]
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'movielens_100k' "
+            "ORDER BY 1").fetchall()]
         return {t: con.execute(f"SELECT * FROM movielens_100k.{t}").fetchall() for t in tables}
     finally:
         con.close()
@@ -35,7 +36,8 @@ def test_grouplens_folder_is_typed(home, grouplens):
     assert cols == {"user_id": "BIGINT", "event_time": "TIMESTAMP", "movie_id": "BIGINT", "title": "VARCHAR",
                     "year": "INTEGER", "genres": "VARCHAR", "rating": "INTEGER"}
     # u.item is latin-1: the accented title must arrive intact, the year split off the title.
-    title, year = con.execute("SELECT title, year FROM movielens_100k.events WHERE movie_id = 6 LIMIT 1").fetchone() or (None, None)
+    title, year = con.execute(
+        "SELECT title, year FROM movielens_100k.events WHERE movie_id = 6 LIMIT 1").fetchone() or (None, None)
     item6 = (grouplens / "u.item").read_bytes().decode("latin-1").splitlines()[5].split("|")
     assert title == "Misérables, Les" and str(year) == item6[1][-5:-1]
     genres = con.execute("SELECT genres FROM movielens_100k.events WHERE movie_id = 1 LIMIT 1").fetchone()[0]
@@ -48,7 +50,8 @@ def test_grouplens_folder_is_typed(home, grouplens):
     got = con.execute("SELECT epoch(event_time)::BIGINT, rating FROM movielens_100k.events "
                       "WHERE user_id = ? AND movie_id = ?", [int(first[0]), int(first[1])]).fetchone()
     assert got == (int(first[3]), int(first[2]))
-    assert con.execute("SELECT count(*) FROM movielens_100k.users WHERE gender IN ('M', 'F') AND age > 0").fetchone()[0] == 12
+    assert con.execute(
+        "SELECT count(*) FROM movielens_100k.users WHERE gender IN ('M', 'F') AND age > 0").fetchone()[0] == 12
 
 
 def test_zip_as_grouplens_ships_it(home, grouplens, tmp_path):
@@ -93,7 +96,8 @@ def test_line_numbers_stay_exact_after_structural_rejects(home, grouplens):
     replace_lines(grouplens / "u.data", {2: b"x", 3: b"y\tz", 5: b"1\t2\t9.5.1\t880000000"})
     run(home, grouplens, max_reject_share=0.5)
     con = home.connect()
-    assert [r[0] for r in con.execute("SELECT row_number FROM movielens_100k.rejects ORDER BY 1").fetchall()] == [2, 3, 5]
+    rejected = con.execute("SELECT row_number FROM movielens_100k.rejects ORDER BY 1").fetchall()
+    assert [r[0] for r in rejected] == [2, 3, 5]
 
 
 def test_many_garbled_lines_fail_and_leave_previous_tables_intact(home, grouplens, tmp_path):

@@ -129,7 +129,8 @@ def build_session_tables(home: Home, embeddings: bool = True) -> None:
                    epoch(max(event_time)) - epoch(min(event_time)) AS duration_s
             FROM {s}.session_events GROUP BY session_id""")
         if embeddings:
-            rows = con.execute(f"SELECT session_id, any_value(user_id), max(event_time), list(rating ORDER BY position) "
+            rows = con.execute("SELECT session_id, any_value(user_id), max(event_time), "
+                               "list(rating ORDER BY position) "
                                f"FROM {s}.session_events GROUP BY session_id ORDER BY session_id").fetchall()
             rng = np.random.default_rng(0)
             vecs = []
@@ -269,8 +270,8 @@ def test_build_taxonomy_stores_versions_and_markdown(home):
     assert [r["sessions"] for r in again.rounds] == [r["sessions"] for r in first.rounds]  # same seed, same sample
     con = home.connect(read_only=True)
     try:
-        rows = con.execute(f'SELECT version, model, prompt_version, labels, sample_seed FROM "{SCHEMA}".intent_taxonomies '
-                           "ORDER BY version").fetchall()
+        rows = con.execute('SELECT version, model, prompt_version, labels, sample_seed '
+                           f'FROM "{SCHEMA}".intent_taxonomies ORDER BY version').fetchall()
     finally:
         con.close()
     assert [r[0] for r in rows] == [1, 2] and rows[0][1] == "fake-llm" and rows[0][2] == "intents/v1"
@@ -281,7 +282,8 @@ def test_a_junk_round_keeps_the_previous_taxonomy(home):
     result = build_taxonomy(home, DATASET, TAX, backend=FakeLLM(junk_refine=True))
     assert [x["name"] for x in result.labels] == CLASSES
     assert [r["kept_previous"] for r in result.rounds] == [False, True, True]
-    assert result.rounds[1]["raw"].startswith("Sure!") and "kept the previous taxonomy" in result.report_path.read_text()
+    assert result.rounds[1]["raw"].startswith("Sure!")
+    assert "kept the previous taxonomy" in result.report_path.read_text()
 
 
 def test_build_taxonomy_errors(home, tmp_path):
@@ -306,7 +308,8 @@ def test_build_taxonomy_errors(home, tmp_path):
 def stored_labels(home: Home) -> dict[str, tuple]:
     con = home.connect(read_only=True)
     try:
-        rows = con.execute(f'SELECT session_id, label, raw, mode, latency_s FROM "{SCHEMA}".intent_llm_labels').fetchall()
+        rows = con.execute(
+            f'SELECT session_id, label, raw, mode, latency_s FROM "{SCHEMA}".intent_llm_labels').fetchall()
     finally:
         con.close()
     return {r[0]: r[1:] for r in rows}

@@ -279,8 +279,11 @@ class ScriptedBackend:
 
 def test_killed_run_resumes(tmp_path):
     histories = [history(u) for u in range(7)]
-    make = lambda backend: LLMEnricher(LLMOptions(model="fake"), fallback=StubFallback(), home=None, schema="s",
-                                       backend=backend, cache_path=tmp_path / "c.duckdb")
+
+    def make(backend):
+        return LLMEnricher(LLMOptions(model="fake"), fallback=StubFallback(), home=None, schema="s",
+                           backend=backend, cache_path=tmp_path / "c.duckdb")
+
     dying = ScriptedBackend(batch_size=2, die_on=2)
     with pytest.raises(KeyboardInterrupt):
         make(dying).rewrite(DEFINITION, histories, 0)
@@ -344,7 +347,8 @@ def test_checks_refuse_with_reasons():
     assert data_coverage(titles, data) == pytest.approx(11 / 25)
     assert check_output(f"She rated ten films: {titles}.", data) is None
     five = "\n".join(f"* The {w}: 5 stars" for w in WORDS[:5])  # 6 of 25 (24%): not a rewrite of this history
-    assert check_output("# Ratings (made up)\n" + five + "\n" + "* Something Else: 1 star\n" * 4, data) == "low_coverage"
+    assert check_output("# Ratings (made up)\n" + five + "\n" + "* Something Else: 1 star\n" * 4, data) == \
+        "low_coverage"
     assert check_output("To transform this data, use Python's json module and write a CSV file. " * 3, data) == \
         "low_coverage"
     assert check_output("y" * (4 * len(data) + 2001), data) == "too_long"
@@ -406,8 +410,11 @@ def test_cached_outputs_are_checked_again(tmp_path):
     import duckdb
 
     path = tmp_path / "c.duckdb"
-    make = lambda: LLMEnricher(LLMOptions(model="fake"), fallback=StubFallback(), home=None, schema="s",
-                               backend=ScriptedBackend(), cache_path=path)
+
+    def make():
+        return LLMEnricher(LLMOptions(model="fake"), fallback=StubFallback(), home=None, schema="s",
+                           backend=ScriptedBackend(), cache_path=path)
+
     make().rewrite(DEFINITION, [history(1), history(2)], 0)
     con = duckdb.connect(str(path))
     con.execute("UPDATE llm_cache SET status = 'refused:old_rule' WHERE user_id = '1'")
@@ -418,7 +425,8 @@ def test_cached_outputs_are_checked_again(tmp_path):
     assert [r.format for r in out] == ["llm", "fallback:json"]
     assert again.stats == {"generated": 0, "cached": 2, "fallbacks": 1, "refusals": {"too_short": 1}}
     con = duckdb.connect(str(path), read_only=True)
-    assert dict(con.execute("SELECT user_id, status FROM llm_cache").fetchall()) == {"1": "ok", "2": "refused:too_short"}
+    statuses = dict(con.execute("SELECT user_id, status FROM llm_cache").fetchall())
+    assert statuses == {"1": "ok", "2": "refused:too_short"}
     con.close()
 
 

@@ -204,7 +204,10 @@ PARSERS = {"json": (parse_json, True), "yaml": (parse_yaml, True), "xml": (parse
 def test_deterministic_given_the_seed(case):
     definition, make = CASES[case]
     hs = [make(u) for u in (1, 2, 3)]
-    texts = lambda seed: [r.text for v in range(7) for r in TemplateEnricher(seed=seed).rewrite(definition, hs, v)]
+
+    def texts(seed):
+        return [r.text for v in range(7) for r in TemplateEnricher(seed=seed).rewrite(definition, hs, v)]
+
     assert texts(0) == texts(0)
     assert texts(0) != texts(1)
     # One user's rewrite does not depend on the other histories of the call, nor on their order.
@@ -472,7 +475,7 @@ def test_enrich_end_to_end(home, grouplens):
     con.close()
     assert report.written == len(first) == users * 7 == 12 * 7
     assert len({r[2] for r in first}) >= 5 and sum(report.by_format.values()) == users * 7
-    for user_id, variant, fmt, text, n_events, n_tokens in first:
+    for user_id, _, _, text, n_events, n_tokens in first:
         # Rewrites keep the serialized text's events, minus the oldest where a format exceeds the budget.
         assert 0 < n_events <= serialized[user_id] and 0 < n_tokens <= config.max_tokens and text
     per_user = defaultdict(set)

@@ -107,8 +107,8 @@ def fetch_web_features(home: Home, dataset: str, visits: pd.DataFrame) -> pd.Dat
                                 f"`llm4es intents distill` and `llm4es publish {dataset}` first")
     entity = pd.DataFrame({"user_id": visits["user_id"].astype("int64"), "event_timestamp": visits["ts"]})
     out = historical_features(home, dataset, [kinds["sessions"], kinds["intents"]], entity)
-    out.columns = [c.split("__", 2)[-1] if c.startswith(kinds["sessions"] + "__") or c.startswith(kinds["intents"] + "__")
-                   else c for c in out.columns]
+    prefixes = (kinds["sessions"] + "__", kinds["intents"] + "__")
+    out.columns = [c.split("__", 2)[-1] if c.startswith(prefixes) else c for c in out.columns]
     return out
 
 
@@ -130,7 +130,8 @@ def labeller_shares(home: Home, schema: str, visits: pd.DataFrame, recent: int,
         names = [r[0] for r in con.execute(
             f'SELECT DISTINCT label FROM "{schema}".intent_llm_labels WHERE model = ? AND taxonomy_version = ? '
             "AND label IS NOT NULL ORDER BY 1", [labeller, version]).fetchall()]
-        con.register("visits_v", pd.DataFrame({"row": np.arange(len(visits)), "user_id": visits["user_id"].astype("int64"),
+        con.register("visits_v", pd.DataFrame({"row": np.arange(len(visits)),
+                                               "user_id": visits["user_id"].astype("int64"),
                                                "ts": visits["ts"].dt.tz_convert(None)}))
         shares = ", ".join(f"avg(CASE WHEN label = ? THEN 1.0 ELSE 0.0 END) AS \"{n}\"" for n in names)
         # The label rows of one session: the newest answer, as distill reads them.
@@ -213,7 +214,8 @@ def _fit_tuned(X: np.ndarray, y: np.ndarray, groups: np.ndarray, config: "CrossC
     return _logreg(best, config.max_iter, **kw).fit(X, y)
 
 
-def ranking_rows(visits: pd.DataFrame, tiles: pd.DataFrame, X_visit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ranking_rows(visits: pd.DataFrame, tiles: pd.DataFrame,
+                 X_visit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One row per (visit, shown tile): visit features x tile one-hot (per-tile weights), tile and position one-hots."""
     index = pd.Series(np.arange(len(visits)), index=visits["visit_id"].to_numpy())
     rows = index.reindex(tiles["visit_id"]).to_numpy()
@@ -246,7 +248,8 @@ def _summarise(per_fold: dict[str, list[dict]], baseline: str, lower_is_better: 
         for metric in folds[0]:
             values = np.array([f[metric] for f in folds])
             base = np.array([f[metric] for f in per_fold[baseline]]).mean()
-            out[name][metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            out[name][metric] = {"mean": float(values.mean()),
+                                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                                  "rel_change": float((values.mean() - base) / base) if base else float("nan"),
                                  "folds": [float(x) for x in values]}
     return out
@@ -277,7 +280,7 @@ def evaluate_ranking(visits, tiles, X_app, blocks, config: CrossChannelEvalConfi
     per_fold: dict[str, list[dict]] = {}
     for name, names in sets.items():
         results = []
-        for train_v, test_v in folds:
+        for train_v, _ in folds:
             Xr, y, rows, tile = ranking_rows(visits, tiles, _design(X_app, blocks, names, train_v, config))
             train = np.isin(rows, train_v)
             model = _fit_tuned(Xr[train], y[train], groups[rows[train]], config,
@@ -339,7 +342,8 @@ def distill_latency(home: Home, schema: str) -> dict:
     return dict(json.loads(path.read_text()).get("latency") or {})
 
 
-def evaluate_crosschannel(home: Home, dataset: str, source: Path, config: CrossChannelEvalConfig = CrossChannelEvalConfig(),
+def evaluate_crosschannel(home: Home, dataset: str, source: Path,
+                          config: CrossChannelEvalConfig = CrossChannelEvalConfig(),
                           latency: dict | None = None, log: Log = lambda _: None) -> CrossChannelReport:
     """Read the app side from `source`, the web features from Feast, fit and score every feature set."""
     from producers.datasets.definition import schema_name
