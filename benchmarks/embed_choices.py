@@ -1,7 +1,7 @@
 """Which part of the history, which layers, which pooling: measured on training folds only.
 
     python benchmarks/embed_choices.py embed --home H --dataset movielens-100k --max-length 128 --out ml.npz
-    python benchmarks/embed_choices.py score ml.npz [bc.npz ...]
+    python benchmarks/embed_choices.py score ml.npz [bc.npz ...]   (or left.npz+right.npz)
 
 `embed`: the base model reads each labelled *development* user's serialized text (the paper
 protocol's split: its 10% test users, seed 0, are left out and never embedded), cut to
@@ -47,19 +47,22 @@ def _dev_users(home, dataset: str, target: str):
 def embed_all(args) -> None:
     import torch
 
+    from producers.shared.models import resolve_model
     from producers.stores.warehouse import Home
     from training.embed import EmbedConfig, Embedder, _read_texts
-    from producers.shared.models import resolve_model
 
     torch.set_num_threads(args.threads)
     home = Home.resolve(args.home)
     users, y, task = _dev_users(home, args.dataset, args.target)
+    if args.users and args.users < len(users):  # a seeded sample of the development users (CPU budget)
+        pick = np.sort(np.random.default_rng(0).permutation(len(users))[:args.users])
+        users, y = [users[i] for i in pick], y[pick]
     data = _read_texts(home, args.dataset, EmbedConfig())
     text_of = dict(zip(data.users, data.texts))
     texts = [text_of[u] for u in users]
     path = resolve_model("smollm2-135m")
     out = {"y": y, "task": np.array(task), "max_length": np.array(args.max_length)}
-    for side in ("left", "right"):
+    for side in args.sides.split(","):
         cfg = EmbedConfig(max_length=args.max_length, truncation_side=side, layers="all", dtype="float32")
         emb = Embedder.load(path, path, cfg)
         emb.close()  # its layer-sum hooks: this study reads every hidden state itself
@@ -98,7 +101,7 @@ def embed_all(args) -> None:
         print(f"{args.dataset} {side}: {n} users, {done:,} tokens in {secs:.0f} s ({done / secs:.0f} tokens/s)", flush=True)
         for p, arr in pooled.items():
             out[f"{side}/{p}"] = arr.astype(np.float16)  # half the file; the probe standardizes anyway
-    np.savez(args.out, **out)
+        np.savez(args.out, **out)  # after each side: a stopped run keeps the side it finished
 
 
 def score_all(args) -> None:
@@ -107,13 +110,15 @@ def score_all(args) -> None:
     from training.evaluate.protocol import cv_splits, primary_metric, run_protocol
 
     for f in args.files:
-        z = np.load(f)
+        z: dict = {}
+        for part in f.split("+"):  # "a.npz+b.npz": the same users, each truncation side embedded by its own process
+            z.update(np.load(part))
         y, task = z["y"], str(z["task"])
         metric = primary_metric(task)
         splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
         print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, linear probe, 5-fold CV, {metric}")
         rows = []
-        for side in ("left", "right"):
+        for side in [side for side in ("left", "right") if f"{side}/mean" in z]:
             for pooling in ("mean", "last", "tail"):
                 arr = z[f"{side}/{pooling}"].astype(np.float32)
                 for spec in LAYER_RANGES:
@@ -134,6 +139,8 @@ def main() -> None:
     e.add_argument("--dataset", required=True)
     e.add_argument("--target", required=True)
     e.add_argument("--max-length", type=int, default=128)
+    e.add_argument("--users", type=int, default=0, help="a seeded sample of this many development users (0: all)")
+    e.add_argument("--sides", default="left,right", help="truncation sides to embed (one file holds any of them)")
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--out", required=True)
