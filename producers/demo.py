@@ -14,11 +14,11 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
   ~700 s embedding the last 256 tokens of the paper's lines (about 6 ratings a user): 0.610 gender
   ROC-AUC, where the base model reading a user's last 1,024 tokens reaches about 0.69-0.70
   (issue 16's reference). So this plan does not fine-tune, serializes in the compact format
-  (about twice the events per token on ratings) and embeds each user's last 320 tokens in fp32:
-  about the tokens the old plan's fine-tuning and embedding minutes buy (~830 s at ~345 tokens/s),
-  holding ~15 ratings a user instead of 6. int8 linear layers (`embed --quantize int8`) were
-  measured and left out: 1.25x faster on AVX2, but 0.035 lower linear-probe ROC-AUC, paired over
-  the same folds (benchmarks/RESULTS.md). Not yet timed end to end on a quiet AVX2-only machine.
+  (about twice the events per token on ratings) and embeds each user's last 192 tokens in fp32
+  (~9 ratings a user instead of 6), sized so the whole demo fits 20 minutes with margin on the
+  slowest AVX2-only CPU measured (see the comment in `plan`). int8 linear layers
+  (`embed --quantize int8`) were measured and left out: 1.25x faster on AVX2, but 0.035 lower
+  linear-probe ROC-AUC, paired over the same folds (benchmarks/RESULTS.md). Not yet timed end to end on a quiet AVX2-only machine.
 
 Every plan is evaluated by both readers (LightGBM and the linear probe), so the final table has
 a `(linear)` row per feature set.
@@ -83,7 +83,12 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
             cuts=[f"fine-tuning: {steps} steps of {batch} texts ({steps * batch} of the mixture's 6,601 texts, "
                   f"under a tenth of an epoch), each cut to its last {length} tokens, bf16 autocast",
                   f"embedding: each text's last {length} tokens (the paper uses up to 2048), bf16"])
-    length = 320
+    # AVX2-only 2-core budget (benchmarks/RESULTS.md, "Issue 16, continued"): on the slowest such CPU
+    # measured (345 tokens/s fp32) the other stages take ~500 s (ingest..aggregate ~80, CoLES ~165,
+    # publish ~10, evaluate ~240 with both cores), which leaves ~520 s of embedding for 20 minutes with
+    # a 15% margin: 943 users x 192 tokens. Reading 128 vs 320 compact tokens moved the linear probe
+    # by +0.004 ROC-AUC (LightGBM +0.036), so the cut from 320 costs little of what it saves.
+    length = 192
     return DemoPlan(
         hardware, 2048, enrich, None,
         EmbedConfig(model=model, max_length=length, dtype="float32"), evaluate,

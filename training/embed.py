@@ -64,6 +64,21 @@ CHECKPOINT_FILE = "llm4es_checkpoint.json"
 BASE_CHECKPOINT = "base"
 TABLE = LLM4ES.table
 POOLING = "mean over the selected hidden states, then mean over the attention-masked tokens, in float32"
+# Which tokens the layer-averaged hidden states are averaged over (`embed --pooling`):
+POOLINGS = {
+    "mean": POOLING,
+    "last": "mean over the selected hidden states at the text's last real token (no mean over tokens), in float32",
+    "lines": "mean over the selected hidden states, then mean over the tokens of the text's last K lines "
+             "(K events; a day of events in the compact format), in float32",
+}
+
+
+def pooling_description(pooling: str) -> str:
+    """What a `pooling` spec ("mean", "last", "lines:K") averages, for the provenance; checks the spec."""
+    name, _, k = pooling.partition(":")
+    if name not in POOLINGS or (name == "lines") != bool(k) or (k and not (k.isdigit() and int(k) > 0)):
+        raise EmbedError(f"pooling {pooling!r}: expected 'mean', 'last' or 'lines:K' with K >= 1")
+    return POOLINGS[name].replace(" K ", f" {k} ") if k else POOLINGS[name]
 
 Log = Callable[[str], None]
 
@@ -90,6 +105,9 @@ class EmbedConfig:
     limit_users: int | None = None  # the first N users by id
     force: bool = False  # run even if the dataset failed validation
     quantize: str | None = None  # CPU only: "int8" = int8 dynamic quantization of nn.Linear (training/quantize.py)
+    # which tokens are averaged: "mean" (every real token, the paper's), "last" (the last token), or
+    # "lines:K" (the last K lines); see POOLINGS and benchmarks/embed_choices.py for how they compare
+    pooling: str = "mean"
 
 
 @dataclass
@@ -359,9 +377,13 @@ class Embedder:
     """A loaded model and tokenizer that turn texts into pooled vectors (no warehouse involved)."""
 
     def __init__(self, model: Any, tokenizer: Any, layers: range, max_length: int, device: Any,
-                 padding_side: str = "right", truncation_side: str = "left", add_special_tokens: bool = True):
+                 padding_side: str = "right", truncation_side: str = "left", add_special_tokens: bool = True,
+                 pooling: str = "mean"):
         if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
             raise EmbedError("padding_side and truncation_side must be 'left' or 'right'")
+        pooling_description(pooling)
+        self.pooling = pooling
+        self._newline = None  # "lines:K": which token ids hold a line break (built on first use)
         self.base = getattr(model, "base_model", model)
         self.tokenizer = tokenizer
         self.layers = layers
@@ -411,7 +433,7 @@ class Embedder:
             log(f"max_length {max_length} exceeds the model's {limit} positions; using {limit}")
             max_length = limit
         return cls(model, tokenizer, resolve_layers(config.layers, n_hidden), max_length, device,
-                   config.padding_side, config.truncation_side, config.add_special_tokens)
+                   config.padding_side, config.truncation_side, config.add_special_tokens, config.pooling)
 
     @property
     def hidden_size(self) -> int:
@@ -494,7 +516,7 @@ class Embedder:
 
         # Positions from the mask: with left padding a text still starts at position 0.
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        keep = mask.bool().unsqueeze(-1)
+        keep = self._pooled_tokens(ids, mask).unsqueeze(-1)
         if self._sum is not None:
             self._sum.mask, self._sum.total = keep, None
             try:
@@ -510,8 +532,30 @@ class Embedder:
                 part = torch.where(keep, out.hidden_states[i].float(), 0.0).sum(dim=1)
                 total = part if total is None else total + part
             del out
-        counts = mask.sum(dim=1, keepdim=True).float()
+        counts = keep.sum(dim=1).float()
         return total / (counts * len(self.layers))
+
+    def _pooled_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the tokens `pooling` averages (always real tokens, whatever the padding side)."""
+        import torch
+
+        real = mask.bool()
+        if self.pooling == "mean":
+            return real
+        # the last real token of each row: its position is the largest one with a real token
+        positions = torch.arange(real.shape[1], device=real.device).expand_as(real)
+        last = torch.where(real, positions, -1).max(dim=1).values
+        is_last = positions == last[:, None]
+        if self.pooling == "last":
+            return is_last
+        k = int(self.pooling.split(":", 1)[1])
+        if self._newline is None:
+            vocab = range(len(self.tokenizer))
+            self._newline = torch.tensor(["\n" in self.tokenizer.decode([i]) for i in vocab], device=ids.device)
+        # a line break that ends the text closes the last line; it does not open another
+        breaks = self._newline[ids.clamp(max=len(self._newline) - 1)] & real & ~is_last
+        from_here = breaks.flip(1).cumsum(dim=1).flip(1)  # line breaks at this position or later
+        return real & (from_here < k)
 
     def close(self) -> None:
         if self._sum is not None:
@@ -650,7 +694,8 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             "model": model_name, "model_path": model_path, "tokenizer_path": tokenizer_path,
             "checkpoint": ck.label, "checkpoint_info": ck.info, "epoch": ck.epoch,
             "layers": layers, "layers_spec": config.layers, "n_hidden_states": n_hidden_states(embedder.base.config),
-            "pooling": POOLING, "text_kind": config.kind, "variant": config.variant,
+            "pooling": pooling_description(config.pooling), "pooling_spec": config.pooling,
+            "text_kind": config.kind, "variant": config.variant,
             "max_length": embedder.max_length, "truncation_side": config.truncation_side,
             "add_special_tokens": config.add_special_tokens, "dtype": dtype,
             "attn_implementation": config.attn_implementation, "texts_digest": data.digest,

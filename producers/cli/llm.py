@@ -83,7 +83,13 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
               help="Hidden states averaged: '9:' (the authors' code: index 9 to the last), '-4:', 'a:b', 'all', "
                    "'last' or one index.")
 @click.option("--max-length", type=click.IntRange(16), default=M.max_length, show_default=True,
-              help="Tokens per text; longer texts keep their end (the most recent events).")
+              help="Tokens per text; longer texts keep their end (the most recent events), see --truncation-side.")
+@click.option("--truncation-side", type=click.Choice(["left", "right"]), default=M.truncation_side,
+              show_default=True,
+              help="Which end a long text loses: left keeps its last tokens (the most recent events), right its first.")
+@click.option("--pooling", default=M.pooling, show_default=True,
+              help="Tokens averaged: 'mean' (every token), 'last' (the last token) or 'lines:K' (the last K lines, "
+                   "i.e. events). Measured in benchmarks/embed_choices.py (RESULTS.md).")
 @click.option("--batch-tokens", type=click.IntRange(256), default=M.batch_tokens, show_default=True,
               help="Padded tokens per batch (texts sorted by length).")
 @click.option("--limit-users", type=click.IntRange(1), default=M.limit_users, help="Only the first N users.")
@@ -100,8 +106,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.pass_obj
 @handle_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          batch_tokens: int, limit_users: int | None, dtype: str, quantize: str | None, device: str,
-          force: bool) -> None:
+          truncation_side: str, pooling: str, batch_tokens: int, limit_users: int | None, dtype: str,
+          quantize: str | None, device: str, force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 
     Batches are sorted by length and written as they finish, so a killed run resumes where it
@@ -109,8 +115,9 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
     kind) under data/<schema>/, with what produced them.
     """
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
-                                     max_length=max_length, batch_tokens=batch_tokens, limit_users=limit_users,
-                                     dtype=dtype, quantize=quantize, device=device, force=force))
+                                     max_length=max_length, truncation_side=truncation_side, pooling=pooling,
+                                     batch_tokens=batch_tokens, limit_users=limit_users, dtype=dtype,
+                                     quantize=quantize, device=device, force=force))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # process 0 reports for the whole job
     printers.print_embed(r)

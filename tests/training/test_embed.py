@@ -75,9 +75,9 @@ def table_rows(home):
                        "FROM movielens_100k.embeddings ORDER BY checkpoint, user_id")
 
 
-def embedder(model_dir, layers="1:", padding_side="right", attn="sdpa"):
+def embedder(model_dir, layers="1:", padding_side="right", attn="sdpa", pooling="mean"):
     config = EmbedConfig(model=str(model_dir), layers=layers, max_length=MAX_LENGTH, padding_side=padding_side,
-                         attn_implementation=attn)
+                         attn_implementation=attn, pooling=pooling)
     return Embedder.load(str(model_dir), str(model_dir), config)
 
 
@@ -122,6 +122,42 @@ def test_pooling_matches_a_hand_computation(model_dir, layers):
         assert len(hidden) == N_HIDDEN
         want = torch.stack([hidden[k][0] for k in chosen]).mean(dim=0).mean(dim=0).numpy()
         np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("pooling", ["last", "lines:2"])
+def test_last_token_and_last_lines_pooling_match_a_hand_computation(model_dir, pooling, side):
+    import torch
+
+    from producers.shared.models import load_causal_lm, load_tokenizer
+
+    # the third text ends with a line break, which closes its last line rather than opening one
+    texts = ["the cat sat\non the mat\nwith the hat", "a dog", "in the\nbeginning there\nwas\nthe word\n"]
+    e = embedder(model_dir, layers="1:", padding_side=side, pooling=pooling)
+    got = e.encode(texts).vectors  # one batch: padding on `side`
+    e.close()
+    tok = load_tokenizer(str(model_dir))
+    newline = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
+    assert newline, "the tiny tokenizer must have a line-break token for this test"
+    model = load_causal_lm(str(model_dir), dtype=torch.float32)
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        per_token = torch.stack([hidden[k][0] for k in resolve_layers("1:", N_HIDDEN)]).mean(dim=0)
+        if pooling == "last":
+            want = per_token[-1]
+        else:
+            breaks = [j for j, t in enumerate(ids[0].tolist()) if t in newline and j < ids.shape[1] - 1]
+            start = breaks[-2] + 1 if len(breaks) >= 2 else 0
+            want = per_token[start:].mean(dim=0)
+        np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad", ["max", "lines", "lines:0", "lines:x", "last:3"])
+def test_an_unknown_pooling_is_refused(model_dir, bad):
+    with pytest.raises(EmbedError, match="pooling"):
+        embedder(model_dir, pooling=bad)
 
 
 def test_output_hidden_states_fallback_agrees_with_the_hooks(model_dir):

@@ -65,6 +65,22 @@ def test_informative_features_beat_noise_per_task():
             assert good.mean("mae") < 0.5 * bad.mean("mae")
 
 
+def test_splits_fitted_in_parallel_score_exactly_as_one_by_one():
+    from training.evaluate.probe import LinearProbe
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 8))
+    y = (X[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(int)
+    for task, params, splits in (("binary", FAST, paper_splits(y, "binary", seed=0)),
+                                 ("binary", LinearProbe(cs=(0.01, 1.0)), cv_splits(y, "binary", seed=0, repeats=2)),
+                                 ("regression", FAST, cv_splits(X[:, 0], "regression", seed=0, repeats=1))):
+        target = X[:, 0] * 3 if task == "regression" else y
+        one = run_protocol("cv", X, target, task, splits, params, seed=0, workers=1)
+        two = run_protocol("cv", X, target, task, splits, params, seed=0, workers=2)
+        assert one.scores == two.scores and one.valid_scores == two.valid_scores
+        assert len(next(iter(two.scores.values()))) == len(splits)
+
+
 def test_epoch_is_chosen_by_validation_scores_not_test_scores():
     a = ProtocolResult("paper", scores={"roc_auc": [0.9]}, valid_scores={"roc_auc": [0.6]})
     b = ProtocolResult("paper", scores={"roc_auc": [0.5]}, valid_scores={"roc_auc": [0.7]})

@@ -28,8 +28,8 @@ from producers.stores.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
 from training.evaluate.probe import LinearProbe, linear_name
 from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,
-                                        constant_baseline, cv_splits, encode_labels, paper_splits, primary_metric,
-                                        run_protocol)
+                                        constant_baseline, cv_splits, default_workers, encode_labels, paper_splits,
+                                        primary_metric, run_protocol)
 
 Log = Callable[[str], None]
 KINDS = ("agg", "coles", "llm4es", "sessions", "intents")
@@ -62,6 +62,11 @@ class EvaluateConfig:
     # reported as "<set> (linear)" (see training/evaluate/probe.py)
     linear_probe: bool = True
     linear: LinearProbe = field(default_factory=LinearProbe)
+    # splits fitted at once (threads, one core each); 0: the CPUs this process may use. Same scores
+    # as 1 (each fit keeps its seed). On 2 cores evaluate is almost all single-threaded LightGBM fits
+    # (profiled: 87% of the demo's evaluate; the linear probe 9%), so 2 nearly halves it when the
+    # machine is otherwise idle, as in `llm4es demo`.
+    workers: int = 0
     out_dir: Path | None = None  # default: <home>/reports/evaluate/<schema>
 
 
@@ -140,6 +145,7 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
         if share < 1.0:
             log(f"{v}: features for {share:.1%} of the labelled users (the rest are NaN for LightGBM)")
 
+    workers = config.workers or default_workers()
     results: dict[str, dict[str, dict]] = {}
     targets = []
     for target, (target_users, raw) in labels.items():
@@ -155,7 +161,7 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
             protocol: _summary(constant_baseline(protocol, y, task, splits[protocol])) for protocol in config.protocols}}}
         for name, parts in sets.items():
             log(f"{target}: {name}")
-            chosen, candidates, tried = _choose(parts, matrices, rows, y, task, splits["paper"], config)
+            chosen, candidates, tried = _choose(parts, matrices, rows, y, task, splits["paper"], config, workers)
             X = _concat([matrices[v] for v in chosen], rows)
             entry = {"views": chosen, "n_features": int(X.shape[1]), "reader": "lightgbm", "protocols": {}}
             if candidates:
@@ -163,13 +169,14 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
                 entry["chosen_view"] = next(v for v in chosen if v in candidates)
             for protocol in config.protocols:
                 r = tried.get(tuple(chosen)) if protocol == "paper" else None
-                r = r or run_protocol(protocol, X, y, task, splits[protocol], config.lgbm, config.seed)
+                r = r or run_protocol(protocol, X, y, task, splits[protocol], config.lgbm, config.seed, workers)
                 entry["protocols"][protocol] = _summary(r)
             results[target][name] = entry
             if config.linear_probe:  # the same views (epoch chosen by LightGBM's validation score), same splits
                 results[target][linear_name(name)] = {**{k: v for k, v in entry.items() if k != "protocols"},
                                                       "reader": "linear", "protocols": {
-                    protocol: _summary(run_protocol(protocol, X, y, task, splits[protocol], config.linear, config.seed))
+                    protocol: _summary(run_protocol(protocol, X, y, task, splits[protocol], config.linear, config.seed,
+                                                    workers))
                     for protocol in config.protocols}}
 
     report = {
@@ -254,7 +261,8 @@ def _resolve_token(token: str, views: list[View], select_epoch: bool) -> Part:
 
 
 def _choose(parts: list[Part], matrices: dict[str, np.ndarray], rows: np.ndarray, y: np.ndarray, task: Task,
-            splits, config: EvaluateConfig) -> tuple[list[str], dict[str, float], dict[tuple, ProtocolResult]]:
+            splits, config: EvaluateConfig,
+            workers: int = 1) -> tuple[list[str], dict[str, float], dict[tuple, ProtocolResult]]:
     """The views to use; for a part with epoch candidates, the one with the best validation score.
 
     Also returns the paper-protocol results computed on the way, keyed by their views, so the
@@ -269,7 +277,7 @@ def _choose(parts: list[Part], matrices: dict[str, np.ndarray], rows: np.ndarray
         for candidate in part.candidates:
             views = tuple(chosen[:i] + [candidate] + chosen[i + 1:])
             trials[candidate] = paper[views] = run_protocol("paper", _concat([matrices[v] for v in views], rows), y,
-                                                            task, splits, config.lgbm, config.seed)
+                                                            task, splits, config.lgbm, config.seed, workers)
         chosen[i] = best_candidate(trials, task)
         scores = {c: r.valid_mean(primary_metric(task)) for c, r in trials.items()}
     return chosen, scores, paper
@@ -323,6 +331,8 @@ def _check(config: EvaluateConfig) -> None:
         raise EvaluateError(f"protocols must be among {', '.join(PROTOCOLS)}, not {', '.join(bad) or 'none'}")
     if not 0 < config.test_share < 1:
         raise EvaluateError(f"test_share must be between 0 and 1, not {config.test_share}")
+    if config.workers < 0:
+        raise EvaluateError(f"workers must be 0 (the usable CPUs) or more, not {config.workers}")
     if config.folds < 2 or config.cv_repeats < 1:
         raise EvaluateError("folds must be at least 2 and cv_repeats at least 1")
 
