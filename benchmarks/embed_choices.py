@@ -98,7 +98,8 @@ def embed_all(args) -> None:
                     pooled["last"][rows, i] = h[torch.arange(len(rows)), last].numpy()
             done += int(mask.sum())
         secs = time.perf_counter() - t0
-        print(f"{args.dataset} {side}: {n} users, {done:,} tokens in {secs:.0f} s ({done / secs:.0f} tokens/s)", flush=True)
+        print(f"{args.dataset} {side}: {n} users, {done:,} tokens in {secs:.0f} s ({done / secs:.0f} tokens/s)",
+              flush=True)
         for p, arr in pooled.items():
             out[f"{side}/{p}"] = arr.astype(np.float16)  # half the file; the probe standardizes anyway
         np.savez(args.out, **out)  # after each side: a stopped run keeps the side it finished
@@ -116,7 +117,8 @@ def score_all(args) -> None:
         y, task = z["y"], str(z["task"])
         metric = primary_metric(task)
         splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
-        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, linear probe, 5-fold CV, {metric}")
+        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, linear probe, "
+              f"5-fold CV, {metric}")
         rows = []
         for side in [side for side in ("left", "right") if f"{side}/mean" in z]:
             for pooling in ("mean", "last", "tail"):

@@ -18,7 +18,8 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
   (~9 ratings a user instead of 6), sized so the whole demo fits 20 minutes with margin on the
   slowest AVX2-only CPU measured (see the comment in `plan`). int8 linear layers
   (`embed --quantize int8`) were measured and left out: 1.25x faster on AVX2, but 0.035 lower
-  linear-probe ROC-AUC, paired over the same folds (benchmarks/RESULTS.md). Not yet timed end to end on a quiet AVX2-only machine.
+  linear-probe ROC-AUC, paired over the same folds (benchmarks/RESULTS.md). Not yet timed end to end
+  on a quiet AVX2-only machine.
 
 Every plan is evaluated by both readers (LightGBM and the linear probe), so the final table has
 a `(linear)` row per feature set.
@@ -59,7 +60,8 @@ def detect_hardware() -> str:
     if torch.cuda.is_available():
         return "gpu"
     cpu = getattr(torch, "cpu", None)
-    fast_bf16 = any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    fast_bf16 = any(getattr(cpu, name, lambda: False)() for name in probes)
     return "cpu-bf16" if fast_bf16 else "cpu"
 
 

@@ -23,8 +23,9 @@ How a run is laid out (per embeddings *set* = one model, checkpoint, layer range
   JSON under the `llm4es` key of the Parquet key-value metadata.
 
 Column meanings: `feature_timestamp` is the time of the dataset's last event (the texts cover
-every event up to it), the key a feature store uses for point-in-time joins; `model` is the model asked for, or for a fine-tuned checkpoint the base model
-its `llm4es_checkpoint.json` names (`model_source`); `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
+every event up to it), the key a feature store uses for point-in-time joins; `model` is the model
+asked for, or for a fine-tuned checkpoint the base model its `llm4es_checkpoint.json` names
+(`model_source`); `checkpoint` is `base` for the model without fine-tuning, else the checkpoint
 folder relative to the home directory (absolute when outside it); `layers` is the resolved
 hidden-state range `start:stop` (e.g. `9:31` for SmolLM2-135M's 31 hidden states), so `9:` and
 `-22:` name the same set.
@@ -978,7 +979,8 @@ def _merge(home: Home, data: _Texts, parts: Path, key: dict, epoch: int | None, 
         con.execute(f"""CREATE OR REPLACE TEMP TABLE embed_staging AS
             SELECT user_id::{data.user_type} AS user_id, vector::FLOAT[] AS vector, len(vector)::INTEGER AS dim,
                    $model AS model, $checkpoint AS checkpoint, $epoch::INTEGER AS epoch, $layers AS layers,
-                   $text_kind AS text_kind, $feature_timestamp::TIMESTAMP AS feature_timestamp, produced_at, source_hash, $code_version AS code_version, n_tokens
+                   $text_kind AS text_kind, $feature_timestamp::TIMESTAMP AS feature_timestamp, produced_at,
+                   source_hash, $code_version AS code_version, n_tokens
             FROM read_parquet({listing})
             QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY produced_at DESC) = 1""",
                     {**key, "epoch": epoch, "code_version": code_version(), "feature_timestamp": data.as_of})

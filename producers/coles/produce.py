@@ -141,7 +141,8 @@ def _fit_and_embed(home: Home, records: Any, config: ColesConfig, plan: Any, run
             resumed_from = max(before)
             log(f"resuming run {run_key} from epoch {resumed_from} ({home.relative(resume_ckpt)})")
         else:
-            log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} -> {home.relative(run_dir)}")
+            log(f"training CoLES {model_name(config)} for {config.epochs} epochs on {device} "
+                f"-> {home.relative(run_dir)}")
         losses = T.train(module, records, config, run_dir, device, resume_ckpt, losses[:resumed_from or 0], log,
                          plan)
         trained = config.epochs - (resumed_from or 0)

@@ -36,7 +36,8 @@ def appended_users(home: Home, schema: str, finished_after: datetime) -> list:
             return []
         q = sql_ident(schema)
         rows = con.execute(f"SELECT DISTINCT u.user_id FROM {q}.ingest_delta_users u JOIN {q}.ingest_delta d "
-                           "USING (ingest_id) WHERE d.finished_at > ? ORDER BY 1", [utc_naive(finished_after)]).fetchall()
+                           "USING (ingest_id) WHERE d.finished_at > ? ORDER BY 1",
+                           [utc_naive(finished_after)]).fetchall()
     finally:
         con.close()
     return [r[0] for r in rows]

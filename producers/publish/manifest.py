@@ -145,7 +145,8 @@ def _view_entry(dataset: str, schema: str, info: dict, is_default: bool) -> dict
     else:
         features = [{"name": v, "dtype": "Array(Float32)", "vector_length": info["dim"]} for v in output.vectors]
         what += (f"{' (the default set)' if is_default and output.view_every_set else ''}: model {info['model']}, "
-                 f"checkpoint {info['checkpoint']}" + (f" (epoch {info['epoch']})" if info.get("epoch") is not None else "")
+                 f"checkpoint {info['checkpoint']}"
+                 + (f" (epoch {info['epoch']})" if info.get("epoch") is not None else "")
                  + (f", layers {info['layers']}, {info['text_kind']} texts" if "layers" in output.sets else "")
                  + f", {info['dim']} dimensions")
     tags = {"kind": kind, "dataset": dataset, "set_id": info["set_id"], "is_default": str(is_default).lower()}
@@ -157,7 +158,8 @@ def _view_entry(dataset: str, schema: str, info: dict, is_default: bool) -> dict
     tags["snapshots"] = str(len(info["feature_timestamps"]))
     description = (f"{what}. One row per user and snapshot (feature_timestamp = as-of time of the events used); "
                    f"{len(info['feature_timestamps'])} snapshot(s), the latest as of {tags['feature_timestamp']}; "
-                   f"produced {info.get('produced_at')} by {info.get('code_version')} from data {info.get('source_hash')}.")
+                   f"produced {info.get('produced_at')} by {info.get('code_version')} "
+                   f"from data {info.get('source_hash')}.")
     return {"name": name, "kind": kind, "is_default": is_default, "set_id": info["set_id"], "source": info["source"],
             "features": features, "tags": tags, "description": description}
 

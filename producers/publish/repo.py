@@ -75,8 +75,9 @@ def feast_project(home: Home, wanted: str | None = None) -> str:
     already uses, else `default_project`."""
     name = wanted or os.environ.get(PROJECT_ENV) or repo_project(home) or default_project(home)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_]*", name):
+        origin = "--project" if wanted else PROJECT_ENV if os.environ.get(PROJECT_ENV) else "the home"
         raise PublishError(f"Feast project {name!r}: use letters, digits and underscores, starting with a letter "
-                           f"or digit (from {'--project' if wanted else PROJECT_ENV if os.environ.get(PROJECT_ENV) else 'the home'})")
+                           f"or digit (from {origin})")
     return name
 
 

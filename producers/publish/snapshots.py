@@ -91,9 +91,9 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         if previous:
             user_types.add(previous["user_id_type"])
         if len(user_types) > 1:
-            raise PublishError(f"{dataset}: the feature files disagree on the type of user_id (integer in some, text in "
-                               f"others{', or the published history' if previous else ''}); produce them again from "
-                               f"one ingest{f' or delete {out}' if previous else ''}")
+            raise PublishError(f"{dataset}: the feature files disagree on the type of user_id (integer in some, "
+                               f"text in others{', or the published history' if previous else ''}); produce them "
+                               f"again from one ingest{f' or delete {out}' if previous else ''}")
         user_type = user_types.pop()
         id_sql = "CAST(user_id AS BIGINT)" if user_type == "INT64" else "CAST(user_id AS VARCHAR)"
         sets: dict[str, dict] = {k: dict(v) for k, v in (previous or {}).get("sets", {}).items()}
@@ -226,8 +226,9 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
         if n_null_ts:
             log(f"{label}: {n_null_ts:,} rows have no feature_timestamp (made before it existed); using their "
                 "produced_at, a later time, so no point-in-time join sees them too early")
-        snapshot = (f"SELECT {id_sql} AS user_id, CAST(coalesce({cols['feature_timestamp']}, produced_at) AS TIMESTAMP) "
-                    "AS feature_timestamp, CAST(produced_at AS TIMESTAMP) AS produced_at, "
+        snapshot = (f"SELECT {id_sql} AS user_id, "
+                    f"CAST(coalesce({cols['feature_timestamp']}, produced_at) AS TIMESTAMP) AS feature_timestamp, "
+                    "CAST(produced_at AS TIMESTAMP) AS produced_at, "
                     f'CAST("{vector}" AS FLOAT[]) AS "{vector}", '
                     f"CAST({cols['source_hash']} AS VARCHAR) AS source_hash, "
                     f"CAST({cols['code_version']} AS VARCHAR) AS code_version FROM {src} "
@@ -241,11 +242,12 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
         info = {"kind": kind, "set_id": set_id, "source": str(target.relative_to(out.parent)), "file": str(path),
                 **key, "epoch": int(epochs[0]) if len(epochs) == 1 else None, "dim": int(dims[0]),
                 "run": _run_of(key["checkpoint"]),
-                "source_hash": hashes[0] if len(hashes) == 1 else (",".join(hashes) if hashes else prov.get("source_hash")),
-                "code_version": codes[0] if len(codes) == 1 else (",".join(codes) if codes else prov.get("code_version")),
+                "source_hash": _one_or_joined(hashes, prov.get("source_hash")),
+                "code_version": _one_or_joined(codes, prov.get("code_version")),
                 "texts_digest": prov.get("texts_digest"), "pooling": prov.get("pooling"), **stats}
         info["produced_at"] = max(stats["produced_at"] or "", produced.isoformat() if produced else "") or None
-        log(f"{label}: {stats['new_rows']:,} vectors of {info['dim']} at {', '.join(stats['new_timestamps'])} -> {target}")
+        log(f"{label}: {stats['new_rows']:,} vectors of {info['dim']} at {', '.join(stats['new_timestamps'])} "
+            f"-> {target}")
         infos.append(info)
     return infos
 
@@ -332,7 +334,8 @@ def _note_removed_keys(con, target: Path, key: str, writes: list) -> None:
     known = [f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(p)})" for p in (target, removed) if p.is_file()]
     if not known:
         return
-    gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
+    gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) "
+                          f"EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
     if gone.num_rows:
         _write_beside(gone, removed, writes, {"removed_from": str(target)})
 
@@ -389,3 +392,10 @@ def _file_hash(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def _one_or_joined(values: list[str], fallback: str | None) -> str | None:
+    """The one value the rows share, else all of them joined, else the provenance's."""
+    if len(values) == 1:
+        return values[0]
+    return ",".join(values) if values else fallback

@@ -163,7 +163,8 @@ def test_evaluate_ranks_planted_features_picks_the_epoch_and_writes_reports(ml_h
     for protocol in ("paper", "cv"):
         assert gender["llm4es"]["protocols"][protocol]["roc_auc"]["mean"] > 0.9
         assert gender["coles"]["protocols"][protocol]["roc_auc"]["mean"] < 0.8
-        assert age["llm4es"]["protocols"][protocol]["mae"]["mean"] < 0.5 * age["coles"]["protocols"][protocol]["mae"]["mean"]
+        mae = {name: age[name]["protocols"][protocol]["mae"]["mean"] for name in ("llm4es", "coles")}
+        assert mae["llm4es"] < 0.5 * mae["coles"]
     assert len(gender["llm4es"]["protocols"]["paper"]["roc_auc"]["scores"]) == 5
     # the constant baseline: AUC 0.5, accuracy = the majority share, MAE of the median
     base = gender["no features"]["protocols"]["cv"]

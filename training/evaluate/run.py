@@ -157,8 +157,9 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
                         "classes": [str(c) for c in classes]})
         splits = {"paper": paper_splits(y, task, config.seed, config.test_share, config.folds),
                   "cv": cv_splits(y, task, config.seed, config.folds, config.cv_repeats)}
-        results[target] = {BASELINE: {"views": [], "n_features": 0, "protocols": {
-            protocol: _summary(constant_baseline(protocol, y, task, splits[protocol])) for protocol in config.protocols}}}
+        constant = {protocol: _summary(constant_baseline(protocol, y, task, splits[protocol]))
+                    for protocol in config.protocols}
+        results[target] = {BASELINE: {"views": [], "n_features": 0, "protocols": constant}}
         for name, parts in sets.items():
             log(f"{target}: {name}")
             chosen, candidates, tried = _choose(parts, matrices, rows, y, task, splits["paper"], config, workers)
