@@ -34,7 +34,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -47,6 +46,7 @@ from typing import Callable, Literal
 from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
 from producers.shared.models import DEFAULT_MODEL
+from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from validation.gate import require_valid
@@ -631,9 +631,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _now() -> str:

@@ -21,6 +21,7 @@ import duckdb
 import pandas as pd
 
 from producers.datasets.definition import DatasetDefinition
+from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists
 from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, non_finite_column, session_checks
@@ -272,10 +273,8 @@ def _plain(value: Any) -> Any:
 def _write_json(report: ValidationReport, out_dir: Path) -> None:
     payload = asdict(report)
     text = json.dumps(payload, indent=2, default=str)
-    for path in (report.json_path, out_dir / "latest.json"):  # temp file, then rename: never half-written
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    for path in (report.json_path, out_dir / "latest.json"):
+        atomic_write_text(path, text)
 
 
 def _log_run(con: duckdb.DuckDBPyConnection, schema: str, report: ValidationReport) -> None:
