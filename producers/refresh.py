@@ -167,7 +167,8 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
             full_file = _timed(result, "embed", lambda: _embed(home, dataset, llm, users, canary, config,
                                                                want_model, want_ck, log))
             inputs["llm4es"] = [_snapshot_file(full_file, snap / "embeddings" / full_file.name, users, as_of)]
-            gate_inputs["llm4es"] = (full_file, users, canary, llm if llm["checkpoint"] == want_ck else None)
+            same = (llm["model"], llm["checkpoint"]) == (want_model, want_ck)  # else another space
+            gate_inputs["llm4es"] = (full_file, users, canary, llm if same else None)
             result.refreshed.append("llm4es")
     if "agg" in served:
         agg_file = _timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of, log))
@@ -193,8 +194,8 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     from producers.publish import PublishConfig, publish
 
     started = time.perf_counter()
+    # the refreshed LLM4ES set is the only one given, so it is (or stays) the default one
     result.publish_result = publish(home, dataset, PublishConfig(
-        llm4es_set=str(inputs["llm4es"][0]) if config.full and "llm4es" in inputs else None,
         online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize),
         log, inputs=inputs)
     result.seconds["publish"] = time.perf_counter() - started

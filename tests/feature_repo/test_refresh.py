@@ -164,3 +164,18 @@ def test_a_killed_refresh_leaves_serving_unchanged_and_the_next_run_completes(ho
     done = online_features(home, DATASET, [EMB], users)
     moved = [u for u, a, b in zip(users, before.iloc[:, 1], done.iloc[:, 1]) if not np.array_equal(a, b)]
     assert moved == CHANGED
+
+
+def test_full_re_embeds_everyone_with_the_new_model_and_serves_it(home, tmp_path):
+    from producers.stores.serving import _read_manifest, manifest_path
+
+    users = users_of(home)
+    before = vectors(online_features(home, DATASET, [EMB], users), f"{ML.schema}__{EMB}__vector")
+    other = save_tiny_model(tmp_path / "other", tiny_tokenizer(), seed=1)
+    r = refresh(home, DATASET, RefreshConfig(model=str(other), full=True), tokenizer=tiny_tokenizer())
+    assert r.published and r.model == str(other)
+    entry = _read_manifest(manifest_path(home))["datasets"][DATASET]
+    served = entry["sets"][entry["defaults"]["llm4es"]]
+    assert served["model"] == str(other) and served["n_rows"] == len(users)  # its own history: no mixing
+    after = vectors(online_features(home, DATASET, [EMB], users), f"{ML.schema}__{EMB}__vector")
+    assert all(not np.array_equal(before[u], after[u]) for u in users)
