@@ -179,3 +179,20 @@ def test_full_re_embeds_everyone_with_the_new_model_and_serves_it(home, tmp_path
     assert served["model"] == str(other) and served["n_rows"] == len(users)  # its own history: no mixing
     after = vectors(online_features(home, DATASET, [EMB], users), f"{ML.schema}__{EMB}__vector")
     assert all(not np.array_equal(before[u], after[u]) for u in users)
+
+
+def test_cli_says_nothing_new_and_refuses_another_model(served, tmp_path):
+    from click.testing import CliRunner
+
+    from producers.cli import cli
+
+    _, built, _ = served
+    target = tmp_path / "home"
+    shutil.copytree(built.root, target)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["--home", str(target), "refresh", DATASET])
+    assert r.exit_code == 0, r.output
+    assert "nothing new" in r.output and "nothing refreshed" in r.output
+    other = save_tiny_model(tmp_path / "other", tiny_tokenizer(), seed=1)
+    r = runner.invoke(cli, ["--home", str(target), "refresh", DATASET, "--model", str(other)])
+    assert r.exit_code == 1 and "two models in one view" in r.output and "--full" in r.output
