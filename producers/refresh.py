@@ -11,7 +11,9 @@ What a refresh does, in order (under a per-dataset lock):
 4. Recomputes only the changed users with the stages' own code and the served settings: texts
    (`serialize` with the stored texts' config), LLM4ES vectors (`embed` with the served set's model,
    checkpoint, layers, pooling and lengths), aggregates (`aggregate` with the served top values, so
-   the columns do not move). Each stage replaces these users' rows in its table and keeps the others'.
+   the columns do not move), CoLES vectors by inference with the served encoder (no training; values
+   coded with the vocabulary it was trained on). The text, LLM4ES and aggregate stages replace these
+   users' rows in their tables and keep the others'; CoLES writes only the snapshot.
    A few unchanged users (`canary_users`) are embedded again beside them: the gate's check that
    unchanged users keep their vectors needs them.
 5. Writes the snapshot: the changed users' rows only (feature_timestamp = the new as-of), under
@@ -22,8 +24,8 @@ What a refresh does, in order (under a per-dataset lock):
 7. Publishes the snapshot files through the publish flow (histories gain rows at the new as-of;
    an unchanged user's latest row stays its older one) and materializes incrementally.
 
-Not refreshed (said in the result, never skipped silently): CoLES (inference with the existing model is
-not built yet), session embeddings and intents. Their served views keep their older rows.
+Not refreshed (said in the result, never skipped silently): session embeddings and intents, LLM4ES sets
+of enriched texts, and CoLES with `full` (re-train it with `llm4es coles`). Their views keep their older rows.
 
 A refresh killed at any point leaves the previous snapshot served: nothing is published before step 7,
 whose own safety is publish's. The next refresh finds the same users (the served as-of did not move)
@@ -34,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +47,9 @@ from producers.stores.warehouse import Home, stored_definition
 
 Log = Callable[[str], None]
 
-REFRESHED = ("agg", "llm4es")  # the kinds a refresh recomputes
-NOT_REFRESHED = {"coles": "CoLES (inference with the existing CoLES model is not built yet)",
-                 "sessions": "session embeddings", "intents": "session intents"}
+REFRESHED = ("agg", "llm4es", "coles")  # the kinds a refresh recomputes
+NOT_REFRESHED = {"sessions": "session embeddings (not built into refresh yet)",
+                 "intents": "session intents (not built into refresh yet)"}
 
 
 class RefreshError(Llm4esError, ValueError):
@@ -168,8 +170,18 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
                                                                want_model, want_ck, log))
             inputs["llm4es"] = [_snapshot_file(full_file, snap / "embeddings" / full_file.name, users, as_of)]
             same = (llm["model"], llm["checkpoint"]) == (want_model, want_ck)  # else another space
-            gate_inputs["llm4es"] = (full_file, users, canary, llm if same else None)
+            gate_inputs["llm4es"] = (_rows_of(full_file, users, canary), users, canary, llm if same else None)
             result.refreshed.append("llm4es")
+    if "coles" in served:
+        if config.full:
+            result.not_refreshed.append("CoLES (--full does not re-train it: run `llm4es coles` and publish)")
+        else:
+            canary = _canary(home, served["coles"], set(users), config.canary_users)
+            table, users_file = _timed(result, "coles", lambda: _coles(home, dataset, served["coles"], users, canary,
+                                                                       as_of, snap, log))
+            inputs["coles"] = [users_file]
+            gate_inputs["coles"] = (table, users, canary, served["coles"])
+            result.refreshed.append("coles")
     if "agg" in served:
         agg_file = _timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of, log))
         inputs["agg"] = [_snapshot_file(agg_file, snap / agg_file.name, users, as_of)]
@@ -178,8 +190,8 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     _reached("computed")
 
     started = time.perf_counter()
-    for kind, (full_file, who, canary, previous) in gate_inputs.items():
-        report = _gate(home, full_file, who, canary, previous, config, log)
+    for kind, (table, who, canary, previous) in gate_inputs.items():
+        report = _gate(home, kind, table, who, canary, previous, config, log)
         result.gate[kind] = report.message()
         result.gate_passed &= report.success
     result.seconds["gate"] = time.perf_counter() - started
@@ -304,6 +316,59 @@ def _aggregate(home: Home, dataset: str, agg: dict, users: list | None, as_of: d
     return aggregate(home, dataset, config, log).parquet_path
 
 
+def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_of: datetime, snap: Path,
+           log: Log):
+    """The users' CoLES vectors by inference with the served encoder (no training): their events up to
+    `as_of`, coded with the vocabulary the encoder was trained on. Returns (the users' and canaries'
+    vectors for the gate, the users' snapshot file)."""
+    import pyarrow as pa
+
+    from producers.coles import train as T
+    from producers.coles.config import ColesConfig
+    from producers.coles.records import read_records
+    from producers.shared.devices import pick_device
+    from producers.stores.provenance import code_version
+    from producers.stores.warehouse import float32_lists
+
+    prov = read_provenance(info["file"])
+    names = {f.name for f in fields(ColesConfig)}
+    config = ColesConfig(**{k: v for k, v in (prov.get("config") or {}).items() if k in names and k != "as_of"},
+                         as_of=as_of)
+    checkpoint = home.root / prov["checkpoint"]
+    if not checkpoint.is_file():
+        raise RefreshError(f"the served CoLES encoder {checkpoint} is gone: run `llm4es coles {dataset}` and publish "
+                           "before refreshing")
+    con = home.connect(read_only=True)
+    try:
+        d = stored_definition(con, dataset)
+        records = read_records(con, d, config, vocab_as_of=datetime.fromisoformat(prov["data"]["as_of"]),
+                               users=sorted(set(users) | set(canary)))
+    finally:
+        con.close()
+    module = T.build_module(records, config)
+    T.load_weights(module, checkpoint)
+    from producers.coles.config import ColesError
+
+    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError))
+    log(f"CoLES: {len(records.users):,} users inferred with {prov['checkpoint']} (no training)")
+    everyone = pa.table({"user_id": pa.array(records.users), "vector": float32_lists(vectors)})
+    wanted = set(users)
+    mine = [i for i, u in enumerate(records.users) if u in wanted]
+    n = len(mine)
+    rows = pa.table({
+        "user_id": pa.array([records.users[i] for i in mine]), "vector": float32_lists(vectors[mine]),
+        "dim": pa.array([int(vectors.shape[1])] * n, pa.int32()), "model": pa.array([prov["model"]] * n),
+        "checkpoint": pa.array([prov["checkpoint"]] * n), "epoch": pa.array([prov.get("epoch")] * n, pa.int32()),
+        "feature_timestamp": pa.array([as_of] * n, pa.timestamp("us")),
+        "produced_at": pa.array([datetime.now(timezone.utc).replace(tzinfo=None)] * n, pa.timestamp("us")),
+        "source_hash": pa.array([info.get("source_hash")] * n, pa.string()),
+        "code_version": pa.array([code_version()] * n, pa.string())})
+    path = write_parquet(rows, snap / "coles_embeddings.parquet",
+                         {**prov, "feature_timestamp": as_of.isoformat(), "refresh": {
+                             "as_of": as_of.isoformat(), "n_users": n, "inference_only": True}})
+    return everyone, path
+
+
 def _snapshot_file(source: Path, target: Path, users: list | None, as_of: datetime) -> Path:
     """The rows of `source` at `as_of` of these users (all: `users` None), with its provenance, to `target`."""
     import pyarrow as pa
@@ -323,20 +388,26 @@ def _snapshot_file(source: Path, target: Path, users: list | None, as_of: dateti
     return write_parquet(rows, target, {**prov, "refresh": {"as_of": as_of.isoformat(), "n_users": rows.num_rows}})
 
 
-def _gate(home: Home, full_file: Path, users: list | None, canary: list, previous: dict | None,
-          config: RefreshConfig, log: Log):
-    """The snapshot gate on the refreshed users' vectors (plus the canaries), against each user's latest served row."""
+def _rows_of(path: Path, users: list | None, canary: list):
+    """user_id and vector of these users and the canaries (everyone: `users` None) in an output file."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    table = pq.read_table(path, columns=["user_id", "vector"])
+    if users is None:
+        return table
+    who = sorted(set(users) | set(canary))
+    return table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(who, table.column("user_id").type)))
+
+
+def _gate(home: Home, kind: str, table, users: list | None, canary: list, previous: dict | None,
+          config: RefreshConfig, log: Log):
+    """The snapshot gate on the refreshed users' vectors (plus the canaries), against each user's latest served row."""
     from producers.stores.serving import feast_dir
     from validation.snapshot_gate import SnapshotGateConfig, check_snapshot
 
-    table = pq.read_table(full_file, columns=["user_id", "vector"])
     who = None if users is None else sorted(set(users) | set(canary))
-    if who is not None:
-        table = table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(who, table.column("user_id").type)))
     old = None
     if previous is not None:
         history = feast_dir(home) / previous["source"]
@@ -351,12 +422,12 @@ def _gate(home: Home, full_file: Path, users: list | None, canary: list, previou
                 con.close()
     gate_config = SnapshotGateConfig()
     if table.num_rows < config.min_drift_users:
-        log(f"gate: {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are reported, "
+        log(f"gate ({kind}): {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are reported, "
             "not enforced")
         gate_config = SnapshotGateConfig(max_psi=float("inf"))
     report = check_snapshot(table, old, gate_config, unchanged_users=canary if canary and old is not None else None,
                             expected_users=who, force=True)
-    log(report.message())
+    log(f"gate ({kind}): {report.message()}")
     return report
 
 

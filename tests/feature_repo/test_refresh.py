@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from producers.aggregate import AggregateConfig, aggregate
+from producers.coles import ColesConfig, coles
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.ingest.append import append
@@ -29,7 +30,9 @@ os.environ.setdefault("FEAST_USAGE", "False")
 ML = load_builtin("movielens-100k")
 DATASET = ML.name
 CHANGED = [2, 5, 7]
-EMB, AGG = "llm4es_embedding", "agg_features"
+EMB, AGG, COLES = "llm4es_embedding", "agg_features", "coles_embedding"
+TINY_COLES = ColesConfig(hidden_size=8, embedding_dim=4, epochs=1, batch_size=4, split_count=3, cnt_min=3, cnt_max=8,
+                         seed=7, progress=False, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,7 @@ def served(tmp_path_factory, model_dir):
     serialize(home, DATASET, SerializeConfig(model="tiny", max_tokens=110), tokenizer=tiny_tokenizer())
     embed(home, DATASET, EmbedConfig(model=str(model_dir), layers="1:", max_length=120))
     aggregate(home, DATASET, AggregateConfig())
+    coles(home, DATASET, TINY_COLES)
     publish(home, DATASET, PublishConfig(materialize=True))
     return root, home, source
 
@@ -75,23 +79,26 @@ def vectors(frame: pd.DataFrame, column: str) -> dict:
 
 def test_refresh_serves_new_vectors_for_exactly_the_changed_users(home):
     users = users_of(home)
-    before = online_features(home, DATASET, [EMB, AGG], users)
+    before = online_features(home, DATASET, [EMB, AGG, COLES], users)
     old_emb = vectors(before, f"{ML.schema}__{EMB}__vector")
+    old_coles = vectors(before, f"{ML.schema}__{COLES}__vector")
     old_n = dict(zip(before["user_id"], before[f"{ML.schema}__{AGG}__n_events"]))
     since_ts = pd.Timestamp(refresh_since(home))
 
     r = refresh(home, DATASET, log=print, tokenizer=tiny_tokenizer())
     assert r.published and not r.nothing_new and r.users == CHANGED
-    assert sorted(r.refreshed) == ["agg", "llm4es"] and r.gate_passed
-    assert any("CoLES" in w for w in r.not_refreshed) is False  # no CoLES was served here
+    assert sorted(r.refreshed) == ["agg", "coles", "llm4es"] and r.gate_passed and r.not_refreshed == []
+    assert "mean cosine" in r.gate["coles"] and "mean cosine" in r.gate["llm4es"]
     assert r.as_of > r.since
 
-    after = online_features(home, DATASET, [EMB, AGG], users)
+    after = online_features(home, DATASET, [EMB, AGG, COLES], users)
     new_emb = vectors(after, f"{ML.schema}__{EMB}__vector")
+    new_coles = vectors(after, f"{ML.schema}__{COLES}__vector")
     new_n = dict(zip(after["user_id"], after[f"{ML.schema}__{AGG}__n_events"]))
     for u in users:
         moved = not np.array_equal(old_emb[u], new_emb[u])
         assert moved == (u in CHANGED), u
+        assert (not np.array_equal(old_coles[u], new_coles[u])) == (u in CHANGED), u
         assert (new_n[u] == old_n[u] + 3) if u in CHANGED else (new_n[u] == old_n[u]), u
 
     # Point in time: at the old as-of everyone has the old vector; after the new one, only CHANGED moved.
