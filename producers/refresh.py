@@ -420,13 +420,27 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
                               "(PARTITION BY user_id ORDER BY feature_timestamp DESC) = 1").to_arrow_table()
             finally:
                 con.close()
+    if old is not None and who is not None:
+        # The served population as it will be: the previous rows, the refreshed users' (and canaries') replaced.
+        # Drift and norms are judged on it: the changed users alone are no random sample of the population.
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = pc.invert(pc.is_in(old.column("user_id"), value_set=pa.array(who, old.column("user_id").type)))
+        table = pa.concat_tables([old.filter(keep).select(["user_id", "vector"]),
+                                  table.select(["user_id", "vector"]).cast(old.select(["user_id", "vector"]).schema)])
     gate_config = SnapshotGateConfig()
     if table.num_rows < config.min_drift_users:
-        log(f"gate ({kind}): {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are reported, "
-            "not enforced")
+        log(f"gate ({kind}): {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are "
+            "reported, not enforced")
         gate_config = SnapshotGateConfig(max_psi=float("inf"))
-    report = check_snapshot(table, old, gate_config, unchanged_users=canary if canary and old is not None else None,
-                            expected_users=who, force=True)
+    from validation.snapshot_gate import SnapshotGateError
+
+    try:
+        report = check_snapshot(table, old, gate_config, force=config.force,
+                                unchanged_users=canary if canary and old is not None else None)
+    except SnapshotGateError as e:
+        report = e.report
     log(f"gate ({kind}): {report.message()}")
     return report
 
