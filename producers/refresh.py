@@ -42,7 +42,7 @@ from typing import Callable
 
 from producers.errors import Llm4esError
 from producers.stores.locks import file_lock
-from producers.stores.outputs import AGGREGATES, LLM4ES, read_output, read_provenance, write_parquet
+from producers.stores.outputs import read_output, read_provenance, write_parquet
 from producers.stores.warehouse import Home, stored_definition
 
 Log = Callable[[str], None]

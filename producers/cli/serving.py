@@ -68,7 +68,8 @@ def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint
 
     Finds the users with events after the served snapshot's as-of (or appended since the last publish),
     recomputes their texts, LLM4ES vectors (the served model, checkpoint, layers and pooling),
-    CoLES vectors (inference with the served encoder) and aggregates, runs the snapshot gate (dimension, NaN/inf, norms, share present, drift, unchanged users
+    CoLES vectors (inference with the served encoder) and aggregates, runs the
+    snapshot gate (dimension, NaN/inf, norms, share present, drift, unchanged users
     keep their vectors) against the served snapshot, then publishes the changed users' rows at the new
     as-of and materializes incrementally. A failing snapshot is not published (--force overrides).
     Session embeddings and intents are not refreshed (the command says so). Run it after

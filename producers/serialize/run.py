@@ -81,7 +81,8 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
             "text": [f.text for f in fitted], "n_events": [f.n_events for f in fitted],
             "n_tokens": [f.n_tokens for f in fitted], "tokenizer": config.model,
             "producer_version": code_version(), "source_hash": ingest["source_hash"],
-            "config": config_json(replace(config, users=None)), "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
+            "config": config_json(replace(config, users=None)),  # the config of every text, not of this call
+            "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
         })
         ensure_table(con, d.schema, d.events.user_dtype)
         replace_kind(con, d.schema, "serialized", stage_frame(con, "serialized_staging", rows),
