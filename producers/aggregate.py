@@ -67,6 +67,10 @@ class AggregateConfig:
     as_of: datetime | None = None  # snapshot time (UTC); default: the dataset's last event
     amount_field: str | None = None  # default: a numeric field named `amount`, if any
     force: bool = False  # run even if the dataset has not passed validation
+    # A refresh: only these users are recomputed (the others' rows are kept), with the top values of
+    # `categories` (a previous run's provenance) so the columns stay those already served.
+    users: tuple | None = None
+    categories: dict | None = None
 
 
 @dataclass
@@ -156,8 +160,11 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
             member = lambda p, parts=parts: f"list_contains({parts}, ${p})"  # noqa: E731
             select.append(f"coalesce(len(list_distinct(flatten(list({parts}) FILTER (WHERE {col} IS NOT NULL)))), 0)"
                           f' AS "{names.take(f"{f.name}_n_distinct")}"')
-        top = con.execute(f"SELECT v, count(*) AS n FROM ({values_sql}) GROUP BY 1 ORDER BY n DESC, v "
-                          f"LIMIT {int(config.top_n)}", top_params).fetchall()
+        if config.categories is not None:
+            top = [(e["value"], e["events"]) for e in config.categories.get(f.name, [])]
+        else:
+            top = con.execute(f"SELECT v, count(*) AS n FROM ({values_sql}) GROUP BY 1 ORDER BY n DESC, v "
+                              f"LIMIT {int(config.top_n)}", top_params).fetchall()
         slugs: set[str] = set()
         categories[f.name] = []
         for rank, (value, n) in enumerate(top, start=1):
@@ -189,10 +196,18 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
     stg = AGGREGATES.staging_name(schema)
-    con.execute(f"CREATE TABLE {stg} AS SELECT {', '.join(select)} FROM {events} WHERE {where} "
-                "GROUP BY user_id ORDER BY user_id", params)
+    only, kept = "", ""
+    if config.users is not None:
+        params["users"] = list(config.users)
+        only = " AND user_id IN (SELECT unnest($users))"
+        if table_exists(con, schema, TABLE):
+            kept = f' UNION ALL BY NAME SELECT * FROM "{schema}".{TABLE} WHERE user_id NOT IN (SELECT unnest($users))'
+    con.execute(f"CREATE TABLE {stg} AS SELECT * FROM (SELECT {', '.join(select)} FROM {events} WHERE {where}{only} "
+                f"GROUP BY user_id{kept}) ORDER BY user_id", params)
     columns = [r[0] for r in con.execute(f"DESCRIBE {stg}").fetchall()]
-    assert columns == names.taken, (columns, names.taken)
+    if columns != names.taken:
+        raise AggregateError(f"{d.name}: the kept aggregate rows have other columns than these; run "
+                             f"`llm4es aggregate {d.name}` over every user")
     n_users = con.execute(f"SELECT count(*) FROM {stg}").fetchone()[0]
 
     ingest = last_ingest(con, schema) or {}
@@ -213,7 +228,8 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         "n_users": n_users,
         "n_features": len(columns) - 2,
         "config": {"top_n": config.top_n, "max_text_values": config.max_text_values, "as_of": as_of.isoformat(),
-                   "amount_field": amount.name if amount else None, "force": config.force},
+                   "amount_field": amount.name if amount else None, "force": config.force,
+                   **({"refreshed_users": len(config.users)} if config.users is not None else {})},
         "columns": columns,
         "categories": categories,
     }

@@ -173,6 +173,11 @@ class Pipeline:
 
         return publish(self.home, dataset, config, self.log)
 
+    def refresh(self, dataset: str, config):
+        from producers.refresh import refresh
+
+        return refresh(self.home, dataset, config, self.log)
+
     def materialize(self, online_store: str = "sqlite"):
         from producers.publish import materialize
 

@@ -104,6 +104,7 @@ class EmbedConfig:
     add_special_tokens: bool = True  # the tokenizer's own default (SmolLM2 adds none, Llama 3 a BOS)
     attn_implementation: str | None = "sdpa"  # sdpa | eager (both mask padding); None: transformers' choice
     limit_users: int | None = None  # the first N users by id
+    users: tuple | None = None  # only these users (a refresh): their rows are replaced, the others' kept
     force: bool = False  # run even if the dataset failed validation
     quantize: str | None = None  # CPU only: "int8" = int8 dynamic quantization of nn.Linear (training/quantize.py)
     # which tokens are averaged: "mean" (every real token, the paper's), "last" (the last token), or
@@ -660,6 +661,9 @@ def _read_texts(home: Home, dataset: str, config: EmbedConfig) -> _Texts:
         h.update(text.encode())
     if config.limit_users is not None:
         rows = rows[:config.limit_users]
+    if config.users is not None:
+        wanted = set(config.users)
+        rows = [r for r in rows if r[0] in wanted]
     return _Texts(d.schema, d.events.user_dtype, [r[0] for r in rows], [r[1] for r in rows],
                   [r[2] for r in rows], h.hexdigest(), as_of)
 
@@ -763,7 +767,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         if ranks.main:
             try:
                 n_users, dim, total_tokens = _merge(home, data, parts, key, ck.epoch,
-                                                    full=config.limit_users is None,
+                                                    full=config.limit_users is None and config.users is None,
                                                     expected_dim=embedder.hidden_size)
                 provenance.update(n_users=n_users, dim=dim, tokens=total_tokens,
                                   produced_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -904,7 +908,7 @@ class _PartWriter:
 def _finished_set(home: Home, data: _Texts, key: dict, run_key: str, config: EmbedConfig) -> EmbedSet | None:
     """The exported set, when a finished run with this run key made it for all users (else None)."""
     path = parquet_path(home, data.schema, key)
-    if config.limit_users is not None or not path.is_file():
+    if config.limit_users is not None or config.users is not None or not path.is_file():
         return None
     try:
         provenance = read_provenance(path)

@@ -65,7 +65,7 @@ COMMANDS: list[click.Command] = [
     texts.serialize, features.aggregate, texts.enrich,
     llm.finetune, llm.embed, features.coles,
     sessions.sessions, intents.intents,
-    serving.publish, llm.evaluate, llm.evaluate_crosschannel,
+    serving.publish, serving.refresh, llm.evaluate, llm.evaluate_crosschannel,
     demo.demo,
 ]
 for _command in COMMANDS:

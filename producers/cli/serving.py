@@ -46,3 +46,50 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
                                          materialize=materialize, recent_sessions=recent_sessions,
                                          project=project))
     printers.print_publish(r)
+
+
+@click.command()
+@dataset_arg
+@click.option("--full", is_flag=True,
+              help="Recompute every user (after re-training: re-embed everyone with --model/--checkpoint).")
+@click.option("--model", default=None, help="The LLM to embed with. [default: the served set's]")
+@click.option("--checkpoint", default=None,
+              help="A fine-tuned epoch folder, or `base`. [default: the served set's] Another model or checkpoint "
+                   "than the served one needs --full.")
+@click.option("--force", is_flag=True, help="Publish the snapshot even if it fails its quality gate.")
+@click.option("--online-store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True)
+@click.option("--redis-url", default=None, help="Redis as host:port[,db=N] [default: 127.0.0.1:6379]")
+@click.option("--no-materialize", is_flag=True, help="Publish without materializing into the online store.")
+@click.pass_obj
+@handle_errors
+def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint: str | None, force: bool,
+            online_store: str, redis_url: str | None, no_materialize: bool) -> None:
+    """Recompute only the users of DATASET with new events, gate the snapshot, publish and materialize it.
+
+    Finds the users with events after the served snapshot's as-of (or appended since the last publish),
+    recomputes their texts, LLM4ES vectors (the served model, checkpoint, layers and pooling),
+    CoLES vectors (inference with the served encoder) and aggregates, runs the
+    snapshot gate (dimension, NaN/inf, norms, share present, drift, unchanged users
+    keep their vectors) against the served snapshot, then publishes the changed users' rows at the new
+    as-of and materializes incrementally. A failing snapshot is not published (--force overrides).
+    Session embeddings and intents are not refreshed (the command says so). Run it after
+    `llm4es ingest DATASET --append` and `llm4es validate DATASET`.
+    """
+    from producers.refresh import RefreshConfig
+
+    r = p.refresh(dataset, RefreshConfig(model=model, checkpoint=checkpoint, full=full, force=force,
+                                         online_store=online_store, redis_url=redis_url,
+                                         materialize=not no_materialize))
+    out = printers.console
+    if r.nothing_new:
+        out.print(f"[green]✓[/] {dataset}: nothing new since {r.since} — nothing refreshed")
+        return
+    who = "every user" if full else f"{len(r.users):,} users"
+    out.print(f"[green]✓[/] {dataset}: refreshed {who} as of {r.as_of} (was {r.since}): "
+              f"{', '.join(r.refreshed)}; model {r.model} at {r.checkpoint}")
+    for kind, report in r.gate.items():
+        out.print(f"gate ({kind}): {report.splitlines()[0]}")
+    for what in r.not_refreshed:
+        out.print(f"[yellow]not refreshed:[/] {what}")
+    out.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()))
+    out.print(f"snapshot: {r.snapshot_dir}; published{' and materialized' if not no_materialize else ''}")

@@ -68,8 +68,12 @@ def usable_fields(d: DatasetDefinition) -> tuple[list[FieldSpec], list[FieldSpec
     return categorical, numeric, skipped
 
 
-def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: ColesConfig) -> Records:
-    """Every user's events up to as_of (default: the last event) as ptls records, sorted by user id."""
+def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: ColesConfig,
+                 vocab_as_of: datetime | None = None, users: list | None = None) -> Records:
+    """Every user's events up to as_of (default: the last event) as ptls records, sorted by user id.
+
+    A refresh (inference with a trained encoder): `vocab_as_of`, the as-of its vocabulary was ranked at,
+    so every value keeps the code the encoder learned; `users`, only these users' records."""
     import torch
 
     categorical, numeric, skipped = usable_fields(d)
@@ -84,18 +88,23 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
     delta = TIME_DELTA
     while delta in names:
         delta = f"_{delta}"
-    params: dict[str, Any] = {"as_of": as_of, "max_len": config.max_seq_len}
+    vocab_as_of = vocab_as_of or as_of
+    params: dict[str, Any] = {"as_of": as_of, "max_len": config.max_seq_len, "vocab_as_of": vocab_as_of}
     ev = f"SELECT * FROM {events} WHERE event_time <= $as_of AND user_id IS NOT NULL"
+    vev = f"SELECT * FROM {events} WHERE event_time <= $vocab_as_of AND user_id IS NOT NULL"
+    if users is not None:
+        params["users"] = list(users)
+        ev += " AND user_id IN (SELECT unnest($users))"
 
     # vocabularies: one small query per categorical field (size and coverage, for the model and provenance)
     vocabulary: dict[str, dict[str, Any]] = {}
     sizes: dict[str, int] = {}
     for f in categorical:
         distinct, covered, total = _row(con, f"""
-            WITH ev AS ({ev}), g AS (SELECT "{f.name}" AS v, count(*) AS n FROM ev GROUP BY 1),
+            WITH ev AS ({vev}), g AS (SELECT "{f.name}" AS v, count(*) AS n FROM ev GROUP BY 1),
             r AS (SELECT n, row_number() OVER (ORDER BY n DESC, v NULLS LAST) AS code FROM g)
             SELECT count(*), sum(n) FILTER (WHERE code <= $k), sum(n) FROM r""",
-                                        {"as_of": as_of, "k": config.max_categories})
+                                        {"vocab_as_of": vocab_as_of, "k": config.max_categories})
         sizes[f.name] = k = min(int(distinct), config.max_categories)
         vocabulary[f.name] = {"distinct_values": int(distinct), "codes": k, "other_code": k + 1,
                               "embedding_in": k + 2, "event_coverage": float(covered) / float(total) if total else 0.0}
@@ -103,12 +112,12 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     order_cols = ["event_time", *keys, *(f.name for f in d.events.fields if f.name not in keys)]
     order = ", ".join(f'ev."{c}" NULLS LAST' for c in order_cols)
-    ctes = [f"ev AS ({ev})"]
+    ctes = [f"ev AS ({ev})", f"vev AS ({vev})"]
     joins, select, lists = [], [], []
     for i, f in enumerate(categorical):
         ctes.append(f"""voc{i} AS (SELECT v, code FROM (
             SELECT "{f.name}" AS v, row_number() OVER (ORDER BY count(*) DESC, "{f.name}" NULLS LAST) AS code
-            FROM ev GROUP BY 1) WHERE code <= {sizes[f.name]})""")
+            FROM vev GROUP BY 1) WHERE code <= {sizes[f.name]})""")
         joins.append(f'LEFT JOIN voc{i} ON ev."{f.name}" IS NOT DISTINCT FROM voc{i}.v')
         select.append(f"coalesce(voc{i}.code, {sizes[f.name] + 1})::BIGINT AS c{i}")
         lists.append(f"list(c{i} ORDER BY pos) AS c{i}")

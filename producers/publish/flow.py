@@ -60,12 +60,17 @@ class PublishResult:
 
 
 def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
-            log: Log = lambda _: None) -> PublishResult:
-    """Snapshot the dataset's feature files into the offline store, write the manifest, apply the repo."""
+            log: Log = lambda _: None, inputs: dict[str, list[Path]] | None = None) -> PublishResult:
+    """Snapshot the dataset's feature files into the offline store, write the manifest, apply the repo.
+
+    `inputs` (a refresh): the files to add per kind instead of every registered output's files."""
     started = time.perf_counter()
     store_yaml(config.online_store)  # fails early on an unknown store
     schema = schema_name(dataset)
-    inputs = {kind: output.files(home, schema) for kind, output in OUTPUTS.items()}  # every registered output
+    if inputs is None:
+        inputs = {kind: output.files(home, schema) for kind, output in OUTPUTS.items()}  # every registered output
+    else:
+        inputs = {kind: list(inputs.get(kind, [])) for kind in OUTPUTS}
     skipped = [k for k in OUTPUTS if not inputs[k]]
     if len(skipped) == len(OUTPUTS):
         commands = sorted({f"`{o.produced_by} {dataset}`" for o in OUTPUTS.values() if o.produced_by})

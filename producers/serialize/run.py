@@ -32,6 +32,7 @@ class SerializeConfig:
     time_format: TimeFormat = "readable"
     format: Format = "paper"  # how events render to lines (producers/serialize/render.py): "paper" or "compact"
     force: bool = False  # run even if the dataset failed validation
+    users: tuple | None = None  # only these users (a refresh): their texts are replaced, the others' kept
 
 
 @dataclass
@@ -66,8 +67,9 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
         # No text can hold more events than tokens, so the SQL already drops what cannot fit.
         max_lines = config.max_tokens or None
         log("building event lines in DuckDB")
-        bodies = con.execute(user_bodies_sql(d, config.time_format, max_lines, fmt=config.format)
-                             + " ORDER BY user_id").df()
+        only = "e.user_id IN (SELECT unnest($users))" if config.users is not None else ""
+        bodies = con.execute(user_bodies_sql(d, config.time_format, max_lines, where=only, fmt=config.format)
+                             + " ORDER BY user_id", {"users": list(config.users)} if only else None).df()
         log(f"counting tokens for {len(bodies):,} texts")
         fitted = fit_texts(tokenizer, head, bodies["body"].tolist(), config.max_tokens)
         if "line_events" in bodies:  # a line may hold several events: the kept lines' events, not lines
@@ -79,10 +81,12 @@ def serialize(home: Home, dataset: str, config: SerializeConfig, log: Callable[[
             "text": [f.text for f in fitted], "n_events": [f.n_events for f in fitted],
             "n_tokens": [f.n_tokens for f in fitted], "tokenizer": config.model,
             "producer_version": code_version(), "source_hash": ingest["source_hash"],
-            "config": config_json(config), "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
+            "config": config_json(replace(config, users=None)),  # the config of every text, not of this call
+            "produced_at": datetime.now(timezone.utc).replace(tzinfo=None),
         })
         ensure_table(con, d.schema, d.events.user_dtype)
-        replace_kind(con, d.schema, "serialized", stage_frame(con, "serialized_staging", rows))
+        replace_kind(con, d.schema, "serialized", stage_frame(con, "serialized_staging", rows),
+                     only_staged_users=config.users is not None)
         parquet = export_parquet(home, con, d.schema)
         n_total = int(bodies["n_events_total"].sum())
         kept = int(rows["n_events"].sum())

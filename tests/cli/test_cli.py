@@ -35,7 +35,7 @@ def test_help_lists_the_commands():
     # In the order a pipeline runs them, not alphabetically.
     names = [line.split()[0] for line in commands.strip().splitlines() if not line.startswith("    ")]
     assert names == ["datasets", "fetch", "synth-clicks", "ingest", "validate", "serialize", "aggregate", "enrich",
-                     "finetune", "embed", "coles", "sessions", "intents", "publish", "evaluate",
+                     "finetune", "embed", "coles", "sessions", "intents", "publish", "refresh", "evaluate",
                      "evaluate-crosschannel", "demo"]
 
 

@@ -1,0 +1,455 @@
+"""`llm4es refresh DATASET`: recompute only the users with new events, gate the snapshot, publish it.
+
+What a refresh does, in order (under a per-dataset lock):
+
+1. Reads what is served (the publish manifest): the last published as-of of the user views and the
+   served LLM4ES set (model, checkpoint, layers, text kind, and the settings its file recorded).
+2. Finds the changed users: events after that as-of (`changed_users`) or appended since the last
+   publish whatever their times (`appended_users`, late events). None: does nothing and says so.
+3. Refuses another model or checkpoint than the served one (vectors of two models in one view would
+   be silently wrong) unless `full`: then every user is re-embedded with the new one.
+4. Recomputes only the changed users with the stages' own code and the served settings: texts
+   (`serialize` with the stored texts' config), LLM4ES vectors (`embed` with the served set's model,
+   checkpoint, layers, pooling and lengths), aggregates (`aggregate` with the served top values, so
+   the columns do not move), CoLES vectors by inference with the served encoder (no training; values
+   coded with the vocabulary it was trained on). The text, LLM4ES and aggregate stages replace these
+   users' rows in their tables and keep the others'; CoLES writes only the snapshot.
+   A few unchanged users (`canary_users`) are embedded again beside them: the gate's check that
+   unchanged users keep their vectors needs them.
+5. Writes the snapshot: the changed users' rows only (feature_timestamp = the new as-of), under
+   `data/<schema>/refresh/<as-of>/`, with `refresh.json` (users, model, checkpoint, gate reports).
+6. Runs the snapshot gate (`validation.snapshot_gate`) on each vector set against the previous
+   snapshot (the latest published row of every user). A failing snapshot is not published
+   (SnapshotGateError, with the report) unless `force`.
+7. Publishes the snapshot files through the publish flow (histories gain rows at the new as-of;
+   an unchanged user's latest row stays its older one) and materializes incrementally.
+
+Not refreshed (said in the result, never skipped silently): session embeddings and intents, LLM4ES sets
+of enriched texts, and CoLES with `full` (re-train it with `llm4es coles`). Their views keep their older rows.
+
+A refresh killed at any point leaves the previous snapshot served: nothing is published before step 7,
+whose own safety is publish's. The next refresh finds the same users (the served as-of did not move)
+and completes; the stages' tables already hold their new rows, which are recomputed identically.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from producers.errors import Llm4esError
+from producers.stores.locks import file_lock
+from producers.stores.outputs import read_output, read_provenance, write_parquet
+from producers.stores.warehouse import Home, stored_definition
+
+Log = Callable[[str], None]
+
+REFRESHED = ("agg", "llm4es", "coles")  # the kinds a refresh recomputes
+NOT_REFRESHED = {"sessions": "session embeddings (not built into refresh yet)",
+                 "intents": "session intents (not built into refresh yet)"}
+
+
+class RefreshError(Llm4esError, ValueError):
+    """A refresh that cannot be done as asked (nothing published yet, another model than the served one...)."""
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    model: str | None = None  # None: the served LLM4ES set's model
+    checkpoint: str | None = None  # None: the served set's checkpoint ("base" for the model without fine-tuning)
+    full: bool = False  # recompute every user (after re-training: a new model or checkpoint)
+    force: bool = False  # publish a snapshot that fails its gate
+    online_store: str = "sqlite"
+    redis_url: str | None = None
+    materialize: bool = True  # materialize-incremental after publishing
+    canary_users: int = 8  # unchanged users embedded again for the gate's "unchanged users keep their vectors"
+    min_drift_users: int = 100  # fewer users: the PSI drift checks are reported but not enforced (too noisy)
+
+
+@dataclass
+class RefreshResult:
+    dataset: str
+    since: datetime | None  # the served as-of
+    as_of: datetime | None  # the new one
+    users: list = field(default_factory=list)  # recomputed (changed, or everyone with `full`)
+    nothing_new: bool = False
+    refreshed: list[str] = field(default_factory=list)  # kinds
+    not_refreshed: list[str] = field(default_factory=list)  # served kinds left at their older rows, and why
+    model: str | None = None
+    checkpoint: str | None = None
+    gate: dict[str, str] = field(default_factory=dict)  # kind -> the gate's report
+    gate_passed: bool = True
+    published: bool = False
+    snapshot_dir: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+    publish_result: object | None = None
+
+
+def _reached(phase: str) -> None:
+    """A named point of a refresh: `computed` (stages done, nothing published), `gated` (gate passed, not
+    published). Does nothing; the tests replace it to kill a refresh at a known phase."""
+
+
+def refresh(home: Home, dataset: str, config: RefreshConfig = RefreshConfig(), log: Log = lambda _: None,
+            tokenizer=None) -> RefreshResult:
+    from producers.datasets.definition import schema_name
+
+    schema = schema_name(dataset)
+    with file_lock(home.data_dir / schema / ".refresh.lock"):
+        return _refresh(home, dataset, schema, config, log, tokenizer)
+
+
+def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: Log, tokenizer) -> RefreshResult:
+    from producers.ingest.delta import appended_users, changed_users
+    from producers.stores.serving import _read_manifest, manifest_path
+
+    entry = _read_manifest(manifest_path(home)).get("datasets", {}).get(dataset)
+    if not entry:
+        raise RefreshError(f"{dataset} has not been published: run the stages and `llm4es publish {dataset}` once; "
+                           "refresh then keeps it fresh")
+    sets, defaults = entry.get("sets", {}), entry.get("defaults", {})
+    served = {k: sets[defaults[k]] for k in (*REFRESHED, *NOT_REFRESHED) if defaults.get(k) in sets}
+    if not any(k in served for k in REFRESHED):
+        raise RefreshError(f"{dataset}: neither aggregates nor LLM4ES embeddings are published; refresh "
+                           "recomputes those")
+    since = min(datetime.fromisoformat(max(served[k]["feature_timestamps"])) for k in REFRESHED if k in served)
+    result = RefreshResult(dataset, since, None)
+    result.not_refreshed = [NOT_REFRESHED[k] for k in NOT_REFRESHED if k in served]
+    llm = served.get("llm4es")
+    want_model, want_ck = _wanted_model(home, llm, config)
+    result.model, result.checkpoint = want_model, want_ck
+    if llm is not None and not config.full and (want_model, want_ck) != (llm["model"], llm["checkpoint"]):
+        raise RefreshError(
+            f"{dataset} serves LLM4ES vectors of {llm['model']} at checkpoint {llm['checkpoint']}; refreshing some "
+            f"users with {want_model} at {want_ck} would put vectors of two models in one view. Pass --full to "
+            "re-embed every user with it")
+    if llm is not None and not config.full:
+        pooling = read_provenance(llm["file"], missing_ok=True).get("pooling") or llm.get("pooling")
+        from training.embed import POOLING
+        if pooling and pooling != POOLING:
+            raise RefreshError(f"the served LLM4ES set was pooled as {pooling!r}, this code pools as {POOLING!r}; "
+                               "pass --full to re-embed every user")
+
+    con = home.connect(read_only=True)
+    try:
+        as_of = con.execute(f'SELECT max(event_time) FROM "{schema}".events').fetchall()[0][0]
+        stored_definition(con, dataset)
+    finally:
+        con.close()
+    result.as_of = as_of
+    if config.full:
+        users = None
+    else:
+        users = sorted(set(changed_users(home, schema, since)) |
+                       set(appended_users(home, schema, datetime.fromisoformat(entry["published_at"]))))
+        if not users:
+            result.nothing_new = True
+            log(f"{dataset}: no events after the served as-of {since} and nothing appended since the last publish "
+                f"({entry['published_at']}): nothing to refresh")
+            return result
+    result.users = users if users is not None else []
+    log(f"{dataset}: {'every user' if users is None else f'{len(users):,} users'} with events after {since}; "
+        f"recomputing as of {as_of}")
+    for what in result.not_refreshed:
+        log(f"not refreshed: {what}; its served rows stay the older ones")
+
+    snap = home.data_dir / schema / "refresh" / as_of.strftime("%Y%m%dT%H%M%S")
+    inputs: dict[str, list[Path]] = {}
+    gate_inputs: dict[str, tuple] = {}
+    if llm is not None:
+        if llm["text_kind"] != "serialized":
+            result.not_refreshed.append(f"LLM4ES embeddings of {llm['text_kind']!r} texts (enrichment is not "
+                                        "refreshed)")
+        else:
+            canary = [] if users is None else _canary(home, llm, set(users), config.canary_users)
+            _timed(result, "serialize", lambda: _serialize(home, dataset, users, tokenizer, log))
+            full_file = _timed(result, "embed", lambda: _embed(home, dataset, llm, users, canary, config,
+                                                               want_model, want_ck, log))
+            inputs["llm4es"] = [_snapshot_file(full_file, snap / "embeddings" / full_file.name, users, as_of)]
+            same = (llm["model"], llm["checkpoint"]) == (want_model, want_ck)  # else another space
+            gate_inputs["llm4es"] = (_rows_of(full_file, users, canary), users, canary, llm if same else None)
+            result.refreshed.append("llm4es")
+    if "coles" in served:
+        if config.full:
+            result.not_refreshed.append("CoLES (--full does not re-train it: run `llm4es coles` and publish)")
+        else:
+            canary = _canary(home, served["coles"], set(users), config.canary_users)
+            table, users_file = _timed(result, "coles", lambda: _coles(home, dataset, served["coles"], users, canary,
+                                                                       as_of, snap, log))
+            inputs["coles"] = [users_file]
+            gate_inputs["coles"] = (table, users, canary, served["coles"])
+            result.refreshed.append("coles")
+    if "agg" in served:
+        agg_file = _timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of, log))
+        inputs["agg"] = [_snapshot_file(agg_file, snap / agg_file.name, users, as_of)]
+        result.refreshed.append("agg")
+    result.snapshot_dir = snap
+    _reached("computed")
+
+    started = time.perf_counter()
+    for kind, (table, who, canary, previous) in gate_inputs.items():
+        report = _gate(home, kind, table, who, canary, previous, config, log)
+        result.gate[kind] = report.message()
+        result.gate_passed &= report.success
+    result.seconds["gate"] = time.perf_counter() - started
+    _write_report(snap, result)
+    if not result.gate_passed and not config.force:
+        from validation.snapshot_gate import SnapshotGateError
+
+        raise SnapshotGateError(_Failed("\n".join(f"{k}: {m}" for k, m in result.gate.items()),
+                                        f" (report: {snap / 'refresh.json'})"))
+    _reached("gated")
+
+    from producers.publish import PublishConfig, publish
+
+    started = time.perf_counter()
+    # the refreshed LLM4ES set is the only one given, so it is (or stays) the default one
+    result.publish_result = publish(home, dataset, PublishConfig(
+        online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize),
+        log, inputs=inputs)
+    result.seconds["publish"] = time.perf_counter() - started
+    result.published = True
+    _write_report(snap, result)
+    return result
+
+
+class _Failed:
+    """What SnapshotGateError wants of a report: its message (several sets' reports, joined)."""
+
+    def __init__(self, text: str, where: str):
+        self.text, self.where = text, where
+
+    def message(self) -> str:
+        return self.text + self.where
+
+
+def _timed(result: RefreshResult, stage: str, run: Callable):
+    started = time.perf_counter()
+    try:
+        return run()
+    finally:
+        result.seconds[stage] = time.perf_counter() - started
+
+
+def _wanted_model(home: Home, llm: dict | None, config: RefreshConfig) -> tuple[str | None, str | None]:
+    if llm is None:
+        return config.model, config.checkpoint
+    model = config.model or llm["model"]
+    if config.checkpoint is None:
+        return model, (llm["checkpoint"] if config.model is None else "base")
+    if config.checkpoint == "base":
+        return model, "base"
+    from training.embed import find_checkpoints
+
+    found = find_checkpoints(home, config.checkpoint)
+    if len(found) != 1:
+        raise RefreshError(f"checkpoint {config.checkpoint} holds {len(found)} models; name one epoch folder")
+    return str(found[0].info.get("model_source") or model), found[0].label
+
+
+def _canary(home: Home, llm: dict, changed: set, n: int) -> list:
+    """The first `n` users of the served set (by id) whose events did not change."""
+    import pyarrow.parquet as pq
+
+    if n <= 0:
+        return []
+    ids = sorted(set(pq.read_table(llm["file"], columns=["user_id"]).column("user_id").to_pylist()) - changed)
+    return ids[:n]
+
+
+def _serialize(home: Home, dataset: str, users: list | None, tokenizer, log: Log) -> None:
+    """The users' texts again, with the config the stored texts were made with."""
+    from producers.serialize.run import SerializeConfig, serialize
+
+    con = home.connect(read_only=True)
+    try:
+        schema = stored_definition(con, dataset).schema
+        row = con.execute(f'SELECT config FROM "{schema}".texts WHERE kind = \'serialized\' '
+                          "ORDER BY produced_at DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
+    if row is None:
+        raise RefreshError(f"{dataset} has no serialized texts: run `llm4es serialize {dataset}` first")
+    stored = json.loads(row[0])
+    names = {f.name for f in fields(SerializeConfig)}
+    config = SerializeConfig(**{k: v for k, v in stored.items() if k in names and k not in ("users", "force")},
+                             users=tuple(users) if users is not None else None)
+    serialize(home, dataset, config, log, tokenizer=tokenizer)
+
+
+def _embed(home: Home, dataset: str, llm: dict, users: list | None, canary: list, config: RefreshConfig,
+           model: str, checkpoint: str, log: Log) -> Path:
+    """The users' vectors with the served set's settings (or, with `full`, everyone's with the wanted model)."""
+    from training.embed import EmbedConfig, embed
+
+    prov = read_provenance(llm["file"], missing_ok=True)
+    keep = {k: prov[k] for k in ("variant", "max_length", "truncation_side", "add_special_tokens",
+                                 "attn_implementation", "quantize") if k in prov}
+    if prov.get("dtype") in ("float32", "bfloat16", "float16"):
+        keep["dtype"] = prov["dtype"]
+    embed_config = EmbedConfig(model=model, checkpoint=None if checkpoint == "base" else checkpoint,
+                               kind=llm["text_kind"], layers=llm["layers"], device="auto",
+                               users=None if users is None else tuple(sorted(set(users) | set(canary))), **keep)
+    result = embed(home, dataset, embed_config, log)
+    return Path(result.sets[-1].parquet)
+
+
+def _aggregate(home: Home, dataset: str, agg: dict, users: list | None, as_of: datetime, log: Log) -> Path:
+    """The users' aggregates as of `as_of`, with the served top values (the served columns)."""
+    from producers.aggregate import AggregateConfig, aggregate
+
+    prov = read_provenance(agg["file"], missing_ok=True)
+    cfg = prov.get("config") or {}
+    if users is None:
+        config = AggregateConfig(top_n=cfg.get("top_n", 20), max_text_values=cfg.get("max_text_values", 50),
+                                 amount_field=cfg.get("amount_field"), as_of=as_of)
+    else:
+        if "categories" not in prov:
+            raise RefreshError(f"{agg['file']} does not record its top values: run `llm4es aggregate {dataset}` "
+                               "and publish once before refreshing")
+        config = AggregateConfig(top_n=cfg.get("top_n", 20), max_text_values=cfg.get("max_text_values", 50),
+                                 amount_field=cfg.get("amount_field"), as_of=as_of, users=tuple(users),
+                                 categories=prov["categories"])
+    return aggregate(home, dataset, config, log).parquet_path
+
+
+def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_of: datetime, snap: Path,
+           log: Log):
+    """The users' CoLES vectors by inference with the served encoder (no training): their events up to
+    `as_of`, coded with the vocabulary the encoder was trained on. Returns (the users' and canaries'
+    vectors for the gate, the users' snapshot file)."""
+    import pyarrow as pa
+
+    from producers.coles import train as T
+    from producers.coles.config import ColesConfig
+    from producers.coles.records import read_records
+    from producers.shared.devices import pick_device
+    from producers.stores.provenance import code_version
+    from producers.stores.warehouse import float32_lists
+
+    prov = read_provenance(info["file"])
+    names = {f.name for f in fields(ColesConfig)}
+    config = ColesConfig(**{k: v for k, v in (prov.get("config") or {}).items() if k in names and k != "as_of"},
+                         as_of=as_of)
+    checkpoint = home.root / prov["checkpoint"]
+    if not checkpoint.is_file():
+        raise RefreshError(f"the served CoLES encoder {checkpoint} is gone: run `llm4es coles {dataset}` and publish "
+                           "before refreshing")
+    con = home.connect(read_only=True)
+    try:
+        d = stored_definition(con, dataset)
+        records = read_records(con, d, config, vocab_as_of=datetime.fromisoformat(prov["data"]["as_of"]),
+                               users=sorted(set(users) | set(canary)))
+    finally:
+        con.close()
+    module = T.build_module(records, config)
+    T.load_weights(module, checkpoint)
+    from producers.coles.config import ColesError
+
+    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError))
+    log(f"CoLES: {len(records.users):,} users inferred with {prov['checkpoint']} (no training)")
+    everyone = pa.table({"user_id": pa.array(records.users), "vector": float32_lists(vectors)})
+    wanted = set(users)
+    mine = [i for i, u in enumerate(records.users) if u in wanted]
+    n = len(mine)
+    rows = pa.table({
+        "user_id": pa.array([records.users[i] for i in mine]), "vector": float32_lists(vectors[mine]),
+        "dim": pa.array([int(vectors.shape[1])] * n, pa.int32()), "model": pa.array([prov["model"]] * n),
+        "checkpoint": pa.array([prov["checkpoint"]] * n), "epoch": pa.array([prov.get("epoch")] * n, pa.int32()),
+        "feature_timestamp": pa.array([as_of] * n, pa.timestamp("us")),
+        "produced_at": pa.array([datetime.now(timezone.utc).replace(tzinfo=None)] * n, pa.timestamp("us")),
+        "source_hash": pa.array([info.get("source_hash")] * n, pa.string()),
+        "code_version": pa.array([code_version()] * n, pa.string())})
+    path = write_parquet(rows, snap / "coles_embeddings.parquet",
+                         {**prov, "feature_timestamp": as_of.isoformat(), "refresh": {
+                             "as_of": as_of.isoformat(), "n_users": n, "inference_only": True}})
+    return everyone, path
+
+
+def _snapshot_file(source: Path, target: Path, users: list | None, as_of: datetime) -> Path:
+    """The rows of `source` at `as_of` of these users (all: `users` None), with its provenance, to `target`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table, prov = read_output(source)
+    ts = pc.cast(table.column("feature_timestamp"), pa.timestamp("us"))
+    keep = pc.equal(ts, pa.scalar(as_of, pa.timestamp("us")))
+    if users is not None:
+        keep = pc.and_(keep, pc.is_in(table.column("user_id"), value_set=pa.array(users, table.column("user_id").type)))
+    rows = table.filter(keep)
+    if users is not None and rows.num_rows != len(users):
+        got = set(rows.column("user_id").to_pylist())
+        missing = [u for u in users if u not in got][:5]
+        raise RefreshError(f"{source}: {len(users) - rows.num_rows:,} refreshed users have no row at {as_of} "
+                           f"(e.g. {missing})")
+    return write_parquet(rows, target, {**prov, "refresh": {"as_of": as_of.isoformat(), "n_users": rows.num_rows}})
+
+
+def _rows_of(path: Path, users: list | None, canary: list):
+    """user_id and vector of these users and the canaries (everyone: `users` None) in an output file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["user_id", "vector"])
+    if users is None:
+        return table
+    who = sorted(set(users) | set(canary))
+    return table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(who, table.column("user_id").type)))
+
+
+def _gate(home: Home, kind: str, table, users: list | None, canary: list, previous: dict | None,
+          config: RefreshConfig, log: Log):
+    """The snapshot gate on the refreshed users' vectors (plus the canaries), against each user's latest served row."""
+    from producers.stores.serving import feast_dir
+    from validation.snapshot_gate import SnapshotGateConfig, check_snapshot
+
+    who = None if users is None else sorted(set(users) | set(canary))
+    old = None
+    if previous is not None:
+        history = feast_dir(home) / previous["source"]
+        if history.is_file():
+            import duckdb
+
+            con = duckdb.connect()
+            try:
+                old = con.sql(f"SELECT user_id, vector FROM read_parquet('{history}') QUALIFY row_number() OVER "
+                              "(PARTITION BY user_id ORDER BY feature_timestamp DESC) = 1").to_arrow_table()
+            finally:
+                con.close()
+    if old is not None and who is not None:
+        # The served population as it will be: the previous rows, the refreshed users' (and canaries') replaced.
+        # Drift and norms are judged on it: the changed users alone are no random sample of the population.
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        keep = pc.invert(pc.is_in(old.column("user_id"), value_set=pa.array(who, old.column("user_id").type)))
+        table = pa.concat_tables([old.filter(keep).select(["user_id", "vector"]),
+                                  table.select(["user_id", "vector"]).cast(old.select(["user_id", "vector"]).schema)])
+    gate_config = SnapshotGateConfig()
+    if table.num_rows < config.min_drift_users:
+        log(f"gate ({kind}): {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are "
+            "reported, not enforced")
+        gate_config = SnapshotGateConfig(max_psi=float("inf"))
+    from validation.snapshot_gate import SnapshotGateError
+
+    try:
+        report = check_snapshot(table, old, gate_config, force=config.force,
+                                unchanged_users=canary if canary and old is not None else None)
+    except SnapshotGateError as e:
+        report = e.report
+    log(f"gate ({kind}): {report.message()}")
+    return report
+
+
+def _write_report(snap: Path, result: RefreshResult) -> None:
+    from producers.stores.outputs import atomic_write_text
+
+    snap.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in asdict(result).items() if k not in ("publish_result", "users")}
+    data["n_users"] = len(result.users)
+    data["users_sample"] = result.users[:20]
+    atomic_write_text(snap / "refresh.json", json.dumps(data, indent=2, default=str) + "\n")
