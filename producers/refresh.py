@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from producers.errors import Llm4esError
+from producers.ingest.raw_load import sql_ident, sql_str
 from producers.stores.locks import file_lock
 from producers.stores.outputs import read_output, read_provenance, write_parquet
 from producers.stores.warehouse import Home, stored_definition
@@ -135,7 +136,7 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
 
     con = home.connect(read_only=True)
     try:
-        as_of = con.execute(f'SELECT max(event_time) FROM "{schema}".events').fetchall()[0][0]
+        as_of = con.execute(f"SELECT max(event_time) FROM {sql_ident(schema)}.events").fetchall()[0][0]
         stored_definition(con, dataset)
     finally:
         con.close()
@@ -267,7 +268,7 @@ def _serialize(home: Home, dataset: str, users: list | None, tokenizer, log: Log
     con = home.connect(read_only=True)
     try:
         schema = stored_definition(con, dataset).schema
-        row = con.execute(f'SELECT config FROM "{schema}".texts WHERE kind = \'serialized\' '
+        row = con.execute(f"SELECT config FROM {sql_ident(schema)}.texts WHERE kind = 'serialized' "
                           "ORDER BY produced_at DESC LIMIT 1").fetchone()
     finally:
         con.close()
@@ -416,8 +417,9 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
 
             con = duckdb.connect()
             try:
-                old = con.sql(f"SELECT user_id, vector FROM read_parquet('{history}') QUALIFY row_number() OVER "
-                              "(PARTITION BY user_id ORDER BY feature_timestamp DESC) = 1").to_arrow_table()
+                old = con.sql(f"SELECT user_id, vector FROM read_parquet({sql_str(str(history))}) "
+                              "QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY feature_timestamp DESC) = 1"
+                              ).to_arrow_table()
             finally:
                 con.close()
     if old is not None and who is not None:
