@@ -412,11 +412,7 @@ def write_clickstream(out_dir: Path, config: ClickstreamConfig = ClickstreamConf
     """
     t0 = time.perf_counter()
     data = generate_clickstream(config)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClickstreamError(f"{out_dir}: cannot create the output folder ({e.strerror})") from e
+    out_dir = _output_folder(out_dir)
     by_intent = data.intents["intent"].value_counts()
     sessions_by_intent = {i: int(by_intent.get(i, 0)) for i in INTENTS}
     result = ClickstreamResult(
@@ -431,6 +427,16 @@ def write_clickstream(out_dir: Path, config: ClickstreamConfig = ClickstreamConf
     _atomic_write(out_dir / "planted_intents.csv", lambda p: data.intents.to_csv(p, **csv))
     _atomic_write(out_dir / "README.txt", lambda p: p.write_text(readme(result)))
     return ClickstreamResult(**{**result.__dict__, "seconds": time.perf_counter() - t0})
+
+
+def _output_folder(out_dir: Path | str) -> Path:
+    """`out_dir`, created if missing; a folder that cannot be made is a ClickstreamError naming it."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClickstreamError(f"{out_dir}: cannot create the output folder ({e.strerror})") from e
+    return out_dir
 
 
 def _atomic_write(path: Path, write) -> None:

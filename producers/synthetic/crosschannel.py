@@ -56,6 +56,7 @@ from producers.synthetic.clickstream import (
     ClickstreamConfig,
     ClickstreamError,
     _atomic_write,
+    _output_folder,
     generate_clickstream,
     readme as web_readme,
     ClickstreamResult,
@@ -309,11 +310,7 @@ def write_crosschannel(out_dir: Path, config: CrossChannelConfig = CrossChannelC
     """Write the re-keyed website files (the `bank-clickstream` layout) and the app files into `out_dir`."""
     t0 = time.perf_counter()
     data = generate_crosschannel(config)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClickstreamError(f"{out_dir}: cannot create the output folder ({e.strerror})") from e
+    out_dir = _output_folder(out_dir)
     web = data.web
     by_intent = web.intents["intent"].value_counts()
     web_result = ClickstreamResult(
