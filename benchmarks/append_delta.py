@@ -21,7 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.machine import describe, peak_rss_mib  # noqa: E402
+from benchmarks.machine import describe, peak_rss_mib, timed  # noqa: E402
 from producers.datasets.definition import load_builtin  # noqa: E402
 from producers.ingest import IngestConfig, ingest  # noqa: E402
 from producers.ingest.append import append  # noqa: E402
@@ -56,14 +55,6 @@ def write_delta(folder: Path, base: ClickstreamConfig, share: float, days: int, 
     return sorted({int(v) for v in clicks["visitor_id"]})
 
 
-def timed(what: str, fn):
-    """(fn(), seconds); `what` names the step where it is called."""
-    t = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t
-    return out, dt
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--visitors", type=int, default=10_000)
@@ -86,7 +77,7 @@ def main() -> None:
         root = args.keep or Path(tmp)
         base_cfg = ClickstreamConfig(visitors=args.visitors, seed=args.seed, days=args.days,
                                      mean_sessions=args.mean_sessions, start=date(2024, 1, 1))
-        gen, dt = timed("generate", lambda: write_clickstream(root / "base", base_cfg))
+        gen, dt = timed(lambda: write_clickstream(root / "base", base_cfg))
         print(f"generated base: {gen.n_visitors:,} visitors, {gen.n_events:,} clicks in {dt:.1f}s")
         delta_users = write_delta(root / "delta", base_cfg, args.delta_share, args.delta_days, args.seed + 1)
         n_delta = len((root / "delta" / "clicks.csv").read_text().splitlines()) - 1
@@ -99,7 +90,7 @@ def main() -> None:
         (root / "full" / "visitors.csv").write_bytes((root / "base" / "visitors.csv").read_bytes())
 
         home = Home.resolve(root / "home")
-        r, t_base = timed("ingest", lambda: ingest(home, definition, IngestConfig(root / "base")))
+        r, t_base = timed(lambda: ingest(home, definition, IngestConfig(root / "base")))
         print(f"full ingest of the base:       {t_base:7.2f}s ({r.n_events:,} events)")
         con = home.connect(read_only=True)
         since = con.execute('SELECT max(event_time) FROM "bank_clickstream".events').fetchall()[0][0]
@@ -110,21 +101,21 @@ def main() -> None:
         for i in range(args.repeat):
             shutil.copytree(home.root, root / f"home-{i}")
             homes.append(Home.resolve(root / f"home-{i}"))
-        runs = [timed("append", lambda h=h: append(h, definition, IngestConfig(root / "delta"))) for h in homes]
+        runs = [timed(lambda h=h: append(h, definition, IngestConfig(root / "delta"))) for h in homes]
         a, t_append = runs[0][0], statistics.median(t for _, t in runs)
         home = homes[0]
         print(f"ingest --append of the delta:  {t_append:7.2f}s (median of {args.repeat}: "
               f"{', '.join(f'{t:.2f}' for _, t in runs)}; +{a.rows_added:,} events, {a.duplicates_skipped:,} "
               f"duplicates, {a.users_touched:,} users, {a.min_event_time} .. {a.max_event_time})")
-        changed = [timed("changed", lambda: changed_users(home, definition.schema, since)) for _ in range(args.repeat)]
+        changed = [timed(lambda: changed_users(home, definition.schema, since)) for _ in range(args.repeat)]
         users, t_changed = changed[0][0], statistics.median(t for _, t in changed)
         print(f"changed_users since {since}: {t_changed:7.3f}s ({len(users):,} users; "
               f"{'exactly the delta visitors' if users == delta_users else 'NOT the delta visitors'})")
-        again, t_again = timed("re-append", lambda: append(home, definition, IngestConfig(root / "delta")))
+        again, t_again = timed(lambda: append(home, definition, IngestConfig(root / "delta")))
         print(f"re-append of the same delta:   {t_again:7.2f}s ({again.rows_added} added, "
               f"{again.duplicates_skipped:,} duplicates skipped)")
 
-        fulls = [timed("full", lambda i=i: ingest(Home.resolve(root / f"home-full-{i}"), definition,
+        fulls = [timed(lambda i=i: ingest(Home.resolve(root / f"home-full-{i}"), definition,
                                                   IngestConfig(root / "full"))) for i in range(args.repeat)]
         f, t_full = fulls[0][0], statistics.median(t for _, t in fulls)
         full_home = Home.resolve(root / "home-full-0")
@@ -137,7 +128,7 @@ def main() -> None:
         if args.validate:
             from validation.run import ValidateConfig, validate
 
-            rep, t_val = timed("validate", lambda: validate(home, DATASET, ValidateConfig(data_docs=False)))
+            rep, t_val = timed(lambda: validate(home, DATASET, ValidateConfig(data_docs=False)))
             print(f"GX data gate on the appended table: {t_val:7.1f}s ({'passed' if rep.success else 'FAILED'})")
         if args.gate_dim:
             _time_gate(args.visitors, args.gate_dim, delta_users)
@@ -159,7 +150,7 @@ def _time_gate(n: int, dim: int, changed: list[int]) -> None:
     users = np.arange(1, n + 1)
     unchanged = np.setdiff1d(users, changed)
     snap = lambda m: pa.table({"user_id": users, "vector": float32_lists(m)})  # noqa: E731
-    report, dt = timed("gate", lambda: check_snapshot(snap(new), snap(old), unchanged_users=unchanged))
+    report, dt = timed(lambda: check_snapshot(snap(new), snap(old), unchanged_users=unchanged))
     print(f"snapshot gate, {n:,} users x {dim} dims against the previous snapshot: {dt:6.2f}s "
           f"({len(report.checks)} checks, {'passed' if report.success else 'FAILED'})")
 

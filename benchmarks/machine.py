@@ -35,6 +35,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed(fn):
+    """(fn(), its wall time in seconds)."""
+    import time
+
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 class Stopwatch:
     """Times named steps: `out = watch("ingest", fn, *args)`; `watch.seconds` keeps each step's wall time."""
 
@@ -42,9 +51,5 @@ class Stopwatch:
         self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str, fn, *args):
-        import time
-
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.seconds[name] = time.perf_counter() - t0
+        out, self.seconds[name] = timed(lambda: fn(*args))
         return out

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FEAST_USAGE", "False")
 
 from benchmarks.append_delta import write_delta  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, timed  # noqa: E402
 from producers.aggregate import AggregateConfig, aggregate  # noqa: E402
 from producers.datasets.definition import load_builtin  # noqa: E402
 from producers.ingest import IngestConfig, ingest  # noqa: E402
@@ -41,12 +40,6 @@ from validation.run import ValidateConfig, validate  # noqa: E402
 
 DATASET = "bank-clickstream"
 STAGES = ("serialize", "embed", "aggregate", "gate", "publish")
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def main() -> None:
