@@ -128,11 +128,15 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
             f"users with {want_model} at {want_ck} would put vectors of two models in one view. Pass --full to "
             "re-embed every user with it")
     if llm is not None and not config.full:
-        pooling = read_provenance(llm["file"], missing_ok=True).get("pooling") or llm.get("pooling")
-        from training.embed import POOLING
-        if pooling and pooling != POOLING:
-            raise RefreshError(f"the served LLM4ES set was pooled as {pooling!r}, this code pools as {POOLING!r}; "
-                               "pass --full to re-embed every user")
+        from training.embed import POOLING, pooling_description
+
+        prov = read_provenance(llm["file"], missing_ok=True)
+        pooling, spec = prov.get("pooling") or llm.get("pooling"), prov.get("pooling_spec")
+        # a set made before `embed --pooling` existed records only the description, of the mean pooling
+        reproducible = pooling_description(spec) if spec else POOLING
+        if pooling and pooling != reproducible:
+            raise RefreshError(f"the served LLM4ES set was pooled as {pooling!r}, this code pools as "
+                               f"{reproducible!r}; pass --full to re-embed every user")
 
     con = home.connect(read_only=True)
     try:
@@ -291,6 +295,8 @@ def _embed(home: Home, dataset: str, llm: dict, users: list | None, canary: list
                                  "attn_implementation", "quantize") if k in prov}
     if prov.get("dtype") in ("float32", "bfloat16", "float16"):
         keep["dtype"] = prov["dtype"]
+    if prov.get("pooling_spec"):
+        keep["pooling"] = prov["pooling_spec"]
     embed_config = EmbedConfig(model=model, checkpoint=None if checkpoint == "base" else checkpoint,
                                kind=llm["text_kind"], layers=llm["layers"], device="auto",
                                users=None if users is None else tuple(sorted(set(users) | set(canary))), **keep)

@@ -17,6 +17,7 @@ from producers.ingest.append import append
 from producers.publish import PublishConfig, historical_features, online_features, publish
 from producers.refresh import RefreshConfig, RefreshError, refresh
 from producers.serialize.run import SerializeConfig, serialize
+from producers.stores.outputs import read_provenance
 from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
 from tests.fixtures.tiny_model import save_tiny_model, tiny_tokenizer
@@ -112,6 +113,22 @@ def test_refresh_serves_new_vectors_for_exactly_the_changed_users(home):
 
     again = refresh(home, DATASET, tokenizer=tiny_tokenizer())
     assert again.nothing_new and not again.published
+
+
+def test_a_set_pooled_otherwise_is_refreshed_with_its_own_pooling(home, model_dir):
+    embed(home, DATASET, EmbedConfig(model=str(model_dir), layers="1:", max_length=120, pooling="last"))
+    publish(home, DATASET, PublishConfig(materialize=True))
+
+    r = refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert r.published and "llm4es" in r.refreshed and r.users == CHANGED
+    assert read_provenance(_served_llm4es_file(home))["pooling_spec"] == "last"
+
+
+def _served_llm4es_file(home):
+    from producers.stores.serving import _read_manifest, manifest_path
+
+    entry = _read_manifest(manifest_path(home))["datasets"][DATASET]
+    return entry["sets"][entry["defaults"]["llm4es"]]["file"]
 
 
 def refresh_since(home) -> datetime:
