@@ -210,12 +210,10 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
 
     from producers.publish import PublishConfig, publish
 
-    started = time.perf_counter()
     # the refreshed LLM4ES set is the only one given, so it is (or stays) the default one
-    result.publish_result = publish(home, dataset, PublishConfig(
+    result.publish_result = _timed(result, "publish", lambda: publish(home, dataset, PublishConfig(
         online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize),
-        log, inputs=inputs)
-    result.seconds["publish"] = time.perf_counter() - started
+        log, inputs=inputs))
     result.published = True
     _write_report(snap, result)
     return result
