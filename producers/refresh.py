@@ -24,8 +24,21 @@ What a refresh does, in order (under a per-dataset lock):
 7. Publishes the snapshot files through the publish flow (histories gain rows at the new as-of;
    an unchanged user's latest row stays its older one) and materializes incrementally.
 
-Not refreshed (said in the result, never skipped silently): session embeddings and intents, LLM4ES sets
-of enriched texts, and CoLES with `full` (re-train it with `llm4es coles`). Their views keep their older rows.
+Sessions (`_refresh_sessions`, when session embeddings or intents are served): the changed users'
+sessions are cut again (`sessions build` restricted to them, with the stored cutting rule); the sessions
+of theirs that end at or after their first new event (a session still open at the served as-of that
+gained events, and new ones; late events included) are embedded with the served session encoder (its
+checkpoint, vocabulary and config: no training) and labelled by the served distilled classifier (the one
+`intents distill` saved: no LLM, no re-fitting); every other session keeps its stored vector and label.
+The whole session files are published (their views are written afresh, so the rollups and intent shares
+of the changed users are recomputed; the others' come out the same). The session vectors are gated like
+the user vectors, keyed by session (a few unchanged sessions embedded again as canaries). A session
+encoder or classifier other than the served one (re-trained and stored since the last publish) is
+refused unless `full`, which cuts, embeds and labels every session with the stored ones.
+
+Not refreshed (said in the result, never skipped silently): LLM4ES sets of enriched texts, intents
+distilled before `intents distill` saved its classifier, and CoLES with `full` (re-train it with
+`llm4es coles`). Their views keep their older rows.
 
 A refresh killed at any point leaves the previous snapshot served: nothing is published before step 7,
 whose own safety is publish's. The next refresh finds the same users (the served as-of did not move)
@@ -48,9 +61,8 @@ from producers.stores.warehouse import Home, stored_definition
 
 Log = Callable[[str], None]
 
-REFRESHED = ("agg", "llm4es", "coles")  # the kinds a refresh recomputes
-NOT_REFRESHED = {"sessions": "session embeddings (not built into refresh yet)",
-                 "intents": "session intents (not built into refresh yet)"}
+REFRESHED = ("agg", "llm4es", "coles", "sessions", "intents")  # the kinds a refresh recomputes
+NOT_REFRESHED: dict[str, str] = {}  # served kinds a refresh cannot recompute, and why
 
 
 class RefreshError(Llm4esError, ValueError):
@@ -114,8 +126,7 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     sets, defaults = entry.get("sets", {}), entry.get("defaults", {})
     served = {k: sets[defaults[k]] for k in (*REFRESHED, *NOT_REFRESHED) if defaults.get(k) in sets}
     if not any(k in served for k in REFRESHED):
-        raise RefreshError(f"{dataset}: neither aggregates nor LLM4ES embeddings are published; refresh "
-                           "recomputes those")
+        raise RefreshError(f"{dataset}: none of {', '.join(REFRESHED)} is published; refresh recomputes those")
     since = min(datetime.fromisoformat(max(served[k]["feature_timestamps"])) for k in REFRESHED if k in served)
     result = RefreshResult(dataset, since, None)
     result.not_refreshed = [NOT_REFRESHED[k] for k in NOT_REFRESHED if k in served]
@@ -137,6 +148,8 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
         if pooling and pooling != reproducible:
             raise RefreshError(f"the served LLM4ES set was pooled as {pooling!r}, this code pools as "
                                f"{reproducible!r}; pass --full to re-embed every user")
+
+    session_models = _session_models(home, dataset, schema, served, config)
 
     con = home.connect(read_only=True)
     try:
@@ -191,6 +204,9 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
         agg_file = _timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of, log))
         inputs["agg"] = [_snapshot_file(agg_file, snap / agg_file.name, users, as_of)]
         result.refreshed.append("agg")
+    if session_models:
+        _refresh_sessions(home, dataset, schema, entry, served, users, since, session_models, config, result,
+                          inputs, log)
     result.snapshot_dir = snap
     _reached("computed")
 
@@ -459,3 +475,130 @@ def _write_report(snap: Path, result: RefreshResult) -> None:
     data["n_users"] = len(result.users)
     data["users_sample"] = result.users[:20]
     atomic_write_text(snap / "refresh.json", json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ---- sessions, session embeddings and intents ----
+
+
+def _session_models(home: Home, dataset: str, schema: str, served: dict, config: RefreshConfig) -> dict:
+    """The session encoder checkpoint and intent classifier a refresh uses: those the stage tables hold
+    (`sessions embed`, `intents distill`). Another than the served one is refused unless `full`. Intents
+    distilled before the classifier was saved map to None (not refreshed)."""
+    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS
+
+    models: dict = {}
+    for kind, output, key, what in (("sessions", SESSION_EMBEDDINGS, "checkpoint", "session encoder"),
+                                    ("intents", SESSION_INTENTS, "classifier_sha256", "intent classifier")):
+        if kind not in served:
+            continue
+        path = output.parquet_path(home, schema)
+        if not path.is_file():
+            raise RefreshError(f"{dataset} serves {output.description} but {path} is gone: run `{output.produced_by} "
+                               f"{dataset}` and publish before refreshing")
+        have, want = read_provenance(path, missing_ok=True).get(key), served[kind].get(key)
+        if kind == "intents" and (have is None or want is None):
+            models[kind] = None
+            continue
+        if have != want and not config.full:
+            raise RefreshError(
+                f"{dataset} serves {output.description} of the {what} {want}, but {path.name} now holds those of "
+                f"{have} (produced after the last publish); refreshing some sessions with it would put two "
+                f"{what}s' outputs in one view. Publish it (`llm4es publish {dataset}`) or pass --full to redo every "
+                "session with it")
+        models[kind] = have
+    return models
+
+
+def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served: dict, users: list | None,
+                      since: datetime, models: dict, config: RefreshConfig, result: RefreshResult,
+                      inputs: dict, log: Log) -> None:
+    """Cut the users' sessions again, embed and label their new or changed ones, gate the session vectors;
+    add the session files to `inputs` (see the module docstring)."""
+    from producers.ingest.delta import first_new_events
+    from producers.intents.classify import classify_sessions
+    from producers.sessions import SessionsConfig, build_sessions
+    from producers.sessions.build import changed_sessions
+    from producers.sessions.embed import embed_some
+
+    sessions_config = SessionsConfig() if users is None else SessionsConfig(users=tuple(users))
+    _timed(result, "sessions", lambda: build_sessions(home, dataset, sessions_config, log))
+    todo = None
+    if users is not None:
+        firsts = first_new_events(home, schema, since, datetime.fromisoformat(entry["published_at"]))
+        wanted = set(users)
+        todo = changed_sessions(home, dataset, {u: t for u, t in firsts.items() if u in wanted})
+        log(f"{len(todo):,} new or changed sessions of {len(users):,} users (those ending at or after each user's "
+            "first new event)")
+    if "sessions" in models:
+        same = models["sessions"] == served["sessions"].get("checkpoint")
+        history = _served_sessions(home, entry) if same else None
+        canary = [] if todo is None or history is None else _session_canary(history, set(users), todo,
+                                                                             config.canary_users)
+        r = _timed(result, "session_embed", lambda: embed_some(home, dataset, home.root / models["sessions"], todo,
+                                                               log, also=canary))
+        started = time.perf_counter()
+        report = _gate_sessions(r.parquet_path, r.unstored, history, canary, config, log)
+        result.seconds["session_gate"] = time.perf_counter() - started
+        result.gate["sessions"] = report.message()
+        result.gate_passed &= report.success
+        inputs["sessions"] = [r.parquet_path]
+        result.refreshed.append("sessions")
+    if "intents" in served:
+        if models.get("intents") is None:
+            result.not_refreshed.append("session intents (distilled before `intents distill` saved its classifier: "
+                                        "run it again and publish)")
+        else:
+            inputs["intents"] = [_timed(result, "intents", lambda: classify_sessions(
+                home, dataset, todo, models["intents"], log))]
+            result.refreshed.append("intents")
+
+
+def _served_sessions(home: Home, entry: dict):
+    """session_id and embedding of the served session view (None when it has no history file)."""
+    import pyarrow.parquet as pq
+
+    from producers.stores.serving import feast_dir
+
+    info = entry.get("sets", {}).get("session_embedding")
+    path = feast_dir(home) / info["source"] if info else None
+    if path is None or not path.is_file():
+        return None
+    return pq.read_table(path, columns=["session_id", "user_id", "embedding"])
+
+
+def _session_canary(history, changed: set, todo: list, n: int) -> list:
+    """The first `n` served sessions (by id) of users whose events did not change."""
+    if n <= 0:
+        return []
+    skip = set(todo)
+    rows = zip(history.column("session_id").to_pylist(), history.column("user_id").to_pylist())
+    return sorted(s for s, u in rows if u not in changed and s not in skip)[:n]
+
+
+def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config: RefreshConfig, log: Log):
+    """The snapshot gate on every session vector as it will be served (the canaries' recomputed vectors in
+    place of their stored ones), keyed by session, against the served ones (None: another encoder)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from validation.snapshot_gate import SnapshotGateConfig, SnapshotGateError, check_snapshot
+
+    table = pq.read_table(parquet, columns=["session_id", "embedding"])
+    if canary:
+        keep = pc.invert(pc.is_in(table.column("session_id"), value_set=pa.array(canary, pa.string())))
+        table = pa.concat_tables([table.filter(keep), canary_vectors.cast(table.schema)])
+    old = None if history is None else history.select(["session_id", "embedding"])
+    gate_config = SnapshotGateConfig()
+    if table.num_rows < config.min_drift_users:
+        log(f"gate (sessions): {table.num_rows} sessions, fewer than {config.min_drift_users}: the PSI drift figures "
+            "are reported, not enforced")
+        gate_config = SnapshotGateConfig(max_psi=float("inf"))
+    try:
+        report = check_snapshot(table, old, gate_config, force=config.force,
+                                unchanged_users=canary if canary and old is not None else None,
+                                user_column="session_id", vector_column="embedding")
+    except SnapshotGateError as e:
+        report = e.report
+    log(f"gate (sessions): {report.message()}")
+    return report

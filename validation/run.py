@@ -150,18 +150,22 @@ def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, C
 
 
 def check_sessions(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, sessions: str, session_events: str,
-                   explicit: bool, log: Callable[[str], None] = lambda _: None) -> list[CheckResult]:
+                   explicit: bool, log: Callable[[str], None] = lambda _: None,
+                   only_users: str | None = None) -> list[CheckResult]:
     """The sessions checks (`validation.suites.session_checks`) on built but not yet swapped-in tables.
 
     `sessions` and `session_events` are qualified table names (the staging tables); the events
-    are the dataset's `events`. Totals are computed in SQL and validated as one-row frames.
+    are the dataset's `events` (only those of the users in the table `only_users`, when the staging
+    tables hold only theirs). Totals are computed in SQL and validated as one-row frames.
     """
+    mine = "" if only_users is None else f" AND user_id IN (SELECT user_id FROM {only_users})"
+
     def frames(con, d, batch, chunk_rows):
         if batch == "sessions":
             yield con.execute(f"SELECT session_id, n_events, start_time, end_time FROM {sessions}").df(), {}
         elif batch == "session_totals":
             yield con.execute(f"""SELECT
-                (SELECT count(*) FROM "{d.schema}".events WHERE user_id IS NOT NULL) AS events,
+                (SELECT count(*) FROM "{d.schema}".events WHERE user_id IS NOT NULL{mine}) AS events,
                 (SELECT coalesce(sum(n_events), 0) FROM {sessions}) AS events_in_sessions,
                 (SELECT count(*) FROM {session_events}) AS session_event_rows""").df(), {}
         elif batch == "session_users":

@@ -72,7 +72,8 @@ def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint
     snapshot gate (dimension, NaN/inf, norms, share present, drift, unchanged users
     keep their vectors) against the served snapshot, then publishes the changed users' rows at the new
     as-of and materializes incrementally. A failing snapshot is not published (--force overrides).
-    Session embeddings and intents are not refreshed (the command says so). Run it after
+    Sessions of the changed users are cut again; their new or changed sessions are embedded with the served
+    session encoder, gated, and labelled with the served intent classifier. Run it after
     `llm4es ingest DATASET --append` and `llm4es validate DATASET`.
     """
     from producers.refresh import RefreshConfig

@@ -41,3 +41,27 @@ def appended_users(home: Home, schema: str, finished_after: datetime) -> list:
     finally:
         con.close()
     return [r[0] for r in rows]
+
+
+def first_new_events(home: Home, schema: str, since: datetime, finished_after: datetime) -> dict:
+    """Per changed user, the time of its earliest new event: the first after `since`, or the earliest event
+    of an append that finished after `finished_after` (a late event can be older than `since`).
+
+    What a refresh of per-session outputs needs: a user's sessions that end before this time hold no new
+    event (a session holding one ends at or after it), so they are unchanged."""
+    con = home.connect(read_only=True)
+    try:
+        if not table_exists(con, schema, "events"):
+            raise WarehouseError(f"no events in schema {schema!r}: run `llm4es ingest` first")
+        q = sql_ident(schema)
+        parts = [f"SELECT user_id, min(event_time) AS t FROM {q}.events WHERE event_time > ? GROUP BY user_id"]
+        params = [utc_naive(since)]
+        if table_exists(con, schema, "ingest_delta_users"):
+            parts.append(f"SELECT u.user_id, min(u.min_event_time) AS t FROM {q}.ingest_delta_users u "
+                         f"JOIN {q}.ingest_delta d USING (ingest_id) WHERE d.finished_at > ? GROUP BY u.user_id")
+            params.append(utc_naive(finished_after))
+        rows = con.execute(f"SELECT user_id, min(t) FROM ({' UNION ALL '.join(parts)}) WHERE user_id IS NOT NULL "
+                           "GROUP BY user_id ORDER BY user_id", params).fetchall()
+    finally:
+        con.close()
+    return dict(rows)

@@ -128,6 +128,11 @@ def distill_intents(home: Home, dataset: str, config: DistillConfig = DistillCon
         "n_test": len(test_idx), "metrics": metrics, "produced_at": produced_at.isoformat(),
         "definition_fingerprint": d.fingerprint(), "code_version": code_version(),
     }
+    from producers.intents.classify import save_classifier
+
+    # saved, so a refresh labels new sessions with this very classifier (no re-training)
+    saved, sha = save_classifier(home, d.schema, model)
+    provenance.update(classifier_file=home.relative(saved), classifier_sha256=sha)
     parquet = _write(home, d.schema, features, predicted, proba, taxonomy.version, provenance, produced_at, log)
     latency = {"classifier_seconds_per_session": clf_latency, "llm_seconds_per_session": llm_latency,
                "llm_sessions": llm_n, "llm_mode": mode, "llm_model": labeller,
@@ -162,28 +167,43 @@ def _newest_labelled_version(con: duckdb.DuckDBPyConnection, d: DatasetDefinitio
     return int(row[0])
 
 
-def session_features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, top_values: int) -> dict[str, Any]:
-    """Per embedded session: embedding + cheap features, as one float32 matrix (rows by session_id)."""
+def session_features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, top_values: int,
+                     inputs: list[str] | None = None, sessions: list[str] | None = None) -> dict[str, Any]:
+    """Per embedded session (or only these `sessions`): embedding + cheap features, as one float32 matrix (rows
+    by session_id). `inputs`: the columns a fitted classifier was given (its provenance's `inputs`), so the
+    shares are of the values it was fitted on, not of the values most frequent now."""
     import numpy as np
 
     s = f'"{d.schema}"'
     shares, columns = [], ["n_events", "log_duration", "log_gap_mean", "log_gap_max"]
-    for f in d.events.fields:
-        if f.kind != "categorical" or top_values <= 0:
-            continue
-        top = con.execute(f'SELECT CAST("{f.name}" AS VARCHAR) AS v FROM {s}.session_events '
-                          f'WHERE "{f.name}" IS NOT NULL '
-                          f"GROUP BY v ORDER BY count(*) DESC, v LIMIT {int(top_values)}").fetchall()
-        for (v,) in top:
-            shares.append(f"avg(CASE WHEN CAST(e.\"{f.name}\" AS VARCHAR) = {_lit(v)} THEN 1.0 ELSE 0.0 END)")
-            columns.append(f"share:{f.name}={v}")
+    if inputs is not None:
+        tops = [tuple(c[len("share:"):].split("=", 1)) for c in inputs if c.startswith("share:")]
+    else:
+        tops = []
+        for f in d.events.fields:
+            if f.kind != "categorical" or top_values <= 0:
+                continue
+            tops += [(f.name, v) for (v,) in con.execute(
+                f'SELECT CAST("{f.name}" AS VARCHAR) AS v FROM {s}.session_events WHERE "{f.name}" IS NOT NULL '
+                f"GROUP BY v ORDER BY count(*) DESC, v LIMIT {int(top_values)}").fetchall()]
+    for name, v in tops:
+        shares.append(f"avg(CASE WHEN CAST(e.\"{name}\" AS VARCHAR) = {_lit(v)} THEN 1.0 ELSE 0.0 END)")
+        columns.append(f"share:{name}={v}")
     cheap = ", ".join(["count(*)", "ln(1 + any_value(s.duration_s))",
                        "coalesce(avg(ln(1 + e.gap_s)) FILTER (WHERE e.position > 1), 0)",
                        "coalesce(max(ln(1 + e.gap_s)), 0)", *shares])
+    only = "" if sessions is None else "WHERE m.session_id IN (SELECT unnest($sessions)) "
     rows = con.execute(
         f"SELECT m.session_id, any_value(m.user_id), any_value(m.session_end), any_value(m.embedding), {cheap} "
         f"FROM {s}.{EMBEDDINGS} AS m JOIN {s}.sessions AS s USING (session_id) "
-        f"JOIN {s}.session_events AS e USING (session_id) GROUP BY m.session_id ORDER BY m.session_id").fetchall()
+        f"JOIN {s}.session_events AS e USING (session_id) {only}GROUP BY m.session_id ORDER BY m.session_id",
+        {} if sessions is None else {"sessions": list(sessions)}).fetchall()
+    if inputs is not None and columns != [c for c in inputs if not c.startswith("embedding[")]:
+        raise IntentsError(f"{d.name}: the classifier's inputs {inputs} cannot be rebuilt (got {columns})")
+    if sessions is not None and len(rows) != len(set(sessions)):
+        got = {r[0] for r in rows}
+        raise IntentsError(f"{d.name}: {len(set(sessions)) - len(rows):,} sessions to label have no embedding "
+                           f"(e.g. {sorted(set(sessions) - got)[:5]}): embed them first")
     if not rows:
         raise IntentsError(f"{d.name}: {d.schema}.{EMBEDDINGS} holds no session that is in {d.schema}.sessions: "
                            f"run `llm4es sessions embed {d.name}` again")

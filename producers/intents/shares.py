@@ -40,7 +40,9 @@ def session_views(con: Any, prov: dict, recent: int, user_dtype: str) -> tuple[d
     versions = [v for (v,) in con.execute("SELECT DISTINCT taxonomy_version FROM sess").fetchall()]
     version = versions[0] if len(versions) == 1 else None
     meta = {"model": prov.get("llm_model") or prov.get("model"), "labels": labels, "dim": len(labels),
-            "taxonomy_version": version, "classifier": prov.get("classifier")}
+            "taxonomy_version": version, "classifier": prov.get("classifier"),
+            # which saved classifier labelled them: a refresh labels new sessions with this one only
+            "classifier_sha256": prov.get("classifier_sha256")}
     return meta, [
         DerivedView(
             kind="session_intent", view="session_intent",

@@ -16,6 +16,13 @@ Tables (staging first; Great Expectations checks run on the staging tables, see
 - `sessions_meta`: one row saying what was built from what.
 
 Events without a user (which validation refuses unless forced) belong to no session.
+
+`SessionsConfig.users` (a refresh after appended events): only those users' sessions are cut again, with
+the spec stored in `sessions_meta` (so the other users' sessions need not move). Their new rows are checked
+alone, plus a check that no new session id belongs to another user; then, in one transaction, their old
+rows are deleted, the new ones inserted and `sessions_meta` updated. Every session of a changed user is cut
+again, so a session that was still open at the last build and gained events is replaced whole (and, cut by
+a gap, sessions a late event merges or splits are renumbered correctly).
 """
 from __future__ import annotations
 
@@ -32,7 +39,8 @@ from producers.datasets.definition import DatasetDefinition
 from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.sessions.config import SessionsConfig, SessionsError, SessionsResult
-from producers.stores.warehouse import STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables,
+                                       table_exists)
 
 Log = Callable[[str], None]
 TABLES = ("sessions", "session_events", "sessions_meta")
@@ -51,6 +59,8 @@ def build_sessions(home: Home, dataset: str, config: SessionsConfig = SessionsCo
     try:
         require_valid(con, dataset, config.force)
         d = stored_definition(con, dataset)
+        if config.users is not None:
+            return _rebuild_users(home, con, d, config, log, started)
         spec = d.events.sessions
         column = spec.column
         if column and config.gap_minutes is not None:
@@ -101,9 +111,89 @@ def _fields(d: DatasetDefinition, column: str | None) -> list[str]:
     return names
 
 
+def _rebuild_users(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: SessionsConfig,
+                   log: Log, started: float) -> SessionsResult:
+    """Cut the given users' sessions again (see the module docstring); the others' rows are left alone."""
+    if not table_exists(con, d.schema, "sessions_meta"):
+        raise SessionsError(f"{d.name} has no sessions: run `llm4es sessions build {d.name}` once first")
+    row = con.execute(f'SELECT spec, definition_fingerprint FROM "{d.schema}".sessions_meta').fetchone()
+    if row is None:
+        raise SessionsError(f"{d.name} has no sessions: run `llm4es sessions build {d.name}` once first")
+    spec_used, fingerprint = json.loads(row[0]), row[1]
+    if fingerprint != d.fingerprint():
+        raise SessionsError(f"{d.name}: its sessions were built with another definition; run "
+                            f"`llm4es sessions build {d.name}` for everyone")
+    if config.gap_minutes is not None and config.gap_minutes != spec_used.get("gap_minutes"):
+        raise SessionsError(f"{d.name}: its sessions were cut with {spec_used}; re-cutting some users with a gap of "
+                            f"{config.gap_minutes} minutes would mix two rules (rebuild everyone instead)")
+    column, gap = spec_used.get("column"), spec_used.get("gap_minutes")
+    fields = _fields(d, column)
+    users = sorted(set(config.users))
+    stg = {t: f'"{d.schema}"."{t}{STAGING_SUFFIX}"' for t in TABLES}
+    live = {t: f'"{d.schema}".{t}' for t in TABLES}
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _rebuild_users AS SELECT CAST(unnest($u) AS {d.events.user_dtype}) "
+                "AS user_id", {"u": users})
+    try:
+        _create_staging(con, d, stg, fields, column, gap, only_users="_rebuild_users")
+        report = _check(home, con, d, stg, column is not None, spec_used, log, only_users="_rebuild_users")
+        clash = con.execute(f"""SELECT n.session_id, n.user_id, o.user_id FROM {stg['sessions']} n
+            JOIN {live['sessions']} o USING (session_id) WHERE o.user_id NOT IN (SELECT user_id FROM _rebuild_users)
+            LIMIT 5""").fetchall()
+        if clash:
+            raise SessionsError(f"{d.name}: new sessions of the refreshed users have ids of other users' sessions "
+                                f"(e.g. {', '.join(f'{s} of user {a} and of user {b}' for s, a, b in clash)}); "
+                                "nothing was replaced")
+        ingest = last_ingest(con, d.schema) or {}
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for t in ("sessions", "session_events"):
+                con.execute(f"DELETE FROM {live[t]} WHERE user_id IN (SELECT user_id FROM _rebuild_users)")
+                con.execute(f"INSERT INTO {live[t]} BY NAME SELECT * FROM {stg[t]}")
+            n_sessions, n_events, stats = _stats(con, live["sessions"])
+            con.execute(f"UPDATE {live['sessions_meta']} SET ingest_id = ?, n_sessions = ?, n_events = ?, "
+                        "built_at = ?, code_version = ?, validation = ?",
+                        [ingest.get("ingest_id"), n_sessions, n_events, datetime.now(timezone.utc).replace(tzinfo=None),
+                         code_version(), str(report)])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        mine = con.execute(f"SELECT count(*), coalesce(sum(n_events), 0) FROM {stg['sessions']}").fetchone()
+    finally:
+        for table in stg.values():
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute("DROP TABLE IF EXISTS _rebuild_users")
+    log(f"{len(users):,} users' sessions cut again: {mine[0]:,} sessions over {mine[1]:,} events; "
+        f"{n_sessions:,} sessions in all")
+    return SessionsResult(dataset=d.name, table=f"{d.schema}.sessions", mode="column" if column else "gap",
+                          spec=spec_used, n_sessions=n_sessions, n_events=n_events, events_per_session=stats,
+                          validation_path=report, seconds=time.perf_counter() - started)
+
+
+def changed_sessions(home: Home, dataset: str, first_new: dict) -> list[str]:
+    """The sessions of these users that end at or after the user's first new event (`first_new`: user ->
+    time; `producers.ingest.delta.first_new_events`): the new ones, and those that gained events. A user's
+    sessions ending before it hold only events that were there before, so they are unchanged."""
+    if not first_new:
+        return []
+    con = home.connect(read_only=True)
+    try:
+        d = stored_definition(con, dataset)
+        users, times = zip(*sorted(first_new.items()))
+        rows = con.execute(f"""WITH f AS (SELECT CAST(unnest($u) AS {d.events.user_dtype}) AS user_id,
+                                                 CAST(unnest($t) AS TIMESTAMP) AS t)
+            SELECT s.session_id FROM "{d.schema}".sessions s JOIN f USING (user_id)
+            WHERE s.end_time >= f.t ORDER BY s.session_id""", {"u": list(users), "t": list(times)}).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
+
+
 def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: dict[str, str], fields: list[str],
-                    column: str | None, gap_minutes: float | None) -> None:
+                    column: str | None, gap_minutes: float | None, only_users: str | None = None) -> None:
     events = f'"{d.schema}".events'
+    if only_users:  # a table of the users whose sessions are cut
+        events = f"(SELECT * FROM {events} WHERE user_id IN (SELECT user_id FROM {only_users}))"
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     tiebreak = [*keys, *(f.name for f in d.events.fields if f.name not in keys)]
     carried = "".join(f', "{f}"' for f in fields)
@@ -149,11 +239,11 @@ def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: d
 
 
 def _check(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: dict[str, str], explicit: bool,
-           spec: dict, log: Log):
+           spec: dict, log: Log, only_users: str | None = None):
     """Run the session checks on the staging tables; write their JSON report; raise SessionsError on a failure."""
     from validation.run import check_sessions
 
-    results = check_sessions(con, d, stg["sessions"], stg["session_events"], explicit, log)
+    results = check_sessions(con, d, stg["sessions"], stg["session_events"], explicit, log, only_users)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     path = home.reports_dir("sessions", d.schema) / f"{run_id}.json"
     failed = [r for r in results if not r.success]

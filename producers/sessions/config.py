@@ -20,6 +20,9 @@ class SessionsError(Llm4esError, RuntimeError):
 class SessionsConfig:
     gap_minutes: float | None = None  # overrides the definition's events.sessions.gap_minutes (gap mode only)
     force: bool = False  # build even if the dataset has not passed validation
+    # A refresh: only these users' sessions are cut again (with the spec the table was built with); the
+    # other users' rows stay as they are.
+    users: tuple | None = None
 
 
 @dataclass
@@ -143,3 +146,4 @@ class SessionEmbedResult:
     epoch: int
     seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    unstored: Any = None  # `embed_some(also=...)`: session_id and embedding of the sessions embedded, not stored

@@ -8,8 +8,13 @@
   the Parquet key-value metadata key `llm4es`.
 
 The run is the one `train_encoder` made for the same config and data (same run key); there is
-no training here. Inference is in eval mode (no dropout), sessions in batches sorted by length;
-a session's vector does not depend on the batch it is in (padding is masked out).
+no training here. `embed_some` (a refresh) embeds only the given sessions with a given checkpoint (the
+served encoder, whatever the data now is: values coded with the vocabulary it was trained on) and keeps
+every other stored row whose session still exists; it refuses a checkpoint other than the one the stored
+rows came from (two encoders' vectors in one table would be silently wrong).
+
+Inference is in eval mode (no dropout), sessions in batches sorted by length; a session's vector
+does not depend on the batch it is in (padding is masked out).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from producers.stores.outputs import SESSION_EMBEDDINGS, read_provenance, write_
 from producers.stores.warehouse import Home, float32_lists
 
 TABLE = SESSION_EMBEDDINGS.table
-__all__ = ["TABLE", "embed_sessions", "infer", "read_provenance"]
+__all__ = ["TABLE", "embed_sessions", "embed_some", "infer", "read_provenance"]
 Log = Callable[[str], None]
 
 
@@ -82,6 +87,114 @@ def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, bat
     return SessionEmbedResult(dataset=p.dataset, table=f"{p.schema}.{TABLE}", parquet_path=parquet, n_sessions=data.n,
                               dim=int(vectors.shape[1]), run_dir=p.run_dir, checkpoint=checkpoint,
                               epoch=config.epochs, seconds=seconds, provenance=provenance)
+
+
+def embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] | None, log: Log = lambda _: None,
+               also: list[str] | tuple = (), device: str = "auto", threads: int | None = 1,
+               batch_size: int = 256) -> SessionEmbedResult:
+    """Embed `sessions` (None: every session) with the encoder saved at `checkpoint` and store them: their rows
+    are replaced or added, every other stored row is kept while its session exists. `also`: sessions embedded
+    but not stored (their vectors in `result.unstored`, e.g. a refresh's unchanged canaries)."""
+    from producers.sessions import train as T
+
+    with T.torch_threads(threads):
+        return _embed_some(home, dataset, Path(checkpoint), sessions, log, list(also), device, batch_size)
+
+
+def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] | None, log: Log, also: list[str],
+                device_name: str, batch_size: int) -> SessionEmbedResult:
+    started = time.perf_counter()
+    import dataclasses
+
+    import pyarrow as pa
+    import torch
+
+    from producers.sessions import train as T
+    from producers.stores.warehouse import last_ingest, stored_definition
+
+    if not checkpoint.is_file():
+        raise SessionsError(f"the session encoder {checkpoint} is gone: train it again (`llm4es sessions train`)")
+    state = T.load_checkpoint(checkpoint)
+    names = {f.name for f in dataclasses.fields(SessionEncoderConfig)}
+    config = SessionEncoderConfig(**{k: v for k, v in state["config"].items() if k in names})
+    vocab = F.Vocab.from_dict(state["vocab"])
+    rel = home.relative(checkpoint)
+    con = home.connect(read_only=True)
+    try:
+        d = stored_definition(con, dataset)
+        parquet = SESSION_EMBEDDINGS.parquet_path(home, d.schema)
+        previous = read_provenance(parquet, missing_ok=True) if parquet.is_file() else {}
+        if sessions is not None and previous.get("checkpoint") != rel:
+            raise SessionsError(
+                f"{d.name}: the stored session embeddings are of the encoder {previous.get('checkpoint')}; embedding "
+                f"some sessions with {rel} would put two encoders' vectors in one table: embed every session with it")
+        wanted = None if sessions is None else sorted(set(sessions) | set(also))
+        data = F.encode(F.read_raw(con, d, config, wanted), vocab) if wanted != [] else None
+        ingest = last_ingest(con, d.schema) or {}
+    finally:
+        con.close()
+    device = pick_device(device_name, SessionsError)
+    dim = config.d_model
+    vectors = np.zeros((0, dim), dtype=np.float32)
+    if data is not None:
+        model = T.build_model(vocab, config)
+        model.load_state_dict(state["model"])
+        model.to(device)
+        vectors = infer(model, data, config, device, batch_size)
+    ids = [] if data is None else data.session_ids
+    store = set(ids) if sessions is None else set(sessions)
+    keep = [i for i, s in enumerate(ids) if s in store]
+    rest = [i for i, s in enumerate(ids) if s not in store]
+    unstored = pa.table({"session_id": pa.array([ids[i] for i in rest], pa.string()),
+                         "embedding": float32_lists(vectors[rest])})
+    produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    provenance = {
+        "output": TABLE, "dataset": d.name, "table": f"{d.schema}.{TABLE}", "model": "session-transformer",
+        "run_key": state.get("run_key"), "run_dir": home.relative(checkpoint.parent), "checkpoint": rel,
+        "epoch": state.get("epoch"), "losses": state.get("losses"), "config": state["config"],
+        "data": previous.get("data") if sessions is not None else state.get("data_version"), "vocab": state["vocab"],
+        "dim": dim, "device": str(device), "produced_at": produced_at.isoformat(), "torch_version": torch.__version__,
+        "code_version": code_version(), "source_hash": ingest.get("source_hash"),
+        "vector": "masked mean of the Transformer outputs over the session's kept events (not normalised)",
+        "refresh": {"sessions_embedded": len(keep), "every_session": sessions is None,
+                    "ingest_id": ingest.get("ingest_id"), "at": produced_at.isoformat()},
+    }
+    new = pa.table({"session_id": pa.array([ids[i] for i in keep], pa.string()),
+                    "user_id": pa.array([data.user_ids[i] for i in keep] if data else []),
+                    "session_end": pa.array([data.ends[i] for i in keep] if data else [], pa.timestamp("us")),
+                    "embedding": float32_lists(vectors[keep])})
+    s = f'"{d.schema}"'
+    select = f"""SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {d.events.user_dtype}) AS user_id,
+                        CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
+                 FROM new_rows"""
+    if sessions is not None:
+        _check_kept(home, d, sessions)
+        select = f"""SELECT * FROM ({select} UNION ALL BY NAME
+                     SELECT * FROM {s}.{TABLE} WHERE session_id NOT IN (SELECT session_id FROM new_rows)
+                            AND session_id IN (SELECT session_id FROM {s}.sessions)) ORDER BY session_id"""
+    else:
+        select += " ORDER BY session_id"
+    parquet = write_output(home, SESSION_EMBEDDINGS, d.schema, new, select, provenance, log=log)
+    seconds = time.perf_counter() - started
+    log(f"{len(keep):,} session vectors of {dim} with {rel} -> {d.schema}.{TABLE}"
+        f"{' (every other stored session kept)' if sessions is not None else ''} ({seconds:.1f}s)")
+    return SessionEmbedResult(dataset=d.name, table=f"{d.schema}.{TABLE}", parquet_path=parquet, n_sessions=len(keep),
+                              dim=dim, run_dir=checkpoint.parent, checkpoint=rel, epoch=int(state.get("epoch") or 0),
+                              seconds=seconds, provenance=provenance, unstored=unstored)
+
+
+def _check_kept(home: Home, d: Any, sessions: list[str]) -> None:
+    """A kept row whose session now ends at another time was not embedded again though it changed: refuse."""
+    con = home.connect(read_only=True)
+    try:
+        stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
+            USING (session_id) WHERE m.session_end <> s.end_time AND m.session_id NOT IN (SELECT unnest($ids))
+            ORDER BY 1 LIMIT 5""", {"ids": list(sessions)}).fetchall()
+    finally:
+        con.close()
+    if stale:
+        raise SessionsError(f"{d.name}: stored session vectors of sessions that changed since are not among those "
+                            f"to embed (e.g. {', '.join(r[0] for r in stale)}): embed them too")
 
 
 def infer(model: Any, data: F.Sessions, config: SessionEncoderConfig, device: Any, batch_size: int = 256,

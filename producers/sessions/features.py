@@ -109,8 +109,10 @@ def fields(d: DatasetDefinition) -> tuple[list[str], list[str], list[str], list[
     return cat, num, txt, skipped
 
 
-def read_raw(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: SessionEncoderConfig) -> Raw:
-    """Every session's last `max_events` events, one LIST per field ordered by position, sessions by id."""
+def read_raw(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: SessionEncoderConfig,
+             sessions: list[str] | None = None) -> Raw:
+    """Every session's (or only these `sessions`') last `max_events` events, one LIST per field ordered by
+    position, sessions by id."""
     cat, num, txt, _ = fields(d)
     s = f'"{d.schema}"'
     # fields are qualified (e.): an events field may share a name with a column of `sessions`
@@ -125,11 +127,18 @@ def read_raw(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Sessi
                    {''.join(', ' + x for x in lists)}
             FROM {s}.session_events e JOIN {s}.sessions s USING (session_id)
             WHERE e.position > s.n_events - $max_events
-            GROUP BY e.session_id ORDER BY e.session_id""", params={"max_events": config.max_events}).to_arrow_table()
+                  {'' if sessions is None else 'AND e.session_id IN (SELECT unnest($sessions))'}
+            GROUP BY e.session_id ORDER BY e.session_id""",
+            params={"max_events": config.max_events, **({} if sessions is None else {"sessions": list(sessions)})}
+        ).to_arrow_table()
     except duckdb.CatalogException as e:
         raise SessionsError(f"{d.name} has no sessions table: run `llm4es sessions build {d.name}` first ({e})") from e
     if table.num_rows == 0:
-        raise SessionsError(f"{d.name} has no sessions")
+        raise SessionsError(f"{d.name} has no sessions" + ("" if sessions is None else " of those asked for"))
+    if sessions is not None and table.num_rows != len(set(sessions)):
+        got = set(table.column("session_id").to_pylist())
+        raise SessionsError(f"{d.name}: {len(set(sessions)) - table.num_rows:,} sessions asked for are not in "
+                            f"its sessions table (e.g. {sorted(set(sessions) - got)[:5]})")
     gap_col = table.column("gap_s").combine_chunks()
     offsets = gap_col.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]

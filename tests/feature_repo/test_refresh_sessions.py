@@ -1,0 +1,221 @@
+"""`llm4es refresh` of sessions, session embeddings and intents: only the changed visitors' new or changed
+sessions are cut, embedded (served encoder) and labelled (served classifier) again, gated, and served."""
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from producers.aggregate import AggregateConfig, aggregate
+from producers.datasets.definition import parse_definition
+from producers.enrich.options import LLMOptions
+from producers.ingest import IngestConfig, ingest
+from producers.ingest.append import append
+from producers.intents import DistillConfig, LabelConfig, distill_intents, import_taxonomy, label_sessions
+from producers.publish import PublishConfig, historical_features, online_features, publish
+from producers.refresh import RefreshConfig, RefreshError, refresh
+from producers.sessions import SessionEncoderConfig, build_sessions, embed_sessions, train_encoder
+from producers.stores.warehouse import Home
+from tests.feature_repo.conftest import same_bits
+from tests.fixtures.clicks_files import CLICKS_YAML, write_clicks
+from validation.run import ValidateConfig, validate
+from validation.snapshot_gate import SnapshotGateError
+
+os.environ.setdefault("FEAST_USAGE", "False")
+
+CLICKS = parse_definition(CLICKS_YAML, "clicks.yaml")
+DATASET, SCHEMA = "clicks", "clicks"
+TINY = SessionEncoderConfig(d_model=16, n_layers=1, n_heads=2, max_events=8, max_categories=50, text_buckets=64,
+                            max_tokens=4, epochs=1, batch_size=16, lr=3e-3, seed=3, device="cpu", progress=False)
+LEXICAL = LLMOptions(backend="lexical")
+TAXONOMY = ("garden: garden pages, rose, shovel and seeds\nkitchen: kitchen pages, knife, pan and spoon\n"
+            "books: books pages, novel, poetry and atlas\n")
+OPEN, NEW, LATE = 2, 5, 9  # a visitor whose last visit gains clicks, one with a new visit, one with a late click
+CHANGED = [OPEN, NEW, LATE]
+EMB, INTENT = f"{SCHEMA}__session_embedding__embedding", f"{SCHEMA}__session_intent__intent"
+LAST = f"{SCHEMA}__session_embedding_rollup__last_session_embedding"
+SO_FAR = f"{SCHEMA}__session_embedding_rollup__sessions_so_far"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Clicks ingested; sessions built, a tiny encoder trained, sessions embedded, labelled by word overlap with
+    a written taxonomy, a classifier distilled; aggregates; all published and materialized."""
+    root = tmp_path_factory.mktemp("refresh-sessions")
+    folder = write_clicks(root / "clicks", visitors=20, visits=4)
+    home = Home.resolve(root / "home")
+    ingest(home, CLICKS, IngestConfig(source=folder))
+    assert validate(home, DATASET, ValidateConfig(data_docs=False)).success
+    build_sessions(home, DATASET)
+    train_encoder(home, DATASET, TINY)
+    embed_sessions(home, DATASET, TINY)
+    (root / "taxonomy.txt").write_text(TAXONOMY)
+    import_taxonomy(home, DATASET, root / "taxonomy.txt")
+    label_sessions(home, DATASET, LabelConfig(sample_size=0, llm=LEXICAL, progress=False))
+    distill_intents(home, DATASET, DistillConfig(llm=LEXICAL, llm_latency_sessions=0, progress=False))
+    aggregate(home, DATASET, AggregateConfig())
+    publish(home, DATASET, PublishConfig(materialize=True))
+    return root, home
+
+
+def sql(home: Home, query: str) -> list:
+    con = home.connect(read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+def new_clicks(home: Home) -> list[str]:
+    """Clicks for CHANGED: OPEN's last visit goes on after the last stored click (a session still open at the
+    as-of), NEW starts a new visit, LATE gets a click in the middle of its first visit (a late event)."""
+    (as_of,) = sql(home, f"SELECT max(event_time) FROM {SCHEMA}.events")[0]
+    (last_visit,) = sql(home, f"SELECT session_id FROM {SCHEMA}.sessions WHERE user_id = {OPEN} "
+                              "ORDER BY end_time DESC LIMIT 1")[0]
+    start, end = sql(home, f"SELECT start_time, end_time FROM {SCHEMA}.sessions WHERE session_id = 'v{LATE}-1'")[0]
+    rows = [f"{OPEN},{last_visit},{as_of + timedelta(minutes=k + 1):%Y-%m-%d %H:%M:%S},garden/rose,20.5,garden rose"
+            for k in range(3)]
+    rows += [f"{NEW},v{NEW}-9,{as_of + timedelta(hours=2, minutes=k):%Y-%m-%d %H:%M:%S},books/novel,8.0,books novel"
+             for k in range(4)]
+    rows.append(f"{LATE},v{LATE}-1,{start + (end - start) / 2:%Y-%m-%d %H:%M:%S},kitchen/pan,55.0,kitchen pan")
+    return rows
+
+
+@pytest.fixture
+def home(served, tmp_path):
+    """A copy of the served home with the new clicks appended and validated."""
+    _, built = served
+    h = Home.resolve(shutil.copytree(built.root, tmp_path / "home"))
+    delta = tmp_path / "delta"
+    delta.mkdir()
+    (delta / "clicks.csv").write_text("visitor,visit,ts,page,price,query\n" + "\n".join(new_clicks(h)) + "\n")
+    append(h, CLICKS, IngestConfig(source=delta))
+    assert validate(h, DATASET, ValidateConfig(data_docs=False)).success
+    return h
+
+
+def sessions_by_user(home: Home) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for s, u in sql(home, f"SELECT session_id, user_id FROM {SCHEMA}.sessions ORDER BY user_id, end_time"):
+        out.setdefault(u, []).append(s)
+    return out
+
+
+def test_refresh_serves_new_session_vectors_and_intents_for_exactly_the_changed_visitors(home):
+    before_sessions = sessions_by_user(home)
+    users = sorted(before_sessions)
+    ids = sorted(s for ss in before_sessions.values() for s in ss) + [f"v{NEW}-9"]
+    before = online_features(home, DATASET, ["session_embedding", "session_intent"], ids)
+    old = dict(zip(before["session_id"], before[EMB]))
+    old_intent = dict(zip(before["session_id"], before[INTENT]))
+    before_users = online_features(home, DATASET, ["session_embedding_rollup"], users)
+    open_visit = before_sessions[OPEN][-1]
+    (n_open,) = sql(home, f"SELECT n_events FROM {SCHEMA}.sessions WHERE session_id = '{open_visit}'")[0]
+
+    r = refresh(home, DATASET, log=print)
+    assert r.published and r.users == CHANGED and r.gate_passed
+    assert {"agg", "sessions", "intents"} <= set(r.refreshed) and r.not_refreshed == []
+    assert "mean cosine" in r.gate["sessions"] and "all checks passed" in r.gate["sessions"]
+    assert {"sessions", "session_embed", "intents"} <= set(r.seconds)
+
+    # the stage tables: the open visit gained its 3 clicks, the late click joined LATE's first visit
+    assert sql(home, f"SELECT n_events FROM {SCHEMA}.sessions WHERE session_id = '{open_visit}'")[0][0] == n_open + 3
+    assert sql(home, f"SELECT n_events FROM {SCHEMA}.sessions WHERE session_id = 'v{NEW}-9'")[0][0] == 4
+    after = online_features(home, DATASET, ["session_embedding", "session_intent"], ids)
+    new = dict(zip(after["session_id"], after[EMB]))
+    new_intent = dict(zip(after["session_id"], after[INTENT]))
+    assert old[f"v{NEW}-9"] is None and new[f"v{NEW}-9"] is not None and new_intent[f"v{NEW}-9"] is not None
+    for s in (open_visit, f"v{LATE}-1"):  # sessions that gained clicks: new vectors
+        assert not same_bits(old[s], new[s]), s
+    later = [s for s in before_sessions[LATE] if s != f"v{LATE}-1"]  # after LATE's late click: embedded again
+    unchanged = [s for u, ss in before_sessions.items() if u not in CHANGED for s in ss] + before_sessions[OPEN][:-1]
+    for s in unchanged:  # never recomputed: the same bits and label
+        assert same_bits(old[s], new[s]) and old_intent[s] == new_intent[s], s
+    for s in later:  # recomputed from the same events with the same encoder
+        assert np.allclose(old[s], new[s], atol=1e-5), s
+
+    # the user rollups: the changed visitors' last sessions moved, everyone else's did not
+    after_users = online_features(home, DATASET, ["session_embedding_rollup"], users)
+    for u, a, b, n_a, n_b in zip(users, before_users[LAST], after_users[LAST], before_users[SO_FAR],
+                                 after_users[SO_FAR]):
+        if u in (OPEN, NEW):
+            assert not same_bits(a, b), u
+        elif u != LATE:
+            assert same_bits(a, b) and n_a == n_b, u
+    assert after_users[SO_FAR][users.index(NEW)] == before_users[SO_FAR][users.index(NEW)] + 1
+    assert same_bits(after_users[LAST][users.index(NEW)], new[f"v{NEW}-9"])
+
+    # point in time: at the old as-of NEW's rollup is its old last session; after the new as-of, the new one
+    frame = pd.DataFrame({"user_id": [NEW, NEW, 1, 1],
+                          "event_timestamp": [pd.Timestamp(r.since), pd.Timestamp(r.as_of) + timedelta(seconds=1)] * 2})
+    hist = historical_features(home, DATASET, ["session_embedding_rollup"], frame)
+    assert same_bits(hist[LAST][0], old[before_sessions[NEW][-1]])
+    assert same_bits(hist[LAST][1], new[f"v{NEW}-9"])
+    assert same_bits(hist[LAST][2], hist[LAST][3]) and same_bits(hist[LAST][3], old[before_sessions[1][-1]])
+
+    again = refresh(home, DATASET)
+    assert again.nothing_new and not again.published
+
+
+def test_another_session_encoder_is_refused_without_full(home):
+    from dataclasses import replace
+
+    other = replace(TINY, seed=11)
+    train_encoder(home, DATASET, other)
+    embed_sessions(home, DATASET, other)  # the table now holds another encoder's vectors, not published
+    with pytest.raises(RefreshError, match="two session encoders"):
+        refresh(home, DATASET)
+    r = refresh(home, DATASET, RefreshConfig(full=True))  # every session cut, embedded and labelled again
+    assert r.published and "sessions" in r.refreshed and "intents" in r.refreshed
+    assert "mean cosine" not in r.gate["sessions"]  # another encoder's space: no old-vs-new comparison
+    n = sql(home, f"SELECT count(*) FROM {SCHEMA}.sessions")[0][0]
+    assert sql(home, f"SELECT count(*) FROM {SCHEMA}.session_intents")[0][0] == n
+
+
+def test_a_nan_session_vector_is_stopped_by_the_gate_and_not_published(home, monkeypatch):
+    import producers.sessions.embed as embed_mod
+
+    ids = [s for ss in sessions_by_user(home).values() for s in ss]
+    before = online_features(home, DATASET, ["session_embedding"], ids)
+    real = embed_mod.infer
+
+    def plant_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(embed_mod, "infer", plant_nan)
+    with pytest.raises(SnapshotGateError) as e:
+        refresh(home, DATASET)
+    assert "sessions: " in str(e.value) and "FAIL no NaN or infinite values" in str(e.value)
+    after = online_features(home, DATASET, ["session_embedding"], ids)
+    assert all(same_bits(a, b) for a, b in zip(before[EMB], after[EMB]))
+
+
+def test_a_refresh_killed_after_computing_leaves_serving_unchanged_and_the_next_run_completes(home, monkeypatch):
+    import producers.refresh as refresh_mod
+
+    ids = [s for ss in sessions_by_user(home).values() for s in ss]
+    before = online_features(home, DATASET, ["session_embedding"], ids)
+
+    class Killed(BaseException):
+        pass
+
+    def die(at):
+        if at == "computed":
+            raise Killed(at)
+
+    monkeypatch.setattr(refresh_mod, "_reached", die)
+    with pytest.raises(Killed):
+        refresh(home, DATASET)
+    after = online_features(home, DATASET, ["session_embedding"], ids)
+    assert all(same_bits(a, b) for a, b in zip(before[EMB], after[EMB]))
+    monkeypatch.undo()
+    r = refresh(home, DATASET)
+    assert r.published and r.users == CHANGED and "sessions" in r.refreshed
+    done = online_features(home, DATASET, ["session_embedding", "session_intent"], ids + [f"v{NEW}-9"])
+    assert done[EMB][len(ids)] is not None and done[INTENT][len(ids)] is not None
