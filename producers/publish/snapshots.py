@@ -99,7 +99,8 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         sets: dict[str, dict] = {k: dict(v) for k, v in (previous or {}).get("sets", {}).items()}
         new_rows: dict[str, int] = {}
         current: dict[str, list[str]] = {}
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        # to the microsecond: a refresh finds what was appended after it (an append in the same second counts)
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         for kind, output in OUTPUTS.items():
             for path in inputs.get(kind, []):
                 for info in _STAGERS[output.publish_as](con, output, path, id_sql, user_type, out, writes, config, log):
