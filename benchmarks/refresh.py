@@ -6,9 +6,12 @@ Generates the bank-clickstream dataset (producers/synthetic) and its follow-up d
 week later for `--delta-share` of the visitors, as benchmarks/append_delta.py does). Then, on one home:
 - the full run, stage by stage: serialize, embed (a random tiny Llama from tests/fixtures/tiny_model.py,
   so the timing is the pipeline's, not a real LLM's: a real one only makes embed's share larger),
-  aggregate, publish + materialize
+  aggregate; unless --no-sessions: sessions build, session encoder training (`--session-epochs`), session
+  embed, intents (the person-written taxonomy benchmarks/taxonomies/bank-website.txt, labels of
+  `--label-sample` sessions by word overlap, a distilled classifier); publish + materialize
 - `ingest --append` of the delta and the data gate (`validate`), timed apart (not part of refresh)
-- `refresh`: its own per-stage seconds (serialize, embed, aggregate, gate, publish incl. materialize)
+- `refresh`: its own per-stage seconds (serialize, embed, aggregate, sessions, session_embed, intents,
+  gate, session_gate, publish incl. materialize)
 and checks that exactly the delta's visitors were recomputed. Prints the figures and the machine.
 """
 from __future__ import annotations
@@ -39,7 +42,9 @@ from training.embed import EmbedConfig, embed  # noqa: E402
 from validation.run import ValidateConfig, validate  # noqa: E402
 
 DATASET = "bank-clickstream"
-STAGES = ("serialize", "embed", "aggregate", "gate", "publish")
+STAGES = ("serialize", "embed", "aggregate", "sessions", "session_train", "session_embed", "intents", "gate",
+          "session_gate", "publish")
+TAXONOMY = Path(__file__).resolve().parent / "taxonomies" / "bank-website.txt"
 
 
 def main() -> None:
@@ -50,6 +55,9 @@ def main() -> None:
     ap.add_argument("--delta-share", type=float, default=0.01)
     ap.add_argument("--max-tokens", type=int, default=500, help="text budget (the tiny model has 512 positions)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-sessions", action="store_true", help="leave sessions and intents out")
+    ap.add_argument("--session-epochs", type=int, default=1, help="session encoder training epochs (full run only)")
+    ap.add_argument("--label-sample", type=int, default=1000, help="sessions labelled for the distilled classifier")
     args = ap.parse_args()
     print(describe())
     print(f"load average before: {os.getloadavg()[0]:.1f} (1 min)")
@@ -73,7 +81,9 @@ def main() -> None:
         _, full["embed"] = timed(lambda: embed(home, DATASET, EmbedConfig(model=str(model), layers="1:",
                                                                           max_length=args.max_tokens + 8)))
         _, full["aggregate"] = timed(lambda: aggregate(home, DATASET, AggregateConfig()))
-        full["gate"] = 0.0  # a full run has no snapshot gate today
+        if not args.no_sessions:
+            full.update(full_sessions(home, args))
+        full["gate"] = full["session_gate"] = 0.0  # a full run has no snapshot gate today
         _, full["publish"] = timed(lambda: publish(home, DATASET, PublishConfig(materialize=True)))
 
         _, t_append = timed(lambda: append(home, definition, IngestConfig(root / "delta")))
@@ -83,14 +93,44 @@ def main() -> None:
         assert r.published and r.users == delta_users, (len(r.users), len(delta_users))
         print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
         print(f"append {t_append:.2f}s, validate (whole table) {t_validate:.2f}s: not part of refresh")
+        print(f"refreshed: {', '.join(r.refreshed)}; not refreshed: {', '.join(r.not_refreshed) or 'nothing'}")
         print(f"| stage | full run | refresh ({len(r.users):,} users) | refresh / full |")
         print("|---|---|---|---|")
         for stage in STAGES:
+            if stage not in full:
+                continue
             f, s = full[stage], r.seconds.get(stage, 0.0)
             print(f"| {stage} | {f:.2f} s | {s:.2f} s | {f'{s / f:.1%}' if f else 'n/a'} |")
         total_full = sum(full.values())
         ratio = t_refresh / total_full
         print(f"| all (refresh wall clock) | {total_full:.2f} s | {t_refresh:.2f} s | **{ratio:.1%}** |")
+
+
+def full_sessions(home: Home, args: argparse.Namespace) -> dict[str, float]:
+    """The sessions and intents stages of a full run, timed: build, train, embed, then taxonomy + labels +
+    distill (word-overlap labels: an LLM labeller would only make the full run dearer; refresh never labels)."""
+    from producers.enrich.options import LLMOptions
+    from producers.intents import DistillConfig, LabelConfig, distill_intents, import_taxonomy, label_sessions
+    from producers.sessions import SessionEncoderConfig, build_sessions, train_encoder
+    from producers.sessions.embed import embed_some
+
+    encoder = SessionEncoderConfig(epochs=args.session_epochs, progress=False)
+    lexical = LLMOptions(backend="lexical")
+    out: dict[str, float] = {}
+    _, out["sessions"] = timed(lambda: build_sessions(home, DATASET))
+    trained, out["session_train"] = timed(lambda: train_encoder(home, DATASET, encoder))
+    # every session with the checkpoint just trained (`embed_sessions` finds it by its run key, which
+    # on this many sessions was seen to differ between train and embed: see RESULTS)
+    checkpoint = trained.run_dir / f"epoch-{encoder.epochs}.pt"
+    _, out["session_embed"] = timed(lambda: embed_some(home, DATASET, checkpoint, None))
+
+    def intents() -> None:
+        import_taxonomy(home, DATASET, TAXONOMY)
+        label_sessions(home, DATASET, LabelConfig(sample_size=args.label_sample, llm=lexical, progress=False))
+        distill_intents(home, DATASET, DistillConfig(llm=lexical, llm_latency_sessions=0, progress=False))
+
+    _, out["intents"] = timed(intents)
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 3. `distill_intents` (`llm4es intents distill`): a light classifier on session embeddings + cheap
    session features learns the LLM's labels; held-out micro/macro F1 against the LLM and latency of
    both, measured in one run; every session's label and probabilities go to
-   `"<schema>".session_intents` and `data/<schema>/session_intents.parquet`.
+   `"<schema>".session_intents` and `data/<schema>/session_intents.parquet`. The fitted classifier is
+   saved (`classify.save_classifier`), so `classify.classify_sessions` labels new sessions with it (a
+   refresh: no LLM, no re-fitting).
 
 Sessions are read from the `sessions` / `session_events` tables (`llm4es sessions build`) and
 shown to the LLM as compact text (`session_text`). torch, transformers and scikit-learn are

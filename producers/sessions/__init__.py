@@ -10,6 +10,10 @@
 - `embed_sessions` (`embed.py`): one vector per session with the trained encoder, into
   `session_embeddings` and `data/<schema>/session_embeddings.parquet` (with provenance).
 
+A refresh uses the same stages restricted: `SessionsConfig(users=...)` cuts only those users' sessions
+again, `build.changed_sessions` names the new or changed ones, `embed.embed_some` embeds only those with
+the served checkpoint.
+
 torch is imported only when training or embedding runs.
 """
 from producers.sessions.build import build_sessions

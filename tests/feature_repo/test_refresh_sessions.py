@@ -74,9 +74,9 @@ def new_clicks(home: Home) -> list[str]:
     """Clicks for CHANGED: OPEN's last visit goes on after the last stored click (a session still open at the
     as-of), NEW starts a new visit, LATE gets a click in the middle of its first visit (a late event)."""
     (as_of,) = sql(home, f"SELECT max(event_time) FROM {SCHEMA}.events")[0]
-    (last_visit,) = sql(home, f"SELECT session_id FROM {SCHEMA}.sessions WHERE user_id = {OPEN} "
-                              "ORDER BY end_time DESC LIMIT 1")[0]
-    start, end = sql(home, f"SELECT start_time, end_time FROM {SCHEMA}.sessions WHERE session_id = 'v{LATE}-1'")[0]
+    (last_visit,) = sql(home, f"SELECT visit FROM {SCHEMA}.events WHERE user_id = {OPEN} "
+                              "ORDER BY event_time DESC LIMIT 1")[0]
+    start, end = sql(home, f"SELECT min(event_time), max(event_time) FROM {SCHEMA}.events WHERE visit = 'v{LATE}-1'")[0]
     rows = [f"{OPEN},{last_visit},{as_of + timedelta(minutes=k + 1):%Y-%m-%d %H:%M:%S},garden/rose,20.5,garden rose"
             for k in range(3)]
     rows += [f"{NEW},v{NEW}-9,{as_of + timedelta(hours=2, minutes=k):%Y-%m-%d %H:%M:%S},books/novel,8.0,books novel"
@@ -219,3 +219,42 @@ def test_a_refresh_killed_after_computing_leaves_serving_unchanged_and_the_next_
     assert r.published and r.users == CHANGED and "sessions" in r.refreshed
     done = online_features(home, DATASET, ["session_embedding", "session_intent"], ids + [f"v{NEW}-9"])
     assert done[EMB][len(ids)] is not None and done[INTENT][len(ids)] is not None
+
+
+@pytest.mark.parametrize("cut", ["column", "gap"])
+def test_cutting_only_the_changed_users_again_gives_the_tables_a_full_build_gives(tmp_path, cut):
+    from producers.sessions import SessionsConfig
+    from producers.sessions.build import changed_sessions
+
+    yaml = CLICKS_YAML if cut == "column" else CLICKS_YAML.replace("sessions: {column: visit}",
+                                                                   "sessions: {gap_minutes: 30}")
+    definition = parse_definition(yaml, "clicks.yaml")
+    h = Home.resolve(tmp_path / "home")
+    ingest(h, definition, IngestConfig(source=write_clicks(tmp_path / "clicks", visitors=12, visits=3)))
+    assert validate(h, DATASET, ValidateConfig(data_docs=False)).success
+    build_sessions(h, DATASET)
+    before = {s: n for s, n in sql(h, f"SELECT session_id, n_events FROM {SCHEMA}.sessions")}
+    delta = tmp_path / "delta"
+    delta.mkdir()
+    (delta / "clicks.csv").write_text("visitor,visit,ts,page,price,query\n" + "\n".join(new_clicks(h)) + "\n")
+    append(h, definition, IngestConfig(source=delta))
+    assert validate(h, DATASET, ValidateConfig(data_docs=False)).success
+
+    def tables() -> list:
+        return [sql(h, f"SELECT * EXCLUDE (session_index) FROM {SCHEMA}.sessions ORDER BY session_id"),
+                sql(h, f"SELECT * FROM {SCHEMA}.session_events ORDER BY session_id, position"),
+                sql(h, f"SELECT session_id, session_index FROM {SCHEMA}.sessions ORDER BY session_id")]
+
+    build_sessions(h, DATASET, SessionsConfig(users=tuple(CHANGED)))
+    incremental = tables()
+    firsts = {u: t for u, t in sql(h, f"SELECT user_id, min(min_event_time) FROM {SCHEMA}.ingest_delta_users "
+                                      "GROUP BY 1")}
+    todo = changed_sessions(h, DATASET, firsts)
+    build_sessions(h, DATASET)
+    assert incremental == tables()
+    after = {s: n for s, n in sql(h, f"SELECT session_id, n_events FROM {SCHEMA}.sessions")}
+    # every session that is new or gained events is among those to embed again, and no other user's
+    moved = sorted(s for s, n in after.items() if before.get(s) != n)
+    assert moved and set(moved) <= set(todo)
+    owners = dict(sql(h, f"SELECT session_id, user_id FROM {SCHEMA}.sessions"))
+    assert {owners[s] for s in todo} == set(CHANGED)
