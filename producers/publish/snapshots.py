@@ -314,13 +314,31 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
     n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
                                       ).fetchall()[0]
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
-    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [first.isoformat(), last.isoformat()],
+    lo, hi = _changed_span(con, types, target) or (first, last)
+    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [lo.isoformat(), hi.isoformat()],
              "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
     stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
                                           {"written_from": str(source), **stats})
     _note_removed_keys(con, target, "session_id" if "session_id" in types else "user_id", writes)
     con.execute("DROP TABLE fresh")
     return stats, types
+
+
+def _changed_span(con, types: dict[str, str], target: Path) -> tuple | None:
+    """The first and last timestamp of the rows of `fresh` that `target` (its previous version) lacks, all
+    columns but produced_at compared: materialization need only restart at the first (a refresh changes a
+    few users' latest sessions, not the year before). None when every row counts (no previous version,
+    other columns); (last, last) when none changed."""
+    if not target.is_file():
+        return None
+    old = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_path(target)})").fetchall()}
+    if old != types:
+        return None
+    cols = ", ".join('"' + c.replace('"', '""') + '"' for c in types if c != "produced_at")
+    lo, hi, last = con.execute(
+        f"SELECT min(feature_timestamp), max(feature_timestamp), (SELECT max(feature_timestamp) FROM fresh) FROM "
+        f"(SELECT {cols} FROM fresh EXCEPT SELECT {cols} FROM read_parquet({_sql_path(target)}))").fetchall()[0]
+    return (lo, hi) if lo is not None else (last, last)
 
 
 def removed_keys_path(history: Path) -> Path:
