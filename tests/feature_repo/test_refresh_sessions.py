@@ -148,6 +148,9 @@ def test_refresh_serves_new_session_vectors_and_intents_for_exactly_the_changed_
             assert same_bits(a, b) and n_a == n_b, u
     assert after_users[SO_FAR][users.index(NEW)] == before_users[SO_FAR][users.index(NEW)] + 1
     assert same_bits(after_users[LAST][users.index(NEW)], new[f"v{NEW}-9"])
+    shares = online_features(home, DATASET, ["intent_shares"], [NEW, 1])
+    recent = f"{SCHEMA}__intent_shares__recent_sessions"
+    assert shares[recent].tolist() == [len(before_sessions[NEW]) + 1, len(before_sessions[1])]
 
     # point in time: at the old as-of NEW's rollup is its old last session; after the new as-of, the new one
     frame = pd.DataFrame({"user_id": [NEW, NEW, 1, 1],
@@ -174,6 +177,12 @@ def test_another_session_encoder_is_refused_without_full(home):
     assert "mean cosine" not in r.gate["sessions"]  # another encoder's space: no old-vs-new comparison
     n = sql(home, f"SELECT count(*) FROM {SCHEMA}.sessions")[0][0]
     assert sql(home, f"SELECT count(*) FROM {SCHEMA}.session_intents")[0][0] == n
+
+
+def test_another_intent_classifier_is_refused_without_full(home):
+    distill_intents(home, DATASET, DistillConfig(llm=LEXICAL, llm_latency_sessions=0, C=0.05, progress=False))
+    with pytest.raises(RefreshError, match="two intent classifiers"):
+        refresh(home, DATASET)
 
 
 def test_a_nan_session_vector_is_stopped_by_the_gate_and_not_published(home, monkeypatch):
