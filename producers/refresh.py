@@ -520,7 +520,15 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
     from producers.sessions.build import changed_sessions
     from producers.sessions.embed import embed_some
 
-    sessions_config = SessionsConfig() if users is None else SessionsConfig(users=tuple(users))
+    if users is None:  # every session, cut by the rule they were cut by (a --gap-minutes of the last build)
+        con = home.connect(read_only=True)
+        try:
+            spec = json.loads(con.execute(f"SELECT spec FROM {sql_ident(schema)}.sessions_meta").fetchone()[0])
+        finally:
+            con.close()
+        sessions_config = SessionsConfig(gap_minutes=None if spec.get("column") else spec.get("gap_minutes"))
+    else:
+        sessions_config = SessionsConfig(users=tuple(users))
     _timed(result, "sessions", lambda: build_sessions(home, dataset, sessions_config, log))
     todo = None
     if users is not None:
