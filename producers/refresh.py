@@ -552,7 +552,9 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
         inputs["sessions"] = [r.parquet_path]
         result.refreshed.append("sessions")
     if "intents" in served:
-        if models.get("intents") is None:
+        if "sessions" not in models:
+            result.not_refreshed.append("session intents (their session embeddings are not served: publish them)")
+        elif models.get("intents") is None:
             result.not_refreshed.append("session intents (distilled before `intents distill` saved its classifier: "
                                         "run it again and publish)")
         else:
