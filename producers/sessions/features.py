@@ -166,11 +166,17 @@ def fit_vocab(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Sess
         x = f'CAST("{c}" AS DOUBLE)'
         mean, std = con.execute(f"""SELECT avg(v), stddev_pop(v) FROM (SELECT sign({x}) * ln(1 + abs({x})) AS v
                                     FROM {se} WHERE isfinite({x}))""").fetchall()[0]
-        numeric[c] = (float(mean or 0.0), float(std) if std else 1.0)
+        numeric[c] = _stats(mean, std)
     mean, std = con.execute(f"SELECT avg(ln(1 + gap_s)), stddev_pop(ln(1 + gap_s)) FROM {se}").fetchall()[0]
     return Vocab(categorical=categorical, numeric=numeric, text=txt,
-                 gap=(float(mean or 0.0), float(std) if std else 1.0), text_buckets=config.text_buckets,
+                 gap=_stats(mean, std), text_buckets=config.text_buckets,
                  max_tokens=config.max_tokens, skipped=skipped)
+
+
+def _stats(mean: float | None, std: float | None) -> tuple[float, float]:
+    """(mean, std) to 9 significant digits: DuckDB sums doubles in parallel, so the last bits differ
+    between calls on the same data, and these values are part of the encoder's run key."""
+    return float(f"{mean or 0.0:.9g}"), float(f"{std:.9g}") if std else 1.0
 
 
 def encode(raw: Raw, vocab: Vocab) -> Sessions:

@@ -171,3 +171,25 @@ def test_bad_config_values_are_refused(change, message, tmp_path):
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, producers.sessions; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_statistics_in_the_run_key_are_the_same_on_every_call(clicks):
+    """DuckDB sums doubles in parallel: unrounded means differed in their last bits between calls, so
+    `sessions embed` computed another run key than `sessions train` and found no encoder."""
+    import duckdb
+
+    from producers.sessions.features import fit_vocab
+    from producers.stores.warehouse import stored_definition
+
+    con = clicks.connect(read_only=True)
+    try:
+        d = stored_definition(con, "clicks")
+    finally:
+        con.close()
+    big = duckdb.connect()
+    big.execute("SET threads = 4")
+    big.execute("CREATE SCHEMA clicks")
+    big.execute("""CREATE TABLE clicks.session_events AS SELECT 'home' AS page, random() * 1e4 AS price,
+                   'q' AS query, 1 AS visit, random() * 1e6 AS gap_s FROM range(2000000)""")
+    vocabs = {repr(fit_vocab(big, d, TINY)) for _ in range(6)}
+    assert len(vocabs) == 1
