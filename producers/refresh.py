@@ -199,6 +199,10 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
         report = _gate(home, kind, table, who, canary, previous, config, log)
         result.gate[kind] = report.message()
         result.gate_passed &= report.success
+    if "agg" in inputs:
+        report = _gate_aggregates(home, served["agg"], inputs["agg"][0], users, config, log)
+        result.gate["agg"] = report.message()
+        result.gate_passed &= report.success
     result.seconds["gate"] = time.perf_counter() - started
     _write_report(snap, result)
     if not result.gate_passed and not config.force:
@@ -457,6 +461,24 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
     except SnapshotGateError as e:
         report = e.report
     log(f"gate ({kind}): {report.message()}")
+    return report
+
+
+def _gate_aggregates(home: Home, served: dict, snapshot: Path, users: list | None, config: RefreshConfig, log: Log):
+    """The aggregate snapshot gate: served columns, no NaN/inf, every refreshed user, values in the served ranges."""
+    from producers.stores.serving import feast_dir
+    from validation.aggregate_gate import check_aggregate_file
+    from validation.snapshot_gate import SnapshotGateError
+
+    # a refresh of some users keeps the served columns; a full one picks the top values afresh (its own columns)
+    own = read_provenance(snapshot)["columns"]
+    columns = (read_provenance(served["file"], missing_ok=True).get("columns") or own) if users is not None else own
+    try:
+        report = check_aggregate_file(snapshot, columns, feast_dir(home) / served["source"], expected_users=users,
+                                      force=config.force)
+    except SnapshotGateError as e:
+        report = e.report
+    log(f"gate (agg): {report.message()}")
     return report
 
 

@@ -157,6 +157,31 @@ def test_a_nan_snapshot_is_stopped_by_the_gate_and_not_published(home, monkeypat
     assert all(np.array_equal(a, b) for a, b in zip(before.iloc[:, 1], after.iloc[:, 1]))
 
 
+def test_a_bad_aggregate_snapshot_is_stopped_by_the_gate_and_not_published(home, monkeypatch):
+    import pyarrow as pa
+
+    import producers.aggregate as agg_mod
+
+    users = users_of(home)
+    before = online_features(home, DATASET, [AGG], users)
+    real = agg_mod.write_parquet
+
+    def plant_nan(rows, path, *a, **k):
+        i = rows.column_names.index("rating_mean")
+        values = rows.column(i).to_pylist()
+        values[0] = float("nan")
+        return real(rows.set_column(i, "rating_mean", pa.array(values, pa.float64())), path, *a, **k)
+
+    monkeypatch.setattr(agg_mod, "write_parquet", plant_nan)
+    with pytest.raises(SnapshotGateError) as e:
+        refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert "agg: feature snapshot of 3 users" in str(e.value)
+    assert "FAIL no NaN or infinite values: 1 of 3 users fail" in str(e.value)
+    assert f"user {CHANGED[0]}: rating_mean = nan" in str(e.value)
+    after = online_features(home, DATASET, [AGG], users)
+    pd.testing.assert_frame_equal(before, after)
+
+
 def test_another_model_is_refused_without_full(home, tmp_path):
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer(), seed=1)
     with pytest.raises(RefreshError, match="two models in one view"):
