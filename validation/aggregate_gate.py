@@ -2,12 +2,13 @@
 
 Great Expectations expectations, in the style of `validation.snapshot_gate` (whose report and error it
 returns), on three small frames:
-- `rows`: the snapshot itself, one row per user, plus `non_finite` (how many of the row's feature values
-  are NaN or +-inf: pandas reads NaN as missing, so no check on a value itself can see it) and
-  `first_non_finite` (which column, for the message)
-  -> the columns are exactly the served ones, in their order; user keys unique; no NaN/inf anywhere; the
-  activity columns (`n_events`...) are never NULL (every other NULL can be legitimate: a sample standard
-  deviation of one value, the mean rating of a category the user has no event in)
+- `columns`: the snapshot's columns (no rows) -> exactly the served ones, in their order
+- `rows`: one row per user: its key, the activity columns, `non_finite` (how many of the row's feature
+  values are NaN or +-inf, counted in Arrow: pandas reads NaN as missing, so no check on a value itself
+  can see it) and `first_non_finite` (which column, for the message)
+  -> user keys unique; no NaN/inf anywhere; the activity columns (`n_events`...) are never NULL (every
+  other NULL can be legitimate: a sample standard deviation of one value, the mean rating of a category
+  the user has no event in)
 - `ranges`: one row per numeric feature column that does not accumulate with time (`judged_by_range`:
   means, std, min, max, shares, events per active day; not counts, sums, n_distinct, n_events,
   active_days, span_days, recency_days, which a longer history or a later as-of legitimately pushes past the
@@ -70,11 +71,13 @@ class Ranges:
 def served_ranges(con, source_sql: str) -> Ranges:
     """min and max of every numeric column of `source_sql` (a DuckDB relation: the served history), in one scan."""
     types = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM ({source_sql})").fetchall()}
-    numeric = [c for c, t in types.items() if c not in KEYS and _is_number(t)]
+    numeric = [c for c, t in types.items() if c not in KEYS and _is_number(t) and judged_by_range(c)]
     if not numeric:
         return Ranges({}, {})
-    # isfinite keeps a NaN or inf in an old row from widening the range to everything
-    parts = [f'min("{c}") FILTER (WHERE isfinite("{c}")), max("{c}") FILTER (WHERE isfinite("{c}"))' for c in numeric]
+    # isfinite keeps a NaN or inf in an old row from widening the range to everything (CASE, not FILTER:
+    # 25x faster over a hundred columns)
+    parts = [f'min(CASE WHEN isfinite("{c}") THEN "{c}" END), max(CASE WHEN isfinite("{c}") THEN "{c}" END)'
+             for c in numeric]
     row = con.execute(f"SELECT {', '.join(parts)} FROM ({source_sql})").fetchall()[0]
     return Ranges({c: row[2 * i] for i, c in enumerate(numeric)}, {c: row[2 * i + 1] for i, c in enumerate(numeric)})
 
@@ -93,10 +96,11 @@ def check_aggregate_snapshot(snapshot: pa.Table, columns: Sequence[str], previou
         if pa.types.is_floating(snapshot.schema.field(c).type):
             bad[:, j] = np.asarray(pc.fill_null(pc.invert(pc.is_finite(snapshot.column(c))), False), dtype=bool)
     first = [numeric[int(np.argmax(r))] if r.any() else None for r in bad]
-    rows = frame.assign(non_finite=bad.sum(axis=1), first_non_finite=first)
+    # narrow frames: GX's cost grows with the columns it is handed, the checks need only these
+    rows = frame[["user_id", *[c for c in NEVER_NULL if c in frame.columns]]].assign(
+        non_finite=bad.sum(axis=1), first_non_finite=first)
     ex = [
-        _Expectation("rows", "ExpectTableColumnsToMatchOrderedList",
-                     {"column_list": [*columns, "non_finite", "first_non_finite"]},
+        _Expectation("columns", "ExpectTableColumnsToMatchOrderedList", {"column_list": list(columns)},
                      "the served columns, in order", f"{len(columns)} columns as served"),
         _Expectation("rows", "ExpectColumnValuesToBeUnique", {"column": "user_id"}, "one row per user",
                      "user keys unique"),
@@ -134,10 +138,11 @@ def check_aggregate_snapshot(snapshot: pa.Table, columns: Sequence[str], previou
                                {"column": "share_out", "max_value": config.max_out_of_range},
                                "values within the served range", f"at most {config.max_out_of_range:.0%} of each "
                                f"column's values outside the served min..max ± {config.range_slack:.0%} of its width"))
-    checks = run_frames({"rows": rows, "ranges": ranges, "figures": pd.DataFrame([figures]) if figures else None}, ex,
+    checks = run_frames({"columns": frame.iloc[:0], "rows": rows, "ranges": ranges,
+                         "figures": pd.DataFrame([figures]) if figures else None}, ex,
                         {"rows": "user_id", "ranges": "column"}, {"rows": "users", "ranges": "columns"})
     for check, e in zip(checks, [e for e in ex if e.batch != "ranges" or ranges is not None]):
-        _explain(check, e, rows, ranges)
+        _explain(check, e, frame, rows, ranges)
     report = SnapshotReport(success=all(c.success for c in checks), forced=force, checks=checks, n_users=len(frame),
                             dim=None)
     if not report.success and not force:
@@ -145,11 +150,12 @@ def check_aggregate_snapshot(snapshot: pa.Table, columns: Sequence[str], previou
     return report
 
 
-def _explain(check: GateCheck, e: _Expectation, rows: pd.DataFrame, ranges: pd.DataFrame | None) -> None:
+def _explain(check: GateCheck, e: _Expectation, frame: pd.DataFrame, rows: pd.DataFrame,
+             ranges: pd.DataFrame | None) -> None:
     """Failing examples a person can act on: the column and value, not only the user."""
     if e.expectation == "ExpectTableColumnsToMatchOrderedList":
-        got = [c for c in rows.columns if c not in ("non_finite", "first_non_finite")]
-        want = e.kwargs["column_list"][:-2]
+        got = list(frame.columns)
+        want = e.kwargs["column_list"]
         missing, extra = [c for c in want if c not in got], [c for c in got if c not in want]
         check.figure = f"{len(got)} columns, {len(missing)} missing, {len(extra)} unexpected"
         if not check.success:
@@ -159,7 +165,7 @@ def _explain(check: GateCheck, e: _Expectation, rows: pd.DataFrame, ranges: pd.D
         return
     if e.kwargs.get("column") == "non_finite":
         bad = rows[rows["non_finite"] > 0].head(EXAMPLES)
-        check.examples = [f"user {_plain(u)}: {c} = {rows.loc[i, c]}" for i, u, c in
+        check.examples = [f"user {_plain(u)}: {c} = {frame.loc[i, c]}" for i, u, c in
                           zip(bad.index, bad["user_id"], bad["first_non_finite"])]
     elif e.kwargs.get("column") == "share_out" and ranges is not None:
         bad = ranges[ranges["share_out"] > e.kwargs["max_value"]].head(EXAMPLES)
