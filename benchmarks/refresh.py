@@ -9,7 +9,8 @@ week later for `--delta-share` of the visitors, as benchmarks/append_delta.py do
   aggregate; unless --no-sessions: sessions build, session encoder training (`--session-epochs`), session
   embed, intents (the person-written taxonomy benchmarks/taxonomies/bank-website.txt, labels of
   `--label-sample` sessions by word overlap, a distilled classifier); publish + materialize
-- `ingest --append` of the delta and the data gate (`validate`), timed apart (not part of refresh)
+- `ingest --append` of the delta and the data gate (`validate --delta`, then `validate` of every row), timed
+  apart (not part of refresh)
 - `refresh`: its own per-stage seconds (serialize, embed, aggregate, sessions, session_embed, intents,
   gate, session_gate, publish incl. materialize)
 and checks that exactly the delta's visitors were recomputed. Prints the figures and the machine.
@@ -87,12 +88,16 @@ def main() -> None:
         _, full["publish"] = timed(lambda: publish(home, DATASET, PublishConfig(materialize=True)))
 
         _, t_append = timed(lambda: append(home, definition, IngestConfig(root / "delta")))
+        # the delta first: it needs the validation before the append to be the last one
+        rep_d, t_validate_delta = timed(lambda: validate(home, DATASET, ValidateConfig(data_docs=False, delta=True)))
+        assert rep_d.success and rep_d.scope.startswith("delta"), rep_d.scope
         rep, t_validate = timed(lambda: validate(home, DATASET, ValidateConfig(data_docs=False)))
         assert rep.success
         r, t_refresh = timed(lambda: refresh(home, DATASET, tokenizer=tok))
         assert r.published and r.users == delta_users, (len(r.users), len(delta_users))
         print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
-        print(f"append {t_append:.2f}s, validate (whole table) {t_validate:.2f}s: not part of refresh")
+        print(f"append {t_append:.2f}s, validate --delta {t_validate_delta:.2f}s ({rep_d.scope}), validate (whole "
+              f"table) {t_validate:.2f}s: not part of refresh")
         print(f"refreshed: {', '.join(r.refreshed)}; not refreshed: {', '.join(r.not_refreshed) or 'nothing'}")
         print(f"| stage | full run | refresh ({len(r.users):,} users) | refresh / full |")
         print("|---|---|---|---|")

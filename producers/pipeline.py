@@ -93,10 +93,11 @@ class Pipeline:
         return append(self.home, definition, config, self.log)
 
     def validate(self, dataset: str, max_reject_share: float = ValidateConfig.max_reject_share,
-                 chunk_rows: int = ValidateConfig.chunk_rows, data_docs: bool = ValidateConfig.data_docs):
+                 chunk_rows: int = ValidateConfig.chunk_rows, data_docs: bool = ValidateConfig.data_docs,
+                 delta: bool = False):
         from validation.run import validate
 
-        return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs), self.log)
+        return validate(self.home, dataset, ValidateConfig(chunk_rows, max_reject_share, data_docs, delta), self.log)
 
     def serialize(self, dataset: str, model: str, max_tokens: int, time_format: str, force: bool = False,
                   fmt: str = "paper"):

@@ -201,8 +201,8 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
             gate_inputs["coles"] = (table, users, canary, served["coles"])
             result.refreshed.append("coles")
     if "agg" in served:
-        agg_file = _timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of, log))
-        inputs["agg"] = [_snapshot_file(agg_file, snap / agg_file.name, users, as_of)]
+        inputs["agg"] = [_timed(result, "aggregate", lambda: _aggregate(home, dataset, served["agg"], users, as_of,
+                                                                        snap, log))]
         result.refreshed.append("agg")
     if session_models:
         _refresh_sessions(home, dataset, schema, entry, served, users, since, session_models, config, result,
@@ -214,6 +214,10 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     for kind, (table, who, canary, previous) in gate_inputs.items():
         report = _gate(home, kind, table, who, canary, previous, config, log)
         result.gate[kind] = report.message()
+        result.gate_passed &= report.success
+    if "agg" in inputs:
+        report = _gate_aggregates(home, served["agg"], inputs["agg"][0], users, config, log)
+        result.gate["agg"] = report.message()
         result.gate_passed &= report.success
     result.seconds["gate"] = time.perf_counter() - started
     _write_report(snap, result)
@@ -318,23 +322,32 @@ def _embed(home: Home, dataset: str, llm: dict, users: list | None, canary: list
     return Path(result.sets[-1].parquet)
 
 
-def _aggregate(home: Home, dataset: str, agg: dict, users: list | None, as_of: datetime, log: Log) -> Path:
-    """The users' aggregates as of `as_of`, with the served top values (the served columns)."""
+def _aggregate(home: Home, dataset: str, agg: dict, users: list | None, as_of: datetime, snap: Path,
+               log: Log) -> Path:
+    """The snapshot file of the users' aggregates as of `as_of`, with the served top values (the served
+    columns). A refresh of some users reads only their events and writes only their rows."""
+    import pyarrow.parquet as pq
+
     from producers.aggregate import AggregateConfig, aggregate
 
     prov = read_provenance(agg["file"], missing_ok=True)
     cfg = prov.get("config") or {}
+    common = dict(top_n=cfg.get("top_n", 20), max_text_values=cfg.get("max_text_values", 50),
+                  amount_field=cfg.get("amount_field"), as_of=as_of)
     if users is None:
-        config = AggregateConfig(top_n=cfg.get("top_n", 20), max_text_values=cfg.get("max_text_values", 50),
-                                 amount_field=cfg.get("amount_field"), as_of=as_of)
-    else:
-        if "categories" not in prov:
-            raise RefreshError(f"{agg['file']} does not record its top values: run `llm4es aggregate {dataset}` "
-                               "and publish once before refreshing")
-        config = AggregateConfig(top_n=cfg.get("top_n", 20), max_text_values=cfg.get("max_text_values", 50),
-                                 amount_field=cfg.get("amount_field"), as_of=as_of, users=tuple(users),
-                                 categories=prov["categories"])
-    return aggregate(home, dataset, config, log).parquet_path
+        full = aggregate(home, dataset, AggregateConfig(**common), log).parquet_path
+        return _snapshot_file(full, snap / full.name, None, as_of)
+    if "categories" not in prov:
+        raise RefreshError(f"{agg['file']} does not record its top values: run `llm4es aggregate {dataset}` "
+                           "and publish once before refreshing")
+    file = aggregate(home, dataset, AggregateConfig(**common, users=tuple(users), categories=prov["categories"]),
+                     log).parquet_path
+    if file.parent != snap:  # the snapshot folder is the one place both name (data/<schema>/refresh/<as-of>)
+        raise RefreshError(f"aggregate wrote the refreshed rows to {file}, not into the snapshot folder {snap}")
+    n = pq.ParquetFile(file).metadata.num_rows
+    if n != len(users):
+        raise RefreshError(f"{file}: {len(users) - n:,} refreshed users have no aggregate row at {as_of}")
+    return file
 
 
 def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_of: datetime, snap: Path,
@@ -464,6 +477,24 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
     except SnapshotGateError as e:
         report = e.report
     log(f"gate ({kind}): {report.message()}")
+    return report
+
+
+def _gate_aggregates(home: Home, served: dict, snapshot: Path, users: list | None, config: RefreshConfig, log: Log):
+    """The aggregate snapshot gate: served columns, no NaN/inf, every refreshed user, values in the served ranges."""
+    from producers.stores.serving import feast_dir
+    from validation.aggregate_gate import check_aggregate_file
+    from validation.snapshot_gate import SnapshotGateError
+
+    # a refresh of some users keeps the served columns; a full one picks the top values afresh (its own columns)
+    own = read_provenance(snapshot)["columns"]
+    columns = (read_provenance(served["file"], missing_ok=True).get("columns") or own) if users is not None else own
+    try:
+        report = check_aggregate_file(snapshot, columns, feast_dir(home) / served["source"], expected_users=users,
+                                      force=config.force)
+    except SnapshotGateError as e:
+        report = e.report
+    log(f"gate (agg): {report.message()}")
     return report
 
 

@@ -5,6 +5,16 @@ pandas frame produced by a DuckDB query. Events are validated in chunks of at mo
 `chunk_rows` rows that hold whole users (partitioned by a hash of user_id), so per-user and
 per-key checks stay exact while memory stays bounded; per-user counts and reject shares are
 computed in SQL and validated as small frames.
+
+`ValidateConfig.delta` (after `ingest --append`): the same checks on the users the last append touched
+only (every event of theirs, their users rows, their event counts) instead of the whole tables, when the
+data before that append passed its validation (else the whole tables, said in the log and the report).
+Exact for every row-local check (not null, domains, finiteness, the time window, user known), and for the
+per-user ones (events per user) since whole users are checked. Three checks would need the whole tables
+and are not re-run on them: uniqueness of the event key across users and of user ids (the append adds
+only keys and users not stored yet: its anti-joins make them unique by construction), and "the dataset
+has events" (it had, and an append removes none). The schema and the append's reject shares are checked
+as in a full run.
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ class ValidateConfig:
     chunk_rows: int = 2_000_000
     max_reject_share: float = 0.01
     data_docs: bool = True
+    delta: bool = False  # only the users of the last append, when the data before it passed (see above)
 
 
 @dataclass
@@ -66,6 +77,7 @@ class ValidationReport:
     data_docs: Path | None
     started_at: str
     code_version: str
+    scope: str = "all"  # "all" tables, or "delta <ingest_id>: N users" (ValidateConfig.delta)
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -82,13 +94,23 @@ def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig()
         run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         out_dir = home.reports_dir("validation", definition.schema)
         checks = dataset_checks(definition, config.max_reject_share)
-        results = _run_checks(con, definition, checks, config, out_dir / "data_docs", log)
+        scope, frames = "all", None
+        if config.delta:
+            users, why = delta_users(con, definition.schema)
+            if users is None:
+                log(f"validating every row: {why}")
+            else:
+                scope = f"delta {ingest['ingest_id']}: {len(users):,} users"
+                log(f"validating the last append's {len(users):,} users only ({ingest['ingest_id']})")
+                checks = [c for c in checks if not _needs_whole_tables(c)]
+                frames = _delta_frames(users)
+        results = _run_checks(con, definition, checks, config, out_dir / "data_docs", log, frames=frames)
         report = ValidationReport(
             dataset=definition.name, run_id=run_id, ingest_id=ingest["ingest_id"],
             success=all(r.success for r in results), results=results,
             json_path=out_dir / f"{run_id}.json",
             data_docs=(out_dir / "data_docs" / "index.html") if config.data_docs else None,
-            started_at=started.isoformat(), code_version=code_version(),
+            started_at=started.isoformat(), code_version=code_version(), scope=scope,
         )
         _write_json(report, out_dir)
         _log_run(con, definition.schema, report)
@@ -177,8 +199,52 @@ def check_sessions(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, session
                        batches=SESSION_BATCHES, frames=frames)
 
 
-def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int):
-    """(frame, expectation parameters) for each chunk of a batch."""
+def delta_users(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[list | None, str]:
+    """The users of the last ingest when it was an append and the data before it passed its validation, else
+    (None, why the whole tables must be checked)."""
+    from producers.ingest.append import DELTA_USERS_TABLE
+
+    if not table_exists(con, schema, "ingest_log"):
+        return None, "nothing ingested"
+    ingests = [r[0] for r in con.execute(f'SELECT ingest_id FROM "{schema}".ingest_log '
+                                         "ORDER BY finished_at DESC LIMIT 2").fetchall()]
+    if not table_exists(con, schema, DELTA_USERS_TABLE):
+        return None, "the last ingest was not an append"
+    users = [r[0] for r in con.execute(f'SELECT DISTINCT user_id FROM "{schema}".{DELTA_USERS_TABLE} '
+                                       "WHERE ingest_id = ? ORDER BY 1", [ingests[0]]).fetchall()]
+    if not users:
+        return None, "the last ingest was not an append"
+    last = None
+    if table_exists(con, schema, "validation_log"):
+        last = con.execute(f'SELECT ingest_id, success FROM "{schema}".validation_log ORDER BY started_at DESC '
+                           "LIMIT 1").fetchall()
+    if len(ingests) < 2 or not last or last[0][0] != ingests[1] or not last[0][1]:
+        return None, "the data before the last append has not passed its own validation"
+    return users, ""
+
+
+def _needs_whole_tables(check: Check) -> bool:
+    """Uniqueness across the tables and "the dataset has events": true by construction after an append."""
+    return check.expectation in ("ExpectColumnValuesToBeUnique", "ExpectCompoundColumnsToBeUnique",
+                                 "ExpectTableRowCountToBeBetween")
+
+
+def _delta_frames(users: list):
+    """`_frames` restricted to these users (events, users and activity); schema and rejects as a full run."""
+    def frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int):
+        if batch not in ("events", "users", "activity"):
+            yield from _frames(con, d, batch, chunk_rows)
+            return
+        con.execute("CREATE OR REPLACE TEMP TABLE delta_users AS SELECT unnest(?) AS user_id", [users])
+        try:
+            yield from _frames(con, d, batch, chunk_rows, only="user_id IN (SELECT user_id FROM delta_users)")
+        finally:
+            con.execute("DROP TABLE IF EXISTS delta_users")
+    return frames
+
+
+def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int, only: str = "TRUE"):
+    """(frame, expectation parameters) for each chunk of a batch; `only`: a filter on events and users rows."""
     s = f'"{d.schema}"'
     if batch == "schema":
         rows = con.execute(
@@ -186,21 +252,21 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
             "WHERE table_schema = ? AND table_name IN ('events', 'users')", [d.schema]).fetchall()
         yield pd.DataFrame({name: [dtype] for name, dtype in rows}), {}
     elif batch == "events":
-        n = con.execute(f"SELECT count(*) FROM {s}.events").fetchone()[0]
+        n = con.execute(f"SELECT count(*) FROM {s}.events WHERE {only}").fetchone()[0]
         parts = max(1, math.ceil(n / chunk_rows))
         flags = _non_finite_flags(d.events.fields)
         for k in range(parts):
-            where = f"hash(user_id) % {parts} = {k}"
+            where = f"hash(user_id) % {parts} = {k} AND {only}"
             frame = con.execute(f"SELECT *{flags} FROM {s}.events WHERE {where}").df()
             known = [r[0] for r in con.execute(f"SELECT user_id FROM {s}.users WHERE {where}").fetchall()]
             yield frame, {"known_users": known}
     elif batch == "users":
         fields = [*d.users.labels, *d.users.attributes] if d.users else []
-        yield con.execute(f"SELECT *{_non_finite_flags(fields)} FROM {s}.users").df(), {}
+        yield con.execute(f"SELECT *{_non_finite_flags(fields)} FROM {s}.users WHERE {only}").df(), {}
     elif batch == "activity":
         # Events without a user are the null-key check's to report, not a user of their own.
         yield con.execute(f"SELECT user_id, count(*) AS n_events FROM {s}.events WHERE user_id IS NOT NULL "
-                          "GROUP BY user_id").df(), {}
+                          f"AND {only} GROUP BY user_id").df(), {}
     elif batch == "rejects":
         files = json.loads(last_ingest(con, d.schema)["files"])
         yield pd.DataFrame([{"file": f["file"], "rows_read": f["rows_read"], "rows_rejected": f["rows_rejected"],

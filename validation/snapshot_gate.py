@@ -286,6 +286,13 @@ def mean_cosine(old: Snapshot, new: Snapshot, dim: int, users: Iterable) -> tupl
 
 
 def _run_gx(vectors: pd.DataFrame, figures: pd.DataFrame | None, expectations: list[_Expectation]) -> list[GateCheck]:
+    return run_frames({"vectors": vectors, "figures": figures}, expectations, {"vectors": "user_id"})
+
+
+def run_frames(frames: dict[str, pd.DataFrame | None], expectations: list[_Expectation],
+               keys: dict[str, str], nouns: dict[str, str] | None = None) -> list[GateCheck]:
+    """Each batch's expectations on its frame (one GX suite per batch; a batch without a frame is skipped).
+    `keys`: per batch, the column that names a failing row (`user_id`); `nouns`: what a row is ("users")."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -293,7 +300,6 @@ def _run_gx(vectors: pd.DataFrame, figures: pd.DataFrame | None, expectations: l
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("snapshot")
-    frames = {"vectors": vectors, "figures": figures}
     results: dict[int, GateCheck] = {}
     for batch, frame in frames.items():
         batch_ex = [(i, e) for i, e in enumerate(expectations) if e.batch == batch]
@@ -306,16 +312,17 @@ def _run_gx(vectors: pd.DataFrame, figures: pd.DataFrame | None, expectations: l
         vd = context.validation_definitions.add(gx.ValidationDefinition(
             name=f"snapshot.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
         fmt = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
-        if batch == "vectors":
-            fmt["unexpected_index_column_names"] = ["user_id"]
+        if batch in keys:
+            fmt["unexpected_index_column_names"] = [keys[batch]]
         out = vd.run(batch_parameters={"dataframe": frame}, result_format=fmt)
         for er in out.results:
             i = er.expectation_config.meta["index"]
-            results[i] = _gate_check(expectations[i], er, frame)
+            results[i] = _gate_check(expectations[i], er, frame, keys.get(batch, "user_id"),
+                                     (nouns or {}).get(batch, "users"))
     return [results[i] for i in sorted(results)]
 
 
-def _gate_check(e: _Expectation, er, frame: pd.DataFrame) -> GateCheck:
+def _gate_check(e: _Expectation, er, frame: pd.DataFrame, key: str = "user_id", noun: str = "users") -> GateCheck:
     r = er.result or {}
     raised = (er.exception_info or {}).get("raised_exception")
     if e.figure_column is not None:
@@ -329,16 +336,20 @@ def _gate_check(e: _Expectation, er, frame: pd.DataFrame) -> GateCheck:
     if raised:
         return GateCheck(e.check, e.expectation, False, f"could not run: {er.exception_info}", e.threshold)
     if e.expectation == "ExpectTableRowCountToBeBetween":
-        return GateCheck(e.check, e.expectation, bool(er.success), f"{r.get('observed_value', n)} users", e.threshold)
-    figure = f"{bad:,} of {n:,} users fail ({(bad / n if n else 0):.2%})"
+        return GateCheck(e.check, e.expectation, bool(er.success), f"{r.get('observed_value', n)} {noun}",
+                         e.threshold)
+    if e.expectation.startswith("ExpectTableColumns"):
+        return GateCheck(e.check, e.expectation, bool(er.success), f"{len(frame.columns)} columns", e.threshold)
+    figure = f"{bad:,} of {n:,} {noun} fail ({(bad / n if n else 0):.2%})"
     if e.kwargs.get("column") == "norm" and n:
         figure += f"; norms {frame['norm'].min():.4g}..{frame['norm'].max():.4g}"
     examples = []
     for row in r.get("partial_unexpected_index_list") or []:
-        user = row.get("user_id")
+        who = row.get(key)
         col = e.kwargs.get("column")
-        value = frame.loc[frame["user_id"] == user, col].iloc[0] if col in frame and col != "user_id" else None
-        examples.append(f"user {user}" + (f" ({col} {_plain(value)})" if value is not None else ""))
+        value = frame.loc[frame[key] == who, col].iloc[0] if col in frame and col != key else None
+        examples.append(f"{'user ' if key == 'user_id' else ''}{who}" +
+                        (f" ({col} {_plain(value)})" if value is not None else ""))
     if not examples:
         examples = [str(_plain(v)) for v in r.get("partial_unexpected_list") or []]
     return GateCheck(e.check, e.expectation, bool(er.success), figure, e.threshold, examples)

@@ -134,16 +134,20 @@ def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None,
 @click.option("--chunk-rows", type=click.IntRange(1000), default=ValidateConfig.chunk_rows, show_default=True,
               help="Events validated per chunk (chunks hold whole users).")
 @click.option("--no-data-docs", is_flag=True, help="Skip writing GX's HTML Data Docs.")
+@click.option("--delta", is_flag=True,
+              help="After `ingest --append`: check only the users it touched (their events and rows), when the "
+                   "data before it passed; else every row.")
 @click.pass_obj
 @handle_errors
-def validate(p: Pipeline, dataset: str, max_reject_share: float, chunk_rows: int, no_data_docs: bool) -> None:
+def validate(p: Pipeline, dataset: str, max_reject_share: float, chunk_rows: int, no_data_docs: bool,
+             delta: bool) -> None:
     """Run DATASET's data-quality checks (Great Expectations) on the warehouse.
 
     Prints a table of checks, writes a JSON result and HTML Data Docs under
     reports/validation/, and exits 1 if any check fails. Later stages refuse to run on a
     dataset whose last validation failed.
     """
-    report = p.validate(dataset, max_reject_share, chunk_rows, not no_data_docs)
+    report = p.validate(dataset, max_reject_share, chunk_rows, not no_data_docs, delta)
     printers.print_validation(report)
     if not report.success:
         sys.exit(1)

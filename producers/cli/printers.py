@@ -63,8 +63,9 @@ def print_append(r, seconds: float) -> None:
 
 
 def print_validation(report) -> None:
-    table = Table("", "check", "table", "checked", "failed", "examples", title=f"validation of {report.dataset}",
-                  title_justify="left")
+    scope = getattr(report, "scope", "all")
+    title = f"validation of {report.dataset}" + (f" ({scope})" if scope != "all" else "")
+    table = Table("", "check", "table", "checked", "failed", "examples", title=title, title_justify="left")
     for r in report.results:
         mark = "[green]✓[/]" if r.success else "[red]✗[/]"
         examples = r.error or _examples(r)

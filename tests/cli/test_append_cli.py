@@ -33,3 +33,13 @@ def test_own_data_appends_with_the_stored_mapping(llm4es, tmp_path):
     assert r.exit_code == 0, r.output
     assert "+2 events for 2 users (1 new), 1 duplicates skipped" in r.output
     assert "declares no events.key: duplicates were rows equal in every column" in r.output
+
+
+def test_validate_delta_checks_the_appended_users(llm4es, grouplens, tmp_path):
+    assert llm4es("ingest", "movielens-100k", "--source", grouplens).exit_code == 0
+    assert llm4es("validate", "movielens-100k", "--no-data-docs").exit_code == 0
+    delta = write_delta(tmp_path / "d1", new_ratings(grouplens, [3, 8]))
+    assert llm4es("ingest", "movielens-100k", "--append", "--source", delta).exit_code == 0
+    r = llm4es("validate", "movielens-100k", "--no-data-docs", "--delta")
+    assert r.exit_code == 0, r.output
+    assert ": 2 users)" in r.output and "passed" in r.output

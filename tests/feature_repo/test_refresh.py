@@ -157,6 +157,31 @@ def test_a_nan_snapshot_is_stopped_by_the_gate_and_not_published(home, monkeypat
     assert all(np.array_equal(a, b) for a, b in zip(before.iloc[:, 1], after.iloc[:, 1]))
 
 
+def test_a_bad_aggregate_snapshot_is_stopped_by_the_gate_and_not_published(home, monkeypatch):
+    import pyarrow as pa
+
+    import producers.aggregate as agg_mod
+
+    users = users_of(home)
+    before = online_features(home, DATASET, [AGG], users)
+    real = agg_mod.write_parquet
+
+    def plant_nan(rows, path, *a, **k):
+        i = rows.column_names.index("rating_mean")
+        values = rows.column(i).to_pylist()
+        values[0] = float("nan")
+        return real(rows.set_column(i, "rating_mean", pa.array(values, pa.float64())), path, *a, **k)
+
+    monkeypatch.setattr(agg_mod, "write_parquet", plant_nan)
+    with pytest.raises(SnapshotGateError) as e:
+        refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert "agg: feature snapshot of 3 users" in str(e.value)
+    assert "FAIL no NaN or infinite values: 1 of 3 users fail" in str(e.value)
+    assert f"user {CHANGED[0]}: rating_mean = nan" in str(e.value)
+    after = online_features(home, DATASET, [AGG], users)
+    pd.testing.assert_frame_equal(before, after)
+
+
 def test_another_model_is_refused_without_full(home, tmp_path):
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer(), seed=1)
     with pytest.raises(RefreshError, match="two models in one view"):
@@ -220,3 +245,30 @@ def test_cli_says_nothing_new_and_refuses_another_model(served, tmp_path):
     other = save_tiny_model(tmp_path / "other", tiny_tokenizer(), seed=1)
     r = runner.invoke(cli, ["--home", str(target), "refresh", DATASET, "--model", str(other)])
     assert r.exit_code == 1 and "two models in one view" in r.output and "--full" in r.output
+
+
+def test_a_second_day_refreshes_from_the_first_refresh_snapshot(served, home, tmp_path):
+    """Day 2: new events for another user, the data gate on the delta, a refresh: its aggregate snapshot holds
+    that user alone, with the served columns (read from day 1's snapshot file), and passes the gate."""
+    import pyarrow.parquet as pq
+
+    from tests.producers.test_append import AFTER
+
+    _, _, source = served
+    first = refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert first.published
+    day2 = new_ratings(source, [3], t0=AFTER + 20 * 86400)
+    append(home, ML, IngestConfig(write_delta(tmp_path / "day2", day2)))
+    report = validate(home, DATASET, ValidateConfig(data_docs=False, delta=True))
+    assert report.success and report.scope.endswith(": 1 users"), [(r.check, r.examples) for r in report.failed]
+    users = users_of(home)
+    before = online_features(home, DATASET, [AGG], users)
+    second = refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert second.published and second.users == [3] and "all checks passed" in second.gate["agg"]
+    snap = pq.read_table(second.snapshot_dir / "agg_features.parquet")
+    assert snap.column("user_id").to_pylist() == [3]
+    assert snap.column_names == read_provenance(first.snapshot_dir / "agg_features.parquet")["columns"]
+    after = online_features(home, DATASET, [AGG], users)
+    n = f"{ML.schema}__{AGG}__n_events"
+    moved = {u for u, a, b in zip(users, before[n], after[n]) if a != b}
+    assert moved == {3}

@@ -269,3 +269,59 @@ def test_bank_amount_sums_per_mcc(home, tmp_path):
             assert row[f"mcc__{c}_share"] == pytest.approx(n[user, c] / sum(1 for u, *_ in txns if u == user))
             mean = row[f"mcc__{c}_amount_mean"]
             assert mean is None if n[user, c] == 0 else mean == pytest.approx(sums[user, c] / n[user, c])
+
+
+def test_a_refresh_reads_only_its_users_and_equals_a_full_run_for_them(validated_grouplens, tmp_path, monkeypatch):
+    """A refresh of a few users: their rows equal a full run's at the same as-of and columns, the others'
+    rows are untouched, and only the refreshed users' rows are written to the snapshot file."""
+    import shutil
+
+    import producers.aggregate as A
+    from producers.ingest.append import append
+    from tests.producers.test_append import new_ratings, write_delta
+
+    home, source = validated_grouplens
+    h = Home.resolve(tmp_path / "home")
+    shutil.copytree(home.root, h.root)
+    served = aggregate(h, "movielens-100k", AggregateConfig(top_n=5))
+    full_file = served.parquet_path.read_bytes()
+    _, before = rows(h)
+    changed = [2, 5, 7]
+    delta = write_delta(tmp_path / "delta", new_ratings(source, changed))
+    append(h, load_builtin("movielens-100k"), IngestConfig(delta))
+    assert validate(h, "movielens-100k", ValidateConfig(data_docs=False)).success
+    as_of = scalar(h, f"SELECT max(event_time) FROM {SCHEMA}.events")
+
+    def no_scan(*a, **k):
+        raise AssertionError("a refresh must not scan every event to pick the grouping fields again")
+
+    monkeypatch.setattr(A, "_grouping_fields", no_scan)
+    config = AggregateConfig(top_n=5, as_of=as_of, users=tuple(changed), categories=served.provenance["categories"])
+    refreshed = aggregate(h, "movielens-100k", config)
+    monkeypatch.undo()
+
+    file = pq.read_table(refreshed.parquet_path)
+    assert file.column("user_id").to_pylist() == changed  # the snapshot holds the refreshed users only
+    assert refreshed.parquet_path != served.parquet_path
+    assert served.parquet_path.read_bytes() == full_file  # the full run's copy is not rewritten
+    assert scalar(h, f"SELECT n_users FROM {SCHEMA}.agg_features_meta") == len(before)
+    _, after = rows(h)
+    assert {u: r for u, r in after.items() if u not in changed} == \
+        {u: r for u, r in before.items() if u not in changed}
+    assert all(after[u]["n_events"] == before[u]["n_events"] + 3 for u in changed)
+    # a full run at the same as-of and columns computes the same rows for them
+    aggregate(h, "movielens-100k", AggregateConfig(top_n=5, as_of=as_of, categories=served.provenance["categories"]))
+    _, full = rows(h)
+    for u in changed:
+        assert after[u].keys() == full[u].keys()
+        for k, v in full[u].items():
+            assert after[u][k] == (pytest.approx(v) if isinstance(v, float) else v), (u, k)
+    assert file.column("n_events").to_pylist() == [full[u]["n_events"] for u in changed]
+
+
+def scalar(home: Home, sql: str):
+    con = home.connect(read_only=True)
+    try:
+        return con.execute(sql).fetchone()[0]
+    finally:
+        con.close()
