@@ -22,7 +22,8 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
   on a quiet AVX2-only machine.
 
 Every plan is evaluated by both readers (LightGBM and the linear probe), so the final table has
-a `(linear)` row per feature set.
+a `(linear)` row per feature set, and each ensemble also gets a `(stacked)` row: its members read
+apart by both readers and late-fused (training/evaluate/fusion.py).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from producers.cli.errors import handle_errors
 from producers.cli.options import dataset_arg, force_opt, model_opt
 from producers.pipeline import Pipeline
 from training.embed import EmbedConfig
-from training.evaluate import EvaluateConfig
+from training.evaluate import EvaluateConfig, FusionConfig
 from training.finetune import FinetuneConfig
 
 F, M, V = FinetuneConfig, EmbedConfig, EvaluateConfig
@@ -143,11 +144,15 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 @click.option("--no-linear-probe", is_flag=True,
               help="LightGBM only: skip the second reader (standardized logistic regression / ridge), "
                    "reported as '<set> (linear)' rows.")
+@click.option("--fusion", "fusions", type=click.Choice(["stack", "mean", "none"]), multiple=True,
+              help="Late fusion rows for each ensemble (a+b): stack (non-negative weights per member and reader, "
+                   "fitted on inner out-of-fold predictions), mean (equal weights, the better reader per member), "
+                   "none (concatenation only). Repeatable. [default: stack]")
 @click.pass_obj
 @handle_errors
 def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str | None, protocols: tuple[str, ...],
              folds: int, cv_repeats: int, seed: int, label_time: datetime | None, no_epoch_selection: bool,
-             no_linear_probe: bool) -> None:
+             no_linear_probe: bool, fusions: tuple[str, ...]) -> None:
     """Downstream LightGBM and a linear probe on features fetched from Feast, mean ± std per feature set.
 
     Needs `llm4es publish DATASET` first. Metrics: ROC-AUC and accuracy (binary), accuracy
@@ -163,8 +168,17 @@ def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str 
     config = EvaluateConfig(targets=targets, features=chosen,
                             protocols=protocols or V.protocols, folds=folds, cv_repeats=cv_repeats, seed=seed,
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
-                            select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe)
+                            select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe,
+                            fusion=_fusion(fusions))
     printers.print_evaluation(p.evaluate(dataset, config))
+
+
+def _fusion(chosen: tuple[str, ...]) -> FusionConfig:
+    if not chosen:
+        return FusionConfig()
+    if "none" in chosen and len(chosen) > 1:
+        raise click.BadParameter("none cannot be combined with stack or mean", param_hint="--fusion")
+    return replace(FusionConfig(), methods=tuple(dict.fromkeys(m for m in chosen if m != "none")))
 
 
 @click.command("evaluate-crosschannel")

@@ -39,7 +39,10 @@ def test_publish_then_evaluate_from_feast(llm4es, tmp_path, model_dir):
     assert "movielens_100k__llm4es_embedding (default)" in published.output
     assert "movielens_100k__agg_features" in published.output and "online store filled" in published.output
 
-    evaluated = llm4es("evaluate", "movielens-100k", "--features", "agg,llm4es,agg+llm4es", "--cv-repeats", "1")
+    mixed = llm4es("evaluate", "movielens-100k", "--features", "agg+llm4es", "--fusion", "none", "--fusion", "stack")
+    assert mixed.exit_code == 2 and "--fusion" in mixed.output
+    evaluated = llm4es("evaluate", "movielens-100k", "--features", "agg,llm4es,agg+llm4es", "--cv-repeats", "1",
+                       "--fusion", "stack", "--fusion", "mean")
     assert evaluated.exit_code == 0, evaluated.output
     for name in ("agg", "llm4es", "agg+llm4es"):
         assert f"│ {name} " in evaluated.output
@@ -51,6 +54,8 @@ def test_publish_then_evaluate_from_feast(llm4es, tmp_path, model_dir):
     dim = pq.read_table(embeddings)["dim"][0].as_py()
     assert entry["n_features"] - dim == report["results"]["gender"]["agg"]["n_features"] > 0
     assert len(entry["protocols"]["paper"]["roc_auc"]["scores"]) == 5
+    assert report["feature_sets"][-2:] == ["agg+llm4es (stacked)", "agg+llm4es (mean)"]
+    assert report["results"]["age"]["agg+llm4es (mean)"]["reader"] == "fusion: mean"
 
     # what a downstream service reads online equals the offline file
     from producers.publish import online_features

@@ -234,7 +234,7 @@ def test_default_features_are_the_published_ones_and_the_missing_are_named(ml_ho
     home, users = ml_home
     config = EvaluateConfig(targets=("age",), protocols=("paper",), lgbm=FAST, linear_probe=False, out_dir=tmp_path)
     r = evaluate(home, "movielens-100k", config, source=AggColesOnly(users)).report
-    assert r["feature_sets"] == ["no features", "agg", "coles", "coles+agg"]
+    assert r["feature_sets"] == ["no features", "agg", "coles", "coles+agg", "coles+agg (stacked)"]
     assert set(r["missing"]) == {"llm4es", "coles+llm4es"}
     assert "llm4es embed" in r["missing"]["llm4es"] and "llm4es embed" in r["missing"]["coles+llm4es"]
     assert r["results"]["age"]["coles+agg"]["views"] == ["ml__coles_embedding", "ml__agg_features"]

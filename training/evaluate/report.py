@@ -41,7 +41,9 @@ def markdown(report: dict) -> str:
     cols = columns(report)
     lines = [f"# Downstream evaluation: {report['dataset']}", "",
              f"{report['n_users']} labelled users; LightGBM, and a linear probe (standardized logistic regression / "
-             "ridge) in the rows marked (linear), on the same splits; "
+             "ridge) in the rows marked (linear), on the same splits; an ensemble's rows marked (stacked) / (mean) "
+             "read each member apart with both readers and combine the predictions, weights fitted on inner "
+             "out-of-fold predictions of the training rows only; "
              f"seed {report['config']['seed']}; "
              f"features fetched from Feast as of {report['label_time']}.", ""]
     for protocol in report["config"]["protocols"]:
@@ -61,6 +63,15 @@ def markdown(report: dict) -> str:
         for target, name, view in chosen:
             cands = report["results"][target][name]["candidates"]
             lines.append(f"- {target}, {name}: {view} (" + ", ".join(f"{v}: {s:.3f}" for v, s in cands.items()) + ")")
+        lines.append("")
+    fused = [(t, n, e) for t, sets in report["results"].items() for n, e in sets.items() if e.get("fusion_weights")]
+    if fused:
+        lines += ["## Fusion weights (mean over the splits; each fitted on the training rows' out-of-fold predictions)",
+                  ""]
+        for target, name, e in fused:
+            for protocol, weights in e["fusion_weights"].items():
+                shares = ", ".join(f"{c} {w:.2f}" for c, w in weights.items())
+                lines.append(f"- {target}, {name}, {protocol}: {shares}")
         lines.append("")
     if report.get("missing"):
         lines += ["## Not evaluated (not published)", ""]
@@ -104,7 +115,7 @@ def bar_chart(report: dict, path: Path) -> None:
             low, high = ax.get_ylim()
             ax.set_ylim(max(0.0, min(low, 0.4)), min(1.0, high))
         ax.legend(fontsize=8)
-    fig.suptitle(f"{report['dataset']}: downstream LightGBM and linear probe (linear)")
+    fig.suptitle(f"{report['dataset']}: downstream LightGBM, linear probe (linear), late fusion (stacked / mean)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

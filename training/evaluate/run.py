@@ -2,11 +2,13 @@
 
 Feature sets are named by kind (`agg`, `coles`, `llm4es`, and the session rollups `sessions`: last and
 recent-mean session embedding, `intents`: intent shares over recent sessions) or by a published view's name; `+`
-concatenates (the paper's ensembles, e.g. `coles+llm4es`). `llm4es` is the dataset's default
-LLM4ES view (see `llm4es publish`); when that view comes from a fine-tuning run whose other epochs
-were embedded and published too, the epoch is chosen per target by the mean validation score on
-the training folds of the paper protocol (never the test set), and the chosen epoch's views are
-used by both protocols.
+concatenates (the paper's ensembles, e.g. `coles+llm4es`). An ensemble is also reported late-fused
+(`<set> (stacked)`, training/evaluate/fusion.py): each member read by both readers, the predictions
+combined with weights fitted on inner out-of-fold predictions of the training rows, on the same splits.
+`llm4es` is the dataset's default LLM4ES view (see `llm4es publish`); when that view comes from a
+fine-tuning run whose other epochs were embedded and published too, the epoch is chosen per target
+by the mean validation score on the training folds of the paper protocol (never the test set), and
+the chosen epoch's views are used by both protocols.
 
 Labels come from the warehouse's users table; features are fetched with Feast's
 `get_historical_features` for every labelled user at the label time (default: the dataset's last
@@ -26,6 +28,7 @@ from producers.errors import Llm4esError
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from training.evaluate import report as report_files
+from training.evaluate.fusion import FusionConfig, column_names, fused_name, run_fusion
 from training.evaluate.probe import LinearProbe, linear_name
 from training.evaluate.protocol import (METRICS, LgbmParams, ProtocolResult, Task, best_candidate,
                                         constant_baseline, cv_splits, default_workers, encode_labels, paper_splits,
@@ -62,6 +65,9 @@ class EvaluateConfig:
     # reported as "<set> (linear)" (see training/evaluate/probe.py)
     linear_probe: bool = True
     linear: LinearProbe = field(default_factory=LinearProbe)
+    # ensembles (`a+b`) also late-fused, one row per method: "<set> (stacked)" / "<set> (mean)"
+    # (see training/evaluate/fusion.py); FusionConfig(methods=()) reports concatenation only
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     # splits fitted at once (threads, one core each); 0: the CPUs this process may use. Same scores
     # as 1 (each fit keeps its seed). On 2 cores evaluate is almost all single-threaded LightGBM fits
     # (profiled: 87% of the demo's evaluate; the linear probe 9%), so 2 nearly halves it when the
@@ -179,10 +185,13 @@ def evaluate(home: Home, dataset: str, config: EvaluateConfig = EvaluateConfig()
                     protocol: _summary(run_protocol(protocol, X, y, task, splits[protocol], config.linear, config.seed,
                                                     workers))
                     for protocol in config.protocols}}
+            if len(parts) > 1 and config.fusion.methods:
+                results[target].update(_fused_entries(name, chosen, entry, matrices, rows, y, task, splits, config,
+                                                      workers))
 
     report = {
         "dataset": dataset, "schema": definition.schema, "label_time": str(label_time),
-        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *_with_readers(config, sets)],
+        "n_users": len(users), "targets": targets, "feature_sets": [BASELINE, *_report_rows(config, sets)],
         "missing": {m.name: m.reason for m in missing}, "results": results,
         "views": {v: _view_info(views[v]) for v in needed}, "coverage": coverage,
         "config": _config_json(config), "code_version": code_version(),
@@ -219,9 +228,37 @@ def _missing_reason(name: str, views: list[View]) -> str:
     return "; ".join(f"no {k} view: run `{_PRODUCER[k]}` and `llm4es publish`" for k in absent)
 
 
-def _with_readers(config: EvaluateConfig, names) -> list[str]:
-    """Report rows: each feature set, followed by its linear-probe row when the probe runs."""
-    return [n for name in names for n in ((name, linear_name(name)) if config.linear_probe else (name,))]
+def _report_rows(config: EvaluateConfig, sets: dict[str, list[Part]]) -> list[str]:
+    """Report rows: each feature set, its linear-probe row when the probe runs, and an ensemble's fused rows."""
+    rows = []
+    for name, parts in sets.items():
+        rows += [name, linear_name(name)] if config.linear_probe else [name]
+        if len(parts) > 1:
+            rows += [fused_name(name, method) for method in config.fusion.methods]
+    return rows
+
+
+def _readers(config: EvaluateConfig) -> dict[str, Any]:
+    return {"lightgbm": config.lgbm, **({"linear": config.linear} if config.linear_probe else {})}
+
+
+def _fused_entries(name: str, chosen: list[str], entry: dict, matrices: dict[str, np.ndarray], rows: np.ndarray,
+                   y: np.ndarray, task: Task, splits: dict, config: EvaluateConfig, workers: int) -> dict[str, dict]:
+    """The ensemble's late-fused rows: its members (the concatenation's views, epoch included) read apart."""
+    readers = _readers(config)
+    members = [matrices[v][rows] for v in chosen]
+    per_protocol = {protocol: run_fusion(protocol, members, y, task, splits[protocol], readers, config.fusion,
+                                         config.seed, workers)
+                    for protocol in config.protocols}
+    columns = column_names(chosen, list(readers))
+    out = {}
+    for method in config.fusion.methods:
+        out[fused_name(name, method)] = {
+            **{k: v for k, v in entry.items() if k not in ("protocols", "reader")},
+            "reader": f"fusion: {method}", "fusion_columns": columns,
+            "fusion_weights": {p: dict(zip(columns, w[method])) for p, (_, w) in per_protocol.items()},
+            "protocols": {p: _summary(r[method]) for p, (r, _) in per_protocol.items()}}
+    return out
 
 
 def resolve_feature_set(name: str, views: list[View], select_epoch: bool = True) -> list[Part]:
