@@ -102,8 +102,8 @@ def main() -> None:
     for name, s in (("plain transformers loop, fp32", plain_s), ("Embedder fp32", fp32_s), ("Embedder int8", int8_s)):
         print(f"| {name} | {s:.1f} | {tokens / s:,.0f} | {plain_s / s:.2f}x |")
     c = cos(int8, fp32)
-    print(f"cosine(int8, fp32) per user: min {c.min():.4f}, mean {c.mean():.4f}; "
-          f"cosine(Embedder fp32, plain): min {cos(fp32, plain).min():.6f}; load {load()}")
+    print((f"cosine(int8, fp32) per user: min {c.min():.4f}, mean {c.mean():.4f}; " if not args.no_int8 else "")
+          + f"cosine(Embedder fp32, plain): min {cos(fp32, plain).min():.6f}; load {load()}")
 
 
 if __name__ == "__main__":
