@@ -10,7 +10,8 @@ events; right = the first tokens). One forward pass per side keeps, for every hi
 poolings: the mean over tokens, the last token, and the mean over the tokens of the last K lines
 (K events: a line is an event, or a day of events in the compact format).
 
-`score`: every (side, layer range, pooling) is read by the linear probe (evaluate's) in 5-fold
+`score`: every (side, layer range, pooling) is read by the linear probe (evaluate's; `--lightgbm`
+adds evaluate's LightGBM) in 5-fold
 stratified CV over the development users: inner CV on the training part of the data, the test
 users untouched. Prints ROC-AUC (binary targets) or MAE, mean ± std over the folds, one table per
 file; the AVX2 environment is not needed (the vectors do not depend on the kernels within noise).
