@@ -10,7 +10,8 @@ events; right = the first tokens). One forward pass per side keeps, for every hi
 poolings: the mean over tokens, the last token, and the mean over the tokens of the last K lines
 (K events: a line is an event, or a day of events in the compact format).
 
-`score`: every (side, layer range, pooling) is read by the linear probe (evaluate's) in 5-fold
+`score`: every (side, layer range, pooling) is read by the linear probe (evaluate's; `--lightgbm`
+adds evaluate's LightGBM) in 5-fold
 stratified CV over the development users: inner CV on the training part of the data, the test
 users untouched. Prints ROC-AUC (binary targets) or MAE, mean ± std over the folds, one table per
 file; the AVX2 environment is not needed (the vectors do not depend on the kernels within noise).
@@ -26,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LAYER_RANGES = ("9:", "all", "1:10", "10:20", "20:", "-4:", "last")
+LAYER_RANGES = ("9:", "all", "1:6", "1:10", "1:16", "10:20", "20:", "-4:", "last")
 TAIL_LINES = 8
 
 
@@ -108,7 +109,11 @@ def embed_all(args) -> None:
 def score_all(args) -> None:
     from training.embed import resolve_layers
     from training.evaluate.probe import LinearProbe
-    from training.evaluate.protocol import cv_splits, primary_metric, run_protocol
+    from training.evaluate.protocol import LgbmParams, cv_splits, primary_metric, run_protocol
+
+    ranges = args.ranges.split(",") if args.ranges else LAYER_RANGES
+    poolings = args.poolings.split(",")
+    readers = [("linear", LinearProbe())] + ([("lightgbm", LgbmParams())] if args.lightgbm else [])
 
     for f in args.files:
         z: dict = {}
@@ -117,19 +122,21 @@ def score_all(args) -> None:
         y, task = z["y"], str(z["task"])
         metric = primary_metric(task)
         splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
-        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, linear probe, "
-              f"5-fold CV, {metric}")
+        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, "
+              f"{' and '.join(n for n, _ in readers)}, 5-fold CV, {metric}")
         rows = []
         for side in [side for side in ("left", "right") if f"{side}/mean" in z]:
-            for pooling in ("mean", "last", "tail"):
+            for pooling in poolings:
                 arr = z[f"{side}/{pooling}"].astype(np.float32)
-                for spec in LAYER_RANGES:
+                for spec in ranges:
                     chosen = resolve_layers(spec, arr.shape[1])
                     X = arr[:, chosen.start:chosen.stop].mean(axis=1)
-                    r = run_protocol("cv", X, y, task, splits, LinearProbe(), seed=0)
-                    rows.append((side, pooling, spec, r.mean(metric), r.std(metric)))
-                    print(f"| {side} | {pooling} | {spec} | {r.mean(metric):.3f} ± {r.std(metric):.3f} |", flush=True)
-        best = (min if metric == "mae" else max)(rows, key=lambda r: r[3])
+                    for name, reader in readers:
+                        r = run_protocol("cv", X, y, task, splits, reader, seed=0, workers=args.workers)
+                        rows.append((side, pooling, spec, name, r.mean(metric), r.std(metric)))
+                        print(f"| {side} | {pooling} | {spec} | {name} | {r.mean(metric):.3f} ± {r.std(metric):.3f} |",
+                              flush=True)
+        best = (min if metric == "mae" else max)(rows, key=lambda r: r[4])
         print(f"best: {best}")
 
 
@@ -148,6 +155,10 @@ def main() -> None:
     e.add_argument("--out", required=True)
     s = sub.add_parser("score")
     s.add_argument("files", nargs="+")
+    s.add_argument("--ranges", default="", help="comma-separated layer ranges (default: the study's seven)")
+    s.add_argument("--poolings", default="mean,last,tail")
+    s.add_argument("--lightgbm", action="store_true", help="also LightGBM (evaluate's settings), not only the probe")
+    s.add_argument("--workers", type=int, default=1, help="splits fitted at once (evaluate's workers)")
     args = ap.parse_args()
     embed_all(args) if args.cmd == "embed" else score_all(args)
 

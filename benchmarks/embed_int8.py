@@ -6,7 +6,7 @@
 `--avx2` sets ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 before torch loads, so PyTorch's own kernels, oneDNN and FBGEMM (the int8 products) all stop at
 AVX2, as on the 2-core AMD EPYC of the issue. Three paths embed the first N users' serialized
-MovieLens texts (benchmarks/embed.py builds them) with hidden states 9: averaged over tokens:
+MovieLens texts (benchmarks/embed.py builds them) with the hidden states `--layers` (default 9:) averaged over tokens:
 
 - plain: `AutoModelForCausalLM`, `output_hidden_states=True`, fixed batches, float32 (benchmarks/embed.py's loop);
 - embedder fp32: `training.embed.Embedder` (sorted batches, bare decoder, layer-sum hooks);
@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", default="9:", help="hidden states averaged by both paths (a range ending early: "
+                    "the Embedder exits early, the plain loop runs the whole model as a user would)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 Embedder run")
     ap.add_argument("--avx2", action="store_true", help="emulate an AVX2-only CPU (set before torch loads)")
     ap.add_argument("--home", type=Path, default=None, help="a home with (or to get) serialized MovieLens texts")
     args = ap.parse_args()
@@ -47,7 +50,7 @@ def main() -> None:
 
     from benchmarks.embed import ensure_texts, load, plain_loop, read_texts
     from benchmarks.machine import describe
-    from training.embed import Embedder, EmbedConfig, plan_batches
+    from training.embed import Embedder, EmbedConfig, n_hidden_states, plan_batches, resolve_layers
     from producers.shared.models import load_causal_lm, resolve_model
 
     torch.set_num_threads(args.threads)
@@ -62,7 +65,8 @@ def main() -> None:
     ensure_texts(args.home, "smollm2-135m")
     users, texts = read_texts(args.home, args.users)
     path = resolve_model("smollm2-135m")
-    config = EmbedConfig(max_length=args.max_length, batch_tokens=args.batch_tokens, dtype="float32", device="cpu")
+    config = EmbedConfig(max_length=args.max_length, batch_tokens=args.batch_tokens, dtype="float32", device="cpu",
+                         layers=args.layers)
 
     def run_embedder(quantize: bool) -> tuple[np.ndarray, float, int]:
         # the product's path: Embedder.load quantizes before its layer-sum hooks attach
@@ -81,14 +85,14 @@ def main() -> None:
     from producers.shared.models import load_tokenizer
     tok = load_tokenizer(path)
     tok.pad_token = tok.pad_token or tok.eos_token
-    chosen = range(9, model.config.num_hidden_layers + 1)
+    chosen = resolve_layers(args.layers, n_hidden_states(model.config))
     plain_loop(model, tok, texts[:2], chosen, 2, args.max_length, torch.device("cpu"))  # warm-up
     plain, plain_s, tokens, _, _ = plain_loop(model, tok, texts, chosen, max(1, args.batch_tokens // args.max_length),
                                               args.max_length, torch.device("cpu"))
     del model
-    print(f"load {load()}; {len(texts)} users, {tokens:,} tokens (max_length {args.max_length})")
+    print(f"load {load()}; {len(texts)} users, {tokens:,} tokens (max_length {args.max_length}, layers {args.layers})")
     fp32, fp32_s, _ = run_embedder(False)
-    int8, int8_s, _ = run_embedder(True)
+    int8, int8_s, _ = (fp32, float("nan"), 0) if args.no_int8 else run_embedder(True)
 
     def cos(a, b):
         return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -98,8 +102,8 @@ def main() -> None:
     for name, s in (("plain transformers loop, fp32", plain_s), ("Embedder fp32", fp32_s), ("Embedder int8", int8_s)):
         print(f"| {name} | {s:.1f} | {tokens / s:,.0f} | {plain_s / s:.2f}x |")
     c = cos(int8, fp32)
-    print(f"cosine(int8, fp32) per user: min {c.min():.4f}, mean {c.mean():.4f}; "
-          f"cosine(Embedder fp32, plain): min {cos(fp32, plain).min():.6f}; load {load()}")
+    print((f"cosine(int8, fp32) per user: min {c.min():.4f}, mean {c.mean():.4f}; " if not args.no_int8 else "")
+          + f"cosine(Embedder fp32, plain): min {cos(fp32, plain).min():.6f}; load {load()}")
 
 
 if __name__ == "__main__":

@@ -322,26 +322,37 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+class _EarlyExit(Exception):
+    """Raised by the hook that adds the deepest chosen hidden state: the layers after it are not run."""
+
+
 class _LayerSum:
     """Forward hooks adding each selected hidden state's masked token sum into a float32 (batch, hidden) total.
 
     Works for decoder stacks shaped like Llama (`layers` + final `norm`); hidden state 0 is the
     first layer's input, state i the output of layer i-1, and the last one the normed output,
     as transformers' `output_hidden_states`. No hidden state outlives the layer after it.
+    When the chosen range ends before the last state, the hook that adds its deepest state stops
+    the forward (`_EarlyExit`): the layers after it, and the final norm, would only be thrown away.
+    The states summed are the same tensors, so the vectors do not change; only the time does.
     """
 
     def __init__(self, base: Any, chosen: range):
         self.mask: torch.Tensor | None = None  # (batch, seq, 1) bool
         self.total: torch.Tensor | None = None
         layers, n = base.layers, len(base.layers) + 1
+        deepest = max(chosen)
+        self.early_exit = deepest < n - 1
+        self.layers_run = deepest if self.early_exit else len(layers)
         self.handles = []
         if 0 in chosen:
-            self.handles.append(layers[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.handles.append(layers[0].register_forward_pre_hook(
+                self._pre_hook(stop=deepest == 0), with_kwargs=True))
         for i in chosen:
             if 1 <= i <= n - 2:
-                self.handles.append(layers[i - 1].register_forward_hook(self._hook))
+                self.handles.append(layers[i - 1].register_forward_hook(self._hook(stop=i == deepest)))
         if n - 1 in chosen:
-            self.handles.append(base.norm.register_forward_hook(self._hook))
+            self.handles.append(base.norm.register_forward_hook(self._hook(stop=False)))
 
     @staticmethod
     def supports(base: Any) -> bool:
@@ -350,18 +361,24 @@ class _LayerSum:
         return isinstance(getattr(base, "layers", None), torch.nn.ModuleList) and isinstance(
             getattr(base, "norm", None), torch.nn.Module)
 
-    def _pre_hook(self, module, args, kwargs):
-        self.add(args[0] if args else kwargs["hidden_states"])
+    def _pre_hook(self, stop: bool):
+        def hook(module, args, kwargs):
+            self.add(args[0] if args else kwargs["hidden_states"], stop)
+        return hook
 
-    def _hook(self, module, args, output):
-        self.add(output[0] if isinstance(output, (tuple, list)) else output)
+    def _hook(self, stop: bool):
+        def hook(module, args, output):
+            self.add(output[0] if isinstance(output, (tuple, list)) else output, stop)
+        return hook
 
-    def add(self, hidden: torch.Tensor) -> None:
+    def add(self, hidden: torch.Tensor, stop: bool = False) -> None:
         import torch
 
         # torch.where, not a product: a padded position may hold anything, NaN included.
         part = torch.where(self.mask, hidden.float(), 0.0).sum(dim=1)
         self.total = part if self.total is None else self.total.add_(part)
+        if stop:
+            raise _EarlyExit
 
     def remove(self) -> None:
         for h in self.handles:
@@ -436,6 +453,13 @@ class Embedder:
             max_length = limit
         return cls(model, tokenizer, resolve_layers(config.layers, n_hidden), max_length, device,
                    config.padding_side, config.truncation_side, config.add_special_tokens, config.pooling)
+
+    @property
+    def layers_run(self) -> int:
+        """Decoder layers one forward runs: fewer than all when the chosen states end early (early exit)."""
+        if self._sum is not None:
+            return self._sum.layers_run
+        return n_decoder_layers(self.base.config)
 
     @property
     def hidden_size(self) -> int:
@@ -522,7 +546,10 @@ class Embedder:
         if self._sum is not None:
             self._sum.mask, self._sum.total = keep, None
             try:
-                self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                try:
+                    self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                except _EarlyExit:
+                    pass
                 total = self._sum.total
             finally:
                 self._sum.mask, self._sum.total = None, None
@@ -603,6 +630,10 @@ def pick_dtype(dtype: str, device: Any) -> Any:
 def _text_config(config: Any) -> Any:
     getter = getattr(config, "get_text_config", None)
     return getter() if getter else config
+
+
+def n_decoder_layers(config: Any) -> int:
+    return n_hidden_states(config) - 1
 
 
 def n_hidden_states(config: Any) -> int:
@@ -691,6 +722,11 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
     if model_name != config.model:
         say(f"{ck.label} was fine-tuned from {model_name}: recorded as its model")
     embedder = Embedder.load(model_path, tokenizer_path, config, say)
+    total_layers = n_decoder_layers(embedder.base.config)
+    if embedder.layers_run < total_layers:
+        # not in the provenance: the vectors are the full forward's, only the time differs
+        say(f"early exit: layers {layers_label(embedder.layers)} need {embedder.layers_run}"
+            f" of {total_layers} decoder layers")
     group = _ProcessGroup.join(ranks, embedder.device)
     try:
         layers = layers_label(embedder.layers)
@@ -806,6 +842,7 @@ def _embed_mfu(embedder: Embedder, ids: list, tokens_per_s: float, processes: in
     n = [len(x) for x in ids]
     mean_context = sum(k * k for k in n) / sum(n) / 2
     flops = model_flops_per_token(embedder.base.config, mean_context, training=False, lm_head=False)
+    flops *= embedder.layers_run / n_decoder_layers(embedder.base.config)  # both terms scale with the layers run
     return tokens_per_s * flops / (peak * processes)
 
 

@@ -9,9 +9,14 @@ def test_the_cpu_plan_reads_more_history_instead_of_fine_tuning():
     assert cpu.finetune is None and cpu.serialize_format == "compact"
     # int8 was measured and left out: it costs the linear probe 0.035 ROC-AUC (benchmarks/RESULTS.md)
     assert cpu.embed.quantize is None and cpu.embed.dtype == "float32"
-    # sized to the 20-minute budget on an AVX2-only 2-core CPU (benchmarks/RESULTS.md): fewer tokens than
-    # the bf16 plan's 512, more than the old plan's 6 ratings (256 tokens of the paper's lines)
-    assert 128 <= cpu.embed.max_length < plan("cpu-bf16").embed.max_length
+    # a base model: the first third of its hidden states, the layers saved spent on history (early exit);
+    # the compute, tokens x decoder layers run, stays within the old budget of 192 tokens x 30 layers
+    from training.embed import resolve_layers
+
+    chosen = resolve_layers(cpu.embed.layers, 31)
+    assert max(chosen) <= 31 // 3 and cpu.embed.max_length * max(chosen) <= 192 * 30
+    assert cpu.embed.max_length > 192
+    assert plan("gpu").embed.layers == plan("cpu-bf16").embed.layers == "9:"  # fine-tuned: the paper's layers
     assert cpu.evaluate.workers == 0  # evaluate fits splits on every usable core
     assert cpu.evaluate.linear_probe  # both readers in the final table
     assert any("fine-tuning: skipped" in c for c in cpu.cuts) and any("compact" in c for c in cpu.cuts)

@@ -169,6 +169,24 @@ def test_output_hidden_states_fallback_agrees_with_the_hooks(model_dir):
     np.testing.assert_allclose(e.encode(texts).vectors, hooked, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers, runs", [("0:1", 0), ("1:2", 1), ("0:3", 2), ("1:3", 2), ("1:", 3), ("all", 3)])
+def test_early_exit_runs_only_the_layers_needed_and_gives_the_full_forwards_vectors(model_dir, layers, runs):
+    texts = ["the cat sat on the mat", "a dog", "in the beginning there was the word"]
+    e = embedder(model_dir, layers=layers)
+    assert e.layers_run == runs
+    calls = []
+    watched = [*e.base.layers, e.base.norm]
+    handles = [m.register_forward_pre_hook(lambda m, a, k=k: calls.append(k)) for k, m in enumerate(watched)]
+    early = e.encode(texts).vectors
+    for h in handles:
+        h.remove()
+    # a module that starts counts as run; the norm (index 3) runs only when the last state is chosen
+    assert sorted(set(calls)) == list(range(runs)) + ([3] if runs == TINY["layers"] else [])
+    e.close()  # no hooks: the generic output_hidden_states path runs every layer
+    assert e._sum is None
+    np.testing.assert_allclose(early, e.encode(texts).vectors, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_user_gets_the_same_vector_alone_and_in_any_batch(built_home, model_dir, side, attn):
