@@ -40,6 +40,7 @@ from validation.snapshot_gate import (
     _Expectation,
     _plain,
     run_frames,
+    share_present,
 )
 
 KEYS = ("user_id", "feature_timestamp")
@@ -111,15 +112,9 @@ def check_aggregate_snapshot(snapshot: pa.Table, columns: Sequence[str], previou
     ]
     figures: dict[str, float] = {}
     if expected_users is not None:
-        want = {_plain(u) for u in expected_users}
-        have = {_plain(u) for u in frame["user_id"]}
-        figures["share_present"] = len(want & have) / len(want) if want else 1.0
-        missing = sorted(want - have, key=str)
-        ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
-                               {"column": "share_present", "min_value": config.min_share_present},
-                               "share of refreshed users present", f">= {config.min_share_present:.0%} of "
-                               f"{len(want):,}", "share_present",
-                               examples=[f"missing {u}" for u in missing[:EXAMPLES]]))
+        figures["share_present"], expectation = share_present(expected_users, frame["user_id"],
+                                                              config.min_share_present, "refreshed users")
+        ex.append(expectation)
     ranges = None
     if previous is not None:
         out = []

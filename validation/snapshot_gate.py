@@ -231,15 +231,9 @@ def _frames_and_expectations(new: Snapshot, old: Snapshot | None, dim: int | Non
         if expected is None:
             expected = old.users
     if expected is not None:
-        want = {_plain(u) for u in expected}
-        have = {_plain(u) for u in new.users[new.lengths > 0]}
-        figures["share_present"] = len(want & have) / len(want) if want else 1.0
-        missing = sorted(want - have, key=str)
-        ex.append(_Expectation("figures", "ExpectColumnValuesToBeBetween",
-                               {"column": "share_present", "min_value": config.min_share_present},
-                               "share of expected users present", f">= {config.min_share_present:.1%} of "
-                               f"{len(want):,}", "share_present",
-                               examples=[f"missing {u}" for u in missing[:EXAMPLES]]))
+        figures["share_present"], expectation = share_present(expected, new.users[new.lengths > 0],
+                                                              config.min_share_present, "expected users")
+        ex.append(expectation)
     if unchanged is not None and old is not None:
         cos, n = mean_cosine(old, new, dim, unchanged)
         figures["mean_cosine_unchanged"] = cos
@@ -353,6 +347,18 @@ def _gate_check(e: _Expectation, er, frame: pd.DataFrame, key: str = "user_id", 
     if not examples:
         examples = [str(_plain(v)) for v in r.get("partial_unexpected_list") or []]
     return GateCheck(e.check, e.expectation, bool(er.success), figure, e.threshold, examples)
+
+
+def share_present(expected: Iterable, present: Iterable, min_share: float, who: str) -> tuple[float, _Expectation]:
+    """The share of `expected` users found in `present`, and its expectation (examples name the missing)."""
+    want = {_plain(u) for u in expected}
+    have = {_plain(u) for u in present}
+    share = len(want & have) / len(want) if want else 1.0
+    missing = sorted(want - have, key=str)
+    return share, _Expectation("figures", "ExpectColumnValuesToBeBetween",
+                               {"column": "share_present", "min_value": min_share},
+                               f"share of {who} present", f">= {min_share:.1%} of {len(want):,}", "share_present",
+                               examples=[f"missing {u}" for u in missing[:EXAMPLES]])
 
 
 def _plain(v):
