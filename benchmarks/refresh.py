@@ -116,18 +116,14 @@ def full_sessions(home: Home, args: argparse.Namespace) -> dict[str, float]:
     distill (word-overlap labels: an LLM labeller would only make the full run dearer; refresh never labels)."""
     from producers.enrich.options import LLMOptions
     from producers.intents import DistillConfig, LabelConfig, distill_intents, import_taxonomy, label_sessions
-    from producers.sessions import SessionEncoderConfig, build_sessions, train_encoder
-    from producers.sessions.embed import embed_some
+    from producers.sessions import SessionEncoderConfig, build_sessions, embed_sessions, train_encoder
 
     encoder = SessionEncoderConfig(epochs=args.session_epochs, progress=False)
     lexical = LLMOptions(backend="lexical")
     out: dict[str, float] = {}
     _, out["sessions"] = timed(lambda: build_sessions(home, DATASET))
-    trained, out["session_train"] = timed(lambda: train_encoder(home, DATASET, encoder))
-    # every session with the checkpoint just trained (`embed_sessions` finds it by its run key, which
-    # on this many sessions was seen to differ between train and embed: see RESULTS)
-    checkpoint = trained.run_dir / f"epoch-{encoder.epochs}.pt"
-    _, out["session_embed"] = timed(lambda: embed_some(home, DATASET, checkpoint, None))
+    _, out["session_train"] = timed(lambda: train_encoder(home, DATASET, encoder))
+    _, out["session_embed"] = timed(lambda: embed_sessions(home, DATASET, encoder))
 
     def intents() -> None:
         import_taxonomy(home, DATASET, TAXONOMY)

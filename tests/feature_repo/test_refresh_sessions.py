@@ -267,3 +267,31 @@ def test_cutting_only_the_changed_users_again_gives_the_tables_a_full_build_give
     assert moved and set(moved) <= set(todo)
     owners = dict(sql(h, f"SELECT session_id, user_id FROM {SCHEMA}.sessions"))
     assert {owners[s] for s in todo} == set(CHANGED)
+
+
+def test_the_session_gate_of_a_refresh_judges_the_changed_sessions_the_canaries_and_a_fixed_sample(home, monkeypatch):
+    import producers.sessions.embed as embed_mod
+    from producers.refresh import _gate_sample
+
+    ids = [f"s{i}" for i in range(50)]
+    sample = _gate_sample(ids, ["s7"], ["s9"], 5)
+    assert sample[:2] == ["s7", "s9"] and len(sample) == 7 and len(set(sample)) == 7
+    assert _gate_sample(list(reversed(ids)), ["s7"], ["s9"], 5) == sample  # by hash, not by input order
+
+    lines: list[str] = []
+    real = embed_mod.infer
+
+    def plant_nan(*args, **kwargs):  # a changed session's vector broken: the sample must still hold it
+        out = real(*args, **kwargs)
+        out[0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(embed_mod, "infer", plant_nan)
+    with pytest.raises(SnapshotGateError) as e:
+        refresh(home, DATASET, RefreshConfig(gate_sample_sessions=2), log=lines.append)
+    assert "FAIL no NaN or infinite values" in str(e.value)
+    judged = [x for x in lines if "sessions judged" in x]
+    assert len(judged) == 1 and "a hash sample of the rest" in judged[0]
+    monkeypatch.setattr(embed_mod, "infer", real)
+    r = refresh(home, DATASET, RefreshConfig(gate_sample_sessions=2), log=lines.append)
+    assert r.published and r.gate_passed and "mean cosine" in r.gate["sessions"]
