@@ -443,7 +443,6 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
           config: RefreshConfig, log: Log):
     """The snapshot gate on the refreshed users' vectors (plus the canaries), against each user's latest served row."""
     from producers.stores.serving import feast_dir
-    from validation.snapshot_gate import SnapshotGateConfig, check_snapshot
 
     who = None if users is None else sorted(set(users) | set(canary))
     old = None
@@ -468,20 +467,7 @@ def _gate(home: Home, kind: str, table, users: list | None, canary: list, previo
         keep = pc.invert(pc.is_in(old.column("user_id"), value_set=pa.array(who, old.column("user_id").type)))
         table = pa.concat_tables([old.filter(keep).select(["user_id", "vector"]),
                                   table.select(["user_id", "vector"]).cast(old.select(["user_id", "vector"]).schema)])
-    gate_config = SnapshotGateConfig()
-    if table.num_rows < config.min_drift_users:
-        log(f"gate ({kind}): {table.num_rows} users, fewer than {config.min_drift_users}: the PSI drift figures are "
-            "reported, not enforced")
-        gate_config = SnapshotGateConfig(max_psi=float("inf"))
-    from validation.snapshot_gate import SnapshotGateError
-
-    try:
-        report = check_snapshot(table, old, gate_config, force=config.force,
-                                unchanged_users=canary if canary and old is not None else None)
-    except SnapshotGateError as e:
-        report = e.report
-    log(f"gate ({kind}): {report.message()}")
-    return report
+    return _check(table, old, canary, config, log, kind, "users")
 
 
 def _gate_aggregates(home: Home, served: dict, snapshot: Path, users: list | None, config: RefreshConfig, log: Log):
@@ -640,7 +626,6 @@ def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from validation.snapshot_gate import SnapshotGateConfig, SnapshotGateError, check_snapshot
 
     table = pq.read_table(parquet, columns=["session_id", "embedding"])
     if todo is not None and table.num_rows > len(todo) + len(canary) + config.gate_sample_sessions:
@@ -655,16 +640,23 @@ def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config:
         keep = pc.invert(pc.is_in(table.column("session_id"), value_set=pa.array(canary, pa.string())))
         table = pa.concat_tables([table.filter(keep), canary_vectors.cast(table.schema)])
     old = None if history is None else history.select(["session_id", "embedding"])
+    return _check(table, old, canary, config, log, "sessions", "sessions", user_column="session_id",
+                  vector_column="embedding")
+
+
+def _check(table, old, canary: list, config: RefreshConfig, log: Log, kind: str, rows: str, **columns):
+    """The snapshot gate on `table` against `old`; drift is reported, not enforced, on too few rows to judge it."""
+    from validation.snapshot_gate import SnapshotGateConfig, SnapshotGateError, check_snapshot
+
     gate_config = SnapshotGateConfig()
     if table.num_rows < config.min_drift_users:
-        log(f"gate (sessions): {table.num_rows} sessions, fewer than {config.min_drift_users}: the PSI drift figures "
-            "are reported, not enforced")
+        log(f"gate ({kind}): {table.num_rows} {rows}, fewer than {config.min_drift_users}: the PSI drift figures are "
+            "reported, not enforced")
         gate_config = SnapshotGateConfig(max_psi=float("inf"))
     try:
         report = check_snapshot(table, old, gate_config, force=config.force,
-                                unchanged_users=canary if canary and old is not None else None,
-                                user_column="session_id", vector_column="embedding")
+                                unchanged_users=canary if canary and old is not None else None, **columns)
     except SnapshotGateError as e:
         report = e.report
-    log(f"gate (sessions): {report.message()}")
+    log(f"gate ({kind}): {report.message()}")
     return report
