@@ -626,7 +626,6 @@ def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-
     table = pq.read_table(parquet, columns=["session_id", "embedding"])
     if todo is not None and table.num_rows > len(todo) + len(canary) + config.gate_sample_sessions:
         ids = pa.array(_gate_sample(table.column("session_id").to_pylist(), todo, canary,
