@@ -18,7 +18,9 @@ and checks that exactly the delta's visitors were recomputed. Prints the figures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from datetime import date
@@ -59,13 +61,20 @@ def main() -> None:
     ap.add_argument("--no-sessions", action="store_true", help="leave sessions and intents out")
     ap.add_argument("--session-epochs", type=int, default=1, help="session encoder training epochs (full run only)")
     ap.add_argument("--label-sample", type=int, default=1000, help="sessions labelled for the distilled classifier")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="work here and keep it (default: a temporary folder, removed); the home as it was just "
+                         "before the refresh is copied to WORKDIR/home.before-refresh, to profile a refresh again")
     args = ap.parse_args()
     print(describe())
     print(f"load average before: {os.getloadavg()[0]:.1f} (1 min)")
     definition = load_builtin(DATASET)
     tok = tiny_tokenizer()
-    with tempfile.TemporaryDirectory(prefix="llm4es-bench-refresh-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llm4es-bench-refresh-")))
+        else:
+            root = args.workdir
+            root.mkdir(parents=True, exist_ok=False)
         model = save_tiny_model(root / "tiny", tok, seed=0, max_positions=512)
         base = ClickstreamConfig(visitors=args.visitors, seed=args.seed, days=args.days,
                                  mean_sessions=args.mean_sessions, start=date(2024, 1, 1))
@@ -93,6 +102,8 @@ def main() -> None:
         assert rep_d.success and rep_d.scope.startswith("delta"), rep_d.scope
         rep, t_validate = timed(lambda: validate(home, DATASET, ValidateConfig(data_docs=False)))
         assert rep.success
+        if args.workdir is not None:
+            shutil.copytree(home.root, root / "home.before-refresh")
         r, t_refresh = timed(lambda: refresh(home, DATASET, tokenizer=tok))
         assert r.published and r.users == delta_users, (len(r.users), len(delta_users))
         print(f"load average after: {os.getloadavg()[0]:.1f} (1 min)")
