@@ -27,8 +27,7 @@ from producers.cli import (
     sessions,
     texts,
 )
-from producers.cli.options import PipelineOrder
-from producers.pipeline import Pipeline
+from producers.cli.options import PipelineOrder, PipelineRecipe
 
 HELP = """Turn raw user event histories into user embeddings served from a feature store.
 
@@ -52,11 +51,14 @@ are cached under --cache (default: $LLM4ES_CACHE or ~/.cache/llm4es).
               help="Download cache. [default: $LLM4ES_CACHE or ~/.cache/llm4es]")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None, cache_dir: Path | None) -> None:
-    from producers.redact import redact_text
+    def log(msg: str) -> None:
+        from producers.redact import redact_text
 
-    # Progress lines may quote an endpoint URL: its credentials are never printed.
-    ctx.obj = Pipeline.create(home, cache_dir,
-                              log=lambda msg: printers.err_console.print(f"[dim]· {redact_text(msg)}[/]"))
+        # Progress lines may quote an endpoint URL: its credentials are never printed.
+        printers.err_console.print(f"[dim]· {redact_text(msg)}[/]")
+
+    # Made when a command runs, not here: `llm4es CMD --help` must not import the stages (options.py).
+    ctx.obj = PipelineRecipe(home, cache_dir, log)
 
 
 # Every command, registered here once, in the order a pipeline runs them.

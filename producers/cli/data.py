@@ -4,21 +4,24 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg, mapping_opt, reject_opt
-from producers.ingest import IngestConfig
-from producers.pipeline import Pipeline
-from producers.shared.models import DEFAULT_MODEL
-from producers.synthetic.clickstream import ClickstreamConfig
-from validation.run import ValidateConfig
+from producers.cli.options import DEFAULT_MODEL, VALIDATE, dataset_arg, mapping_opt, pass_pipeline, reject_opt
+
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+
+CLICKS = config_defaults("producers.synthetic.clickstream", "ClickstreamConfig")
+INGEST = config_defaults("producers.ingest.run", "IngestConfig")
 
 
 @click.command()
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def datasets(p: Pipeline) -> None:
     """List built-in datasets and what the warehouse holds."""
@@ -38,7 +41,7 @@ def datasets(p: Pipeline) -> None:
 
 @click.command()
 @click.option("--model", default=None, help=f"Registry name of the model to cache. [default: {DEFAULT_MODEL}]")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def fetch(p: Pipeline, model: str | None) -> None:
     """Download the default dataset and model into the cache (safe to re-run)."""
@@ -47,11 +50,11 @@ def fetch(p: Pipeline, model: str | None) -> None:
 
 @click.command("synth-clicks")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--visitors", type=click.IntRange(1), default=ClickstreamConfig.visitors, show_default=True,
+@click.option("--visitors", type=click.IntRange(1), default=CLICKS.visitors, show_default=True,
               help="Visitors to generate.")
-@click.option("--seed", type=int, default=ClickstreamConfig.seed, show_default=True,
+@click.option("--seed", type=int, default=CLICKS.seed, show_default=True,
               help="Same seed and options: the same files, byte for byte.")
-@click.option("--days", type=click.IntRange(1, 1000), default=ClickstreamConfig.days, show_default=True,
+@click.option("--days", type=click.IntRange(1, 1000), default=CLICKS.days, show_default=True,
               help="Days from 2024-01-01 that sessions start on.")
 @click.option("--app-users", type=click.FloatRange(0, 1), default=None,
               help="Also draw the app side (producers/synthetic/crosschannel.py): this share of people use the app; "
@@ -79,7 +82,7 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int, app_users: 
     Without --source, `ingest bank-clickstream` generates the default set (2,000 visitors, seed 0)
     into the cache.
     """
-    from producers.synthetic.clickstream import write_clickstream
+    from producers.synthetic.clickstream import ClickstreamConfig, write_clickstream
 
     if app_users is not None:
         from producers.synthetic.crosschannel import synth_command
@@ -98,7 +101,7 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int, app_users: 
 @mapping_opt
 @reject_opt
 @click.option("--force", is_flag=True, help="Re-ingest even if this exact source was already ingested.")
-@click.option("--max-line-size", type=click.IntRange(1024), default=IngestConfig.max_line_size,
+@click.option("--max-line-size", type=click.IntRange(1024), default=INGEST.max_line_size,
               help="Longest CSV line accepted, in bytes (a longer line is a rejected row). [default: DuckDB's 2000000]")
 @click.option("--allow-shrink", is_flag=True,
               help="Replace the data even when events or users drop by more than half against the last ingest "
@@ -106,7 +109,7 @@ def synth_clicks(out_dir: Path, visitors: int, seed: int, days: int, app_users: 
 @click.option("--append", is_flag=True,
               help="Add the new events in --source to the stored ones (deduplicated by the event key) instead of "
                    "replacing them.")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None, max_reject_share: float,
            force: bool, max_line_size: int | None, allow_shrink: bool, append: bool) -> None:
@@ -131,13 +134,13 @@ def ingest(p: Pipeline, dataset: str, source: Path | None, mapping: Path | None,
 @click.command()
 @dataset_arg
 @reject_opt
-@click.option("--chunk-rows", type=click.IntRange(1000), default=ValidateConfig.chunk_rows, show_default=True,
+@click.option("--chunk-rows", type=click.IntRange(1000), default=VALIDATE.chunk_rows, show_default=True,
               help="Events validated per chunk (chunks hold whole users).")
 @click.option("--no-data-docs", is_flag=True, help="Skip writing GX's HTML Data Docs.")
 @click.option("--delta", is_flag=True,
               help="After `ingest --append`: check only the users it touched (their events and rows), when the "
                    "data before it passed; else every row.")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def validate(p: Pipeline, dataset: str, max_reject_share: float, chunk_rows: int, no_data_docs: bool,
              delta: bool) -> None:

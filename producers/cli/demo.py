@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from producers.cli import printers
 from producers.cli.errors import handle_errors
-from producers.pipeline import Pipeline
+from producers.cli.options import pass_pipeline
+
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
 
 
 @click.command()
 @click.option("--dataset", default="movielens-100k", show_default=True)
 @click.option("--hardware", type=click.Choice(["auto", "gpu", "cpu-bf16", "cpu"]), default="auto", show_default=True,
               help="Size the LLM stages for this machine class (auto: detect).")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def demo(p: Pipeline, dataset: str, hardware: str) -> None:
     """The whole pipeline end to end on the built-in dataset, then the results table and one online read.

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import click
 
-from producers.aggregate import AggregateConfig
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg, force_opt
-from producers.coles.config import ColesConfig
-from producers.pipeline import Pipeline
+from producers.cli.options import dataset_arg, force_opt, pass_pipeline
 
-A, C = AggregateConfig, ColesConfig
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+
+A = config_defaults("producers.aggregate", "AggregateConfig")
+C = config_defaults("producers.coles.config", "ColesConfig")
 
 
 @click.command()
@@ -27,7 +30,7 @@ A, C = AggregateConfig, ColesConfig
 @click.option("--amount-field", default=A.amount_field,
               help="Numeric field summed per category. [default: a numeric field named `amount`, if any]")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def aggregate(p: Pipeline, dataset: str, top_n: int, as_of: datetime | None, amount_field: str | None,
               force: bool) -> None:
@@ -64,7 +67,7 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of: datetime | None, amo
               help="Cap on an epoch: bigger datasets see a fresh random sample of users each epoch.")
 @click.option("--restart", is_flag=True, help="Train from scratch even if a run with the same settings exists.")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int,
           as_of: datetime | None, device: str, max_batches_per_epoch: int, restart: bool, force: bool) -> None:
@@ -84,6 +87,8 @@ def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: 
         more, only they train (everyone is embedded);
       - an epoch is at most --max-batches-per-epoch batches of --batch-size users.
     """
+    from producers.coles.config import ColesConfig
+
     config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
                          as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
                          max_batches_per_epoch=max_batches_per_epoch, resume=not restart, force=force)

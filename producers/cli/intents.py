@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import PipelineOrder, dataset_arg, llm_options, with_llm
-from producers.intents.config import DistillConfig, LabelConfig, TaxonomyConfig
-from producers.pipeline import Pipeline
+from producers.cli.options import PipelineOrder, dataset_arg, llm_options, pass_pipeline, with_llm
 
-T, L, D = TaxonomyConfig, LabelConfig, DistillConfig
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+
+T = config_defaults("producers.intents.config", "TaxonomyConfig")
+L = config_defaults("producers.intents.config", "LabelConfig")
+D = config_defaults("producers.intents.config", "DistillConfig")
 
 
 @click.group(cls=PipelineOrder)
@@ -43,7 +48,7 @@ def intents() -> None:
               help="Store a taxonomy a person wrote or reviewed (`name: description` per line, or a "
                    "taxonomy-vN.md table) as the next version instead of asking the LLM.")
 @llm_options
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def intents_build(p: Pipeline, dataset: str, sample_size: int, rounds: int, max_labels: int, seed: int,
                   from_file: Path | None, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int,
@@ -59,6 +64,8 @@ def intents_build(p: Pipeline, dataset: str, sample_size: int, rounds: int, max_
     if from_file is not None:
         r = p.intents_import(dataset, from_file, max_labels)
     else:
+        from producers.intents.config import TaxonomyConfig
+
         base = TaxonomyConfig()
         config = TaxonomyConfig(sample_size=sample_size, rounds=rounds, max_labels=max_labels, seed=seed,
                                 llm=with_llm(base.llm, llm_backend, llm_model, endpoint, concurrency, timeout_s),
@@ -77,7 +84,7 @@ def intents_build(p: Pipeline, dataset: str, sample_size: int, rounds: int, max_
 @click.option("--taxonomy-version", type=click.IntRange(1), default=L.taxonomy_version, help="Default: the newest.")
 @click.option("--seed", type=int, default=L.seed, show_default=True)
 @llm_options
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def intents_label(p: Pipeline, dataset: str, sample_size: int, mode: str, taxonomy_version: int | None, seed: int,
                   llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int, timeout_s: float,
@@ -88,6 +95,8 @@ def intents_label(p: Pipeline, dataset: str, sample_size: int, mode: str, taxono
     text, label empty), cached in intent_llm_labels after every batch: the same command after an
     interruption asks only for what is missing.
     """
+    from producers.intents.config import LabelConfig
+
     base = LabelConfig()
     config = LabelConfig(sample_size=sample_size or None, taxonomy_version=taxonomy_version, mode=mode, seed=seed,
                          llm=with_llm(base.llm, llm_backend, llm_model, endpoint, concurrency, timeout_s),
@@ -106,7 +115,7 @@ def intents_label(p: Pipeline, dataset: str, sample_size: int, mode: str, taxono
               help="Default: the newest with labels.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @llm_options
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def intents_distill(p: Pipeline, dataset: str, classifier: str, test_share: float, llm_latency_sessions: int,
                     taxonomy_version: int | None, seed: int, llm_backend: str, llm_model: str, endpoint: str | None,
@@ -117,6 +126,8 @@ def intents_distill(p: Pipeline, dataset: str, classifier: str, test_share: floa
     per session of both, measured in this run; then labels every session: session_intents table
     and data/<schema>/session_intents.parquet (label and probabilities), served by `publish`.
     """
+    from producers.intents.config import DistillConfig
+
     base = DistillConfig()
     config = DistillConfig(classifier=classifier, test_share=test_share, llm_latency_sessions=llm_latency_sessions,
                            taxonomy_version=taxonomy_version, seed=seed,

@@ -5,18 +5,22 @@ import os
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg, force_opt, model_opt
-from producers.pipeline import Pipeline
-from training.embed import EmbedConfig
-from training.evaluate import EvaluateConfig, FusionConfig
-from training.finetune import FinetuneConfig
+from producers.cli.options import dataset_arg, force_opt, model_opt, pass_pipeline
 
-F, M, V = FinetuneConfig, EmbedConfig, EvaluateConfig
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+    from training.evaluate import FusionConfig
+
+F = config_defaults("training.finetune", "FinetuneConfig")
+M = config_defaults("training.embed", "EmbedConfig")
+V = config_defaults("training.evaluate.run", "EvaluateConfig")
 
 
 @click.command()
@@ -48,7 +52,7 @@ F, M, V = FinetuneConfig, EmbedConfig, EvaluateConfig
               help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu or cuda.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
              batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
@@ -62,6 +66,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     --save-every-steps); re-running the same --run-name resumes from the last one. Each epoch's
     model goes to runs/<dataset>/<run>/models/epoch-E for `llm4es embed`.
     """
+    from training.finetune import FinetuneConfig
+
     config = FinetuneConfig(model=model, mixture=mixture, epochs=epochs, max_steps=max_steps, lr=lr,
                             batch_size=batch_size, grad_accum=grad_accum, batch_tokens=batch_tokens,
                             max_length=max_length, packing=packing,
@@ -104,7 +110,7 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
               help="auto (each process's GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda or cuda:N. "
                    "Several processes: torchrun --nproc-per-node N -m producers.cli embed ...")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
           truncation_side: str, pooling: str, batch_tokens: int, limit_users: int | None, dtype: str,
@@ -115,6 +121,8 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
     stopped. Output: the embeddings table and a Parquet file per (model, checkpoint, layers,
     kind) under data/<schema>/, with what produced them.
     """
+    from training.embed import EmbedConfig
+
     r = p.embed(dataset, EmbedConfig(model=model, checkpoint=checkpoint, kind=kind, layers=layers,
                                      max_length=max_length, truncation_side=truncation_side, pooling=pooling,
                                      batch_tokens=batch_tokens, limit_users=limit_users, dtype=dtype,
@@ -148,7 +156,7 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
               help="Late fusion rows for each ensemble (a+b): stack (non-negative weights per member and reader, "
                    "fitted on inner out-of-fold predictions), mean (equal weights, the better reader per member), "
                    "none (concatenation only). Repeatable. [default: stack]")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str | None, protocols: tuple[str, ...],
              folds: int, cv_repeats: int, seed: int, label_time: datetime | None, no_epoch_selection: bool,
@@ -165,8 +173,10 @@ def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str 
     chosen = tuple(f.strip() for f in (features or "").split(",") if f.strip())
     if features is not None and not chosen:
         raise click.BadParameter("give at least one feature set", param_hint="--features")
-    config = EvaluateConfig(targets=targets, features=chosen,
-                            protocols=protocols or V.protocols, folds=folds, cv_repeats=cv_repeats, seed=seed,
+    from training.evaluate import EvaluateConfig
+
+    config = EvaluateConfig(targets=targets, features=chosen, protocols=protocols or EvaluateConfig.protocols,
+                            folds=folds, cv_repeats=cv_repeats, seed=seed,
                             label_time=label_time.replace(tzinfo=timezone.utc) if label_time else None,
                             select_epoch=not no_epoch_selection, linear_probe=not no_linear_probe,
                             fusion=_fusion(fusions))
@@ -174,6 +184,8 @@ def evaluate(p: Pipeline, dataset: str, targets: tuple[str, ...], features: str 
 
 
 def _fusion(chosen: tuple[str, ...]) -> FusionConfig:
+    from training.evaluate import FusionConfig
+
     if not chosen:
         return FusionConfig()
     if "none" in chosen and len(chosen) > 1:
@@ -186,7 +198,7 @@ def _fusion(chosen: tuple[str, ...]) -> FusionConfig:
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="The `synth-clicks --app-users` folder (app_visits.csv, app_tiles.csv).")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True)
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
     """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each

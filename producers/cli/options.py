@@ -1,18 +1,26 @@
-"""Options several commands share, and the group class that lists commands in pipeline order.
+"""Options several commands share, the group class that lists commands in pipeline order, and how a
+command gets its Pipeline.
 
-Defaults come from the stages' config dataclasses, so `--help` shows what the library does.
+Defaults come from the stages' config dataclasses, so `--help` shows what the library does; they are
+read from the configs' source (defaults.py), so neither `--help` nor a wrong option imports a stage.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from producers.enrich.options import LLMOptions
-from producers.intents.config import TextConfig
-from producers.sessions.config import SessionEncoderConfig
-from producers.shared.models import DEFAULT_MODEL
-from validation.run import ValidateConfig
+from producers.cli.defaults import config_defaults, module_constant
+
+if TYPE_CHECKING:
+    from producers.enrich.options import LLMOptions
+    from producers.pipeline import Pipeline
+
+DEFAULT_MODEL = module_constant("producers.shared.models", "DEFAULT_MODEL")
+VALIDATE = config_defaults("validation.run", "ValidateConfig")
+TEXT = config_defaults("producers.intents.config", "TextConfig")
 
 
 class PipelineOrder(click.Group):
@@ -22,11 +30,43 @@ class PipelineOrder(click.Group):
         return list(self.commands)
 
 
+class PipelineRecipe:
+    """What the root group knows of the Pipeline (--home, --cache, the log); it is made on first use.
+
+    click runs the group's callback before a subcommand parses its options, and making a Pipeline
+    imports every stage: made there, `llm4es embed --help` or a mistyped option would wait seconds.
+    """
+
+    def __init__(self, home: Path | None, cache_dir: Path | None, log: Callable[[str], None]):
+        self.home, self.cache_dir, self.log = home, cache_dir, log
+        self._pipeline: Pipeline | None = None
+
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            from producers.pipeline import Pipeline
+
+            self._pipeline = Pipeline.create(self.home, self.cache_dir, log=self.log)
+        return self._pipeline
+
+
+def pass_pipeline(fn):
+    """`click.pass_obj` for the Pipeline: made from the root group's recipe when the command runs.
+    A caller that invokes a command on its own may give the Pipeline (or a stand-in) as `obj`."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        ctx = click.get_current_context()
+        obj = ctx.obj.pipeline() if isinstance(ctx.obj, PipelineRecipe) else ctx.obj
+        return ctx.invoke(fn, obj, *args, **kwargs)
+
+    return run
+
+
 dataset_arg = click.argument("dataset")
 mapping_opt = click.option("--mapping", type=click.Path(dir_okay=False, exists=True, path_type=Path),
                            help="YAML file describing your own dataset (see README: 'Describing your own data').")
 reject_opt = click.option("--max-reject-share", type=click.FloatRange(0, 1),
-                          default=ValidateConfig.max_reject_share, show_default=True,
+                          default=VALIDATE.max_reject_share, show_default=True,
                           help="Largest share of malformed rows per file before the run fails.")
 force_opt = click.option("--force", is_flag=True,
                          help="Run even though the dataset has not passed validation since it was ingested.")
@@ -42,7 +82,7 @@ def _apply(fn, options):
 
 def encoder_options(fn):
     """`sessions train` and `sessions embed` take the same encoder options (the run is keyed by them)."""
-    C = SessionEncoderConfig
+    C = config_defaults("producers.sessions.config", "SessionEncoderConfig")
     return _apply(fn, [
         click.option("--epochs", type=click.IntRange(1), default=C.epochs, show_default=True,
                      help="Training epochs; asking a finished run for more continues it."),
@@ -64,7 +104,7 @@ def encoder_options(fn):
 
 def llm_options(fn):
     """The intent commands' LLM: back end, model, endpoint, and how much of a session a prompt shows."""
-    L = LLMOptions
+    L = config_defaults("producers.enrich.options", "LLMOptions")
     return _apply(fn, [
         click.option("--llm-backend", type=click.Choice(["local", "openai", "lexical"]), default=L.backend,
                      show_default=True,
@@ -79,7 +119,7 @@ def llm_options(fn):
                      help="Requests in flight (openai)."),
         click.option("--timeout", "timeout_s", type=click.FloatRange(1), default=L.timeout_s, show_default=True,
                      help="Seconds per attempt of a request (openai)."),
-        click.option("--max-chars", type=click.IntRange(200), default=TextConfig.max_chars, show_default=True,
+        click.option("--max-chars", type=click.IntRange(200), default=TEXT.max_chars, show_default=True,
                      help="A session's text in a prompt is cut to this many characters."),
         click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
     ])

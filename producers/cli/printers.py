@@ -5,11 +5,34 @@ consoles, so refer to them as `printers.console` from other modules.
 """
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from typing import Any
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class _LazyConsole:
+    """A rich Console made when something is first printed: importing rich takes ~0.1 s, which
+    `llm4es --help` and an option error (printed by click) do not need."""
+
+    def __init__(self, **kwargs: Any):
+        self._kwargs = kwargs
+        self._console = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return getattr(self._console, name)
+
+
+def Table(*args: Any, **kwargs: Any):
+    """rich's Table, imported when a table is made (see _LazyConsole)."""
+    from rich.table import Table
+
+    return Table(*args, **kwargs)
+
+
+console = _LazyConsole(highlight=False)
+err_console = _LazyConsole(stderr=True, highlight=False)
 
 
 def print_datasets(rows: list[tuple[str, str, str, str]]) -> None:

@@ -1,15 +1,19 @@
 """Serving: `publish` (Feast apply, optionally materialize)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg
-from producers.pipeline import Pipeline
-from producers.publish import PublishConfig
+from producers.cli.options import dataset_arg, pass_pipeline
 
-P = PublishConfig
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+
+P = config_defaults("producers.publish.flow", "PublishConfig")
 
 
 @click.command()
@@ -26,7 +30,7 @@ P = PublishConfig
 @click.option("--project", envvar="LLM4ES_FEAST_PROJECT", default=P.project,
               help="The Feast project (online rows and registry entries are kept per project). [default: "
                    "$LLM4ES_FEAST_PROJECT, the home's current one, else llm4es_<home folder>_<hash of its path>]")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str, redis_url: str | None,
             materialize: bool, recent_sessions: int, project: str | None) -> None:
@@ -42,6 +46,8 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
     Safe under live readers: views are updated in place, never dropped, and a killed publish leaves the
     previous state serving (see README, "What publish guarantees to live readers").
     """
+    from producers.publish import PublishConfig
+
     r = p.publish(dataset, PublishConfig(llm4es_set=llm4es_set, online_store=online_store, redis_url=redis_url,
                                          materialize=materialize, recent_sessions=recent_sessions,
                                          project=project))
@@ -60,7 +66,7 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
 @click.option("--online-store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True)
 @click.option("--redis-url", default=None, help="Redis as host:port[,db=N] [default: 127.0.0.1:6379]")
 @click.option("--no-materialize", is_flag=True, help="Publish without materializing into the online store.")
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint: str | None, force: bool,
             online_store: str, redis_url: str | None, no_materialize: bool) -> None:

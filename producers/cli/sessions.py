@@ -1,13 +1,20 @@
 """`llm4es sessions build|train|embed`: session embeddings."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import PipelineOrder, dataset_arg, encoder_options, force_opt
-from producers.pipeline import Pipeline
-from producers.sessions.config import SessionEncoderConfig, SessionsConfig
+from producers.cli.options import PipelineOrder, dataset_arg, encoder_options, force_opt, pass_pipeline
+
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+    from producers.sessions.config import SessionEncoderConfig
+
+SESSIONS = config_defaults("producers.sessions.config", "SessionsConfig")
 
 
 @click.group(cls=PipelineOrder)
@@ -23,12 +30,12 @@ def sessions() -> None:
 
 @sessions.command("build")
 @dataset_arg
-@click.option("--gap-minutes", type=click.FloatRange(0, min_open=True), default=SessionsConfig.gap_minutes,
+@click.option("--gap-minutes", type=click.FloatRange(0, min_open=True), default=SESSIONS.gap_minutes,
               help="Inactivity that starts a new session. Default: the dataset definition's events.sessions "
                    "(30 minutes unless it says otherwise; MovieLens: a day). Ignored where the definition names "
                    "an explicit session column.")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def sessions_build(p: Pipeline, dataset: str, gap_minutes: float | None, force: bool) -> None:
     """Cut DATASET's events into sessions: tables sessions and session_events in the warehouse.
@@ -37,11 +44,15 @@ def sessions_build(p: Pipeline, dataset: str, gap_minutes: float | None, force: 
     empty, every event in exactly one session, a session never spans two users); a failure
     prints which check and examples, and leaves the previous tables as they were.
     """
+    from producers.sessions.config import SessionsConfig
+
     printers.print_sessions_build(p.sessions_build(dataset, SessionsConfig(gap_minutes=gap_minutes, force=force)))
 
 
 def _encoder_config(epochs: int, batch_size: int, lr: float, d_model: int, n_layers: int, max_events: int,
                     seed: int, device: str, threads: int, force: bool) -> SessionEncoderConfig:
+    from producers.sessions.config import SessionEncoderConfig
+
     return SessionEncoderConfig(epochs=epochs, batch_size=batch_size, lr=lr, d_model=d_model, n_layers=n_layers,
                                 max_events=max_events, seed=seed, device=device, threads=threads, force=force)
 
@@ -49,7 +60,7 @@ def _encoder_config(epochs: int, batch_size: int, lr: float, d_model: int, n_lay
 @sessions.command("train")
 @dataset_arg
 @encoder_options
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def sessions_train(p: Pipeline, dataset: str, epochs: int, batch_size: int, lr: float, d_model: int, n_layers: int,
                    max_events: int, seed: int, device: str, threads: int, force: bool) -> None:
@@ -69,7 +80,7 @@ def sessions_train(p: Pipeline, dataset: str, epochs: int, batch_size: int, lr: 
 @sessions.command("embed")
 @dataset_arg
 @encoder_options
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def sessions_embed(p: Pipeline, dataset: str, epochs: int, batch_size: int, lr: float, d_model: int, n_layers: int,
                    max_events: int, seed: int, device: str, threads: int, force: bool) -> None:

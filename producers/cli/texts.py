@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from producers.cli import printers
+from producers.cli.defaults import config_defaults
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg, force_opt, model_opt
-from producers.enrich.options import LLMOptions
-from producers.enrich.run import EnrichConfig
-from producers.pipeline import Pipeline
-from producers.serialize.run import SerializeConfig
+from producers.cli.options import dataset_arg, force_opt, model_opt, pass_pipeline
 
-S, E, L = SerializeConfig, EnrichConfig, LLMOptions
+if TYPE_CHECKING:
+    from producers.pipeline import Pipeline
+
+S = config_defaults("producers.serialize.run", "SerializeConfig")
+E = config_defaults("producers.enrich.run", "EnrichConfig")
+L = config_defaults("producers.enrich.options", "LLMOptions")
 
 
 @click.command()
@@ -27,7 +30,7 @@ S, E, L = SerializeConfig, EnrichConfig, LLMOptions
               help="compact: one line per day, the date once, runs of identical events collapsed with their "
                    "count (about 2x the events per token); paper: one line per event with its full timestamp.")
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def serialize(p: Pipeline, dataset: str, model: str, max_tokens: int, time_format: str, fmt: str,
               force: bool) -> None:
@@ -78,7 +81,7 @@ def serialize(p: Pipeline, dataset: str, model: str, max_tokens: int, time_forma
 @click.option("--top-p", type=click.FloatRange(0, 1), default=L.top_p, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(16), default=L.max_new_tokens, show_default=True)
 @force_opt
-@click.pass_obj
+@pass_pipeline
 @handle_errors
 def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, limit_users: int | None,
            tokenizer: str, llm_backend: str, llm_model: str, endpoint: str | None, concurrency: int,
@@ -93,6 +96,9 @@ def enrich(p: Pipeline, dataset: str, enricher: str, variants: int, seed: int, l
     """
     if llm_backend == "openai" and enricher == "llm" and not endpoint:
         raise click.UsageError("--llm-backend openai needs --endpoint")
+    from producers.enrich.options import LLMOptions
+    from producers.enrich.run import EnrichConfig
+
     llm = LLMOptions(backend=llm_backend, model=llm_model, endpoint=endpoint, concurrency=concurrency,
                      timeout_s=timeout_s, retries=retries, batch_size=batch_size, temperature=temperature,
                      top_p=top_p, max_new_tokens=max_new_tokens)
