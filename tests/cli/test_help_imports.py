@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from producers.cli import cli
 from producers.cli.defaults import config_defaults, module_constant
+from producers.errors import Llm4esError
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ["torch", "transformers", "duckdb", "pyarrow", "feast", "great_expectations", "sklearn", "lightgbm", "ptls",
@@ -175,3 +176,44 @@ a config defined in a module this test writes.
     with pytest.raises(LookupError, match="no class Other"):
         config_defaults("cfgmod", "Other")
     assert "cfgmod" not in sys.modules  # read, not imported
+
+
+class RecordingPipeline:
+    """Stands in for the Pipeline: records the config a stage is called with, then stops the command."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, stage):
+        def call(dataset, config, *rest):
+            self.calls.append((stage, config))
+            raise Llm4esError("recorded")
+
+        return call
+
+
+# With no options, each command builds its stage's config from the defaults it read from source:
+# the same config as the dataclass's own defaults (the stage classes are imported only in the body).
+NO_OPTIONS = [
+    (("embed",), "training.embed:EmbedConfig"),
+    (("finetune",), "training.finetune:FinetuneConfig"),
+    (("coles",), "producers.coles.config:ColesConfig"),
+    (("publish",), "producers.publish:PublishConfig"),
+    (("evaluate",), "training.evaluate:EvaluateConfig"),
+    (("sessions", "train"), "producers.sessions.config:SessionEncoderConfig"),
+    (("intents", "label"), "producers.intents.config:LabelConfig"),
+    (("intents", "distill"), "producers.intents.config:DistillConfig"),
+]
+
+
+@pytest.mark.parametrize(("path", "config"), NO_OPTIONS)
+def test_a_command_without_options_runs_its_stage_with_the_default_config(path, config):
+    command = cli
+    for name in path:
+        command = command.commands[name]
+    p = RecordingPipeline()
+    result = CliRunner().invoke(command, ["ds"], obj=p)
+    assert result.exit_code == 1 and "recorded" in result.output, result.output
+    module, cls = config.split(":")
+    ((_, made),) = p.calls
+    assert made == getattr(importlib.import_module(module), cls)()
