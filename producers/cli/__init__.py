@@ -1,14 +1,18 @@
 """`llm4es`: one thin command per pipeline stage.
 
 Each command parses its typed options (defaults read from the stage's config dataclass), makes
-one call on the `Pipeline` facade and hands the result to a printer (printers.py). Domain errors
+one call on the `Pipeline` facade and hands the result to a printer (printers.py). `--help` and
+option errors import no stage: defaults are read from the configs' source (defaults.py), the
+Pipeline is made when a command runs (`pass_pipeline`), and a stage's classes are imported in the
+command's body (tests/cli/test_help_imports.py checks it). Domain errors
 (`producers.errors.Llm4esError`) become a readable message and their exit code in one place
 (errors.py). Commands live in one module per group: data.py (datasets, fetch, synth-clicks,
 ingest, validate), texts.py (serialize, enrich), features.py (aggregate, coles), llm.py
 (finetune, embed, evaluate), sessions.py, intents.py, serving.py (publish), demo.py.
 
-To add a command: write it in its group's module with `@click.command()` and add it to
-`COMMANDS` below, where it belongs in the pipeline (`llm4es --help` lists them in this order).
+To add a command: write it in its group's module with `@click.command()` and `@pass_pipeline`
+(stage modules imported inside its body) and add it to `COMMANDS` below, where it belongs in the
+pipeline (`llm4es --help` lists them in this order).
 """
 from __future__ import annotations
 
