@@ -403,3 +403,18 @@ def test_a_session_of_a_refreshed_user_that_vanished_is_noted_as_removed(served,
     rollup = view_rows(h, "sessions")
     assert [x for x in rollup if x[0] != LATE] == [x for x in before["sessions"] if x[0] != LATE]
     assert len([x for x in rollup if x[0] == LATE]) == len([x for x in before["sessions"] if x[0] == LATE]) - 1
+
+
+def test_a_publish_of_some_users_with_another_rollup_window_writes_every_users_rollups(served, tmp_path):
+    """Kept rows must be what a full publish writes: with another `recent_sessions` than the published
+    rollups' they are not, so every user's are written again (from the whole file)."""
+    from producers.stores.outputs import SESSION_EMBEDDINGS
+
+    _, built = served
+    some, every = (Home.resolve(shutil.copytree(built.root, tmp_path / name)) for name in ("some", "every"))
+    lines: list[str] = []
+    publish(some, DATASET, PublishConfig(recent_sessions=2), log=lines.append,
+            inputs={"sessions": SESSION_EMBEDDINGS.files(some, SCHEMA)}, users=[LATE])
+    assert [x for x in lines if "cannot be kept" in x]
+    publish(every, DATASET, PublishConfig(recent_sessions=2))
+    assert view_rows(some, "sessions") == view_rows(every, "sessions")
