@@ -237,7 +237,7 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     # the refreshed LLM4ES set is the only one given, so it is (or stays) the default one
     result.publish_result = _timed(result, "publish", lambda: publish(home, dataset, PublishConfig(
         online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize),
-        log, inputs=inputs))
+        log, inputs=inputs, users=users))
     result.published = True
     _write_report(snap, result)
     return result

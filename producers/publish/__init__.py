@@ -12,7 +12,10 @@ What publish does, in this order (under a lock, so two publishes never interleav
    `data/feast/<schema>/agg_features.parquet`, `.../coles/<set id>.parquet`, `.../llm4es/<set id>.parquet`,
    one row per user and `feature_timestamp` (the as-of time of the events the row was computed from).
    Snapshots accumulate; publishing rows with a `(user_id, feature_timestamp)` already held replaces
-   those rows. Every file is first written beside its target and renamed only when all are written.
+   those rows. Session outputs are served as views written afresh (`.../sessions/<view>.parquet`: the
+   sessions and the user rollups), holding the current sessions only; a refresh's publish (`users`)
+   computes the refreshed users' rows only and keeps every other user's as published.
+   Every file is first written beside its target and renamed only when all are written.
 2. Writes `data/feast/manifest.json` (every published dataset: its entity, its views, their Parquet
    files, features and provenance; read back by `published_views`).
 3. Makes sure `<home>/feature_repo` is the Feast repo (the checkout's own folder when the home is

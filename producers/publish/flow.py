@@ -60,10 +60,13 @@ class PublishResult:
 
 
 def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
-            log: Log = lambda _: None, inputs: dict[str, list[Path]] | None = None) -> PublishResult:
+            log: Log = lambda _: None, inputs: dict[str, list[Path]] | None = None,
+            users: list | None = None) -> PublishResult:
     """Snapshot the dataset's feature files into the offline store, write the manifest, apply the repo.
 
-    `inputs` (a refresh): the files to add per kind instead of every registered output's files."""
+    `inputs` (a refresh): the files to add per kind instead of every registered output's files.
+    `users` (a refresh of some users): the only users whose sessions changed; the session views keep every
+    other user's published rows and compute these users' only (the session files need hold no other's)."""
     started = time.perf_counter()
     store_yaml(config.online_store)  # fails early on an unknown store
     schema = schema_name(dataset)
@@ -90,7 +93,7 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
             raise PublishError(f"{dataset} and the published {clash[0]} share the schema name {schema}, "
                                "so their views would have the same names")
         entry, writes, new_rows = _stage(home, dataset, schema, inputs, manifest.get("datasets", {}).get(dataset),
-                                         config, log)
+                                         config, log, users)
         manifest.setdefault("datasets", {})[dataset] = entry
         manifest["format"] = MANIFEST_FORMAT
         try:  # the declarations must build before anything is replaced

@@ -67,12 +67,13 @@ def _require(con, path: Path, columns: Sequence[str]) -> dict[str, str]:
 
 
 def _stage(home: Home, dataset: str, schema: str, inputs: dict[str, list[Path]], previous: dict | None,
-           config: PublishConfig, log: Log) -> tuple[dict, list[tuple[Path, Path]], dict[str, int]]:
+           config: PublishConfig, log: Log, users: Sequence | None = None
+           ) -> tuple[dict, list[tuple[Path, Path]], dict[str, int]]:
     """The dataset's new manifest entry and the history files to rename into place (written as temps,
-    removed again when anything fails)."""
+    removed again when anything fails). `users`: see `_stage_sessions`."""
     writes: list[tuple[Path, Path]] = []
     try:
-        entry, new_rows = _stage_into(writes, home, dataset, schema, inputs, previous, config, log)
+        entry, new_rows = _stage_into(writes, home, dataset, schema, inputs, previous, config, log, users)
     except BaseException:
         for tmp, _ in writes:
             tmp.unlink(missing_ok=True)
@@ -82,7 +83,7 @@ def _stage(home: Home, dataset: str, schema: str, inputs: dict[str, list[Path]],
 
 def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schema: str,
                 inputs: dict[str, list[Path]], previous: dict | None, config: PublishConfig,
-                log: Log) -> tuple[dict, dict[str, int]]:
+                log: Log, users: Sequence | None = None) -> tuple[dict, dict[str, int]]:
     feast = feast_dir(home)
     out = feast / schema
     con = _connect()
@@ -102,8 +103,12 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
         # to the microsecond: a refresh finds what was appended after it (an append in the same second counts)
         now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         for kind, output in OUTPUTS.items():
+            # only the session views are rewritten from their files: the others' files hold the users already
+            only = ({"users": users, "previous": (previous or {}).get("sets", {})}
+                    if output.publish_as == "sessions" else {})
             for path in inputs.get(kind, []):
-                for info in _STAGERS[output.publish_as](con, output, path, id_sql, user_type, out, writes, config, log):
+                for info in _STAGERS[output.publish_as](con, output, path, id_sql, user_type, out, writes, config, log,
+                                                        **only):
                     info["published_at"] = now
                     # a session view holds the current production only: written afresh
                     fresh = output.publish_as == "sessions"
@@ -254,7 +259,8 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
 
 
 def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
-                    config: "PublishConfig", log: Log) -> list[dict]:
+                    config: "PublishConfig", log: Log, users: Sequence | None = None,
+                    previous: dict | None = None) -> list[dict]:
     """The views of a session-keyed output (`session_embeddings.parquet`, `session_intents.parquet`): the
     sessions themselves and the user rollups its producer defines (`output.rollup`).
 
@@ -262,47 +268,120 @@ def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_ty
     point-in-time join at time t sees exactly the sessions that ended by t, and the rollup row at a session's
     end summarises the user's last `recent` sessions up to it. Unlike user snapshots, these files are
     written afresh on every publish (a re-built session table may have other session ids).
+
+    `users` (a refresh): only these users' sessions changed, and `path` need hold no other user's. Their
+    rows are computed from `path` and replace theirs in the published files; every other user's rows are
+    kept as published (a user's rollup depends on their own sessions only, so this is what a full publish
+    writes). Falls back to the whole of `path` (then every user's sessions) when the published views cannot
+    be kept (none yet, none of these users' sessions, other columns, tags or `recent_sessions`) and says so.
     """
     recent = config.recent_sessions
     if recent < 1:
         raise PublishError(f"recent_sessions must be at least 1, not {recent}")
     producer = importlib.import_module(output.rollup)  # named by the output: publish imports no producer
     prov = _kv_provenance(path)
-    src = f"read_parquet({_sql_path(path)})"
     types = _require(con, path, ["session_id", "user_id", output.timestamp])
     values, value = producer.session_columns(types)
     _require(con, path, [value])
     produced = _timestamp(prov.get("produced_at")) or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    produced_sql = f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)"
-    end = output.timestamp
-    con.execute(f"CREATE OR REPLACE TEMP TABLE sess AS SELECT CAST(session_id AS VARCHAR) AS session_id, "
-                f"{id_sql} AS user_id, CAST({end} AS TIMESTAMP) AS feature_timestamp, {produced_sql} AS produced_at, "
-                f"{values}, row_number() OVER (PARTITION BY {id_sql} ORDER BY {end}, session_id) AS n "
-                f"FROM {src} WHERE {value} IS NOT NULL AND {end} IS NOT NULL")
-    n_sessions, n_ids = con.execute("SELECT count(*), count(DISTINCT session_id) FROM sess").fetchall()[0]
-    if not n_sessions:
-        raise PublishError(f"{path}: no sessions to publish")
-    if n_ids != n_sessions:
-        raise PublishError(f"{path}: {n_sessions - n_ids:,} session ids appear more than once")
-    try:
-        meta, views = producer.session_views(con, prov, recent, "Int64" if user_type == "INT64" else "String")
-    except ValueError as e:
-        raise PublishError(f"{path}: {e}") from e
+    user_dtype = "Int64" if user_type == "INT64" else "String"
     common = {"source_hash": prov.get("source_hash") or (prov.get("data") or {}).get("source_hash"),
               "code_version": prov.get("code_version"), "file": str(path), "recent_sessions": recent,
               "produced_at": produced.isoformat()}
+    parts = None
+    if users is not None:
+        _choose_users(con, users, id_sql)
+        _build_sess(con, path, id_sql, values, value, output.timestamp, produced, only_chosen=True)
+        parts = _partial_views(con, producer, prov, recent, user_dtype, out, previous or {})
+        if parts is None:
+            log(f"{path.name}: the published session views cannot be kept as they are; writing them from the "
+                "whole file")
+    if parts is None:
+        _build_sess(con, path, id_sql, values, value, output.timestamp, produced, only_chosen=False)
+        try:
+            meta, views = producer.session_views(con, prov, recent, user_dtype)
+        except ValueError as e:
+            raise PublishError(f"{path}: {e}") from e
+    else:
+        meta, views = parts
     infos = []
-    for view in views:
+    for i, view in enumerate(views):
         target = out / "sessions" / f"{view.kind}.parquet"
-        stats, types_out = _write_fresh(con, view.query, target, writes, path)
+        if parts is None:
+            stats, types_out = _write_fresh(con, view.query, target, writes, path)
+        else:
+            stats, types_out = _write_partial(con, f"part_{i}", target, view.session_keyed, writes, path)
         info = {"kind": view.kind, "set_id": view.kind, "source": str(target.relative_to(out.parent)), **common,
                 **meta, "columns": types_out, "view": view.view, "features": list(view.features), "what": view.what,
                 "session_keyed": view.session_keyed, **stats}
         log(f"{path.name}: {stats['new_rows']:,} {'sessions' if view.session_keyed else 'user rollup rows'}"
-            f" -> {target}")
+            f" -> {target}" + ("" if parts is None else f" ({len(users):,} users' rows written again)"))
         infos.append(info)
     con.execute("DROP TABLE sess")
+    if parts is not None:
+        for i in range(len(views)):
+            con.execute(f"DROP TABLE part_{i}")
     return infos
+
+
+def _choose_users(con, users: Sequence, id_sql: str) -> None:
+    """The temp table `chosen` (user_id): the users, typed as the published user ids."""
+    import pyarrow as pa
+
+    con.register("chosen_in", pa.table({"user_id": pa.array(list(users))}))
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE chosen AS SELECT DISTINCT {id_sql} AS user_id FROM chosen_in")
+    finally:
+        con.unregister("chosen_in")
+
+
+def _build_sess(con, path: Path, id_sql: str, values: str, value: str, end: str, produced: datetime,
+                only_chosen: bool) -> None:
+    """The temp table `sess` the producer's views read: the file's sessions (of the `chosen` users only)."""
+    produced_sql = f"CAST('{produced.replace(tzinfo=None).isoformat()}' AS TIMESTAMP)"
+    only = f" AND {id_sql} IN (SELECT user_id FROM chosen)" if only_chosen else ""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE sess AS SELECT CAST(session_id AS VARCHAR) AS session_id, "
+                f"{id_sql} AS user_id, CAST({end} AS TIMESTAMP) AS feature_timestamp, {produced_sql} AS produced_at, "
+                f"{values}, row_number() OVER (PARTITION BY {id_sql} ORDER BY {end}, session_id) AS n "
+                f"FROM read_parquet({_sql_path(path)}) WHERE {value} IS NOT NULL AND {end} IS NOT NULL{only}")
+    n_sessions, n_ids = con.execute("SELECT count(*), count(DISTINCT session_id) FROM sess").fetchall()[0]
+    if not n_sessions and not only_chosen:
+        raise PublishError(f"{path}: no sessions to publish")
+    if n_ids != n_sessions:
+        raise PublishError(f"{path}: {n_sessions - n_ids:,} session ids appear more than once")
+
+
+def _partial_views(con, producer, prov: dict, recent: int, user_dtype: str, out: Path,
+                   previous: dict) -> tuple[dict, list] | None:
+    """The producer's views over `sess` (the chosen users' sessions), each view's rows in the temp table
+    `part_<i>`; None when the published files cannot take them: a view not published from this output yet,
+    its file gone, other tags (model, labels, dimension...) or other columns, so every row must be written.
+
+    Equal tags over these users' sessions and the published ones mean equal tags over all of them (a tag
+    derived from the sessions, like the labels present, is the same over any part that has it)."""
+    if not con.execute("SELECT count(*) FROM sess").fetchall()[0][0]:
+        return None  # no tags to compare: the views are derived from every session
+    try:
+        meta, views = producer.session_views(con, prov, recent, user_dtype)
+    except ValueError:
+        return None  # said again, with the file, by the whole-file path
+    targets = [out / "sessions" / f"{view.kind}.parquet" for view in views]
+    tags = {**meta, "recent_sessions": recent}
+    if not all(t.is_file() and all((previous.get(v.kind) or {}).get(k) == tag for k, tag in tags.items())
+               for v, t in zip(views, targets)):
+        return None
+    for i, (view, target) in enumerate(zip(views, targets)):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE part_{i} AS SELECT * FROM ({view.query})")
+        published = f"SELECT * FROM read_parquet({_sql_path(target)})"
+        if _columns(con, f"SELECT * FROM part_{i}") != _columns(con, published):
+            for j in range(i + 1):
+                con.execute(f"DROP TABLE part_{j}")
+            return None
+    return meta, views
+
+
+def _columns(con, query: str) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {query}").fetchall()]
 
 
 _STAGERS = {"snapshots": _stage_snapshots, "sets": _stage_sets, "sessions": _stage_sessions}
@@ -320,6 +399,44 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
     stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
                                           {"written_from": str(source), **stats})
     _note_removed_keys(con, target, "session_id" if "session_id" in types else "user_id", writes)
+    con.execute("DROP TABLE fresh")
+    return stats, types
+
+
+def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: list,
+                   source: Path) -> tuple[dict, dict[str, str]]:
+    """`target` written again (a temp beside it, appended to `writes`) with the `chosen` users' rows replaced
+    by the temp table `part` (same columns): what `_write_fresh` writes from every user's sessions, read and
+    compared only for these users (the changed span, the removed keys)."""
+    prev = f"read_parquet({_sql_path(target)})"
+    theirs = "user_id IN (SELECT user_id FROM chosen)"
+    cols = [c for c, _ in _columns(con, f"SELECT * FROM {part}")]
+    listed = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
+    if session_keyed:
+        (n_twice,) = con.execute(f"SELECT count(*) FROM (SELECT session_id FROM {prev} WHERE NOT {theirs}) "
+                                 f"JOIN {part} USING (session_id)").fetchall()[0]
+        if n_twice:
+            raise PublishError(f"{source}: {n_twice:,} session ids appear more than once (also another user's)")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT * FROM (SELECT {listed} FROM {prev} WHERE NOT "
+                f"{theirs} UNION ALL SELECT {listed} FROM {part}) ORDER BY feature_timestamp, user_id")
+    n_rows, first, last = con.execute("SELECT count(*), min(feature_timestamp), max(feature_timestamp) FROM fresh"
+                                      ).fetchall()[0]
+    if not n_rows:
+        raise PublishError(f"{source}: no sessions to publish")
+    types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
+    # every other user's rows are the published ones: only these users' can differ
+    compared = ", ".join('"' + c.replace('"', '""') + '"' for c in cols if c != "produced_at")
+    lo, hi = con.execute(f"SELECT min(feature_timestamp), max(feature_timestamp) FROM (SELECT {compared} FROM "
+                         f"{part} EXCEPT SELECT {compared} FROM {prev} WHERE {theirs})").fetchall()[0]
+    if lo is None:
+        lo = hi = last
+    stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [lo.isoformat(), hi.isoformat()],
+             "feature_timestamps": [last.isoformat()], "first_timestamp": first.isoformat()}
+    stats["data_version"] = _write_beside(_arrow(con.sql("SELECT * FROM fresh")), target, writes,
+                                          {"written_from": str(source), **stats})
+    # another user's keys are all still there, and a key already noted as removed is no other user's
+    _note_removed_keys(con, target, "session_id" if session_keyed else "user_id", writes,
+                       previous=f"{prev} WHERE {theirs}", current=part)
     con.execute("DROP TABLE fresh")
     return stats, types
 
@@ -347,14 +464,18 @@ def removed_keys_path(history: Path) -> Path:
     return history.with_name(f"{history.stem}.removed.parquet")
 
 
-def _note_removed_keys(con, target: Path, key: str, writes: list) -> None:
-    """The keys of `target`'s previous version (and of a removal list not cleared yet) that `fresh` lacks."""
+def _note_removed_keys(con, target: Path, key: str, writes: list, previous: str | None = None,
+                       current: str = "fresh") -> None:
+    """The keys of `target`'s previous version (and of a removal list not cleared yet) that `fresh` lacks.
+    `previous` and `current`: the part of each to compare (FROM clauses), when the rest is known to be kept."""
     removed = removed_keys_path(target)
-    known = [f"SELECT DISTINCT {key} FROM read_parquet({_sql_path(p)})" for p in (target, removed) if p.is_file()]
+    known = [f"SELECT DISTINCT {key} FROM {src}" for src, there in
+             ((previous or f"read_parquet({_sql_path(target)})", target.is_file()),
+              (f"read_parquet({_sql_path(removed)})", removed.is_file())) if there]
     if not known:
         return
     gone = _arrow(con.sql(f"SELECT * FROM ({' UNION '.join(known)}) "
-                          f"EXCEPT SELECT DISTINCT {key} FROM fresh ORDER BY 1"))
+                          f"EXCEPT SELECT DISTINCT {key} FROM {current} ORDER BY 1"))
     if gone.num_rows:
         _write_beside(gone, removed, writes, {"removed_from": str(target)})
 

@@ -6,8 +6,12 @@ import os
 import shutil
 from datetime import timedelta
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401
+import pyarrow.parquet as pq
 import pytest
 
 from producers.aggregate import AggregateConfig, aggregate
@@ -295,3 +299,122 @@ def test_the_session_gate_of_a_refresh_judges_the_changed_sessions_the_canaries_
     monkeypatch.setattr(embed_mod, "infer", real)
     r = refresh(home, DATASET, RefreshConfig(gate_sample_sessions=2), log=lines.append)
     assert r.published and r.gate_passed and "mean cosine" in r.gate["sessions"]
+
+
+SESSION_VIEWS = ("session_embedding", "sessions", "session_intent", "intents")
+
+
+def view_rows(home: Home, kind: str) -> list[tuple]:
+    """Every row of a published session view file, produced_at excluded, in one order."""
+    con = duckdb.connect()
+    try:
+        return con.execute(f"SELECT * EXCLUDE (produced_at) FROM read_parquet('{view_file(home, kind)}') "
+                           "ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+
+
+def view_file(home: Home, kind: str):
+    return home.data_dir / "feast" / SCHEMA / "sessions" / f"{kind}.parquet"
+
+
+def test_a_refresh_writes_the_session_views_a_full_publish_of_the_same_state_writes(home, tmp_path):
+    lines: list[str] = []
+    r = refresh(home, DATASET, log=lines.append)
+    assert r.published and r.users == CHANGED
+    # the session views kept the other users' rows, for embeddings and intents (no whole-file fallback)
+    assert len([x for x in lines if f"{len(CHANGED)} users' rows written again" in x]) == 4, lines
+    assert not [x for x in lines if "cannot be kept" in x]
+    full = Home.resolve(shutil.copytree(home.root, tmp_path / "full"))
+    publish(full, DATASET, PublishConfig(materialize=True))
+    for kind in SESSION_VIEWS:
+        assert view_rows(home, kind) == view_rows(full, kind), kind
+        con = duckdb.connect()
+        a, b = (con.execute(f"DESCRIBE SELECT * FROM read_parquet('{view_file(h, kind)}')").fetchall()
+                for h in (home, full))
+        con.close()
+        assert a == b, kind
+
+    users = sorted(sessions_by_user(home))
+    views = ["session_embedding_rollup", "intent_shares"]
+    served, wanted = (online_features(h, DATASET, views, users) for h in (home, full))
+    for column in served.columns:
+        assert all(same_bits(x, y) if isinstance(x, (list, np.ndarray)) else x == y
+                   for x, y in zip(served[column], wanted[column])), column
+    frame = pd.DataFrame({"user_id": [NEW, NEW, LATE, 1],
+                          "event_timestamp": [pd.Timestamp(r.since), pd.Timestamp(r.as_of) + timedelta(seconds=1),
+                                              pd.Timestamp(r.as_of) + timedelta(seconds=1),
+                                              pd.Timestamp(r.as_of) + timedelta(seconds=1)]})
+    at, want = (historical_features(h, DATASET, views, frame) for h in (home, full))
+    for column in at.columns:
+        assert all(same_bits(x, y) if isinstance(x, (list, np.ndarray)) else x == y
+                   for x, y in zip(at[column], want[column])), column
+
+
+def test_a_refresh_computes_the_user_rollups_of_the_refreshed_users_only(home):
+    """A planted previous rollup row of an unchanged user survives the refresh as it was: it was not
+    recomputed (a full publish writes it from the sessions again)."""
+    from producers.publish.snapshots import _arrow
+
+    con = duckdb.connect()
+    planted = {}
+    for kind, column in (("sessions", "sessions_so_far"), ("intents", "recent_sessions")):
+        path = view_file(home, kind)
+        table = _arrow(con.sql(f"SELECT * REPLACE (CASE WHEN user_id = 1 THEN {column} + 1000 ELSE {column} END "
+                               f"AS {column}) FROM read_parquet('{path}')"))
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(path).metadata), path)
+        planted[kind] = con.execute(f"SELECT * FROM read_parquet('{path}') WHERE user_id = 1 ORDER BY ALL").fetchall()
+        assert min(r[-1] for r in planted[kind]) > 1000
+    r = refresh(home, DATASET)
+    assert r.published and 1 not in r.users
+    for kind, rows in planted.items():
+        path = view_file(home, kind)
+        assert con.execute(f"SELECT * FROM read_parquet('{path}') WHERE user_id = 1 ORDER BY ALL").fetchall() == rows
+    # the refreshed users' rows are written again: NEW's count is that of its sessions, the new one included
+    (n_new,) = con.execute(f"SELECT max(sessions_so_far) FROM read_parquet('{view_file(home, 'sessions')}') "
+                           f"WHERE user_id = {NEW}").fetchall()[0]
+    assert n_new == len(sessions_by_user(home)[NEW])
+    con.close()
+
+
+def test_a_session_of_a_refreshed_user_that_vanished_is_noted_as_removed(served, tmp_path):
+    """A late event can bridge two sessions of a user: the later one's id vanishes. Publishing that user's
+    sessions notes it as removed (its online row is cleared) and keeps everyone else's."""
+    from producers.publish.snapshots import removed_keys_path
+    from producers.stores.outputs import SESSION_EMBEDDINGS
+
+    _, built = served
+    h = Home.resolve(shutil.copytree(built.root, tmp_path / "home"))
+    (source,) = SESSION_EMBEDDINGS.files(h, SCHEMA)
+    before = {kind: view_rows(h, kind) for kind in ("session_embedding", "sessions")}
+    gone = sessions_by_user(h)[LATE][-1]
+    table = pq.read_table(source)
+    keep = pa.compute.not_equal(table.column("session_id"), pa.scalar(gone, table.column("session_id").type))
+    pq.write_table(table.filter(keep), source)
+    kept = sessions_by_user(h)[LATE][0]
+    assert online_features(h, DATASET, ["session_embedding"], [gone, kept])[EMB].notna().all()
+    publish(h, DATASET, PublishConfig(), inputs={"sessions": [source]}, users=[LATE])
+    # noted as removed, then cleared from the online store (and the note with it)
+    assert online_features(h, DATASET, ["session_embedding"], [gone, kept])[EMB].notna().tolist() == [False, True]
+    assert not removed_keys_path(view_file(h, "session_embedding")).exists()
+    after = view_rows(h, "session_embedding")
+    assert [x for x in before["session_embedding"] if x[0] != gone] == after
+    # LATE's rollup rows: one fewer; everyone else's as they were
+    rollup = view_rows(h, "sessions")
+    assert [x for x in rollup if x[0] != LATE] == [x for x in before["sessions"] if x[0] != LATE]
+    assert len([x for x in rollup if x[0] == LATE]) == len([x for x in before["sessions"] if x[0] == LATE]) - 1
+
+
+def test_a_publish_of_some_users_with_another_rollup_window_writes_every_users_rollups(served, tmp_path):
+    """Kept rows must be what a full publish writes: with another `recent_sessions` than the published
+    rollups' they are not, so every user's are written again (from the whole file)."""
+    from producers.stores.outputs import SESSION_EMBEDDINGS
+
+    _, built = served
+    some, every = (Home.resolve(shutil.copytree(built.root, tmp_path / name)) for name in ("some", "every"))
+    lines: list[str] = []
+    publish(some, DATASET, PublishConfig(recent_sessions=2), log=lines.append,
+            inputs={"sessions": SESSION_EMBEDDINGS.files(some, SCHEMA)}, users=[LATE])
+    assert [x for x in lines if "cannot be kept" in x]
+    publish(every, DATASET, PublishConfig(recent_sessions=2))
+    assert view_rows(some, "sessions") == view_rows(every, "sessions")
