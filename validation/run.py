@@ -122,53 +122,68 @@ def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig()
 def _run_checks(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, checks: list[Check],
                 config: ValidateConfig, docs_dir: Path, log: Callable[[str], None],
                 batches: tuple[str, ...] = BATCHES, frames: Callable | None = None) -> list[CheckResult]:
-    """Run `checks` batch by batch; `frames(con, d, batch, chunk_rows)` yields each batch's frames."""
-    import great_expectations as gx
+    """Run `checks` batch by batch; `frames(con, d, batch, chunk_rows)` yields each batch's frames.
 
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # we print our own progress
-    if config.data_docs:
-        context.add_data_docs_site(site_name="llm4es", site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        })
-    source = context.data_sources.add_pandas(d.schema)
+    With data docs, through a GX checkpoint that updates them; without (the sessions checks, `--no-docs`),
+    through `validation.frames` (one context per process, no registered suites: the same expectations and
+    results, without GX's per-run setup)."""
     merged: dict[int, CheckResult] = {}
     frames = frames or _frames
+    run = _docs_runner(d, docs_dir) if config.data_docs else None
     for batch in batches:
         batch_checks = [(i, c) for i, c in enumerate(checks) if c.batch == batch]
         if not batch_checks:
             continue
-        checkpoint = _checkpoint(context, gx, source, batch, batch_checks, config.data_docs, INDEX_COLUMNS.get(batch))
+        fmt = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
+               **({"unexpected_index_column_names": INDEX_COLUMNS[batch]} if batch in INDEX_COLUMNS else {})}
+        expectations = [(c.expectation, c.kwargs, {"index": i, "check": c.description}) for i, c in batch_checks]
+        validate_batch = run(batch, expectations, fmt) if run else _frames_runner(batch, expectations, fmt)
         for frame, params in frames(con, d, batch, config.chunk_rows):
             log(f"checking {batch} ({len(frame):,} rows)")
-            result = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=params)
-            for vr in result.run_results.values():
-                for er in vr.results:
-                    index = er.expectation_config.meta["index"]
-                    _merge(merged, index, checks[index], er)
+            for er in validate_batch(frame, params):
+                index = er.expectation_config.meta["index"]
+                _merge(merged, index, checks[index], er)
     return [merged[i] for i in sorted(merged)]
 
 
-def _checkpoint(context, gx, source, batch: str, batch_checks: list[tuple[int, Check]], data_docs: bool,
-                index_columns: list[str] | None):
-    import great_expectations.expectations as gxe
+def _frames_runner(batch: str, expectations: list[tuple[str, dict, dict]], fmt: dict):
+    from validation.frames import validate_frame
 
-    suite = context.suites.add(gx.ExpectationSuite(name=f"{source.name}.{batch}"))
-    for index, check in batch_checks:
-        cls = getattr(gxe, check.expectation)
-        suite.add_expectation(cls(**check.kwargs, meta={"index": index, "check": check.description}))
-    asset = source.add_dataframe_asset(batch)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(
-        name=f"{source.name}.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
-    actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["llm4es"])] if data_docs else []
-    return context.checkpoints.add(gx.Checkpoint(
-        name=f"{source.name}.{batch}", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
-                       **({"unexpected_index_column_names": index_columns} if index_columns else {})}))
+    return lambda frame, params: validate_frame(f"checks.{batch}", frame, expectations, fmt, params)
+
+
+def _docs_runner(d: DatasetDefinition, docs_dir: Path):
+    """(batch, expectations, result format) -> a function validating one frame of that batch through a
+    checkpoint that writes the data docs under `docs_dir`."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # we print our own progress
+    context.add_data_docs_site(site_name="llm4es", site_config={
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+    })
+    source = context.data_sources.add_pandas(d.schema)
+
+    def checkpoint(batch: str, expectations: list[tuple[str, dict, dict]], fmt: dict):
+        suite = context.suites.add(gx.ExpectationSuite(name=f"{source.name}.{batch}"))
+        for name, kwargs, meta in expectations:
+            suite.add_expectation(getattr(gxe, name)(**kwargs, meta=meta))
+        asset = source.add_dataframe_asset(batch)
+        definition = context.validation_definitions.add(gx.ValidationDefinition(
+            name=f"{source.name}.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
+        point = context.checkpoints.add(gx.Checkpoint(
+            name=f"{source.name}.{batch}", validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["llm4es"])], result_format=fmt))
+
+        def run(frame, params):
+            result = point.run(batch_parameters={"dataframe": frame}, expectation_parameters=params)
+            return [er for vr in result.run_results.values() for er in vr.results]
+        return run
+    return checkpoint
 
 
 def check_sessions(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, sessions: str, session_events: str,

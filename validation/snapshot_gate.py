@@ -287,29 +287,19 @@ def run_frames(frames: dict[str, pd.DataFrame | None], expectations: list[_Expec
                keys: dict[str, str], nouns: dict[str, str] | None = None) -> list[GateCheck]:
     """Each batch's expectations on its frame (one GX suite per batch; a batch without a frame is skipped).
     `keys`: per batch, the column that names a failing row (`user_id`); `nouns`: what a row is ("users")."""
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from validation.frames import validate_frame
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_pandas("snapshot")
     results: dict[int, GateCheck] = {}
     for batch, frame in frames.items():
         batch_ex = [(i, e) for i, e in enumerate(expectations) if e.batch == batch]
         if not batch_ex or frame is None:
             continue
-        suite = context.suites.add(gx.ExpectationSuite(name=f"snapshot.{batch}"))
-        for i, e in batch_ex:
-            suite.add_expectation(getattr(gxe, e.expectation)(**e.kwargs, meta={"index": i}))
-        asset = source.add_dataframe_asset(batch)
-        vd = context.validation_definitions.add(gx.ValidationDefinition(
-            name=f"snapshot.{batch}", data=asset.add_batch_definition_whole_dataframe("all"), suite=suite))
         fmt = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
         if batch in keys:
             fmt["unexpected_index_column_names"] = [keys[batch]]
-        out = vd.run(batch_parameters={"dataframe": frame}, result_format=fmt)
-        for er in out.results:
+        out = validate_frame(f"snapshot.{batch}", frame, [(e.expectation, e.kwargs, {"index": i}) for i, e in batch_ex],
+                             fmt)
+        for er in out:
             i = er.expectation_config.meta["index"]
             results[i] = _gate_check(expectations[i], er, frame, keys.get(batch, "user_id"),
                                      (nouns or {}).get(batch, "users"))
