@@ -210,7 +210,7 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
         result.refreshed.append("agg")
     if session_models:
         _refresh_sessions(home, dataset, schema, entry, served, users, since, session_models, config, result,
-                          inputs, log)
+                          inputs, log, snap)
     result.snapshot_dir = snap
     _reached("computed")
 
@@ -505,7 +505,7 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
     """The session encoder checkpoint and intent classifier a refresh uses: those the stage tables hold
     (`sessions embed`, `intents distill`). Another than the served one is refused unless `full`. Intents
     distilled before the classifier was saved map to None (not refreshed)."""
-    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS
+    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, current_provenance
 
     models: dict = {}
     for kind, output, key, what in (("sessions", SESSION_EMBEDDINGS, "checkpoint", "session encoder"),
@@ -513,10 +513,15 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
         if kind not in served:
             continue
         path = output.parquet_path(home, schema)
-        if not path.is_file():
+        con = home.connect(read_only=True)
+        try:  # the table's provenance: a refresh changes it in place and leaves its Parquet copy behind
+            prov = current_provenance(con, home, output, schema)
+        finally:
+            con.close()
+        if not prov:
             raise RefreshError(f"{dataset} serves {output.description} but {path} is gone: run `{output.produced_by} "
                                f"{dataset}` and publish before refreshing")
-        have, want = read_provenance(path, missing_ok=True).get(key), served[kind].get(key)
+        have, want = prov.get(key), served[kind].get(key)
         if kind == "intents" and (have is None or want is None):
             models[kind] = None
             continue
@@ -530,9 +535,16 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
     return models
 
 
+# Stand-in until publish merges a refresh's users' rows into the session views (h-sesspub): publish still takes
+# a session file for every session, so a refresh gives it the stage files, written again from the tables first
+# (O(every session), timed as `session_export`). Once publish takes the refreshed users, set True: the refresh
+# then gives it its own files (`data/<schema>/refresh/<as-of>/`), every session of exactly those users.
+PUBLISH_MERGES_SESSION_USERS = False
+
+
 def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served: dict, users: list | None,
                       since: datetime, models: dict, config: RefreshConfig, result: RefreshResult,
-                      inputs: dict, log: Log) -> None:
+                      inputs: dict, log: Log, snap: Path) -> None:
     """Cut the users' sessions again, embed and label their new or changed ones, gate the session vectors;
     add the session files to `inputs` (see the module docstring)."""
     from producers.ingest.delta import first_new_events
@@ -558,15 +570,21 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
         todo = changed_sessions(home, dataset, {u: t for u, t in firsts.items() if u in wanted})
         log(f"{len(todo):,} new or changed sessions of {len(users):,} users (those ending at or after each user's "
             "first new event)")
+    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS
+
+    # a refresh of some users changes the tables in place and writes those users' sessions to its own files
+    own = {k: None if users is None else snap / o.file for k, o in (("sessions", SESSION_EMBEDDINGS),
+                                                                     ("intents", SESSION_INTENTS))}
     if "sessions" in models:
         same = models["sessions"] == served["sessions"].get("checkpoint")
         history = _served_sessions(home, entry) if same else None
-        canary = [] if todo is None or history is None else _session_canary(history, set(users), todo,
+        canary = [] if todo is None or history is None else _session_canary(history, users, todo,
                                                                              config.canary_users)
         r = _timed(result, "session_embed", lambda: embed_some(home, dataset, home.root / models["sessions"], todo,
-                                                               log, also=canary))
+                                                               log, also=canary, users=users,
+                                                               snapshot=own["sessions"]))
         started = time.perf_counter()
-        report = _gate_sessions(r.parquet_path, r.unstored, history, canary, config, log, todo)
+        report = _gate_sessions(home, schema, r.unstored, history, canary, config, log, todo)
         result.seconds["session_gate"] = time.perf_counter() - started
         result.gate["sessions"] = report.message()
         result.gate_passed &= report.success
@@ -580,65 +598,92 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
                                         "run it again and publish)")
         else:
             inputs["intents"] = [_timed(result, "intents", lambda: classify_sessions(
-                home, dataset, todo, models["intents"], log))]
+                home, dataset, todo, models["intents"], log, users=users, snapshot=own["intents"]))]
             result.refreshed.append("intents")
+    if users is not None and not PUBLISH_MERGES_SESSION_USERS:
+        _timed(result, "session_export", lambda: _stage_files_for_publish(home, schema, inputs, log))
 
 
-def _served_sessions(home: Home, entry: dict):
-    """session_id and embedding of the served session view (None when it has no history file)."""
-    import pyarrow.parquet as pq
+def _stage_files_for_publish(home: Home, schema: str, inputs: dict, log: Log) -> None:
+    """The stand-in of PUBLISH_MERGES_SESSION_USERS: the session kinds' stage files, up to date, in `inputs`."""
+    from producers.stores.outputs import OUTPUTS, export_if_behind
 
+    for kind in ("sessions", "intents"):
+        if kind in inputs:
+            export_if_behind(home, OUTPUTS[kind], schema, log)
+            inputs[kind] = [OUTPUTS[kind].parquet_path(home, schema)]
+
+
+def _served_sessions(home: Home, entry: dict) -> Path | None:
+    """The history file of the served session view (None when it has none)."""
     from producers.stores.serving import feast_dir
 
     info = entry.get("sets", {}).get("session_embedding")
     path = feast_dir(home) / info["source"] if info else None
-    if path is None or not path.is_file():
-        return None
-    return pq.read_table(path, columns=["session_id", "user_id", "embedding"])
+    return path if path is not None and path.is_file() else None
 
 
-def _session_canary(history, changed: set, todo: list, n: int) -> list:
+def _session_canary(history: Path, changed: list, todo: list, n: int) -> list:
     """The first `n` served sessions (by id) of users whose events did not change."""
     if n <= 0:
         return []
-    skip = set(todo)
-    rows = zip(history.column("session_id").to_pylist(), history.column("user_id").to_pylist())
-    return sorted(s for s, u in rows if u not in changed and s not in skip)[:n]
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        return [r[0] for r in con.execute(
+            f"SELECT session_id FROM read_parquet({sql_str(str(history))}) "
+            "WHERE user_id NOT IN (SELECT unnest($users)) AND session_id NOT IN (SELECT unnest($todo)) "
+            "ORDER BY session_id LIMIT $n",
+            {"users": list(changed), "todo": list(todo), "n": n}).fetchall()]
+    finally:
+        con.close()
 
 
-def _gate_sample(ids: list, todo: list, canary: list, n: int) -> list:
-    """`todo`, `canary` and the `n` other ids of smallest hash: deterministic, and unbiased as to user or time."""
-    import hashlib
+def _gate_sample(con, relation: str, todo: list, canary: list, n: int) -> list:
+    """`todo`, `canary` and the `n` other session ids of `relation` (SQL) of smallest md5: deterministic, and
+    unbiased as to user or time; DuckDB picks them (the ids are not read into Python)."""
+    keep = sorted(set(todo) | set(canary))
+    rest = con.execute(f"SELECT session_id FROM {relation} WHERE session_id NOT IN (SELECT unnest($keep)) "
+                       "ORDER BY md5(session_id), session_id LIMIT $n", {"keep": keep, "n": n}).fetchall()
+    return keep + [r[0] for r in rest]
 
-    keep = set(todo) | set(canary)
-    rest = sorted((hashlib.blake2b(s.encode(), digest_size=8).digest(), s) for s in ids if s not in keep)
-    return sorted(keep) + [s for _, s in rest[:n]]
 
-
-def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config: RefreshConfig, log: Log,
-                   todo: list | None = None):
+def _gate_sessions(home: Home, schema: str, canary_vectors, history: Path | None, canary: list,
+                   config: RefreshConfig, log: Log, todo: list | None = None):
     """The snapshot gate on the session vectors as they will be served (the canaries' recomputed vectors in
     place of their stored ones), keyed by session, against the served ones (None: another encoder).
 
-    With `todo` (a refresh of some users): only the changed sessions, the canaries and a fixed hash sample of
+    The vectors are read from the table (the stage file is behind it after a refresh). With `todo` (a
+    refresh of some users): only the changed sessions, the canaries and a fixed hash sample of
     `config.gate_sample_sessions` other sessions, on both sides; every session otherwise."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(parquet, columns=["session_id", "embedding"])
-    if todo is not None and table.num_rows > len(todo) + len(canary) + config.gate_sample_sessions:
-        ids = pa.array(_gate_sample(table.column("session_id").to_pylist(), todo, canary,
-                                    config.gate_sample_sessions), pa.string())
-        table = table.filter(pc.is_in(table.column("session_id"), value_set=ids))
-        if history is not None:
-            history = history.filter(pc.is_in(history.column("session_id"), value_set=ids))
-        log(f"gate (sessions): {table.num_rows:,} sessions judged ({len(todo):,} changed, {len(canary)} canaries, "
-            "a hash sample of the rest)")
+    from producers.stores.outputs import SESSION_EMBEDDINGS
+
+    stored = f"{sql_ident(schema)}.{SESSION_EMBEDDINGS.table}"
+    old_src = None if history is None else f"read_parquet({sql_str(str(history))})"
+    con = home.connect(read_only=True)
+    try:
+        n_stored = con.execute(f"SELECT count(*) FROM {stored}").fetchall()[0][0]
+        if todo is not None and n_stored > len(todo) + len(canary) + config.gate_sample_sessions:
+            ids = _gate_sample(con, stored, todo, canary, config.gate_sample_sessions)
+            where, params = "WHERE session_id IN (SELECT unnest($ids))", {"ids": ids}
+            log(f"gate (sessions): {len(ids):,} sessions judged ({len(todo):,} changed, {len(canary)} canaries, "
+                "a hash sample of the rest)")
+        else:
+            where, params = "", {}
+        table = con.sql(f"SELECT session_id, embedding FROM {stored} {where} ORDER BY session_id",
+                        params=params).to_arrow_table()
+        old = None if old_src is None else con.sql(
+            f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {old_src} {where} ORDER BY session_id",
+            params=params).to_arrow_table()
+    finally:
+        con.close()
     if canary:
         keep = pc.invert(pc.is_in(table.column("session_id"), value_set=pa.array(canary, pa.string())))
         table = pa.concat_tables([table.filter(keep), canary_vectors.cast(table.schema)])
-    old = None if history is None else history.select(["session_id", "embedding"])
     return _check(table, old, canary, config, log, "sessions", "sessions", user_column="session_id",
                   vector_column="embedding")
 

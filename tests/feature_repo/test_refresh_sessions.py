@@ -273,10 +273,16 @@ def test_the_session_gate_of_a_refresh_judges_the_changed_sessions_the_canaries_
     import producers.sessions.embed as embed_mod
     from producers.refresh import _gate_sample
 
+    import duckdb
+
+    con = duckdb.connect()
     ids = [f"s{i}" for i in range(50)]
-    sample = _gate_sample(ids, ["s7"], ["s9"], 5)
+    con.execute("CREATE TABLE a AS SELECT unnest($ids) AS session_id", {"ids": ids})
+    con.execute("CREATE TABLE b AS SELECT * FROM a ORDER BY session_id DESC")
+    sample = _gate_sample(con, "a", ["s7"], ["s9"], 5)
     assert sample[:2] == ["s7", "s9"] and len(sample) == 7 and len(set(sample)) == 7
-    assert _gate_sample(list(reversed(ids)), ["s7"], ["s9"], 5) == sample  # by hash, not by input order
+    assert _gate_sample(con, "b", ["s7"], ["s9"], 5) == sample  # by hash, not by row order
+    con.close()
 
     lines: list[str] = []
     real = embed_mod.infer
