@@ -30,9 +30,16 @@ of theirs that end at or after their first new event (a session still open at th
 gained events, and new ones; late events included) are embedded with the served session encoder (its
 checkpoint, vocabulary and config: no training) and labelled by the served distilled classifier (the one
 `intents distill` saved: no LLM, no re-fitting); every other session keeps its stored vector and label.
-The whole session files are published (their views are written afresh, so the rollups and intent shares
-of the changed users are recomputed; the others' come out the same). The session vectors are gated like
-the user vectors, keyed by session (a few unchanged sessions embedded again as canaries). A session
+Their rows are replaced in place in `session_embeddings` and `session_intents` (one transaction each, the
+changed users' rows only; `producers.stores.outputs.change_in_place`), and every current session of the
+changed users goes to the snapshot (`session_embeddings.parquet`, `session_intents.parquet` under
+`data/<schema>/refresh/<as-of>/`), the files publish is given. The stage Parquet copies are not
+rewritten: the tables are the truth, and a copy a refresh left behind is written again from its table
+before a full publish reads it (`export_if_behind`). Until publish merges the given users' rows into the
+session views (PUBLISH_MERGES_SESSION_USERS, a stand-in), a refresh gives it the stage copies instead,
+brought up to date from the tables (`session_export`). The session vectors are gated like the user
+vectors, keyed by session (the changed sessions, a few unchanged ones embedded again as canaries and a
+fixed hash sample of the rest, read from the table and the served history). A session
 encoder or classifier other than the served one (re-trained and stored since the last publish) is
 refused unless `full`, which cuts, embeds and labels every session with the stored ones.
 

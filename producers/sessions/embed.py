@@ -184,8 +184,7 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
                         CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
                  FROM new_rows"""
     if sessions is not None:
-        _check_kept(home, d, sessions, users)
-        parquet = _store_some(home, d, new, select, provenance, users, snapshot, log)
+        parquet = _store_some(home, d, new, select, provenance, sessions, users, snapshot, log)
     else:
         parquet = write_output(home, SESSION_EMBEDDINGS, d.schema, new, select + " ORDER BY session_id", provenance,
                                log=log)
@@ -197,8 +196,8 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
                               seconds=seconds, provenance=provenance, unstored=unstored)
 
 
-def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, users: list | None,
-                snapshot: Path | None, log: Log) -> Path | None:
+def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, sessions: list[str],
+                users: list | None, snapshot: Path | None, log: Log) -> Path | None:
     """The embedded sessions' rows replaced or added in place, the users' rows of gone sessions dropped (one
     transaction, see `change_in_place`); every current row of `users` to `snapshot` (temp file, then renamed
     once the transaction committed)."""
@@ -206,6 +205,7 @@ def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, use
     who, params = _users_filter(users)
     con = home.connect()
     try:
+        _check_kept(con, d, sessions, users)
         con.register("new_rows", new)
         try:
             con.execute(f"CREATE OR REPLACE TEMP TABLE embedded AS {select}")
@@ -250,18 +250,14 @@ def _arrow(rel) -> Any:
     return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
 
 
-def _check_kept(home: Home, d: Any, sessions: list[str], users: list | None = None) -> None:
+def _check_kept(con: Any, d: Any, sessions: list[str], users: list | None = None) -> None:
     """A kept row whose session now ends at another time was not embedded again though it changed: refuse.
     Only `users`' rows are looked at (None: every row): no other user's sessions were cut again."""
     who, params = _users_filter(users, "m.")
-    con = home.connect(read_only=True)
-    try:
-        stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
-            USING (session_id) WHERE {who} AND m.session_end <> s.end_time
-            AND m.session_id NOT IN (SELECT unnest($ids)) ORDER BY 1 LIMIT 5""",
-                            {"ids": list(sessions), **params}).fetchall()
-    finally:
-        con.close()
+    stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
+        USING (session_id) WHERE {who} AND m.session_end <> s.end_time
+        AND m.session_id NOT IN (SELECT unnest($ids)) ORDER BY 1 LIMIT 5""",
+                        {"ids": list(sessions), **params}).fetchall()
     if stale:
         raise SessionsError(f"{d.name}: stored session vectors of sessions that changed since are not among those "
                             f"to embed (e.g. {', '.join(r[0] for r in stale)}): embed them too")
