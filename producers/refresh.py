@@ -591,7 +591,7 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
                                                                log, also=canary, users=users,
                                                                snapshot=own["sessions"]))
         started = time.perf_counter()
-        report = _gate_sessions(home, schema, r.unstored, history, canary, config, log, todo)
+        report = _gate_sessions(home, schema, r.parquet_path, r.unstored, history, canary, config, log, todo, users)
         result.seconds["session_gate"] = time.perf_counter() - started
         result.gate["sessions"] = report.message()
         result.gate_passed &= report.success
@@ -656,36 +656,46 @@ def _gate_sample(con, relation: str, todo: list, canary: list, n: int) -> list:
     return keep + [r[0] for r in rest]
 
 
-def _gate_sessions(home: Home, schema: str, canary_vectors, history: Path | None, canary: list,
-                   config: RefreshConfig, log: Log, todo: list | None = None):
+def _gate_sessions(home: Home, schema: str, own: Path, canary_vectors, history: Path | None, canary: list,
+                   config: RefreshConfig, log: Log, todo: list | None = None, users: list | None = None):
     """The snapshot gate on the session vectors as they will be served (the canaries' recomputed vectors in
     place of their stored ones), keyed by session, against the served ones (None: another encoder).
 
-    The vectors are read from the table (the stage file is behind it after a refresh). With `todo` (a
-    refresh of some users): only the changed sessions, the canaries and a fixed hash sample of
-    `config.gate_sample_sessions` other sessions, on both sides; every session otherwise."""
+    As they will be served: the refresh's own file (`own`: every session of the refreshed `users`; every
+    session when `users` is None) and the other users' served sessions (from the history; from the table
+    when there is none). With `todo` (a refresh of some users): only the changed sessions, the canaries and
+    a fixed hash sample of `config.gate_sample_sessions` other sessions, on both sides; every session
+    otherwise. Nothing reads every stored vector: DuckDB reads the sample's rows of the files."""
+    import duckdb
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from producers.stores.outputs import SESSION_EMBEDDINGS
 
-    stored = f"{sql_ident(schema)}.{SESSION_EMBEDDINGS.table}"
-    old_src = None if history is None else f"read_parquet({sql_str(str(history))})"
-    con = home.connect(read_only=True)
+    con = duckdb.connect() if history is not None or users is None else home.connect(read_only=True)
     try:
-        n_stored = con.execute(f"SELECT count(*) FROM {stored}").fetchall()[0][0]
-        if todo is not None and n_stored > len(todo) + len(canary) + config.gate_sample_sessions:
-            ids = _gate_sample(con, stored, todo, canary, config.gate_sample_sessions)
-            where, params = "WHERE session_id IN (SELECT unnest($ids))", {"ids": ids}
+        old_src = None if history is None else f"read_parquet({sql_str(str(history))})"
+        others = old_src or f"{sql_ident(schema)}.{SESSION_EMBEDDINGS.table}"
+        served_others = ""
+        if users is not None:
+            con.execute("CREATE OR REPLACE TEMP TABLE refreshed AS SELECT unnest($users) AS user_id", {"users": users})
+            served_others = (f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {others} "
+                             "WHERE user_id NOT IN (SELECT user_id FROM refreshed) UNION ALL ")
+        mine = f"read_parquet({sql_str(str(own))})"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW will AS {served_others}"
+                    f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {mine}")
+        where = ""
+        n_will = con.execute("SELECT count(*) FROM will").fetchall()[0][0]
+        if todo is not None and n_will > len(todo) + len(canary) + config.gate_sample_sessions:
+            ids = _gate_sample(con, "will", todo, canary, config.gate_sample_sessions)
+            con.execute("CREATE OR REPLACE TEMP TABLE picked AS SELECT unnest($ids) AS session_id", {"ids": ids})
+            where = "WHERE session_id IN (SELECT session_id FROM picked)"
             log(f"gate (sessions): {len(ids):,} sessions judged ({len(todo):,} changed, {len(canary)} canaries, "
                 "a hash sample of the rest)")
-        else:
-            where, params = "", {}
-        table = con.sql(f"SELECT session_id, embedding FROM {stored} {where} ORDER BY session_id",
-                        params=params).to_arrow_table()
+        table = con.sql(f"SELECT session_id, embedding FROM will {where} ORDER BY session_id").to_arrow_table()
         old = None if old_src is None else con.sql(
-            f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {old_src} {where} ORDER BY session_id",
-            params=params).to_arrow_table()
+            f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {old_src} {where} ORDER BY session_id"
+        ).to_arrow_table()
     finally:
         con.close()
     if canary:
