@@ -423,3 +423,18 @@ def test_a_full_session_embed_after_a_refresh_is_not_overwritten_by_the_refreshe
     written = copy.read_bytes()
     assert not export_if_behind(home, SESSION_EMBEDDINGS, SCHEMA)
     assert copy.read_bytes() == written and "table_version" not in read_provenance(copy)
+
+
+def test_without_a_served_session_history_the_gate_reads_the_others_from_the_table(home, monkeypatch):
+    import producers.refresh as refresh_mod
+
+    lines: list[str] = []
+    monkeypatch.setattr(refresh_mod, "_served_sessions", lambda *_: None)
+    r = refresh(home, DATASET, RefreshConfig(gate_sample_sessions=10), log=lines.append)
+    assert r.published and r.gate_passed and "mean cosine" not in r.gate["sessions"]  # nothing to compare with
+    import re
+
+    (judged,) = [x for x in lines if "sessions judged" in x]
+    found = re.search(r"(\d+) sessions judged \((\d+) changed, (\d+) canaries", judged)
+    n, changed, canaries = map(int, found.groups())
+    assert changed and n == changed + canaries + 10  # the hash sample drawn from the stored sessions
