@@ -30,9 +30,16 @@ of theirs that end at or after their first new event (a session still open at th
 gained events, and new ones; late events included) are embedded with the served session encoder (its
 checkpoint, vocabulary and config: no training) and labelled by the served distilled classifier (the one
 `intents distill` saved: no LLM, no re-fitting); every other session keeps its stored vector and label.
-The whole session files are published (their views are written afresh, so the rollups and intent shares
-of the changed users are recomputed; the others' come out the same). The session vectors are gated like
-the user vectors, keyed by session (a few unchanged sessions embedded again as canaries). A session
+Their rows are replaced in place in `session_embeddings` and `session_intents` (one transaction each, the
+changed users' rows only; `producers.stores.outputs.change_in_place`), and every current session of the
+changed users goes to the snapshot (`session_embeddings.parquet`, `session_intents.parquet` under
+`data/<schema>/refresh/<as-of>/`), the files publish is given. The stage Parquet copies are not
+rewritten: the tables are the truth, and a copy a refresh left behind is written again from its table
+before a full publish reads it (`export_if_behind`). Publish, given the refreshed users, computes the
+session views and user rollups of those users only and keeps every other user's published rows
+(`producers.publish.snapshots._stage_sessions`). The session vectors are gated like the user vectors,
+keyed by session (the changed sessions, a few unchanged ones embedded again as canaries and a fixed
+hash sample of the rest, read from the table and the served history). A session
 encoder or classifier other than the served one (re-trained and stored since the last publish) is
 refused unless `full`, which cuts, embeds and labels every session with the stored ones.
 
@@ -210,7 +217,7 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
         result.refreshed.append("agg")
     if session_models:
         _refresh_sessions(home, dataset, schema, entry, served, users, since, session_models, config, result,
-                          inputs, log)
+                          inputs, log, snap)
     result.snapshot_dir = snap
     _reached("computed")
 
@@ -505,7 +512,7 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
     """The session encoder checkpoint and intent classifier a refresh uses: those the stage tables hold
     (`sessions embed`, `intents distill`). Another than the served one is refused unless `full`. Intents
     distilled before the classifier was saved map to None (not refreshed)."""
-    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS
+    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, current_provenance
 
     models: dict = {}
     for kind, output, key, what in (("sessions", SESSION_EMBEDDINGS, "checkpoint", "session encoder"),
@@ -513,10 +520,15 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
         if kind not in served:
             continue
         path = output.parquet_path(home, schema)
-        if not path.is_file():
+        con = home.connect(read_only=True)
+        try:  # the table's provenance: a refresh changes it in place and leaves its Parquet copy behind
+            prov = current_provenance(con, home, output, schema)
+        finally:
+            con.close()
+        if not prov:
             raise RefreshError(f"{dataset} serves {output.description} but {path} is gone: run `{output.produced_by} "
                                f"{dataset}` and publish before refreshing")
-        have, want = read_provenance(path, missing_ok=True).get(key), served[kind].get(key)
+        have, want = prov.get(key), served[kind].get(key)
         if kind == "intents" and (have is None or want is None):
             models[kind] = None
             continue
@@ -532,7 +544,7 @@ def _session_models(home: Home, dataset: str, schema: str, served: dict, config:
 
 def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served: dict, users: list | None,
                       since: datetime, models: dict, config: RefreshConfig, result: RefreshResult,
-                      inputs: dict, log: Log) -> None:
+                      inputs: dict, log: Log, snap: Path) -> None:
     """Cut the users' sessions again, embed and label their new or changed ones, gate the session vectors;
     add the session files to `inputs` (see the module docstring)."""
     from producers.ingest.delta import first_new_events
@@ -558,15 +570,21 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
         todo = changed_sessions(home, dataset, {u: t for u, t in firsts.items() if u in wanted})
         log(f"{len(todo):,} new or changed sessions of {len(users):,} users (those ending at or after each user's "
             "first new event)")
+    from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS
+
+    # a refresh of some users changes the tables in place and writes those users' sessions to its own files
+    own = {k: None if users is None else snap / o.file for k, o in (("sessions", SESSION_EMBEDDINGS),
+                                                                     ("intents", SESSION_INTENTS))}
     if "sessions" in models:
         same = models["sessions"] == served["sessions"].get("checkpoint")
         history = _served_sessions(home, entry) if same else None
-        canary = [] if todo is None or history is None else _session_canary(history, set(users), todo,
+        canary = [] if todo is None or history is None else _session_canary(history, users, todo,
                                                                              config.canary_users)
         r = _timed(result, "session_embed", lambda: embed_some(home, dataset, home.root / models["sessions"], todo,
-                                                               log, also=canary))
+                                                               log, also=canary, users=users,
+                                                               snapshot=own["sessions"]))
         started = time.perf_counter()
-        report = _gate_sessions(r.parquet_path, r.unstored, history, canary, config, log, todo)
+        report = _gate_sessions(home, schema, r.parquet_path, r.unstored, history, canary, config, log, todo, users)
         result.seconds["session_gate"] = time.perf_counter() - started
         result.gate["sessions"] = report.message()
         result.gate_passed &= report.success
@@ -580,65 +598,90 @@ def _refresh_sessions(home: Home, dataset: str, schema: str, entry: dict, served
                                         "run it again and publish)")
         else:
             inputs["intents"] = [_timed(result, "intents", lambda: classify_sessions(
-                home, dataset, todo, models["intents"], log))]
+                home, dataset, todo, models["intents"], log, users=users, snapshot=own["intents"]))]
             result.refreshed.append("intents")
 
 
-def _served_sessions(home: Home, entry: dict):
-    """session_id and embedding of the served session view (None when it has no history file)."""
-    import pyarrow.parquet as pq
-
+def _served_sessions(home: Home, entry: dict) -> Path | None:
+    """The history file of the served session view (None when it has none)."""
     from producers.stores.serving import feast_dir
 
     info = entry.get("sets", {}).get("session_embedding")
     path = feast_dir(home) / info["source"] if info else None
-    if path is None or not path.is_file():
-        return None
-    return pq.read_table(path, columns=["session_id", "user_id", "embedding"])
+    return path if path is not None and path.is_file() else None
 
 
-def _session_canary(history, changed: set, todo: list, n: int) -> list:
+def _session_canary(history: Path, changed: list, todo: list, n: int) -> list:
     """The first `n` served sessions (by id) of users whose events did not change."""
     if n <= 0:
         return []
-    skip = set(todo)
-    rows = zip(history.column("session_id").to_pylist(), history.column("user_id").to_pylist())
-    return sorted(s for s, u in rows if u not in changed and s not in skip)[:n]
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        return [r[0] for r in con.execute(
+            f"SELECT session_id FROM read_parquet({sql_str(str(history))}) "
+            "WHERE user_id NOT IN (SELECT unnest($users)) AND session_id NOT IN (SELECT unnest($todo)) "
+            "ORDER BY session_id LIMIT $n",
+            {"users": list(changed), "todo": list(todo), "n": n}).fetchall()]
+    finally:
+        con.close()
 
 
-def _gate_sample(ids: list, todo: list, canary: list, n: int) -> list:
-    """`todo`, `canary` and the `n` other ids of smallest hash: deterministic, and unbiased as to user or time."""
-    import hashlib
+def _gate_sample(con, relation: str, todo: list, canary: list, n: int) -> list:
+    """`todo`, `canary` and the `n` other session ids of `relation` (SQL) of smallest md5: deterministic, and
+    unbiased as to user or time; DuckDB picks them (the ids are not read into Python)."""
+    keep = sorted(set(todo) | set(canary))
+    rest = con.execute(f"SELECT session_id FROM {relation} WHERE session_id NOT IN (SELECT unnest($keep)) "
+                       "ORDER BY md5(session_id), session_id LIMIT $n", {"keep": keep, "n": n}).fetchall()
+    return keep + [r[0] for r in rest]
 
-    keep = set(todo) | set(canary)
-    rest = sorted((hashlib.blake2b(s.encode(), digest_size=8).digest(), s) for s in ids if s not in keep)
-    return sorted(keep) + [s for _, s in rest[:n]]
 
-
-def _gate_sessions(parquet: Path, canary_vectors, history, canary: list, config: RefreshConfig, log: Log,
-                   todo: list | None = None):
+def _gate_sessions(home: Home, schema: str, own: Path, canary_vectors, history: Path | None, canary: list,
+                   config: RefreshConfig, log: Log, todo: list | None = None, users: list | None = None):
     """The snapshot gate on the session vectors as they will be served (the canaries' recomputed vectors in
     place of their stored ones), keyed by session, against the served ones (None: another encoder).
 
-    With `todo` (a refresh of some users): only the changed sessions, the canaries and a fixed hash sample of
-    `config.gate_sample_sessions` other sessions, on both sides; every session otherwise."""
+    As they will be served: the refresh's own file (`own`: every session of the refreshed `users`; every
+    session when `users` is None) and the other users' served sessions (from the history; from the table
+    when there is none). With `todo` (a refresh of some users): only the changed sessions, the canaries and
+    a fixed hash sample of `config.gate_sample_sessions` other sessions, on both sides; every session
+    otherwise. Nothing reads every stored vector: DuckDB reads the sample's rows of the files."""
+    import duckdb
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(parquet, columns=["session_id", "embedding"])
-    if todo is not None and table.num_rows > len(todo) + len(canary) + config.gate_sample_sessions:
-        ids = pa.array(_gate_sample(table.column("session_id").to_pylist(), todo, canary,
-                                    config.gate_sample_sessions), pa.string())
-        table = table.filter(pc.is_in(table.column("session_id"), value_set=ids))
-        if history is not None:
-            history = history.filter(pc.is_in(history.column("session_id"), value_set=ids))
-        log(f"gate (sessions): {table.num_rows:,} sessions judged ({len(todo):,} changed, {len(canary)} canaries, "
-            "a hash sample of the rest)")
+    from producers.stores.outputs import SESSION_EMBEDDINGS
+
+    con = duckdb.connect() if history is not None or users is None else home.connect(read_only=True)
+    try:
+        old_src = None if history is None else f"read_parquet({sql_str(str(history))})"
+        others = old_src or f"{sql_ident(schema)}.{SESSION_EMBEDDINGS.table}"
+        served_others = ""
+        if users is not None:
+            con.execute("CREATE OR REPLACE TEMP TABLE refreshed AS SELECT unnest($users) AS user_id", {"users": users})
+            served_others = (f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {others} "
+                             "WHERE user_id NOT IN (SELECT user_id FROM refreshed) UNION ALL ")
+        mine = f"read_parquet({sql_str(str(own))})"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW will AS {served_others}"
+                    f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {mine}")
+        where = ""
+        n_will = con.execute("SELECT count(*) FROM will").fetchall()[0][0]
+        if todo is not None and n_will > len(todo) + len(canary) + config.gate_sample_sessions:
+            ids = _gate_sample(con, "will", todo, canary, config.gate_sample_sessions)
+            con.execute("CREATE OR REPLACE TEMP TABLE picked AS SELECT unnest($ids) AS session_id", {"ids": ids})
+            where = "WHERE session_id IN (SELECT session_id FROM picked)"
+            log(f"gate (sessions): {len(ids):,} sessions judged ({len(todo):,} changed, {len(canary)} canaries, "
+                "a hash sample of the rest)")
+        table = con.sql(f"SELECT session_id, embedding FROM will {where} ORDER BY session_id").to_arrow_table()
+        old = None if old_src is None else con.sql(
+            f"SELECT CAST(session_id AS VARCHAR) AS session_id, embedding FROM {old_src} {where} ORDER BY session_id"
+        ).to_arrow_table()
+    finally:
+        con.close()
     if canary:
         keep = pc.invert(pc.is_in(table.column("session_id"), value_set=pa.array(canary, pa.string())))
         table = pa.concat_tables([table.filter(keep), canary_vectors.cast(table.schema)])
-    old = None if history is None else history.select(["session_id", "embedding"])
     return _check(table, old, canary, config, log, "sessions", "sessions", user_column="session_id",
                   vector_column="embedding")
 

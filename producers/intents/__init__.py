@@ -11,7 +11,8 @@
    both, measured in one run; every session's label and probabilities go to
    `"<schema>".session_intents` and `data/<schema>/session_intents.parquet`. The fitted classifier is
    saved (`classify.save_classifier`), so `classify.classify_sessions` labels new sessions with it (a
-   refresh: no LLM, no re-fitting).
+   refresh: no LLM, no re-fitting; their rows replaced in place, the Parquet copy written again from the
+   table before a full publish).
 
 Sessions are read from the `sessions` / `session_events` tables (`llm4es sessions build`) and
 shown to the LLM as compact text (`session_text`). torch, transformers and scikit-learn are

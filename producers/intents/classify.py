@@ -5,7 +5,11 @@ named by the sha256 of its bytes, and records the file and the hash in the prove
 `session_intents`. `classify_sessions` loads it back (refusing a file whose hash is not the recorded one),
 builds the same inputs for the given sessions (their embedding plus the cheap session features, with the
 shares of the values the classifier was fitted on) and replaces or adds their rows in `session_intents`,
-keeping every other row whose session is still embedded.
+keeping every other row whose session is still embedded. Some sessions (a refresh) are changed in place
+(`producers.stores.outputs.change_in_place`: their rows, the refreshed users' rows of sessions no longer
+embedded and the provenance of `session_intents_meta`, in one transaction; no other row is rewritten); the
+Parquet copy is left behind the table (written again from it before a full publish reads it) and every
+current row of the refreshed users goes to the refresh's own file (`snapshot`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,14 @@ from typing import Any
 
 from producers.intents.common import Log
 from producers.intents.config import IntentsError
-from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, read_provenance, write_output
+from producers.stores.outputs import (
+    SESSION_EMBEDDINGS,
+    SESSION_INTENTS,
+    change_in_place,
+    current_provenance,
+    write_output,
+    write_parquet,
+)
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, float32_lists, stored_definition
 
@@ -71,10 +82,17 @@ def load_classifier(home: Home, provenance: dict) -> Any:
 
 
 def classify_sessions(home: Home, dataset: str, sessions: list[str] | None, classifier_sha256: str | None = None,
-                      log: Log = lambda _: None) -> Path:
+                      log: Log = lambda _: None, users: list | None = None,
+                      snapshot: Path | None = None) -> Path | None:
     """Label `sessions` (None: every embedded session) with the saved classifier of the stored
     `session_intents` (which must be the one `classifier_sha256` names, when given) and store them beside
-    every other stored label. The Parquet path."""
+    every other stored label. The Parquet path: the stage file (every session), else `snapshot`.
+
+    Some sessions: changed in place. `users` (a refresh's users; None: every user) bounds the rows whose
+    session is looked up (a row of a session no longer embedded is dropped); `snapshot`: where every current
+    row of `users` goes (None: no file)."""
+    if snapshot is not None and (sessions is None or users is None):
+        raise ValueError("a snapshot file is written for some users' sessions: pass `users` and `sessions`")
     started = time.perf_counter()
     import numpy as np
     import pyarrow as pa
@@ -84,10 +102,9 @@ def classify_sessions(home: Home, dataset: str, sessions: list[str] | None, clas
     con = home.connect(read_only=True)
     try:
         d = stored_definition(con, dataset)
-        parquet = SESSION_INTENTS.parquet_path(home, d.schema)
-        if not parquet.is_file():
+        prov = current_provenance(con, home, SESSION_INTENTS, d.schema)
+        if not prov:
             raise IntentsError(f"{d.name} has no session intents: run `llm4es intents distill {d.name}` first")
-        prov = read_provenance(parquet)
         if classifier_sha256 is not None and prov.get("classifier_sha256") != classifier_sha256:
             raise IntentsError(f"{d.name}: the stored session intents are of another classifier "
                                f"({prov.get('classifier_file')}) than the one asked for; labelling some sessions "
@@ -108,29 +125,70 @@ def classify_sessions(home: Home, dataset: str, sessions: list[str] | None, clas
         proba /= proba.sum(axis=1, keepdims=True)
     predicted = [names[k] for k in proba.argmax(axis=1)] if n else []
     produced_at = datetime.now(timezone.utc).replace(tzinfo=None)
-    provenance = {**prov, "produced_at": produced_at.isoformat(), "code_version": code_version(),
+    kept = {k: v for k, v in prov.items() if k != "table_version"}  # the note's version is not this write's
+    provenance = {**kept, "produced_at": produced_at.isoformat(), "code_version": code_version(),
                   "refresh": {"sessions_labelled": n, "at": produced_at.isoformat()}}
     arrow = pa.table({"session_id": pa.array(features["session_id"] if n else [], pa.string()),
                       "label": pa.array(predicted, pa.string()), "probabilities": float32_lists(proba)})
     s = f'"{d.schema}"'
+    params = {"version": prov["taxonomy_version"], "classifier": prov["classifier"], "produced_at": produced_at,
+              "code_version": provenance["code_version"]}
+    labelled = f"""SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version,
+                   r.label, CAST(r.probabilities AS FLOAT[]) AS probabilities,
+                   CAST($classifier AS VARCHAR) AS classifier, CAST($produced_at AS TIMESTAMP) AS produced_at,
+                   CAST($code_version AS VARCHAR) AS code_version
+            FROM new_rows AS r JOIN {s}.{SESSION_EMBEDDINGS.table} AS m USING (session_id)"""
+    if sessions is None:
+        def meta(con) -> None:
+            con.execute(f"CREATE TABLE {SESSION_INTENTS.staging_name(d.schema, META)} AS SELECT taxonomy_version, "
+                        f"labels, CAST($p AS JSON) AS provenance, CAST($t AS TIMESTAMP) AS produced_at FROM {s}.{META}",
+                        {"p": json.dumps(provenance, default=str), "t": produced_at})
 
-    def meta(con) -> None:
-        con.execute(f"CREATE TABLE {SESSION_INTENTS.staging_name(d.schema, META)} AS SELECT taxonomy_version, labels, "
-                    f"CAST($p AS JSON) AS provenance, CAST($t AS TIMESTAMP) AS produced_at FROM {s}.{META}",
-                    {"p": json.dumps(provenance, default=str), "t": produced_at})
-
-    path = write_output(home, SESSION_INTENTS, d.schema, arrow, f"""
-        SELECT * FROM (
-            SELECT r.session_id, m.user_id, m.session_end, CAST($version AS INTEGER) AS taxonomy_version, r.label,
-                   CAST(r.probabilities AS FLOAT[]) AS probabilities, CAST($classifier AS VARCHAR) AS classifier,
-                   CAST($produced_at AS TIMESTAMP) AS produced_at, CAST($code_version AS VARCHAR) AS code_version
-            FROM new_rows AS r JOIN {s}.{SESSION_EMBEDDINGS.table} AS m USING (session_id)
-            UNION ALL BY NAME
-            SELECT * FROM {s}.{TABLE} WHERE session_id NOT IN (SELECT session_id FROM new_rows)
-                   AND session_id IN (SELECT session_id FROM {s}.{SESSION_EMBEDDINGS.table}))
-        ORDER BY session_id""", provenance, log=log, also=meta,
-        params={"version": prov["taxonomy_version"], "classifier": prov["classifier"], "produced_at": produced_at,
-                "code_version": provenance["code_version"]})
+        path = write_output(home, SESSION_INTENTS, d.schema, arrow, labelled + " ORDER BY session_id", provenance,
+                            log=log, also=meta, params=params)
+    else:
+        path = _store_some(home, d.schema, arrow, labelled, params, provenance, users, snapshot)
     log(f"{n:,} sessions labelled with the saved classifier {prov['classifier_file']} (no re-fitting) -> "
-        f"{d.schema}.{TABLE} ({time.perf_counter() - started:.1f}s)")
+        f"{d.schema}.{TABLE}{f' (in place; every session of the users to {snapshot})' if snapshot else ''} "
+        f"({time.perf_counter() - started:.1f}s)")
     return path
+
+
+def _store_some(home: Home, schema: str, arrow: Any, labelled: str, params: dict, provenance: dict,
+                users: list | None, snapshot: Path | None) -> Path | None:
+    """The labelled sessions' rows replaced or added in place, the users' rows of sessions no longer embedded
+    dropped, the meta's provenance updated (one transaction, see `change_in_place`); every current row of
+    `users` to `snapshot` (temp file, renamed once the transaction committed)."""
+    s, embedded = f'"{schema}"', f'"{schema}".{SESSION_EMBEDDINGS.table}'
+    who, by_user = ("TRUE", {}) if users is None else ("user_id IN (SELECT unnest($users))", {"users": list(users)})
+    con = home.connect()
+    try:
+        con.register("new_rows", arrow)
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE labelled AS {labelled}", params)
+        finally:
+            con.unregister("new_rows")
+
+        def change(c) -> None:
+            c.execute(f"""DELETE FROM {s}.{TABLE} WHERE session_id IN (SELECT session_id FROM labelled)
+                          OR ({who} AND session_id NOT IN (SELECT session_id FROM {embedded} WHERE {who}))""", by_user)
+            c.execute(f"INSERT INTO {s}.{TABLE} BY NAME SELECT * FROM labelled")
+            c.execute(f"UPDATE {s}.{META} SET provenance = CAST($p AS JSON), produced_at = CAST($t AS TIMESTAMP)",
+                      {"p": json.dumps(provenance, default=str), "t": params["produced_at"]})
+
+        if snapshot is None:
+            change_in_place(con, home, SESSION_INTENTS, schema, change, provenance)
+        else:
+            rows = con.sql(f"""SELECT * FROM labelled UNION ALL BY NAME
+                SELECT * FROM {s}.{TABLE} WHERE {who} AND session_id NOT IN (SELECT session_id FROM labelled)
+                       AND session_id IN (SELECT session_id FROM {embedded} WHERE {who})
+                ORDER BY session_id""", params=by_user).to_arrow_table()
+            n_new = con.execute("SELECT count(*) FROM labelled").fetchall()[0][0]
+            snapshot_of = {"table": f"{schema}.{TABLE}", "n_users": len(set(users or [])), "n_sessions": rows.num_rows,
+                           "sessions_labelled": n_new}
+            write_parquet(rows, snapshot, {**provenance, "snapshot_of": snapshot_of},
+                          before_rename=lambda: change_in_place(con, home, SESSION_INTENTS, schema, change, provenance))
+        con.execute("DROP TABLE labelled")
+    finally:
+        con.close()
+    return snapshot

@@ -33,7 +33,13 @@ from producers.intents.prompts import label_prompt
 from producers.intents.session_text import read_session_texts, require_session_tables
 from producers.intents.store import LABELS, load_taxonomy
 from producers.stores.provenance import code_version
-from producers.stores.outputs import SESSION_EMBEDDINGS, SESSION_INTENTS, read_provenance, write_output
+from producers.stores.outputs import (
+    SESSION_EMBEDDINGS,
+    SESSION_INTENTS,
+    current_provenance,
+    read_provenance,
+    write_output,
+)
 from producers.stores.warehouse import Home, float32_lists, one, stored_definition, table_exists
 
 TABLE = SESSION_INTENTS.table
@@ -295,10 +301,9 @@ def _llm_latency(home: Home, d: DatasetDefinition, taxonomy, held_out: list[str]
 
 def _embedding_provenance(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinition) -> dict[str, Any]:
     path = SESSION_EMBEDDINGS.parquet_path(home, d.schema)
-    if path.exists():
-        meta = read_provenance(path, missing_ok=True)
-        if meta:
-            return {"parquet": home.relative(path), **meta}
+    meta = current_provenance(con, home, SESSION_EMBEDDINGS, d.schema)  # the table's, even when its copy is behind
+    if meta:
+        return {"parquet": home.relative(path), **meta}
     n = one(con, f'SELECT count(*) FROM "{d.schema}".{EMBEDDINGS}')[0]
     return {"table": f"{d.schema}.{EMBEDDINGS}", "rows": int(n), "note": "no Parquet copy with provenance found"}
 

@@ -19,7 +19,7 @@ from producers.publish.repo import (
 )
 from producers.publish.snapshots import _stage
 from producers.stores.locks import file_lock
-from producers.stores.outputs import OUTPUTS
+from producers.stores.outputs import OUTPUTS, export_behind
 from producers.stores.serving import (
     MANIFEST_FORMAT,
     PublishError,
@@ -71,6 +71,7 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
     store_yaml(config.online_store)  # fails early on an unknown store
     schema = schema_name(dataset)
     if inputs is None:
+        export_behind(home, schema, log)  # copies a refresh left behind their tables are written again first
         inputs = {kind: output.files(home, schema) for kind, output in OUTPUTS.items()}  # every registered output
     else:
         inputs = {kind: list(inputs.get(kind, [])) for kind in OUTPUTS}

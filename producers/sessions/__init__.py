@@ -12,7 +12,8 @@
 
 A refresh uses the same stages restricted: `SessionsConfig(users=...)` cuts only those users' sessions
 again, `build.changed_sessions` names the new or changed ones, `embed.embed_some` embeds only those with
-the served checkpoint.
+the served checkpoint and replaces their rows in place (the Parquet copy is written again from the table
+before a full publish: `producers.stores.outputs.export_if_behind`).
 
 torch is imported only when training or embedding runs.
 """

@@ -11,7 +11,11 @@ The run is the one `train_encoder` made for the same config and data (same run k
 no training here. `embed_some` (a refresh) embeds only the given sessions with a given checkpoint (the
 served encoder, whatever the data now is: values coded with the vocabulary it was trained on) and keeps
 every other stored row whose session still exists; it refuses a checkpoint other than the one the stored
-rows came from (two encoders' vectors in one table would be silently wrong).
+rows came from (two encoders' vectors in one table would be silently wrong). It changes the table in place
+(`producers.stores.outputs.change_in_place`: the given sessions' rows and the refreshed users' rows of
+sessions that are gone, in one transaction; no other row is rewritten) and leaves the Parquet copy behind
+the table (written again from it before a full publish reads it); the refreshed users' sessions, all of
+them, go to the refresh's own file (`snapshot`).
 
 Inference is in eval mode (no dropout), sessions in batches sorted by length; a session's vector
 does not depend on the batch it is in (padding is masked out).
@@ -29,7 +33,14 @@ from producers.shared.devices import pick_device
 from producers.stores.provenance import code_version
 from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
-from producers.stores.outputs import SESSION_EMBEDDINGS, read_provenance, write_output
+from producers.stores.outputs import (
+    SESSION_EMBEDDINGS,
+    change_in_place,
+    current_provenance,
+    read_provenance,
+    write_output,
+    write_parquet,
+)
 from producers.stores.warehouse import Home, float32_lists
 
 TABLE = SESSION_EMBEDDINGS.table
@@ -91,18 +102,25 @@ def _embed(home: Home, dataset: str, config: SessionEncoderConfig, log: Log, bat
 
 def embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] | None, log: Log = lambda _: None,
                also: list[str] | tuple = (), device: str = "auto", threads: int | None = 1,
-               batch_size: int = 256) -> SessionEmbedResult:
+               batch_size: int = 256, users: list | None = None, snapshot: Path | None = None) -> SessionEmbedResult:
     """Embed `sessions` (None: every session) with the encoder saved at `checkpoint` and store them: their rows
     are replaced or added, every other stored row is kept while its session exists. `also`: sessions embedded
-    but not stored (their vectors in `result.unstored`, e.g. a refresh's unchanged canaries)."""
+    but not stored (their vectors in `result.unstored`, e.g. a refresh's unchanged canaries).
+
+    Some sessions: changed in place. `users` (a refresh's users; None: every user) bounds the rows whose
+    session is looked up (a gone session's row is dropped); `snapshot`: where every current session row of
+    `users` goes (`result.parquet_path`; None without one)."""
     from producers.sessions import train as T
 
+    if snapshot is not None and (sessions is None or users is None):
+        raise ValueError("a snapshot file is written for some users' sessions: pass `users` and `sessions`")
     with T.torch_threads(threads):
-        return _embed_some(home, dataset, Path(checkpoint), sessions, log, list(also), device, batch_size)
+        return _embed_some(home, dataset, Path(checkpoint), sessions, log, list(also), device, batch_size, users,
+                           snapshot)
 
 
 def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] | None, log: Log, also: list[str],
-                device_name: str, batch_size: int) -> SessionEmbedResult:
+                device_name: str, batch_size: int, users: list | None, snapshot: Path | None) -> SessionEmbedResult:
     started = time.perf_counter()
     import dataclasses
 
@@ -122,8 +140,7 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
     con = home.connect(read_only=True)
     try:
         d = stored_definition(con, dataset)
-        parquet = SESSION_EMBEDDINGS.parquet_path(home, d.schema)
-        previous = read_provenance(parquet, missing_ok=True) if parquet.is_file() else {}
+        previous = current_provenance(con, home, SESSION_EMBEDDINGS, d.schema)
         if sessions is not None and previous.get("checkpoint") != rel:
             raise SessionsError(
                 f"{d.name}: the stored session embeddings are of the encoder {previous.get('checkpoint')}; embedding "
@@ -163,18 +180,14 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
                     "user_id": pa.array([data.user_ids[i] for i in keep] if data else []),
                     "session_end": pa.array([data.ends[i] for i in keep] if data else [], pa.timestamp("us")),
                     "embedding": float32_lists(vectors[keep])})
-    s = f'"{d.schema}"'
     select = f"""SELECT CAST(session_id AS VARCHAR) AS session_id, CAST(user_id AS {d.events.user_dtype}) AS user_id,
                         CAST(session_end AS TIMESTAMP) AS session_end, CAST(embedding AS FLOAT[]) AS embedding
                  FROM new_rows"""
     if sessions is not None:
-        _check_kept(home, d, sessions)
-        select = f"""SELECT * FROM ({select} UNION ALL BY NAME
-                     SELECT * FROM {s}.{TABLE} WHERE session_id NOT IN (SELECT session_id FROM new_rows)
-                            AND session_id IN (SELECT session_id FROM {s}.sessions)) ORDER BY session_id"""
+        parquet = _store_some(home, d, new, select, provenance, sessions, users, snapshot, log)
     else:
-        select += " ORDER BY session_id"
-    parquet = write_output(home, SESSION_EMBEDDINGS, d.schema, new, select, provenance, log=log)
+        parquet = write_output(home, SESSION_EMBEDDINGS, d.schema, new, select + " ORDER BY session_id", provenance,
+                               log=log)
     seconds = time.perf_counter() - started
     log(f"{len(keep):,} session vectors of {dim} with {rel} -> {d.schema}.{TABLE}"
         f"{' (every other stored session kept)' if sessions is not None else ''} ({seconds:.1f}s)")
@@ -183,15 +196,68 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
                               seconds=seconds, provenance=provenance, unstored=unstored)
 
 
-def _check_kept(home: Home, d: Any, sessions: list[str]) -> None:
-    """A kept row whose session now ends at another time was not embedded again though it changed: refuse."""
-    con = home.connect(read_only=True)
+def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, sessions: list[str],
+                users: list | None, snapshot: Path | None, log: Log) -> Path | None:
+    """The embedded sessions' rows replaced or added in place, the users' rows of gone sessions dropped (one
+    transaction, see `change_in_place`); every current row of `users` to `snapshot` (temp file, then renamed
+    once the transaction committed)."""
+    s = f'"{d.schema}"'
+    who, params = _users_filter(users)
+    con = home.connect()
     try:
-        stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
-            USING (session_id) WHERE m.session_end <> s.end_time AND m.session_id NOT IN (SELECT unnest($ids))
-            ORDER BY 1 LIMIT 5""", {"ids": list(sessions)}).fetchall()
+        _check_kept(con, d, sessions, users)
+        con.register("new_rows", new)
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE embedded AS {select}")
+        finally:
+            con.unregister("new_rows")
+
+        def change(c) -> None:
+            # the changed sessions' rows, and the users' rows whose session is gone (cut otherwise now)
+            c.execute(f"""DELETE FROM {s}.{TABLE} WHERE session_id IN (SELECT session_id FROM embedded)
+                          OR ({who} AND session_id NOT IN (SELECT session_id FROM {s}.sessions WHERE {who}))""", params)
+            c.execute(f"INSERT INTO {s}.{TABLE} BY NAME SELECT * FROM embedded")
+
+        n_new = con.execute("SELECT count(*) FROM embedded").fetchall()[0][0]
+        if snapshot is None:
+            change_in_place(con, home, SESSION_EMBEDDINGS, d.schema, change, provenance)
+        else:
+            rows = _arrow(con.sql(f"""SELECT * FROM embedded UNION ALL BY NAME
+                SELECT * FROM {s}.{TABLE} WHERE {who} AND session_id NOT IN (SELECT session_id FROM embedded)
+                       AND session_id IN (SELECT session_id FROM {s}.sessions WHERE {who})
+                ORDER BY session_id""", params=params))
+            snapshot_of = {"table": f"{d.schema}.{TABLE}", "n_users": len(set(users or [])),
+                           "n_sessions": rows.num_rows, "sessions_embedded": n_new}
+            write_parquet(rows, snapshot, {**provenance, "snapshot_of": snapshot_of},
+                          before_rename=lambda: change_in_place(con, home, SESSION_EMBEDDINGS, d.schema, change,
+                                                                provenance))
+        con.execute("DROP TABLE embedded")
     finally:
         con.close()
+    log(f"{n_new:,} session rows replaced or added in place in {d.schema}.{TABLE}"
+        f"{f'; every session of the {len(users or []):,} users to {snapshot}' if snapshot else ''}")
+    return snapshot
+
+
+def _users_filter(users: list | None, alias: str = "") -> tuple[str, dict]:
+    """A SQL condition on user_id (every user: None) and its parameters."""
+    if users is None:
+        return "TRUE", {}
+    return f"{alias}user_id IN (SELECT unnest($users))", {"users": list(users)}
+
+
+def _arrow(rel) -> Any:
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
+
+
+def _check_kept(con: Any, d: Any, sessions: list[str], users: list | None = None) -> None:
+    """A kept row whose session now ends at another time was not embedded again though it changed: refuse.
+    Only `users`' rows are looked at (None: every row): no other user's sessions were cut again."""
+    who, params = _users_filter(users, "m.")
+    stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
+        USING (session_id) WHERE {who} AND m.session_end <> s.end_time
+        AND m.session_id NOT IN (SELECT unnest($ids)) ORDER BY 1 LIMIT 5""",
+                        {"ids": list(sessions), **params}).fetchall()
     if stale:
         raise SessionsError(f"{d.name}: stored session vectors of sessions that changed since are not among those "
                             f"to embed (e.g. {', '.join(r[0] for r in stale)}): embed them too")

@@ -11,6 +11,18 @@ tables are swapped in in one transaction, then the file is renamed into place. A
 leaves the previous table and file; no temp file or staging table outlives the call.
 
 One read path: `read_provenance` (the metadata) and `read_output` (rows and metadata).
+
+A refresh changes rows in place instead (`change_in_place`: its DELETE and INSERT of a few users' rows and
+the note that the Parquet copy is now behind, in one transaction) and does not rewrite the Parquet copy,
+which would cost what every row costs. The table is then the truth: the note, a row of
+`"<schema>".output_exports` (table name, a version id, the table's provenance), says the copy is behind
+until a copy carrying that version (`table_version` in its provenance) is written. `current_provenance`
+reads the table's provenance (the note's, else the copy's); `export_if_behind` writes the copy again from
+the table (DuckDB COPY, with the note's provenance) when it is behind: a full `publish` calls it before it
+reads the copies, so no reader of a copy sees it stale. A full write (`write_staged`) drops the note in
+its swap transaction: its copy is the table's. An empty flag file beside the copy (`.<file>.behind`,
+made before the change's transaction) tells `export_if_behind` the warehouse is worth opening: without
+one it does not open it (a publish reads files only, even while another process writes the warehouse).
 """
 from __future__ import annotations
 
@@ -19,12 +31,13 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from producers.errors import Llm4esError
-from producers.stores.warehouse import STAGING_SUFFIX, Home, swap_tables
+from producers.stores.warehouse import STAGING_SUFFIX, Home, swap_tables, table_exists
 
 if TYPE_CHECKING:
     import duckdb
@@ -218,7 +231,7 @@ def write_staged(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema
 
     def swap() -> None:
         log(f"swapping {', '.join(f'{schema}.{t}' for t in tables)} into place")
-        swap_tables(con, schema, tables)
+        swap_tables(con, schema, tables, also=lambda: _drop_note(con, output, schema))
 
     return write_parquet(rows, parquet, provenance, before_rename=swap)
 
@@ -264,6 +277,108 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------------
+# Changing rows in place (a refresh); the Parquet copy follows the table
+
+EXPORTS = "output_exports"  # per schema: the tables changed in place since their Parquet copy was written
+
+
+def change_in_place(con: "duckdb.DuckDBPyConnection", home: Home, output: FeatureOutput, schema: str,
+                    change: Callable[["duckdb.DuckDBPyConnection"], None], provenance: dict) -> dict:
+    """`change(con)` (a DELETE and INSERT of some rows of the output's table and companions) and the note
+    that the Parquet copy is behind the table, now of `provenance`, in one transaction: a failure or a kill
+    leaves both as they were. The provenance as noted (with its `table_version`)."""
+    noted = {**provenance, "table_version": uuid.uuid4().hex}
+    flag = _behind_flag(output.parquet_path(home, schema))
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()  # first: a kill after the commit must not leave a note nobody looks for
+    con.execute("BEGIN TRANSACTION")
+    try:
+        change(con)
+        con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".{EXPORTS} (table_name VARCHAR, version VARCHAR, '
+                    "provenance JSON, changed_at TIMESTAMP)")
+        con.execute(f'DELETE FROM "{schema}".{EXPORTS} WHERE table_name = ?', [output.table])
+        con.execute(f'INSERT INTO "{schema}".{EXPORTS} VALUES (?, ?, CAST(? AS JSON), now()::TIMESTAMP)',
+                    [output.table, noted["table_version"], json.dumps(noted, default=str)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return noted
+
+
+def _behind_flag(parquet: Path) -> Path:
+    return parquet.with_name(f".{parquet.name}.behind")
+
+
+def _drop_note(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema: str) -> None:
+    if table_exists(con, schema, EXPORTS):
+        con.execute(f'DELETE FROM "{schema}".{EXPORTS} WHERE table_name = ?', [output.table])
+
+
+def _note(con: "duckdb.DuckDBPyConnection", output: FeatureOutput, schema: str) -> dict | None:
+    if not table_exists(con, schema, EXPORTS):
+        return None
+    rows = con.execute(f'SELECT provenance FROM "{schema}".{EXPORTS} WHERE table_name = ?', [output.table]).fetchall()
+    return json.loads(rows[0][0]) if rows else None
+
+
+def current_provenance(con: "duckdb.DuckDBPyConnection", home: Home, output: FeatureOutput, schema: str) -> dict:
+    """The provenance of the output's table as it is now: the in-place change's note, else its Parquet copy's
+    ({} when there is neither)."""
+    noted = _note(con, output, schema)
+    if noted is not None:
+        return noted
+    path = output.parquet_path(home, schema)
+    return read_provenance(path, missing_ok=True) if path.is_file() else {}
+
+
+def export_if_behind(home: Home, output: FeatureOutput, schema: str, log: Log = lambda _: None) -> bool:
+    """Write the output's Parquet copy again from its table when a change in place left it behind (see the
+    module docstring): every row, ordered by the key, with the noted provenance, to a temp file then renamed.
+    Whether it was written."""
+    path = output.parquet_path(home, schema)
+    flag = _behind_flag(path)
+    if not flag.exists():
+        return False
+    con = home.connect(read_only=True)
+    try:
+        con.execute("BEGIN TRANSACTION")  # the note and the rows read at one point
+        try:
+            noted = _note(con, output, schema)
+            if noted is None or (path.is_file() and
+                                 read_provenance(path, missing_ok=True).get("table_version") == noted["table_version"]):
+                flag.unlink(missing_ok=True)  # the warehouse is open: no change in place can come in between
+                return False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                blob = json.dumps(noted, default=str).replace("'", "''")
+                con.execute(f'COPY (SELECT * FROM "{schema}".{output.table} ORDER BY {output.key}) TO '
+                            f"'{str(tmp).replace(chr(39), chr(39) * 2)}' "
+                            f"(FORMAT PARQUET, KV_METADATA {{{PARQUET_KEY.decode()}: '{blob}'}})")
+                os.replace(tmp, path)
+                flag.unlink(missing_ok=True)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        finally:
+            con.execute("COMMIT")
+    finally:
+        con.close()
+    log(f"{path}: written again from {schema}.{output.table} (changed in place since it was written)")
+    return True
+
+
+def export_behind(home: Home, schema: str, log: Log = lambda _: None) -> None:
+    """`export_if_behind` for every registered output (a full publish, before it reads the copies)."""
+    for output in OUTPUTS.values():
+        if "{set}" not in output.file:  # one table of several sets' files is never changed in place
+            export_if_behind(home, output, schema, log)
 
 
 def _arrow(rel) -> "pa.Table":

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 
@@ -110,12 +110,16 @@ def table_names(con: duckdb.DuckDBPyConnection, schema: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def swap_tables(con: duckdb.DuckDBPyConnection, schema: str, names: Iterator[str] | list[str]) -> None:
-    """Replace `schema.<name>` by `schema.<name>__staging` for every name, all or nothing."""
+def swap_tables(con: duckdb.DuckDBPyConnection, schema: str, names: Iterator[str] | list[str],
+                also: Callable[[], None] | None = None) -> None:
+    """Replace `schema.<name>` by `schema.<name>__staging` for every name, all or nothing (`also()` runs in
+    the same transaction)."""
     con.execute("BEGIN TRANSACTION")
     try:
         for name in names:
             _swap_one(con, schema, name)
+        if also is not None:
+            also()
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

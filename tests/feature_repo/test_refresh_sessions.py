@@ -277,10 +277,16 @@ def test_the_session_gate_of_a_refresh_judges_the_changed_sessions_the_canaries_
     import producers.sessions.embed as embed_mod
     from producers.refresh import _gate_sample
 
+    import duckdb
+
+    con = duckdb.connect()
     ids = [f"s{i}" for i in range(50)]
-    sample = _gate_sample(ids, ["s7"], ["s9"], 5)
+    con.execute("CREATE TABLE a AS SELECT unnest($ids) AS session_id", {"ids": ids})
+    con.execute("CREATE TABLE b AS SELECT * FROM a ORDER BY session_id DESC")
+    sample = _gate_sample(con, "a", ["s7"], ["s9"], 5)
     assert sample[:2] == ["s7", "s9"] and len(sample) == 7 and len(set(sample)) == 7
-    assert _gate_sample(list(reversed(ids)), ["s7"], ["s9"], 5) == sample  # by hash, not by input order
+    assert _gate_sample(con, "b", ["s7"], ["s9"], 5) == sample  # by hash, not by row order
+    con.close()
 
     lines: list[str] = []
     real = embed_mod.infer
@@ -418,3 +424,137 @@ def test_a_publish_of_some_users_with_another_rollup_window_writes_every_users_r
     assert [x for x in lines if "cannot be kept" in x]
     publish(every, DATASET, PublishConfig(recent_sessions=2))
     assert view_rows(some, "sessions") == view_rows(every, "sessions")
+
+def stage_files(home: Home) -> dict:
+    """The stage Parquet copies of the session outputs: (bytes, mtime) by name."""
+    folder = home.data_dir / SCHEMA
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns)
+            for name in ("session_embeddings.parquet", "session_intents.parquet")}
+
+
+def refresh_computed(home: Home, monkeypatch) -> None:
+    """A refresh stopped once computed: the tables and files as the refresh leaves them, nothing published."""
+    import producers.refresh as refresh_mod
+
+    class Stop(BaseException):
+        pass
+
+    def stop(at):
+        if at == "computed":
+            raise Stop(at)
+
+    monkeypatch.setattr(refresh_mod, "_reached", stop)
+    with pytest.raises(Stop):
+        refresh(home, DATASET)
+    monkeypatch.undo()
+
+
+def test_a_refresh_changes_the_session_tables_in_place_and_a_full_publish_then_serves_them(home, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from producers.stores.outputs import read_provenance
+
+    files = stage_files(home)
+    ids = [s for ss in sessions_by_user(home).values() for s in ss] + [f"v{NEW}-9"]
+    # a planted row of an unchanged visitor, of no session: a table rebuilt from its kept rows would lose it,
+    # a refresh that looks at the refreshed visitors' rows only leaves it
+    con = home.connect()
+    try:
+        for t in ("session_embeddings", "session_intents"):
+            con.execute(f"INSERT INTO {SCHEMA}.{t} SELECT * REPLACE ('planted' AS session_id) FROM {SCHEMA}.{t} "
+                        "WHERE user_id = 7 ORDER BY session_id LIMIT 1")
+    finally:
+        con.close()
+
+    refresh_computed(home, monkeypatch)
+    assert stage_files(home) == files  # neither stage copy rewritten
+    for t in ("session_embeddings", "session_intents"):
+        assert sql(home, f"SELECT user_id FROM {SCHEMA}.{t} WHERE session_id = 'planted'") == [(7,)], t
+    # the refresh's own files: every session of exactly the changed visitors, as the tables now hold them
+    (snap,) = (home.data_dir / SCHEMA / "refresh").iterdir()
+    mine = sorted(s for u, ss in sessions_by_user(home).items() if u in CHANGED for s in ss)
+    for name, table, column in (("session_embeddings.parquet", "session_embeddings", "embedding"),
+                                ("session_intents.parquet", "session_intents", "label")):
+        got = pq.read_table(snap / name).to_pydict()
+        assert got["session_id"] == mine and sorted(set(got["user_id"])) == CHANGED, name
+        stored = dict(sql(home, f"SELECT session_id, {column} FROM {SCHEMA}.{table} WHERE user_id IN (2, 5, 9)"))
+        assert got[column] == [stored[s] for s in mine], name
+        prov = read_provenance(snap / name)
+        assert prov["snapshot_of"]["n_users"] == len(CHANGED) and prov["snapshot_of"]["n_sessions"] == len(mine)
+        assert prov.get("checkpoint") or prov.get("classifier_sha256")
+
+    # a full publish brings the stage copies up to date from the tables first, and serves the refreshed rows
+    publish(home, DATASET, PublishConfig(materialize=True))
+    assert stage_files(home) != files
+    served = online_features(home, DATASET, ["session_embedding", "session_intent"], ids)
+    table = dict(sql(home, f"SELECT session_id, embedding FROM {SCHEMA}.session_embeddings"))
+    labels = dict(sql(home, f"SELECT session_id, label FROM {SCHEMA}.session_intents"))
+    assert served[EMB][len(ids) - 1] is not None  # the new session
+    for s, vector, label in zip(ids, served[EMB], served[INTENT]):
+        assert np.allclose(vector, table[s]) and label == labels[s], s
+    for name, n in (("session_embeddings.parquet", len(table)), ("session_intents.parquet", len(labels))):
+        copy = home.data_dir / SCHEMA / name
+        assert pq.read_metadata(copy).num_rows == n and read_provenance(copy).get("table_version"), name
+    again = stage_files(home)
+    publish(home, DATASET, PublishConfig())
+    assert stage_files(home) == again  # up to date: not written again
+
+
+@pytest.mark.parametrize("module", ["producers.sessions.embed", "producers.intents.classify"])
+def test_a_kill_inside_the_in_place_write_leaves_the_session_table_as_it_was(home, monkeypatch, module):
+    import importlib
+
+    mod = importlib.import_module(module)
+    table = {"producers.sessions.embed": "session_embeddings", "producers.intents.classify": "session_intents"}[module]
+    files = stage_files(home)
+    before = sql(home, f"SELECT * FROM {SCHEMA}.{table} ORDER BY session_id")
+    meta = sql(home, f"SELECT * FROM {SCHEMA}.session_intents_meta")
+    real = mod.change_in_place
+
+    class Killed(BaseException):
+        pass
+
+    def dying(con, h, output, schema, change, provenance):
+        def change_then_die(c):
+            change(c)  # the rows deleted and inserted, then killed before the commit
+            raise Killed()
+        return real(con, h, output, schema, change_then_die, provenance)
+
+    monkeypatch.setattr(mod, "change_in_place", dying)
+    with pytest.raises(Killed):
+        refresh(home, DATASET)
+    assert sql(home, f"SELECT * FROM {SCHEMA}.{table} ORDER BY session_id") == before
+    assert sql(home, f"SELECT * FROM {SCHEMA}.session_intents_meta") == meta
+    assert stage_files(home) == files
+    snap = home.data_dir / SCHEMA / "refresh"
+    assert not [p for p in snap.rglob(f"*{table}*")]  # no snapshot file (nor its temp file) of the killed write
+    monkeypatch.undo()
+    r = refresh(home, DATASET)
+    assert r.published and {"sessions", "intents"} <= set(r.refreshed)
+
+
+def test_a_full_session_embed_after_a_refresh_is_not_overwritten_by_the_refreshed_table(home, monkeypatch):
+    from producers.stores.outputs import SESSION_EMBEDDINGS, export_if_behind, read_provenance
+
+    refresh_computed(home, monkeypatch)
+    train_encoder(home, DATASET, TINY)  # (the sessions changed: another run of the same config)
+    embed_sessions(home, DATASET, TINY)  # every session again: the copy is the table's
+    copy = SESSION_EMBEDDINGS.parquet_path(home, SCHEMA)
+    written = copy.read_bytes()
+    assert not export_if_behind(home, SESSION_EMBEDDINGS, SCHEMA)
+    assert copy.read_bytes() == written and "table_version" not in read_provenance(copy)
+
+
+def test_without_a_served_session_history_the_gate_reads_the_others_from_the_table(home, monkeypatch):
+    import producers.refresh as refresh_mod
+
+    lines: list[str] = []
+    monkeypatch.setattr(refresh_mod, "_served_sessions", lambda *_: None)
+    r = refresh(home, DATASET, RefreshConfig(gate_sample_sessions=10), log=lines.append)
+    assert r.published and r.gate_passed and "mean cosine" not in r.gate["sessions"]  # nothing to compare with
+    import re
+
+    (judged,) = [x for x in lines if "sessions judged" in x]
+    found = re.search(r"(\d+) sessions judged \((\d+) changed, (\d+) canaries", judged)
+    n, changed, canaries = map(int, found.groups())
+    assert changed and n == changed + canaries + 10  # the hash sample drawn from the stored sessions
