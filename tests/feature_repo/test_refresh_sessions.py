@@ -210,24 +210,11 @@ def test_a_nan_session_vector_is_stopped_by_the_gate_and_not_published(home, mon
 
 
 def test_a_refresh_killed_after_computing_leaves_serving_unchanged_and_the_next_run_completes(home, monkeypatch):
-    import producers.refresh as refresh_mod
-
     ids = [s for ss in sessions_by_user(home).values() for s in ss]
     before = online_features(home, DATASET, ["session_embedding"], ids)
-
-    class Killed(BaseException):
-        pass
-
-    def die(at):
-        if at == "computed":
-            raise Killed(at)
-
-    monkeypatch.setattr(refresh_mod, "_reached", die)
-    with pytest.raises(Killed):
-        refresh(home, DATASET)
+    refresh_computed(home, monkeypatch)  # killed once computed
     after = online_features(home, DATASET, ["session_embedding"], ids)
     assert all(same_bits(a, b) for a, b in zip(before[EMB], after[EMB]))
-    monkeypatch.undo()
     r = refresh(home, DATASET)
     assert r.published and r.users == CHANGED and "sessions" in r.refreshed
     done = online_features(home, DATASET, ["session_embedding", "session_intent"], ids + [f"v{NEW}-9"])
