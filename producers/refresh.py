@@ -242,8 +242,12 @@ def _refresh(home: Home, dataset: str, schema: str, config: RefreshConfig, log: 
     from producers.publish import PublishConfig, publish
 
     # the refreshed LLM4ES set is the only one given, so it is (or stays) the default one
+    # the refreshed users' session rollups over as many recent sessions as the served ones
+    windows = [served[k]["recent_sessions"] for k in ("sessions", "intents")
+               if served.get(k, {}).get("recent_sessions")]
+    recent = {"recent_sessions": windows[0]} if windows else {}
     result.publish_result = _timed(result, "publish", lambda: publish(home, dataset, PublishConfig(
-        online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize),
+        online_store=config.online_store, redis_url=config.redis_url, materialize=config.materialize, **recent),
         log, inputs=inputs, users=users))
     result.published = True
     _write_report(snap, result)

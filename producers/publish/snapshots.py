@@ -293,6 +293,10 @@ def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_ty
         _choose_users(con, users, id_sql)
         _build_sess(con, path, id_sql, values, value, output.timestamp, produced, only_chosen=True)
         parts = _partial_views(con, producer, prov, recent, user_dtype, out, previous or {})
+        if parts is None and prov.get("snapshot_of"):  # a refresh's file: it holds these users' sessions only
+            raise PublishError(f"{path} holds the sessions of {len(users):,} refreshed users only, and the published "
+                               "session views cannot take them as they are (none published yet, or published with "
+                               "another model, labels or recent_sessions): run a full `llm4es publish`")
         if parts is None:
             log(f"{path.name}: the published session views cannot be kept as they are; writing them from the "
                 "whole file")

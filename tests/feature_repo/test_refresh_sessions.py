@@ -412,6 +412,35 @@ def test_a_publish_of_some_users_with_another_rollup_window_writes_every_users_r
     publish(every, DATASET, PublishConfig(recent_sessions=2))
     assert view_rows(some, "sessions") == view_rows(every, "sessions")
 
+
+def test_a_refresh_keeps_the_served_rollup_window(home, tmp_path):
+    """Served with `--recent-sessions 2`, a refresh's rollups are over 2 sessions too, equal to a full publish
+    with 2 (a refresh publishing with the default window would meet published rollups it cannot keep)."""
+    publish(home, DATASET, PublishConfig(materialize=True, recent_sessions=2))
+    lines: list[str] = []
+    r = refresh(home, DATASET, log=lines.append)
+    assert r.published and r.users
+    assert not [x for x in lines if "cannot be kept" in x]
+    full = Home.resolve(shutil.copytree(home.root, tmp_path / "full"))
+    publish(full, DATASET, PublishConfig(materialize=True, recent_sessions=2))
+    for kind in SESSION_VIEWS:
+        assert view_rows(home, kind) == view_rows(full, kind), kind
+
+
+def test_publish_refuses_a_refresh_file_it_cannot_merge(home, tmp_path):
+    """A refresh's session file holds its users' sessions only: publishing it where the published views cannot
+    take them (another rollup window) is refused, never written as if it held every session."""
+    from producers.publish import PublishError
+
+    r = refresh(home, DATASET)
+    own = r.snapshot_dir / "session_embeddings.parquet"
+    assert pq.read_table(own).num_rows < pq.read_table(home.data_dir / SCHEMA / "session_embeddings.parquet").num_rows
+    before = view_rows(home, "sessions")
+    with pytest.raises(PublishError, match="refreshed users only"):
+        publish(home, DATASET, PublishConfig(recent_sessions=3), inputs={"sessions": [own]}, users=r.users)
+    assert view_rows(home, "sessions") == before
+
+
 def stage_files(home: Home) -> dict:
     """The stage Parquet copies of the session outputs: (bytes, mtime) by name."""
     folder = home.data_dir / SCHEMA
