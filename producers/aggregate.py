@@ -52,7 +52,7 @@ from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
 from producers.stores.provenance import code_version
 from producers.stores.outputs import AGGREGATES, staging, write_parquet, write_staged
-from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists
+from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists, transaction
 
 TABLE = AGGREGATES.table
 META_TABLE = AGGREGATES.companions[0]
@@ -290,8 +290,7 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
 
     def replace_rows() -> None:
         # one transaction: readers see the old rows or the new, never a user without a row
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(f'DELETE FROM "{schema}".{TABLE} WHERE user_id IN (SELECT unnest($users))',
                         {"users": params["users"]})
             con.execute(f'INSERT INTO "{schema}".{TABLE} SELECT * FROM agg_refresh')
@@ -301,10 +300,6 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
             con.execute(f'DELETE FROM "{schema}".{META_TABLE}')
             con.execute(f'INSERT INTO "{schema}".{META_TABLE} SELECT * FROM {meta_stg}')
             con.execute(f"DROP TABLE {meta_stg}")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
 
     log(f"{d.name}: {n_refreshed:,} users' aggregates recomputed as of {f.as_of}; their rows replaced in "
         f"{schema}.{TABLE}, written to {target}")

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from producers.errors import Llm4esError
 from producers.stores.outputs import LLM4ES, atomic_write_text, read_provenance, write_parquet
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import Home, float32_lists, stored_definition, table_exists
+from producers.stores.warehouse import Home, float32_lists, stored_definition, table_exists, transaction
 from producers.shared.models import DEFAULT_MODEL, resolve_model
 from validation.gate import require_valid
 
@@ -1030,15 +1030,10 @@ def _merge(home: Home, data: _Texts, parts: Path, key: dict, epoch: int | None, 
         if n_dims != 1 or min_dim != expected_dim:
             raise EmbedError(f"the parts in {parts} hold vectors of other sizes than the model's hidden size "
                              f"{expected_dim}; delete the folder and run again")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             scope = "" if full else " AND user_id IN (SELECT user_id FROM embed_staging)"
             con.execute(f'DELETE FROM "{data.schema}".{TABLE} WHERE {where}{scope}', key)
             con.execute(f'INSERT INTO "{data.schema}".{TABLE} BY NAME SELECT * EXCLUDE (n_tokens) FROM embed_staging')
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         con.execute("DROP TABLE embed_staging")
     finally:
         con.close()

@@ -35,7 +35,7 @@ from producers.ingest.source_files import SourceError, SourceFile, _first_match,
 from producers.stores.cache import sha256_file
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, one,
-                                        table_exists)
+                                        table_exists, transaction)
 
 DELTA_TABLE = "ingest_delta"
 DELTA_USERS_TABLE = "ingest_delta_users"  # per append, each touched user's added events (late events included)
@@ -230,8 +230,7 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                "code_version": code_version()}
 
     log(f"appending {n_added:,} events")
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f"INSERT INTO {q('events')} BY NAME SELECT * FROM {stg('added')}")
         con.execute(f"INSERT INTO {q('users')} BY NAME SELECT * FROM {stg('new_users')}")
         con.execute(f"INSERT INTO {q('codes')} BY NAME SELECT * FROM {stg('new_codes')}")
@@ -245,10 +244,6 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                     f"FROM {q('events')} LIMIT 0")
         con.execute(f"INSERT INTO {q(DELTA_USERS_TABLE)} SELECT ?, user_id, count(*), min(event_time), "
                     f"max(event_time) FROM {stg('added')} GROUP BY user_id ORDER BY user_id", [ingest_id])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return AppendResult(ingest_id=ingest_id, source_hash=data_hash, rows_added=n_added, users_touched=touched,
                         users_new=new_users, min_event_time=t_min, max_event_time=t_max, n_events=n_events,
                         n_users=n_users, **common)

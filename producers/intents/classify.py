@@ -28,10 +28,9 @@ from producers.intents.config import IntentsError
 from producers.stores.outputs import (
     SESSION_EMBEDDINGS,
     SESSION_INTENTS,
-    change_in_place,
     current_provenance,
+    replace_sessions_in_place,
     write_output,
-    write_parquet,
 )
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, float32_lists, stored_definition
@@ -157,10 +156,9 @@ def classify_sessions(home: Home, dataset: str, sessions: list[str] | None, clas
 def _store_some(home: Home, schema: str, arrow: Any, labelled: str, params: dict, provenance: dict,
                 users: list | None, snapshot: Path | None) -> Path | None:
     """The labelled sessions' rows replaced or added in place, the users' rows of sessions no longer embedded
-    dropped, the meta's provenance updated (one transaction, see `change_in_place`); every current row of
-    `users` to `snapshot` (temp file, renamed once the transaction committed)."""
-    s, embedded = f'"{schema}"', f'"{schema}".{SESSION_EMBEDDINGS.table}'
-    who, by_user = ("TRUE", {}) if users is None else ("user_id IN (SELECT unnest($users))", {"users": list(users)})
+    dropped, the meta's provenance updated (`replace_sessions_in_place`); every current row of `users` to
+    `snapshot`."""
+    s = f'"{schema}"'
     con = home.connect()
     try:
         con.register("new_rows", arrow)
@@ -169,25 +167,12 @@ def _store_some(home: Home, schema: str, arrow: Any, labelled: str, params: dict
         finally:
             con.unregister("new_rows")
 
-        def change(c) -> None:
-            c.execute(f"""DELETE FROM {s}.{TABLE} WHERE session_id IN (SELECT session_id FROM labelled)
-                          OR ({who} AND session_id NOT IN (SELECT session_id FROM {embedded} WHERE {who}))""", by_user)
-            c.execute(f"INSERT INTO {s}.{TABLE} BY NAME SELECT * FROM labelled")
+        def meta(c) -> None:
             c.execute(f"UPDATE {s}.{META} SET provenance = CAST($p AS JSON), produced_at = CAST($t AS TIMESTAMP)",
                       {"p": json.dumps(provenance, default=str), "t": params["produced_at"]})
 
-        if snapshot is None:
-            change_in_place(con, home, SESSION_INTENTS, schema, change, provenance)
-        else:
-            rows = con.sql(f"""SELECT * FROM labelled UNION ALL BY NAME
-                SELECT * FROM {s}.{TABLE} WHERE {who} AND session_id NOT IN (SELECT session_id FROM labelled)
-                       AND session_id IN (SELECT session_id FROM {embedded} WHERE {who})
-                ORDER BY session_id""", params=by_user).to_arrow_table()
-            n_new = con.execute("SELECT count(*) FROM labelled").fetchall()[0][0]
-            snapshot_of = {"table": f"{schema}.{TABLE}", "n_users": len(set(users or [])), "n_sessions": rows.num_rows,
-                           "sessions_labelled": n_new}
-            write_parquet(rows, snapshot, {**provenance, "snapshot_of": snapshot_of},
-                          before_rename=lambda: change_in_place(con, home, SESSION_INTENTS, schema, change, provenance))
+        replace_sessions_in_place(con, home, SESSION_INTENTS, schema, "labelled", f"{s}.{SESSION_EMBEDDINGS.table}",
+                                  users, snapshot, provenance, also=meta)
         con.execute("DROP TABLE labelled")
     finally:
         con.close()

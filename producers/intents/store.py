@@ -13,7 +13,7 @@ import duckdb
 from producers.datasets.definition import DatasetDefinition
 from producers.intents.config import IntentsError
 from producers.intents.prompts import Label
-from producers.stores.warehouse import one, table_exists
+from producers.stores.warehouse import one, table_exists, transaction
 
 TAXONOMIES = "intent_taxonomies"
 LABELS = "intent_llm_labels"
@@ -57,17 +57,12 @@ def next_version(con: duckdb.DuckDBPyConnection, schema: str) -> int:
 def store_taxonomy(con: duckdb.DuckDBPyConnection, schema: str, row: dict[str, Any]) -> int:
     """Insert a new version (the next number, taken inside the transaction) and return it."""
     con.execute(taxonomies_ddl(schema))
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         version = next_version(con, schema)
         con.execute(f'INSERT INTO "{schema}".{TAXONOMIES} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
                     [version, row["created_at"], row["backend"], row["model"], row["prompt_version"],
                      json.dumps(row["labels"]), json.dumps(row["rounds"], default=str), row["sample_seed"],
                      json.dumps(row["config"], default=str), row["code_version"]])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return version
 
 

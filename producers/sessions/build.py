@@ -40,7 +40,7 @@ from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.sessions.config import SessionsConfig, SessionsError, SessionsResult
 from producers.stores.warehouse import (STAGING_SUFFIX, Home, last_ingest, stored_definition, swap_tables,
-                                       table_exists)
+                                       table_exists, transaction)
 
 Log = Callable[[str], None]
 TABLES = ("sessions", "session_events", "sessions_meta")
@@ -144,8 +144,7 @@ def _rebuild_users(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinit
                                 f"(e.g. {', '.join(f'{s} of user {a} and of user {b}' for s, a, b in clash)}); "
                                 "nothing was replaced")
         ingest = last_ingest(con, d.schema) or {}
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             for t in ("sessions", "session_events"):
                 con.execute(f"DELETE FROM {live[t]} WHERE user_id IN (SELECT user_id FROM _rebuild_users)")
                 con.execute(f"INSERT INTO {live[t]} BY NAME SELECT * FROM {stg[t]}")
@@ -154,10 +153,6 @@ def _rebuild_users(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinit
                         "built_at = ?, code_version = ?, validation = ?",
                         [ingest.get("ingest_id"), n_sessions, n_events, datetime.now(timezone.utc).replace(tzinfo=None),
                          code_version(), str(report)])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         mine = con.execute(f"SELECT count(*), coalesce(sum(n_events), 0) FROM {stg['sessions']}").fetchone()
     finally:
         for table in stg.values():

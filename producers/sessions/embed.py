@@ -35,11 +35,10 @@ from producers.sessions import features as F
 from producers.sessions.config import SessionEmbedResult, SessionEncoderConfig, SessionsError
 from producers.stores.outputs import (
     SESSION_EMBEDDINGS,
-    change_in_place,
     current_provenance,
     read_provenance,
+    replace_sessions_in_place,
     write_output,
-    write_parquet,
 )
 from producers.stores.warehouse import Home, float32_lists
 
@@ -198,11 +197,8 @@ def _embed_some(home: Home, dataset: str, checkpoint: Path, sessions: list[str] 
 
 def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, sessions: list[str],
                 users: list | None, snapshot: Path | None, log: Log) -> Path | None:
-    """The embedded sessions' rows replaced or added in place, the users' rows of gone sessions dropped (one
-    transaction, see `change_in_place`); every current row of `users` to `snapshot` (temp file, then renamed
-    once the transaction committed)."""
-    s = f'"{d.schema}"'
-    who, params = _users_filter(users)
+    """The embedded sessions' rows replaced or added in place, the users' rows of gone sessions dropped
+    (`replace_sessions_in_place`); every current row of `users` to `snapshot`."""
     con = home.connect()
     try:
         _check_kept(con, d, sessions, users)
@@ -211,26 +207,8 @@ def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, ses
             con.execute(f"CREATE OR REPLACE TEMP TABLE embedded AS {select}")
         finally:
             con.unregister("new_rows")
-
-        def change(c) -> None:
-            # the changed sessions' rows, and the users' rows whose session is gone (cut otherwise now)
-            c.execute(f"""DELETE FROM {s}.{TABLE} WHERE session_id IN (SELECT session_id FROM embedded)
-                          OR ({who} AND session_id NOT IN (SELECT session_id FROM {s}.sessions WHERE {who}))""", params)
-            c.execute(f"INSERT INTO {s}.{TABLE} BY NAME SELECT * FROM embedded")
-
-        n_new = con.execute("SELECT count(*) FROM embedded").fetchall()[0][0]
-        if snapshot is None:
-            change_in_place(con, home, SESSION_EMBEDDINGS, d.schema, change, provenance)
-        else:
-            rows = _arrow(con.sql(f"""SELECT * FROM embedded UNION ALL BY NAME
-                SELECT * FROM {s}.{TABLE} WHERE {who} AND session_id NOT IN (SELECT session_id FROM embedded)
-                       AND session_id IN (SELECT session_id FROM {s}.sessions WHERE {who})
-                ORDER BY session_id""", params=params))
-            snapshot_of = {"table": f"{d.schema}.{TABLE}", "n_users": len(set(users or [])),
-                           "n_sessions": rows.num_rows, "sessions_embedded": n_new}
-            write_parquet(rows, snapshot, {**provenance, "snapshot_of": snapshot_of},
-                          before_rename=lambda: change_in_place(con, home, SESSION_EMBEDDINGS, d.schema, change,
-                                                                provenance))
+        n_new = replace_sessions_in_place(con, home, SESSION_EMBEDDINGS, d.schema, "embedded", f'"{d.schema}".sessions',
+                                          users, snapshot, provenance)
         con.execute("DROP TABLE embedded")
     finally:
         con.close()
@@ -239,21 +217,10 @@ def _store_some(home: Home, d: Any, new: Any, select: str, provenance: dict, ses
     return snapshot
 
 
-def _users_filter(users: list | None, alias: str = "") -> tuple[str, dict]:
-    """A SQL condition on user_id (every user: None) and its parameters."""
-    if users is None:
-        return "TRUE", {}
-    return f"{alias}user_id IN (SELECT unnest($users))", {"users": list(users)}
-
-
-def _arrow(rel) -> Any:
-    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.fetch_arrow_table()
-
-
 def _check_kept(con: Any, d: Any, sessions: list[str], users: list | None = None) -> None:
     """A kept row whose session now ends at another time was not embedded again though it changed: refuse.
     Only `users`' rows are looked at (None: every row): no other user's sessions were cut again."""
-    who, params = _users_filter(users, "m.")
+    who, params = ("TRUE", {}) if users is None else ("m.user_id IN (SELECT unnest($users))", {"users": list(users)})
     stale = con.execute(f"""SELECT m.session_id FROM "{d.schema}".{TABLE} m JOIN "{d.schema}".sessions s
         USING (session_id) WHERE {who} AND m.session_end <> s.end_time
         AND m.session_id NOT IN (SELECT unnest($ids)) ORDER BY 1 LIMIT 5""",

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from producers.errors import Llm4esError
-from producers.stores.warehouse import STAGING_SUFFIX, Home, swap_tables, table_exists
+from producers.stores.warehouse import STAGING_SUFFIX, Home, swap_tables, table_exists, transaction
 
 if TYPE_CHECKING:
     import duckdb
@@ -294,19 +294,46 @@ def change_in_place(con: "duckdb.DuckDBPyConnection", home: Home, output: Featur
     flag = _behind_flag(output.parquet_path(home, schema))
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.touch()  # first: a kill after the commit must not leave a note nobody looks for
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         change(con)
         con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".{EXPORTS} (table_name VARCHAR, version VARCHAR, '
                     "provenance JSON, changed_at TIMESTAMP)")
         con.execute(f'DELETE FROM "{schema}".{EXPORTS} WHERE table_name = ?', [output.table])
         con.execute(f'INSERT INTO "{schema}".{EXPORTS} VALUES (?, ?, CAST(? AS JSON), now()::TIMESTAMP)',
                     [output.table, noted["table_version"], json.dumps(noted, default=str)])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return noted
+
+
+def replace_sessions_in_place(con: "duckdb.DuckDBPyConnection", home: Home, output: FeatureOutput, schema: str,
+                              staged: str, alive: str, users: list | None, snapshot: Path | None, provenance: dict,
+                              also: Callable[["duckdb.DuckDBPyConnection"], None] | None = None) -> int:
+    """A refresh's write of a session-keyed output: the rows of the temp table `staged` replace or are added
+    to the output's table, and `users`' rows whose session is no longer in the table `alive` are dropped,
+    with `also(con)` (e.g. the meta's provenance), in place (`change_in_place`). With `snapshot`, every current
+    row of `users` also goes there (temp file, renamed once the transaction committed). The staged rows' count."""
+    s = f'"{schema}"'
+    who, params = ("TRUE", {}) if users is None else ("user_id IN (SELECT unnest($users))", {"users": list(users)})
+    current = f"(SELECT session_id FROM {alive} WHERE {who})"
+
+    def change(c) -> None:
+        c.execute(f"""DELETE FROM {s}.{output.table} WHERE session_id IN (SELECT session_id FROM {staged})
+                      OR ({who} AND session_id NOT IN {current})""", params)
+        c.execute(f"INSERT INTO {s}.{output.table} BY NAME SELECT * FROM {staged}")
+        if also is not None:
+            also(c)
+
+    n_new = con.execute(f"SELECT count(*) FROM {staged}").fetchall()[0][0]
+    if snapshot is None:
+        change_in_place(con, home, output, schema, change, provenance)
+        return n_new
+    rows = _arrow(con.sql(f"""SELECT * FROM {staged} UNION ALL BY NAME
+        SELECT * FROM {s}.{output.table} WHERE {who} AND session_id NOT IN (SELECT session_id FROM {staged})
+               AND session_id IN {current} ORDER BY session_id""", params=params))
+    snapshot_of = {"table": f"{schema}.{output.table}", "n_users": len(set(users or [])), "n_sessions": rows.num_rows,
+                   "sessions_written": n_new}
+    write_parquet(rows, snapshot, {**provenance, "snapshot_of": snapshot_of},
+                  before_rename=lambda: change_in_place(con, home, output, schema, change, provenance))
+    return n_new
 
 
 def _behind_flag(parquet: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from producers.stores.warehouse import Home
+from producers.stores.warehouse import Home, transaction
 
 KINDS = ("serialized", "template", "llm")
 COLUMNS = """user_id {user_type}, kind VARCHAR, variant INTEGER, format VARCHAR, text VARCHAR,
@@ -54,14 +54,9 @@ def replace_kind(con: duckdb.DuckDBPyConnection, schema: str, kind: str, staging
     where = f"kind = '{kind}'"
     if only_staged_users:
         where += f" AND (user_id, variant) IN (SELECT (user_id, variant) FROM {staging})"
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(f'DELETE FROM "{schema}".texts WHERE {where}')
         con.execute(f'INSERT INTO "{schema}".texts BY NAME SELECT * FROM {staging}')
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return con.execute(f"SELECT count(*) FROM {staging}").fetchone()[0]
 
 

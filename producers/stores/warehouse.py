@@ -7,6 +7,7 @@ transaction, so a reader sees either the old tables or the new ones, never a mix
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -110,20 +111,27 @@ def table_names(con: duckdb.DuckDBPyConnection, schema: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def swap_tables(con: duckdb.DuckDBPyConnection, schema: str, names: Iterator[str] | list[str],
-                also: Callable[[], None] | None = None) -> None:
-    """Replace `schema.<name>` by `schema.<name>__staging` for every name, all or nothing (`also()` runs in
-    the same transaction)."""
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """The block's statements, all or nothing: committed when it ends, rolled back when it raises (or is killed)."""
     con.execute("BEGIN TRANSACTION")
     try:
-        for name in names:
-            _swap_one(con, schema, name)
-        if also is not None:
-            also()
+        yield
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def swap_tables(con: duckdb.DuckDBPyConnection, schema: str, names: Iterator[str] | list[str],
+                also: Callable[[], None] | None = None) -> None:
+    """Replace `schema.<name>` by `schema.<name>__staging` for every name, all or nothing (`also()` runs in
+    the same transaction)."""
+    with transaction(con):
+        for name in names:
+            _swap_one(con, schema, name)
+        if also is not None:
+            also()
 
 
 def _swap_one(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> None:
