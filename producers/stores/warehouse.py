@@ -4,12 +4,16 @@ Every dataset schema holds `events`, `users`, `codes`, `rejects`, `dataset_meta`
 definition the data was ingested with), `ingest_log` and `validation_log`. Tables are only ever
 replaced by `swap_tables`, which renames fully built staging tables into place in one
 transaction, so a reader sees either the old tables or the new ones, never a mix.
+
+`Home.hold()` keeps one connection open for a block (a refresh): every `Home.connect` of that warehouse
+inside it gets a cursor of that connection instead of opening the file again.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -58,15 +62,96 @@ class Home:
         return path
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """A connection to the warehouse; the caller closes it. Inside `hold()`: a cursor of the held one."""
         if read_only and not self.warehouse_path.exists():
             raise WarehouseError(f"no warehouse at {self.warehouse_path}: run `llm4es ingest` first")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        held = _held_for(self.warehouse_path)
+        if held is not None:
+            return held.cursor()
+        return _open(self, read_only)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, one connection to the warehouse, shared: `connect()` returns a cursor of it.
+
+        Opening the file costs ~10-20 ms and closing one that was written costs a checkpoint; a refresh
+        made of many small stages, each opening and closing its own connection, paid that a dozen times
+        and more. Inside a hold the connection opens at the first `connect()` and closes (one checkpoint)
+        when the outermost hold of this warehouse ends, also when the block raises or is interrupted
+        (its open transactions roll back: a write is committed or absent, as without the hold).
+
+        The held connection is read-write: DuckDB gives one process one configuration per file, so a
+        cursor asked for `read_only` can write too. The code inside a hold (a refresh) is trusted not
+        to; the other processes see what they saw of a writer before, for the whole block (the lock
+        error names this process). Holds nest (keyed by the warehouse's resolved path: several `Home`
+        objects name one warehouse) and are process-wide, so a stage's worker thread gets its own
+        cursor too (a DuckDB connection is not for two threads at once; a cursor per thread is)."""
+        key = _key(self.warehouse_path)
+        with _holds_lock:
+            held = _holds.get(key)
+            if held is None:
+                held = _holds[key] = _Held(self)
+            held.depth += 1
         try:
-            return duckdb.connect(str(self.warehouse_path), read_only=read_only)
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower():
-                raise
-            raise WarehouseLockedError(locked_message(self.warehouse_path, str(e))) from e
+            yield
+        finally:
+            with _holds_lock:
+                held.depth -= 1
+                last = held.depth == 0
+                if last:
+                    del _holds[key]
+            if last:
+                held.close()
+
+
+def _open(home: Home, read_only: bool) -> duckdb.DuckDBPyConnection:
+    home.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return duckdb.connect(str(home.warehouse_path), read_only=read_only)
+    except duckdb.IOException as e:
+        if "lock" not in str(e).lower():
+            raise
+        raise WarehouseLockedError(locked_message(home.warehouse_path, str(e))) from e
+
+
+class _Held:
+    """The shared connection of a `Home.hold()`, opened at its first use (a refresh that finds nothing to
+    do, or refuses to start, opens the file no more often than before)."""
+
+    def __init__(self, home: Home):
+        self.home = home
+        self.depth = 0
+        self.lock = threading.Lock()  # cursor() from two threads at once, and the first open
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self.lock:
+            if self.con is None:
+                self.con = _open(self.home, read_only=False)
+            # closing a cursor ends its own transaction and temp tables, not the database: no checkpoint
+            return self.con.cursor()
+
+    def close(self) -> None:
+        with self.lock:
+            con, self.con = self.con, None
+        if con is not None:
+            con.close()  # also closes any cursor a caller left open
+
+
+_holds: dict[str, _Held] = {}
+_holds_lock = threading.Lock()
+
+
+def _key(path: Path) -> str:
+    return str(path.resolve())
+
+
+def _held_for(path: Path) -> _Held | None:
+    if not _holds:  # no hold anywhere: not even the path's resolve()
+        return None
+    key = _key(path)
+    with _holds_lock:
+        return _holds.get(key)
 
 
 class WarehouseLockedError(WarehouseError):

@@ -572,3 +572,22 @@ def test_without_a_served_session_history_the_gate_reads_the_others_from_the_tab
     found = re.search(r"(\d+) sessions judged \((\d+) changed, (\d+) canaries", judged)
     n, changed, canaries = map(int, found.groups())
     assert changed and n == changed + canaries + 10  # the hash sample drawn from the stored sessions
+
+
+def test_a_refresh_opens_the_warehouse_once(home, monkeypatch):
+    """Every stage of a refresh uses a cursor of one held connection (`Home.hold`): the file is opened once
+    (each stage opening its own cost ~10-20 ms and a checkpoint apiece), and closed when it ends."""
+    opened: list[str] = []
+    real = duckdb.connect
+
+    def connect(database=":memory:", *args, **kwargs):
+        opened.append(str(database))
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(duckdb, "connect", connect)
+    r = refresh(home, DATASET)
+    monkeypatch.undo()
+    assert r.published and {"sessions", "intents", "agg"} <= set(r.refreshed)
+    assert opened.count(str(home.warehouse_path)) == 1, opened
+    con = duckdb.connect(str(home.warehouse_path), read_only=True)  # closed: openable with another configuration
+    con.close()
