@@ -4,7 +4,7 @@ from __future__ import annotations
 import duckdb
 
 from producers.errors import Llm4esError
-from producers.stores.warehouse import last_ingest, one, stored_definition, table_exists
+from producers.stores.warehouse import last_ingest, one, remembered, stored_definition, table_exists
 
 
 class ValidationGateError(Llm4esError, RuntimeError):
@@ -14,6 +14,15 @@ class ValidationGateError(Llm4esError, RuntimeError):
 def require_valid(con: duckdb.DuckDBPyConnection, dataset: str, force: bool = False) -> None:
     if force:
         return
+    # within a hold (a refresh), checked once: validate and ingest forget it (warehouse.forget_dataset_state)
+    def check() -> bool:
+        _require_valid(con, dataset)  # raises when the gate is shut: nothing is remembered then
+        return True
+
+    remembered(con, ("valid", dataset), check)
+
+
+def _require_valid(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
     schema = stored_definition(con, dataset).schema
     ingest = last_ingest(con, schema)
     last = None

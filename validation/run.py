@@ -33,7 +33,7 @@ import pandas as pd
 from producers.datasets.definition import DatasetDefinition
 from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists
+from producers.stores.warehouse import Home, forget_dataset_state, last_ingest, stored_definition, table_exists
 from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, non_finite_column, session_checks
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
@@ -116,6 +116,7 @@ def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig()
         _log_run(con, definition.schema, report)
         return report
     finally:
+        forget_dataset_state(con)  # within a hold, the old definition, ingest and verdict were remembered
         con.close()
 
 

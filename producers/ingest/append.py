@@ -35,7 +35,7 @@ from producers.ingest.source_files import SourceError, SourceFile, _first_match,
 from producers.stores.cache import sha256_file
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, one,
-                                        table_exists, transaction)
+                                        forget_dataset_state, table_exists, transaction)
 
 DELTA_TABLE = "ingest_delta"
 DELTA_USERS_TABLE = "ingest_delta_users"  # per append, each touched user's added events (late events included)
@@ -92,6 +92,7 @@ def append(home: Home, definition: DatasetDefinition, config: IngestConfig,
             finally:
                 drop_staging(con, schema)
         finally:
+            forget_dataset_state(con)  # within a hold, the old definition, ingest and verdict were remembered
             con.close()
 
 

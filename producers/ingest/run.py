@@ -29,8 +29,8 @@ from producers.ingest.source_files import SourceFile, locate, source_hash, unpac
 from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
                                         user_column)
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest,
-                                        swap_tables, table_exists)
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, forget_dataset_state,
+                                        last_ingest, swap_tables, table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5
@@ -100,6 +100,7 @@ def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
             finally:
                 drop_staging(con, schema)
         finally:
+            forget_dataset_state(con)  # within a hold, the old definition, ingest and verdict were remembered
             con.close()
 
 

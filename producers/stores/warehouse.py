@@ -6,7 +6,9 @@ replaced by `swap_tables`, which renames fully built staging tables into place i
 transaction, so a reader sees either the old tables or the new ones, never a mix.
 
 `Home.hold()` keeps one connection open for a block (a refresh): every `Home.connect` of that warehouse
-inside it gets a cursor of that connection instead of opening the file again.
+inside it gets a cursor of that connection instead of opening the file again. Within a hold, what every
+stage reads first (the stored definition, the last ingest, the data gate's verdict) is read once: see
+`forget_dataset_state`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -123,13 +126,16 @@ class _Held:
         self.depth = 0
         self.lock = threading.Lock()  # cursor() from two threads at once, and the first open
         self.con: duckdb.DuckDBPyConnection | None = None
+        self.memo: dict = {}  # see forget_dataset_state
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         with self.lock:
             if self.con is None:
                 self.con = _open(self.home, read_only=False)
             # closing a cursor ends its own transaction and temp tables, not the database: no checkpoint
-            return self.con.cursor()
+            cursor = self.con.cursor()
+            _cursor_holds[cursor] = self
+            return cursor
 
     def close(self) -> None:
         with self.lock:
@@ -140,6 +146,7 @@ class _Held:
 
 _holds: dict[str, _Held] = {}
 _holds_lock = threading.Lock()
+_cursor_holds: "weakref.WeakKeyDictionary[duckdb.DuckDBPyConnection, _Held]" = weakref.WeakKeyDictionary()
 
 
 def _key(path: Path) -> str:
@@ -174,6 +181,32 @@ def locked_message(path: Path, error: str) -> str:
             pass
     return (f"the warehouse {path} is in use by {who}{f': {command}' if command else ''}; DuckDB lets one process "
             "write it at a time and nobody read it meanwhile: try again when that command has finished")
+
+
+def _memo(con: duckdb.DuckDBPyConnection) -> dict | None:
+    """The memo of the hold `con` is a cursor of (None: a connection of its own, nothing is memoized)."""
+    held = _cursor_holds.get(con) if _holds else None
+    return None if held is None else held.memo
+
+
+def forget_dataset_state(con: duckdb.DuckDBPyConnection) -> None:
+    """Call after changing a dataset's definition, ingest log or validation log through `con` (ingest,
+    append, validate): within a hold, `stored_definition`, `last_ingest` and `require_valid` read them
+    once and remember them. Nothing else can change them meanwhile: the held connection is a writer, so
+    no other process opens the file while the hold lasts."""
+    memo = _memo(con)
+    if memo is not None:
+        memo.clear()
+
+
+def remembered(con: duckdb.DuckDBPyConnection, key: tuple, read: Callable[[], object]):
+    """`read()`, or within a hold what it returned the last time (see `forget_dataset_state`)."""
+    memo = _memo(con)
+    if memo is None:
+        return read()
+    if key not in memo:
+        memo[key] = read()
+    return memo[key]
 
 
 def one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
@@ -252,6 +285,15 @@ def check_schema_owner(con: duckdb.DuckDBPyConnection, dataset: str) -> None:
 
 def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDefinition:
     """The definition the dataset was last ingested with: later stages read fields from it."""
+    # the stored text is remembered, not the object: each caller gets its own (callers may change it)
+    blob = remembered(con, ("definition", dataset), lambda: _definition_text(con, dataset))
+    try:
+        return DatasetDefinition.model_validate(json.loads(blob))
+    except ValueError as e:  # written by an older, incompatible version
+        raise DefinitionError(f"stored definition of {dataset!r} is unreadable ({e}); re-run ingest") from e
+
+
+def _definition_text(con: duckdb.DuckDBPyConnection, dataset: str) -> str:
     schema = schema_name(dataset)
     check_schema_owner(con, dataset)
     if not table_exists(con, schema, "dataset_meta"):
@@ -263,10 +305,7 @@ def stored_definition(con: duckdb.DuckDBPyConnection, dataset: str) -> DatasetDe
         raise WarehouseError(f"unknown dataset {dataset!r}: the warehouse holds {held}; built-in datasets are "
                              f"{', '.join(builtin_names())} (your own data: `llm4es ingest NAME --mapping FILE`)")
     (blob,) = one(con, f'SELECT definition FROM "{schema}".dataset_meta')
-    try:
-        return DatasetDefinition.model_validate(json.loads(blob))
-    except ValueError as e:  # written by an older, incompatible version
-        raise DefinitionError(f"stored definition of {dataset!r} is unreadable ({e}); re-run ingest") from e
+    return blob
 
 
 def ingested_datasets(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -277,6 +316,11 @@ def ingested_datasets(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def last_ingest(con: duckdb.DuckDBPyConnection, schema: str) -> dict | None:
+    row = remembered(con, ("last_ingest", schema), lambda: _last_ingest(con, schema))
+    return None if row is None else dict(row)  # the caller's own copy
+
+
+def _last_ingest(con: duckdb.DuckDBPyConnection, schema: str) -> dict | None:
     if not table_exists(con, schema, "ingest_log"):
         return None
     cur = con.execute(f'SELECT * FROM "{schema}".ingest_log ORDER BY finished_at DESC LIMIT 1')

@@ -134,3 +134,48 @@ def test_a_hold_on_a_warehouse_another_process_writes_names_that_process(tmp_pat
         con = home.connect(read_only=True)
         assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
         con.close()
+
+
+def test_inside_a_hold_the_gate_is_read_once_and_ingest_append_and_validate_are_seen(tmp_path, monkeypatch):
+    """The stored definition, last ingest and data-gate verdict are remembered within a hold (every stage
+    of a refresh reads them first), and forgotten by the commands that change them."""
+    import validation.gate as gate
+    from producers.datasets.definition import load_builtin
+    from producers.ingest import IngestConfig, ingest
+    from producers.ingest.append import append
+    from producers.stores.warehouse import last_ingest, stored_definition
+    from tests.fixtures.movielens_files import write_grouplens
+    from tests.producers.test_append import new_ratings, write_delta
+    from validation.run import ValidateConfig, validate
+
+    ml = load_builtin("movielens-100k")
+    home = Home.resolve(tmp_path / "home")
+    source = write_grouplens(tmp_path / "ml-100k")
+    checked = []
+    real = gate._require_valid
+    monkeypatch.setattr(gate, "_require_valid", lambda con, dataset: checked.append(dataset) or real(con, dataset))
+    with home.hold():
+        ingest(home, ml, IngestConfig(source=source))
+        con = home.connect(read_only=True)
+        with pytest.raises(gate.ValidationGateError, match="has not been validated"):
+            gate.require_valid(con, ml.name)
+        assert validate(home, ml.name, ValidateConfig(data_docs=False)).success
+        gate.require_valid(con, ml.name)
+        gate.require_valid(home.connect(read_only=True), ml.name)  # another cursor of the hold: remembered
+        assert checked == [ml.name, ml.name]
+        first = last_ingest(con, ml.schema)["ingest_id"]
+        last_ingest(con, ml.schema)["ingest_id"] = "changed by the caller"  # the caller's own copy
+        assert last_ingest(con, ml.schema)["ingest_id"] == first
+        assert stored_definition(con, ml.name) is not stored_definition(con, ml.name)  # each its own object
+        append(home, ml, IngestConfig(write_delta(tmp_path / "delta", new_ratings(source, [2]))))
+        assert last_ingest(con, ml.schema)["ingest_id"] != first
+        with pytest.raises(gate.ValidationGateError, match="re-ingested after its last validation"):
+            gate.require_valid(con, ml.name)
+        con.close()
+    checked.clear()
+    con = home.connect(read_only=True)  # no hold: nothing remembered
+    for _ in range(2):
+        with pytest.raises(gate.ValidationGateError, match="re-ingested"):
+            gate.require_valid(con, ml.name)
+    con.close()
+    assert checked == [ml.name, ml.name]
