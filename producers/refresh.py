@@ -48,7 +48,9 @@ distilled before `intents distill` saved its classifier, and CoLES with `full` (
 `llm4es coles`). Their views keep their older rows.
 
 A refresh killed at any point leaves the previous snapshot served: nothing is published before step 7,
-whose own safety is publish's. The next refresh finds the same users (the served as-of did not move)
+whose own safety is publish's. Its one warehouse connection (`Home.hold`) rolls back an unfinished
+transaction and closes when it raises; a process killed outright leaves DuckDB's write-ahead log, which
+the next open replays (committed writes only). The next refresh finds the same users (the served as-of did not move)
 and completes; the stages' tables already hold their new rows, which are recomputed identically.
 """
 from __future__ import annotations

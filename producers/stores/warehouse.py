@@ -85,8 +85,8 @@ class Home:
 
         The held connection is read-write: DuckDB gives one process one configuration per file, so a
         cursor asked for `read_only` can write too. The code inside a hold (a refresh) is trusted not
-        to; the other processes see what they saw of a writer before, for the whole block (the lock
-        error names this process). Holds nest (keyed by the warehouse's resolved path: several `Home`
+        to. Other processes are kept out of the file for the whole block, as they were while a stage
+        wrote (their lock error names this process). Holds nest (keyed by the warehouse's resolved path: several `Home`
         objects name one warehouse) and are process-wide, so a stage's worker thread gets its own
         cursor too (a DuckDB connection is not for two threads at once; a cursor per thread is)."""
         key = _key(self.warehouse_path)
@@ -127,6 +127,7 @@ class _Held:
         self.lock = threading.Lock()  # cursor() from two threads at once, and the first open
         self.con: duckdb.DuckDBPyConnection | None = None
         self.memo: dict = {}  # see forget_dataset_state
+        self.pid = os.getpid()  # a forked child has a copy of this object, not a connection it may use
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         with self.lock:
@@ -158,7 +159,8 @@ def _held_for(path: Path) -> _Held | None:
         return None
     key = _key(path)
     with _holds_lock:
-        return _holds.get(key)
+        held = _holds.get(key)
+    return held if held is not None and held.pid == os.getpid() else None
 
 
 class WarehouseLockedError(WarehouseError):
