@@ -117,6 +117,7 @@ class _Group:
     a couple of aggregates per field instead of three or four per value."""
     field: FieldSpec
     rank: str  # SQL: the rank of the event's value (of `value`, one of the event's values, for a split field)
+    top: str  # the name of the parameter holding the top values, in rank order
     split: str | None  # SQL list of the event's values of a multi-valued field, else None
     entries: list[dict]
 
@@ -134,6 +135,7 @@ class _Features:
     amount: FieldSpec | None
     numeric: list[FieldSpec] = field(default_factory=list)
     groups: list[_Group] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)  # the event fields read (numeric and grouping)
     rank_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -207,13 +209,8 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
                               f"LIMIT {int(config.top_n)}", top_params).fetchall()
         slugs: set[str] = set()
         categories[f.name] = []
-        whens = []
         for rank, (value, n) in enumerate(top, start=1):
             slug = _unique(slugify(value), slugs)
-            p = f"c_{len(rank_params)}"
-            rank_params[p] = value
-            # the event's value equals the top value (a split field: one of the event's values does)
-            whens.append(f"WHEN ${p} THEN {rank}")
             entry = {"rank": rank, "value": value, "events": n,
                      "count_column": names.take(f"{f.name}__{slug}_count"),
                      "share_column": names.take(f"{f.name}__{slug}_share")}
@@ -223,13 +220,18 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
             entry["mean_columns"] = {m.name: names.take(f"{f.name}__{slug}_{m.name}_mean") for m in numeric}
             categories[f.name].append(entry)
         if top:
-            case = f"CASE {'value' if parts else col} {' '.join(whens)} END"
-            groups.append(_Group(f, case, parts, categories[f.name]))
+            p = f"top_{len(groups)}"
+            rank_params[p] = [value for value, _ in top]
+            # the rank of the event's value among the top values (NULL for another value); the top values as
+            # the column's type: a refresh has them from JSON (dates as text)
+            rank = f"list_position(CAST(${p} AS {'VARCHAR' if parts else f.dtype.upper()}[]), {'value' if parts else col})"
+            groups.append(_Group(f, rank, p, parts, categories[f.name]))
 
     log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
-    return _Features(as_of, select, params, where, names.taken, categories, amount, numeric, groups, rank_params)
+    return _Features(as_of, select, params, where, names.taken, categories, amount, numeric=numeric, groups=groups,
+                     fields=[f.name for f in numeric + grouped], rank_params=rank_params)
 
 
 def _per_user_sql(f: _Features, source: str) -> str:
@@ -262,7 +264,7 @@ def _per_value_sql(f: _Features, source: str) -> str | None:
         measures.append(f"CAST({total} AS BIGINT) AS s" if f.amount.dtype.upper() != "DOUBLE" else f"{total} AS s")
     measures += [f"avg({_ident(m.name)}) AS m{i}" for i, m in enumerate(f.numeric)]
     return (f"SELECT user_id, g, rank, {', '.join(measures)} FROM ({' UNION ALL '.join(branches)}) "
-            "WHERE rank IS NOT NULL GROUP BY user_id, g, rank")
+            "WHERE rank >= 1 GROUP BY user_id, g, rank")
 
 
 def _rows(con: duckdb.DuckDBPyConnection, f: _Features, source: str, params: dict[str, Any]):
@@ -368,8 +370,15 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
         raise AggregateError(f"{d.name}: {schema}.{TABLE} has other columns than the served ones (e.g. {extra}): it "
                              f"was rebuilt since the last publish; publish it (`llm4es publish {d.name}`) or run "
                              f"`llm4es aggregate {d.name}` over every user")
-    source = f'(SELECT * FROM "{schema}".events WHERE user_id IN (SELECT unnest($users)))'
-    rows = _rows(con, f, source, {"users": users})
+    # the users' events once, as Arrow (the fields read only): the two aggregates then scan them, not every event
+    read = ", ".join(["user_id", "event_time", *map(_ident, f.fields)])
+    events = _arrow(con.sql(f'SELECT {read} FROM "{schema}".events WHERE user_id IN (SELECT unnest($users))',
+                            params={"users": users}))
+    con.register("agg_events", events)
+    try:
+        rows = _rows(con, f, "agg_events", {})
+    finally:
+        con.unregister("agg_events")
     n_refreshed = rows.num_rows
     target = refresh_file(home, schema, f.as_of)
     target.parent.mkdir(parents=True, exist_ok=True)
