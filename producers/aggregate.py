@@ -298,10 +298,10 @@ def _spread(per_user, per_value, f: _Features):
         def matrix(name: str, sel, width: int):
             """(values, valid) of `per_value`'s column `name` for the rows `sel`, laid out user x rank."""
             col = per_value.column(name)
-            dtype = col.type.to_pandas_dtype()
-            values = np.zeros((n_users, width), dtype=dtype)
+            filled = pc.fill_null(col, 0).to_numpy()  # an integer column with NULLs would come out as floats
+            values = np.zeros((n_users, width), dtype=filled.dtype)
             valid = np.zeros((n_users, width), dtype=bool)
-            values[row[sel], rank_of[sel]] = col.filter(pa.array(sel)).to_numpy(zero_copy_only=False)
+            values[row[sel], rank_of[sel]] = filled[sel]
             valid[row[sel], rank_of[sel]] = col.is_valid().to_numpy(zero_copy_only=False)[sel]
             return col.type, values, valid
 
@@ -336,7 +336,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
         con.unregister("agg_rows")
     n_users = rows.num_rows
     blob = _provenance(con, d, config, f, n_users)
-    _stage_meta(con, AGGREGATES.staging_name(schema, META_TABLE), d, f, blob, n_users,
+    _write_meta(con, f"CREATE TABLE {AGGREGATES.staging_name(schema, META_TABLE)} AS", d, f, blob, n_users,
                 AGGREGATES.parquet_path(home, schema))
     parquet = write_staged(con, AGGREGATES, schema, AGGREGATES.parquet_path(home, schema), blob, log)
     return AggregateResult(d.name, n_users, len(f.columns) - 2, f.columns, parquet, f.as_of, f"{schema}.{TABLE}", blob)
@@ -360,11 +360,12 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
     if config.categories is None:
         raise AggregateError(f"a refresh of {d.name}'s aggregates needs the served top values (`categories` of the "
                              "served file's provenance), so the columns do not move")
-    if not table_exists(con, schema, TABLE):
-        raise AggregateError(f"{d.name} has no aggregates to refresh: run `llm4es aggregate {d.name}` first")
+    try:
+        stored = [r[0] for r in con.execute(f'DESCRIBE "{schema}".{TABLE}').fetchall()]
+    except duckdb.CatalogException:
+        raise AggregateError(f"{d.name} has no aggregates to refresh: run `llm4es aggregate {d.name}` first") from None
     f = _features(con, d, config, log)
     users = list(config.users)
-    stored = [r[0] for r in con.execute(f'DESCRIBE "{schema}".{TABLE}').fetchall()]
     if stored != f.columns:
         extra = [c for c in stored if c not in f.columns][:3] or [c for c in f.columns if c not in stored][:3]
         raise AggregateError(f"{d.name}: {schema}.{TABLE} has other columns than the served ones (e.g. {extra}): it "
@@ -384,7 +385,6 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
     target.parent.mkdir(parents=True, exist_ok=True)
     blob = _provenance(con, d, config, f, n_refreshed)
     blob["refresh"] = {"as_of": f.as_of.isoformat(), "n_users": n_refreshed}
-    meta_stg = AGGREGATES.staging_name(schema, META_TABLE)
 
     def replace_rows() -> None:
         # one transaction: readers see the old rows or the new, never a user without a row
@@ -395,11 +395,9 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
                             {"users": users})
                 con.execute(f'INSERT INTO "{schema}".{TABLE} SELECT * FROM agg_refresh')
                 n_users = con.execute(f'SELECT count(*) FROM "{schema}".{TABLE}').fetchall()[0][0]
-                con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
-                _stage_meta(con, meta_stg, d, f, {**blob, "n_users": n_users}, n_users, target)
                 con.execute(f'DELETE FROM "{schema}".{META_TABLE}')
-                con.execute(f'INSERT INTO "{schema}".{META_TABLE} SELECT * FROM {meta_stg}')
-                con.execute(f"DROP TABLE {meta_stg}")
+                _write_meta(con, f'INSERT INTO "{schema}".{META_TABLE} BY NAME', d, f, {**blob, "n_users": n_users},
+                            n_users, target)
         finally:
             con.unregister("agg_refresh")
 
@@ -443,13 +441,14 @@ def _provenance(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Ag
     return json.loads(json.dumps(provenance, default=str))  # category values such as dates as text
 
 
-def _stage_meta(con: duckdb.DuckDBPyConnection, table: str, d: DatasetDefinition, f: _Features, blob: dict,
+def _write_meta(con: duckdb.DuckDBPyConnection, into: str, d: DatasetDefinition, f: _Features, blob: dict,
                 n_users: int, parquet: Path) -> None:
-    """The one-row `agg_features_meta` (what produced the table) as `table`."""
+    """The one-row `agg_features_meta` (what produced the table), written by `into` (`CREATE TABLE x AS`: the
+    staging copy of a full run; `INSERT INTO x BY NAME`: a refresh's row, in its transaction)."""
     columns = f.columns
     produced_at = datetime.fromisoformat(blob["produced_at"])
     con.execute(
-        f"CREATE TABLE {table} AS SELECT "
+        f"{into} SELECT "
         "CAST(? AS TIMESTAMP) AS produced_at, "
         "? AS dataset, CAST(? AS TIMESTAMP) AS as_of, CAST(? AS BIGINT) AS n_users, CAST(? AS INTEGER) AS n_features, "
         "? AS code_version, ? AS ingest_id, ? AS source_hash, ? AS definition_fingerprint, "
