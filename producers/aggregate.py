@@ -137,6 +137,8 @@ class _Features:
     groups: list[_Group] = field(default_factory=list)
     fields: list[str] = field(default_factory=list)  # the event fields read (numeric and grouping)
     rank_params: dict[str, Any] = field(default_factory=dict)
+    # (column, SQL of the value, SQL condition): distinct values per user, counted long with the per-value rows
+    distinct: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: AggregateConfig,
@@ -163,15 +165,15 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
     params: dict[str, Any] = {"as_of": as_of}
     rank_params: dict[str, Any] = {"as_of": as_of}
     where = "event_time <= $as_of AND user_id IS NOT NULL"
+    # active_days and events_per_active_day (n_events over it) come from the distinct counts (`_spread`)
     select = [
         "user_id",
         "CAST($as_of AS TIMESTAMP) AS feature_timestamp",
         "count(*) AS n_events",
-        "count(DISTINCT CAST(event_time AS DATE)) AS active_days",
         f"(epoch_us(max(event_time)) - epoch_us(min(event_time))) / {_US_PER_DAY}.0 AS span_days",
-        "count(*) / count(DISTINCT CAST(event_time AS DATE))::DOUBLE AS events_per_active_day",
         f"(epoch_us(CAST($as_of AS TIMESTAMP)) - epoch_us(max(event_time))) / {_US_PER_DAY}.0 AS recency_days",
     ]
+    distinct = [("active_days", "CAST(event_time AS DATE)", "true")]
     for f in numeric:
         col = f'"{f.name}"'
         integral = f.dtype.upper() != "DOUBLE"
@@ -195,13 +197,12 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
         if split is None:
             values_sql = f"SELECT {col} AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
             parts = None
-            select.append(f'count(DISTINCT {col}) AS "{names.take(f"{f.name}_n_distinct")}"')
+            distinct.append((names.take(f"{f.name}_n_distinct"), col, f"{col} IS NOT NULL"))
         else:
             params[f"split_{f.name}"] = top_params[f"split_{f.name}"] = rank_params[f"split_{f.name}"] = split
             parts = f"list_filter(string_split({col}, $split_{f.name}), lambda x: x <> '')"
             values_sql = f"SELECT unnest({parts}) AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
-            select.append(f"coalesce(len(list_distinct(flatten(list({parts}) FILTER (WHERE {col} IS NOT NULL)))), 0)"
-                          f' AS "{names.take(f"{f.name}_n_distinct")}"')
+            distinct.append((names.take(f"{f.name}_n_distinct"), f"unnest({parts})", f"{col} IS NOT NULL"))
         if config.categories is not None:
             top = [(e["value"], e["events"]) for e in config.categories.get(f.name, [])]
         else:
@@ -231,7 +232,7 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
     return _Features(as_of, select, params, where, names.taken, categories, amount, numeric=numeric, groups=groups,
-                     fields=[f.name for f in numeric + grouped], rank_params=rank_params)
+                     fields=[f.name for f in numeric + grouped], rank_params=rank_params, distinct=distinct)
 
 
 def _per_user_sql(f: _Features, source: str) -> str:
@@ -239,12 +240,12 @@ def _per_user_sql(f: _Features, source: str) -> str:
     return f"SELECT {', '.join(f.select)} FROM {source} WHERE {f.where} GROUP BY user_id ORDER BY user_id"
 
 
-def _per_value_sql(f: _Features, source: str) -> str | None:
+def _per_value_sql(f: _Features, source: str) -> str:
     """One row per user, grouping field (`g`, its index in `f.groups`) and top value (`rank`) the user has
     events with: their count `n`, the amount sum `s` and the numeric means `m0`, `m1`... The same aggregates
-    as one CASE WHEN per value and column would give, over the same events."""
-    if not f.groups:
-        return None
+    as one CASE WHEN per value and column would give, over the same events. Then, as `g` = len(f.groups) + i
+    (rank 1), the user's number of distinct values of `f.distinct[i]` as `n`: the same counts as
+    count(DISTINCT ...), at half its cost over every event."""
     carried = [_ident(m.name) for m in f.numeric]
     branches = []
     for g, group in enumerate(f.groups):
@@ -258,6 +259,10 @@ def _per_value_sql(f: _Features, source: str) -> str | None:
                     f"{''.join(', ' + c for c in carried)} FROM {source} WHERE {f.where} AND {col} IS NOT NULL")
             branches.append(f"SELECT user_id, {g} AS g, {group.rank} AS rank{''.join(', ' + c for c in carried)} "
                             f"FROM ({rows})")
+    nulls = "".join(f", CAST(NULL AS {m.dtype.upper()}) AS {_ident(m.name)}" for m in f.numeric)
+    for i, (_, value, condition) in enumerate(f.distinct, start=len(f.groups)):
+        branches.append(f"SELECT user_id, {i} AS g, 1 AS rank{nulls} FROM (SELECT DISTINCT user_id, v FROM "
+                        f"(SELECT user_id, {value} AS v FROM {source} WHERE {f.where} AND {condition}))")
     measures = ["count(*) AS n"]
     if f.amount is not None:
         total = f"sum({_ident(f.amount.name)})"
@@ -270,19 +275,21 @@ def _per_value_sql(f: _Features, source: str) -> str | None:
 def _rows(con: duckdb.DuckDBPyConnection, f: _Features, source: str, params: dict[str, Any]):
     """The aggregate rows of the users of `source` (a table or subquery of events), ordered by user_id, as
     Arrow, with the columns `f.columns`."""
-    per_user = _arrow(con.sql(_per_user_sql(f, source), params={**f.params, **_used(params, source)}))
-    sql = _per_value_sql(f, source)
-    per_value = _arrow(con.sql(sql, params={**f.rank_params, **_used(params, source)})) if sql else None
+    known = {**f.params, **f.rank_params, **params}
+    per_user, per_value = (_arrow(con.sql(sql, params=_used(known, sql)))
+                           for sql in (_per_user_sql(f, source), _per_value_sql(f, source)))
     return _spread(per_user, per_value, f)
 
 
 def _used(params: dict[str, Any], sql: str) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if f"${k}" in sql}
+    """The parameters `sql` names (DuckDB refuses others)."""
+    named = set(re.findall(r"\$(\w+)", sql))
+    return {k: v for k, v in params.items() if k in named}
 
 
 def _spread(per_user, per_value, f: _Features):
-    """The wide rows: `per_user`'s columns and, per top value, its count, share, amount sum and numeric means
-    from `per_value` (0 counts and sums, NULL means for a user without events of the value)."""
+    """The wide rows: `per_user`'s columns, the distinct counts and, per top value, its count, share, amount sum
+    and numeric means from `per_value` (0 counts and sums, NULL means for a user without events of the value)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -290,36 +297,40 @@ def _spread(per_user, per_value, f: _Features):
     n_users = per_user.num_rows
     columns = {name: per_user.column(name) for name in per_user.column_names}
     n_events = per_user.column("n_events").to_numpy().astype(np.float64)
-    if per_value is not None:
-        row = pc.index_in(per_value.column("user_id"), value_set=per_user.column("user_id")).to_numpy()
-        g_of = per_value.column("g").to_numpy()
-        rank_of = per_value.column("rank").to_numpy().astype(np.int64) - 1
+    row = pc.index_in(per_value.column("user_id"), value_set=per_user.column("user_id")).to_numpy()
+    g_of = per_value.column("g").to_numpy()
+    rank_of = per_value.column("rank").to_numpy().astype(np.int64) - 1
 
-        def matrix(name: str, sel, width: int):
-            """(values, valid) of `per_value`'s column `name` for the rows `sel`, laid out user x rank."""
-            col = per_value.column(name)
-            filled = pc.fill_null(col, 0).to_numpy()  # an integer column with NULLs would come out as floats
-            values = np.zeros((n_users, width), dtype=filled.dtype)
-            valid = np.zeros((n_users, width), dtype=bool)
-            values[row[sel], rank_of[sel]] = filled[sel]
-            valid[row[sel], rank_of[sel]] = col.is_valid().to_numpy(zero_copy_only=False)[sel]
-            return col.type, values, valid
+    def matrix(name: str, sel, width: int):
+        """(values, valid) of `per_value`'s column `name` for the rows `sel`, laid out user x rank."""
+        col = per_value.column(name)
+        filled = pc.fill_null(col, 0).to_numpy()  # an integer column with NULLs would come out as floats
+        values = np.zeros((n_users, width), dtype=filled.dtype)
+        valid = np.zeros((n_users, width), dtype=bool)
+        values[row[sel], rank_of[sel]] = filled[sel]
+        valid[row[sel], rank_of[sel]] = col.is_valid().to_numpy(zero_copy_only=False)[sel]
+        return col.type, values, valid
 
-        for g, group in enumerate(f.groups):
-            sel = g_of == g
-            width = len(group.entries)
-            _, counts, _ = matrix("n", sel, width)
-            sums = matrix("s", sel, width) if f.amount is not None else None
-            means = [matrix(f"m{i}", sel, width) for i in range(len(f.numeric))]
-            for j, entry in enumerate(group.entries):
-                columns[entry["count_column"]] = pa.array(counts[:, j])
-                # as count(...) / count(*)::DOUBLE: the count as a double over n_events
-                columns[entry["share_column"]] = pa.array(counts[:, j].astype(np.float64) / n_events)
-                if sums is not None:
-                    kind, values, valid = sums
-                    columns[entry["sum_column"]] = pa.array(np.where(valid[:, j], values[:, j], 0), type=kind)
-                for (kind, values, valid), m in zip(means, f.numeric):
-                    columns[entry["mean_columns"][m.name]] = pa.array(values[:, j], type=kind, mask=~valid[:, j])
+    for g, group in enumerate(f.groups):
+        sel = g_of == g
+        width = len(group.entries)
+        _, counts, _ = matrix("n", sel, width)
+        sums = matrix("s", sel, width) if f.amount is not None else None
+        means = [matrix(f"m{i}", sel, width) for i in range(len(f.numeric))]
+        for j, entry in enumerate(group.entries):
+            columns[entry["count_column"]] = pa.array(counts[:, j])
+            # as count(...) / count(*)::DOUBLE: the count as a double over n_events
+            columns[entry["share_column"]] = pa.array(counts[:, j].astype(np.float64) / n_events)
+            if sums is not None:
+                kind, values, valid = sums
+                columns[entry["sum_column"]] = pa.array(np.where(valid[:, j], values[:, j], 0), type=kind)
+            for (kind, values, valid), m in zip(means, f.numeric):
+                columns[entry["mean_columns"][m.name]] = pa.array(values[:, j], type=kind, mask=~valid[:, j])
+    for i, (name, _, _) in enumerate(f.distinct, start=len(f.groups)):
+        _, counts, _ = matrix("n", g_of == i, 1)
+        columns[name] = pa.array(counts[:, 0])
+    # as count(*) / count(DISTINCT CAST(event_time AS DATE))::DOUBLE
+    columns["events_per_active_day"] = pa.array(n_events / columns["active_days"].to_numpy().astype(np.float64))
     return pa.table([columns[c] for c in f.columns], names=f.columns)
 
 
