@@ -52,7 +52,7 @@ from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
 from producers.stores.provenance import code_version
 from producers.stores.outputs import AGGREGATES, staging, write_parquet, write_staged
-from producers.stores.warehouse import Home, last_ingest, one, stored_definition, table_exists, transaction
+from producers.stores.warehouse import Home, last_ingest, one, stored_definition, transaction
 
 TABLE = AGGREGATES.table
 META_TABLE = AGGREGATES.companions[0]
@@ -117,8 +117,7 @@ class _Group:
     a couple of aggregates per field instead of three or four per value."""
     field: FieldSpec
     rank: str  # SQL: the rank of the event's value (of `value`, one of the event's values, for a split field)
-    top: str  # the name of the parameter holding the top values, in rank order
-    split: str | None  # SQL list of the event's values of a multi-valued field, else None
+    split: str | None  # SQL: the list of the event's values of a multi-valued field, else None
     entries: list[dict]
 
 
@@ -225,8 +224,8 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
             rank_params[p] = [value for value, _ in top]
             # the rank of the event's value among the top values (NULL for another value); the top values as
             # the column's type: a refresh has them from JSON (dates as text)
-            rank = f"list_position(CAST(${p} AS {'VARCHAR' if parts else f.dtype.upper()}[]), {'value' if parts else col})"
-            groups.append(_Group(f, rank, p, parts, categories[f.name]))
+            dtype, value = ("VARCHAR", "value") if parts else (f.dtype.upper(), col)
+            groups.append(_Group(f, f"list_position(CAST(${p} AS {dtype}[]), {value})", parts, categories[f.name]))
 
     log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
@@ -546,8 +545,9 @@ def _amount_field(d: DatasetDefinition, requested: str | None, numeric: list[Fie
 
 
 def _last_validation(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[str, bool] | None:
-    if not table_exists(con, schema, "validation_log"):
+    try:  # one query, not a catalog lookup first: a refresh pays for each
+        return one(con, f'SELECT run_id, success FROM "{schema}".validation_log ORDER BY started_at DESC LIMIT 1')
+    except duckdb.CatalogException:  # never validated (a forced run)
         return None
-    return one(con, f'SELECT run_id, success FROM "{schema}".validation_log ORDER BY started_at DESC LIMIT 1')
 
 
