@@ -36,6 +36,11 @@ fields are those of `categories` (no scan of every event), only the users' event
 replaced in `agg_features` in one transaction (the other rows stay where they are) and written alone to
 `data/<schema>/refresh/<as-of>/agg_features.parquet` (`refresh_file`), the snapshot a refresh publishes.
 `agg_features.parquet` stays the last full run's.
+
+How (the same code for both): one per-user SELECT of a few aggregates, and one statement counting long (a row
+per user and top value: count, amount sum, numeric means; a row per user and field: distinct values) whose rows
+are spread into the per-value columns in numpy. DuckDB plans a wide SELECT of a few hundred CASE WHEN
+aggregates in longer than it runs it over a refresh's users, and count(DISTINCT) costs twice a GROUP BY.
 """
 from __future__ import annotations
 
