@@ -36,6 +36,11 @@ fields are those of `categories` (no scan of every event), only the users' event
 replaced in `agg_features` in one transaction (the other rows stay where they are) and written alone to
 `data/<schema>/refresh/<as-of>/agg_features.parquet` (`refresh_file`), the snapshot a refresh publishes.
 `agg_features.parquet` stays the last full run's.
+
+How (the same code for both): one per-user SELECT of a few aggregates, and one statement counting long (a row
+per user and top value: count, amount sum, numeric means; a row per user and field: distinct values) whose rows
+are spread into the per-value columns in numpy. DuckDB plans a wide SELECT of a few hundred CASE WHEN
+aggregates in longer than it runs it over a refresh's users, and count(DISTINCT) costs twice a GROUP BY.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
 from producers.stores.provenance import code_version
 from producers.stores.outputs import AGGREGATES, staging, write_parquet, write_staged
-from producers.stores.warehouse import Home, last_ingest, stored_definition, table_exists, transaction
+from producers.stores.warehouse import Home, last_ingest, one, stored_definition, transaction
 
 TABLE = AGGREGATES.table
 META_TABLE = AGGREGATES.companions[0]
@@ -111,22 +116,40 @@ def aggregate(home: Home, dataset: str, config: AggregateConfig = AggregateConfi
 
 
 @dataclass
+class _Group:
+    """One grouping field's per-value columns. They are counted long, one row per user and top value the user
+    has (`rank`: the value's rank, 1-based, NULL for the other values), then spread into the wide columns:
+    a couple of aggregates per field instead of three or four per value."""
+    field: FieldSpec
+    rank: str  # SQL: the rank of the event's value (of `value`, one of the event's values, for a split field)
+    split: str | None  # SQL: the list of the event's values of a multi-valued field, else None
+    entries: list[dict]
+
+
+@dataclass
 class _Features:
-    """The per-user aggregate SELECT (over `<schema>.events`, grouped by user_id) and what it stands for."""
+    """The per-user aggregates over `<schema>.events` (the per-user SELECT `select`, grouped by user_id, and
+    the per-value counts `groups`) and what they stand for."""
     as_of: datetime
-    select: list[str]
+    select: list[str]  # every column but the per-value ones, in `columns` order
     params: dict[str, Any]
     where: str
     columns: list[str]
     categories: dict[str, list[dict]]
     amount: FieldSpec | None
+    numeric: list[FieldSpec] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)  # the event fields read (numeric and grouping)
+    rank_params: dict[str, Any] = field(default_factory=dict)
+    # (column, SQL of the value, SQL condition): distinct values per user, counted long with the per-value rows
+    distinct: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: AggregateConfig,
               log: Callable[[str], None]) -> _Features:
     schema = d.schema
     events = f'"{schema}".events'
-    first, last = con.execute(f"SELECT min(event_time), max(event_time) FROM {events}").fetchone()
+    first, last = one(con, f"SELECT min(event_time), max(event_time) FROM {events}")
     as_of = pick_as_of(d.name, config.as_of, first, last, AggregateError)
 
     numeric, skipped = [], []
@@ -144,16 +167,17 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
 
     names = _Names(["user_id", "feature_timestamp", *ACTIVITY])
     params: dict[str, Any] = {"as_of": as_of}
+    rank_params: dict[str, Any] = {"as_of": as_of}
     where = "event_time <= $as_of AND user_id IS NOT NULL"
+    # active_days and events_per_active_day (n_events over it) come from the distinct counts (`_spread`)
     select = [
         "user_id",
         "CAST($as_of AS TIMESTAMP) AS feature_timestamp",
         "count(*) AS n_events",
-        "count(DISTINCT CAST(event_time AS DATE)) AS active_days",
         f"(epoch_us(max(event_time)) - epoch_us(min(event_time))) / {_US_PER_DAY}.0 AS span_days",
-        "count(*) / count(DISTINCT CAST(event_time AS DATE))::DOUBLE AS events_per_active_day",
         f"(epoch_us(CAST($as_of AS TIMESTAMP)) - epoch_us(max(event_time))) / {_US_PER_DAY}.0 AS recency_days",
     ]
+    distinct = [("active_days", "CAST(event_time AS DATE)", "true")]
     for f in numeric:
         col = f'"{f.name}"'
         integral = f.dtype.upper() != "DOUBLE"
@@ -169,21 +193,20 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
         select += [f'{exprs[stat]} AS "{names.take(f"{f.name}_{stat}")}"' for stat in NUMERIC_STATS]
 
     categories: dict[str, list[dict]] = {}
+    groups: list[_Group] = []
     for f in grouped:
         col = f'"{f.name}"'
         split = _split_of(d, f)
         top_params: dict[str, Any] = {"as_of": as_of}
         if split is None:
             values_sql = f"SELECT {col} AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
-            member = lambda p, col=col: f"{col} = ${p}"  # noqa: E731
-            select.append(f'count(DISTINCT {col}) AS "{names.take(f"{f.name}_n_distinct")}"')
+            parts = None
+            distinct.append((names.take(f"{f.name}_n_distinct"), col, f"{col} IS NOT NULL"))
         else:
-            params[f"split_{f.name}"] = top_params[f"split_{f.name}"] = split
+            params[f"split_{f.name}"] = top_params[f"split_{f.name}"] = rank_params[f"split_{f.name}"] = split
             parts = f"list_filter(string_split({col}, $split_{f.name}), lambda x: x <> '')"
             values_sql = f"SELECT unnest({parts}) AS v FROM {events} WHERE {where} AND {col} IS NOT NULL"
-            member = lambda p, parts=parts: f"list_contains({parts}, ${p})"  # noqa: E731
-            select.append(f"coalesce(len(list_distinct(flatten(list({parts}) FILTER (WHERE {col} IS NOT NULL)))), 0)"
-                          f' AS "{names.take(f"{f.name}_n_distinct")}"')
+            distinct.append((names.take(f"{f.name}_n_distinct"), f"unnest({parts})", f"{col} IS NOT NULL"))
         if config.categories is not None:
             top = [(e["value"], e["events"]) for e in config.categories.get(f.name, [])]
         else:
@@ -193,35 +216,126 @@ def _features(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Aggr
         categories[f.name] = []
         for rank, (value, n) in enumerate(top, start=1):
             slug = _unique(slugify(value), slugs)
-            p = f"c_{len(params)}"
-            params[p] = value
-            cond = member(p)
             entry = {"rank": rank, "value": value, "events": n,
                      "count_column": names.take(f"{f.name}__{slug}_count"),
                      "share_column": names.take(f"{f.name}__{slug}_share")}
-            # CASE WHEN, not FILTER (WHERE): the same rows (a NULL or false condition gives NULL, which count,
-            # sum and avg skip), and DuckDB runs a hundred of them over every user 2.6x faster
-            select.append(f'count({_when(cond, "1")}) AS "{entry["count_column"]}"')
-            select.append(f'count({_when(cond, "1")}) / count(*)::DOUBLE AS "{entry["share_column"]}"')
             if amount is not None:
                 entry["sum_column"] = names.take(f"{f.name}__{slug}_{amount.name}_sum")
-                zero = "0" if amount.dtype.upper() != "DOUBLE" else "0.0"
-                total = f"sum({_when(cond, _ident(amount.name))})"
-                if amount.dtype.upper() != "DOUBLE":
-                    total = f"CAST({total} AS BIGINT)"
-                select.append(f'coalesce({total}, {zero}) AS "{entry["sum_column"]}"')
-            entry["mean_columns"] = {}
-            for m in numeric:
-                # NULL where the user has no event in the category: "no opinion" is not a mean of 0
-                name = names.take(f"{f.name}__{slug}_{m.name}_mean")
-                select.append(f'avg({_when(cond, _ident(m.name))}) AS "{name}"')
-                entry["mean_columns"][m.name] = name
+            # NULL where the user has no event in the category: "no opinion" is not a mean of 0
+            entry["mean_columns"] = {m.name: names.take(f"{f.name}__{slug}_{m.name}_mean") for m in numeric}
             categories[f.name].append(entry)
+        if top:
+            p = f"top_{len(groups)}"
+            rank_params[p] = [value for value, _ in top]
+            # the rank of the event's value among the top values (NULL for another value); the top values as
+            # the column's type: a refresh has them from JSON (dates as text)
+            dtype, value = ("VARCHAR", "value") if parts else (f.dtype.upper(), col)
+            groups.append(_Group(f, f"list_position(CAST(${p} AS {dtype}[]), {value})", parts, categories[f.name]))
 
     log(f"aggregating {d.name} as of {as_of}: {len(names.taken) - 2} features "
         f"({len(numeric)} numeric, {len(grouped)} categorical fields, top {config.top_n}"
         f"{f', amount {amount.name}' if amount else ', no amount field'})")
-    return _Features(as_of, select, params, where, names.taken, categories, amount)
+    return _Features(as_of, select, params, where, names.taken, categories, amount, numeric=numeric, groups=groups,
+                     fields=[f.name for f in numeric + grouped], rank_params=rank_params, distinct=distinct)
+
+
+def _per_user_sql(f: _Features, source: str) -> str:
+    """One row per user of `source` (events), ordered by user_id: every column but the per-value ones."""
+    return f"SELECT {', '.join(f.select)} FROM {source} WHERE {f.where} GROUP BY user_id ORDER BY user_id"
+
+
+def _per_value_sql(f: _Features, source: str) -> str:
+    """One row per user, grouping field (`g`, its index in `f.groups`) and top value (`rank`) the user has
+    events with: their count `n`, the amount sum `s` and the numeric means `m0`, `m1`... The same aggregates
+    as one CASE WHEN per value and column would give, over the same events. Then, as `g` = len(f.groups) + i
+    (rank 1), the user's number of distinct values of `f.distinct[i]` as `n`: the same counts as
+    count(DISTINCT ...), at half its cost over every event."""
+    carried = [_ident(m.name) for m in f.numeric]
+    branches = []
+    for g, group in enumerate(f.groups):
+        col = _ident(group.field.name)
+        if group.split is None:
+            branches.append(f"SELECT user_id, {g} AS g, {group.rank} AS rank{''.join(', ' + c for c in carried)} "
+                            f"FROM {source} WHERE {f.where} AND {col} IS NOT NULL")
+        else:
+            # each of the event's distinct values once: an event counts once for a value it names twice
+            rows = (f"SELECT user_id, unnest(list_distinct({group.split})) AS value"
+                    f"{''.join(', ' + c for c in carried)} FROM {source} WHERE {f.where} AND {col} IS NOT NULL")
+            branches.append(f"SELECT user_id, {g} AS g, {group.rank} AS rank{''.join(', ' + c for c in carried)} "
+                            f"FROM ({rows})")
+    nulls = "".join(f", CAST(NULL AS {m.dtype.upper()}) AS {_ident(m.name)}" for m in f.numeric)
+    for i, (_, value, condition) in enumerate(f.distinct, start=len(f.groups)):
+        branches.append(f"SELECT user_id, {i} AS g, 1 AS rank{nulls} FROM (SELECT DISTINCT user_id, v FROM "
+                        f"(SELECT user_id, {value} AS v FROM {source} WHERE {f.where} AND {condition}))")
+    measures = ["count(*) AS n"]
+    if f.amount is not None:
+        total = f"sum({_ident(f.amount.name)})"
+        measures.append(f"CAST({total} AS BIGINT) AS s" if f.amount.dtype.upper() != "DOUBLE" else f"{total} AS s")
+    measures += [f"avg({_ident(m.name)}) AS m{i}" for i, m in enumerate(f.numeric)]
+    return (f"SELECT user_id, g, rank, {', '.join(measures)} FROM ({' UNION ALL '.join(branches)}) "
+            "WHERE rank >= 1 GROUP BY user_id, g, rank")
+
+
+def _rows(con: duckdb.DuckDBPyConnection, f: _Features, source: str, params: dict[str, Any]):
+    """The aggregate rows of the users of `source` (a table or subquery of events), ordered by user_id, as
+    Arrow, with the columns `f.columns`."""
+    known = {**f.params, **f.rank_params, **params}
+    per_user, per_value = (_arrow(con.sql(sql, params=_used(known, sql)))
+                           for sql in (_per_user_sql(f, source), _per_value_sql(f, source)))
+    return _spread(per_user, per_value, f)
+
+
+def _used(params: dict[str, Any], sql: str) -> dict[str, Any]:
+    """The parameters `sql` names (DuckDB refuses others)."""
+    named = set(re.findall(r"\$(\w+)", sql))
+    return {k: v for k, v in params.items() if k in named}
+
+
+def _spread(per_user, per_value, f: _Features):
+    """The wide rows: `per_user`'s columns, the distinct counts and, per top value, its count, share, amount sum
+    and numeric means from `per_value` (0 counts and sums, NULL means for a user without events of the value)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n_users = per_user.num_rows
+    columns = {name: per_user.column(name) for name in per_user.column_names}
+    n_events = per_user.column("n_events").to_numpy().astype(np.float64)
+    row = pc.index_in(per_value.column("user_id"), value_set=per_user.column("user_id")).to_numpy()
+    g_of = per_value.column("g").to_numpy()
+    rank_of = per_value.column("rank").to_numpy().astype(np.int64) - 1
+
+    def matrix(name: str, sel, width: int):
+        """(values, valid) of `per_value`'s column `name` for the rows `sel`, laid out user x rank."""
+        col = per_value.column(name)
+        filled = pc.fill_null(col, 0).to_numpy()  # an integer column with NULLs would come out as floats
+        values = np.zeros((n_users, width), dtype=filled.dtype)
+        valid = np.zeros((n_users, width), dtype=bool)
+        values[row[sel], rank_of[sel]] = filled[sel]
+        valid[row[sel], rank_of[sel]] = col.is_valid().to_numpy(zero_copy_only=False)[sel]
+        return col.type, values, valid
+
+    for g, group in enumerate(f.groups):
+        sel = g_of == g
+        width = len(group.entries)
+        _, counts, _ = matrix("n", sel, width)
+        sums = matrix("s", sel, width) if f.amount is not None else None
+        means = [matrix(f"m{i}", sel, width) for i in range(len(f.numeric))]
+        for j, entry in enumerate(group.entries):
+            columns[entry["count_column"]] = pa.array(counts[:, j])
+            # as count(...) / count(*)::DOUBLE: the count as a double over n_events
+            columns[entry["share_column"]] = pa.array(counts[:, j].astype(np.float64) / n_events)
+            if sums is not None:
+                kind, values, valid = sums
+                columns[entry["sum_column"]] = pa.array(np.where(valid[:, j], values[:, j], 0), type=kind)
+            for (kind, values, valid), m in zip(means, f.numeric):
+                columns[entry["mean_columns"][m.name]] = pa.array(values[:, j], type=kind, mask=~valid[:, j])
+    for i, (name, _, _) in enumerate(f.distinct, start=len(f.groups)):
+        _, counts, _ = matrix("n", g_of == i, 1)
+        columns[name] = pa.array(counts[:, 0])
+    # as count(*) / count(DISTINCT CAST(event_time AS DATE))::DOUBLE
+    columns["events_per_active_day"] = pa.array(n_events / columns["active_days"].to_numpy().astype(np.float64))
+    return pa.table([columns[c] for c in f.columns], names=f.columns)
 
 
 def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, config: AggregateConfig,
@@ -229,19 +343,18 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     schema = d.schema
     f = _features(con, d, config, log)
     stg = AGGREGATES.staging_name(schema)
-    con.execute(f"CREATE TABLE {stg} AS SELECT {', '.join(f.select)} FROM \"{schema}\".events WHERE {f.where} "
-                "GROUP BY user_id ORDER BY user_id", f.params)
-    n_users = con.execute(f"SELECT count(*) FROM {stg}").fetchone()[0]
+    rows = _rows(con, f, f'"{schema}".events', {})
+    con.register("agg_rows", rows)
+    try:
+        con.execute(f"CREATE TABLE {stg} AS SELECT * FROM agg_rows")
+    finally:
+        con.unregister("agg_rows")
+    n_users = rows.num_rows
     blob = _provenance(con, d, config, f, n_users)
-    _stage_meta(con, AGGREGATES.staging_name(schema, META_TABLE), d, f, blob, n_users,
+    _write_meta(con, f"CREATE TABLE {AGGREGATES.staging_name(schema, META_TABLE)} AS", d, f, blob, n_users,
                 AGGREGATES.parquet_path(home, schema))
     parquet = write_staged(con, AGGREGATES, schema, AGGREGATES.parquet_path(home, schema), blob, log)
     return AggregateResult(d.name, n_users, len(f.columns) - 2, f.columns, parquet, f.as_of, f"{schema}.{TABLE}", blob)
-
-
-def _when(cond: str, value: str) -> str:
-    """`value` on the rows where `cond` holds, NULL elsewhere (what an aggregate then skips)."""
-    return f"CASE WHEN {cond} THEN {value} END"
 
 
 def _ident(name: str) -> str:
@@ -262,49 +375,50 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
     if config.categories is None:
         raise AggregateError(f"a refresh of {d.name}'s aggregates needs the served top values (`categories` of the "
                              "served file's provenance), so the columns do not move")
-    if not table_exists(con, schema, TABLE):
-        raise AggregateError(f"{d.name} has no aggregates to refresh: run `llm4es aggregate {d.name}` first")
+    try:
+        stored = [r[0] for r in con.execute(f'DESCRIBE "{schema}".{TABLE}').fetchall()]
+    except duckdb.CatalogException:
+        raise AggregateError(f"{d.name} has no aggregates to refresh: run `llm4es aggregate {d.name}` first") from None
     f = _features(con, d, config, log)
-    params = {**f.params, "users": list(config.users)}
-    con.execute("DROP TABLE IF EXISTS agg_events")
-    con.execute("DROP TABLE IF EXISTS agg_refresh")
-    # the users' events first, then the wide aggregate over them alone: half the time of one filtered query
-    con.execute(f'CREATE TEMP TABLE agg_events AS SELECT * FROM "{schema}".events '
-                "WHERE user_id IN (SELECT unnest($users))", {"users": params["users"]})
-    con.execute(f"CREATE TEMP TABLE agg_refresh AS SELECT {', '.join(f.select)} FROM agg_events "
-                f"WHERE {f.where} GROUP BY user_id ORDER BY user_id", f.params)
-    con.execute("DROP TABLE agg_events")
-    stored = [r[0] for r in con.execute(f'DESCRIBE "{schema}".{TABLE}').fetchall()]
+    users = list(config.users)
     if stored != f.columns:
         extra = [c for c in stored if c not in f.columns][:3] or [c for c in f.columns if c not in stored][:3]
         raise AggregateError(f"{d.name}: {schema}.{TABLE} has other columns than the served ones (e.g. {extra}): it "
                              f"was rebuilt since the last publish; publish it (`llm4es publish {d.name}`) or run "
                              f"`llm4es aggregate {d.name}` over every user")
-    n_refreshed = con.execute("SELECT count(*) FROM agg_refresh").fetchall()[0][0]
-    rows = _arrow(con.sql("SELECT * FROM agg_refresh ORDER BY user_id"))
+    # the users' events once, as Arrow (the fields read only): the two aggregates then scan them, not every event
+    read = ", ".join(["user_id", "event_time", *map(_ident, f.fields)])
+    events = _arrow(con.sql(f'SELECT {read} FROM "{schema}".events WHERE user_id IN (SELECT unnest($users))',
+                            params={"users": users}))
+    con.register("agg_events", events)
+    try:
+        rows = _rows(con, f, "agg_events", {})
+    finally:
+        con.unregister("agg_events")
+    n_refreshed = rows.num_rows
     target = refresh_file(home, schema, f.as_of)
     target.parent.mkdir(parents=True, exist_ok=True)
     blob = _provenance(con, d, config, f, n_refreshed)
     blob["refresh"] = {"as_of": f.as_of.isoformat(), "n_users": n_refreshed}
-    meta_stg = AGGREGATES.staging_name(schema, META_TABLE)
 
     def replace_rows() -> None:
         # one transaction: readers see the old rows or the new, never a user without a row
-        with transaction(con):
-            con.execute(f'DELETE FROM "{schema}".{TABLE} WHERE user_id IN (SELECT unnest($users))',
-                        {"users": params["users"]})
-            con.execute(f'INSERT INTO "{schema}".{TABLE} SELECT * FROM agg_refresh')
-            n_users = con.execute(f'SELECT count(*) FROM "{schema}".{TABLE}').fetchall()[0][0]
-            con.execute(f"DROP TABLE IF EXISTS {meta_stg}")
-            _stage_meta(con, meta_stg, d, f, {**blob, "n_users": n_users}, n_users, target)
-            con.execute(f'DELETE FROM "{schema}".{META_TABLE}')
-            con.execute(f'INSERT INTO "{schema}".{META_TABLE} SELECT * FROM {meta_stg}')
-            con.execute(f"DROP TABLE {meta_stg}")
+        con.register("agg_refresh", rows)
+        try:
+            with transaction(con):
+                con.execute(f'DELETE FROM "{schema}".{TABLE} WHERE user_id IN (SELECT unnest($users))',
+                            {"users": users})
+                con.execute(f'INSERT INTO "{schema}".{TABLE} SELECT * FROM agg_refresh')
+                n_users = con.execute(f'SELECT count(*) FROM "{schema}".{TABLE}').fetchall()[0][0]
+                con.execute(f'DELETE FROM "{schema}".{META_TABLE}')
+                _write_meta(con, f'INSERT INTO "{schema}".{META_TABLE} BY NAME', d, f, {**blob, "n_users": n_users},
+                            n_users, target)
+        finally:
+            con.unregister("agg_refresh")
 
     log(f"{d.name}: {n_refreshed:,} users' aggregates recomputed as of {f.as_of}; their rows replaced in "
         f"{schema}.{TABLE}, written to {target}")
     parquet = write_parquet(rows, target, blob, before_rename=replace_rows)
-    con.execute("DROP TABLE agg_refresh")
     return AggregateResult(d.name, n_refreshed, len(f.columns) - 2, f.columns, parquet, f.as_of, f"{schema}.{TABLE}",
                            blob)
 
@@ -342,13 +456,14 @@ def _provenance(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: Ag
     return json.loads(json.dumps(provenance, default=str))  # category values such as dates as text
 
 
-def _stage_meta(con: duckdb.DuckDBPyConnection, table: str, d: DatasetDefinition, f: _Features, blob: dict,
+def _write_meta(con: duckdb.DuckDBPyConnection, into: str, d: DatasetDefinition, f: _Features, blob: dict,
                 n_users: int, parquet: Path) -> None:
-    """The one-row `agg_features_meta` (what produced the table) as `table`."""
+    """The one-row `agg_features_meta` (what produced the table), written by `into` (`CREATE TABLE x AS`: the
+    staging copy of a full run; `INSERT INTO x BY NAME`: a refresh's row, in its transaction)."""
     columns = f.columns
     produced_at = datetime.fromisoformat(blob["produced_at"])
     con.execute(
-        f"CREATE TABLE {table} AS SELECT "
+        f"{into} SELECT "
         "CAST(? AS TIMESTAMP) AS produced_at, "
         "? AS dataset, CAST(? AS TIMESTAMP) AS as_of, CAST(? AS BIGINT) AS n_users, CAST(? AS INTEGER) AS n_features, "
         "? AS code_version, ? AS ingest_id, ? AS source_hash, ? AS definition_fingerprint, "
@@ -415,7 +530,7 @@ def _grouping_fields(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, event
             split = _split_of(d, f)
             values = (f"unnest(list_filter(string_split({col}, $sep), lambda x: x <> ''))" if split else col)
             sql = f"SELECT count(DISTINCT v) FROM (SELECT {values} AS v FROM {events} WHERE {col} IS NOT NULL)"
-            n = con.execute(sql, {"sep": split} if split else {}).fetchone()[0]
+            n = one(con, sql, {"sep": split} if split else {})[0]
             if n <= max_text_values:
                 out.append(f)
             else:
@@ -435,9 +550,9 @@ def _amount_field(d: DatasetDefinition, requested: str | None, numeric: list[Fie
 
 
 def _last_validation(con: duckdb.DuckDBPyConnection, schema: str) -> tuple[str, bool] | None:
-    if not table_exists(con, schema, "validation_log"):
+    try:  # one query, not a catalog lookup first: a refresh pays for each
+        return one(con, f'SELECT run_id, success FROM "{schema}".validation_log ORDER BY started_at DESC LIMIT 1')
+    except duckdb.CatalogException:  # never validated (a forced run)
         return None
-    return con.execute(f'SELECT run_id, success FROM "{schema}".validation_log '
-                       "ORDER BY started_at DESC LIMIT 1").fetchone()
 
 

@@ -325,3 +325,43 @@ def scalar(home: Home, sql: str):
         return con.execute(sql).fetchone()[0]
     finally:
         con.close()
+
+
+def test_the_sql_planned_does_not_grow_with_the_top_values(ml, monkeypatch):
+    """The per-value columns (count, share, means per top value) are counted long, one row per user and value,
+    and spread into columns afterwards: the engine plans a few aggregates, not three or four per value (planning
+    a SELECT of a few hundred aggregates cost a refresh of 100 users more than running it)."""
+    import re
+
+    home, *_ = ml
+    original = Home.connect
+
+    def aggregates_per_statement(top_n: int) -> int:
+        """The most aggregate calls in one statement an aggregate run sends (the full run and then a refresh)."""
+        sent: list[str] = []
+
+        class Recording:
+            def __init__(self, con):
+                self._con = con
+
+            def execute(self, sql, *args, **kwargs):
+                sent.append(sql)
+                return self._con.execute(sql, *args, **kwargs)
+
+            def sql(self, sql, *args, **kwargs):
+                sent.append(sql)
+                return self._con.sql(sql, *args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(self._con, name)
+
+        monkeypatch.setattr(Home, "connect", lambda self, *a, **k: Recording(original(self, *a, **k)))
+        full = aggregate(home, "movielens-100k", AggregateConfig(top_n=top_n))
+        refreshed = aggregate(home, "movielens-100k", AggregateConfig(
+            top_n=top_n, users=(1, 2), categories=full.provenance["categories"]))
+        monkeypatch.setattr(Home, "connect", original)
+        assert refreshed.n_users == 2 and len(full.columns) > 4 * top_n
+        return max(len(re.findall(r"\b(?:count|avg|sum|min|max|stddev_samp)\(", s, re.I)) for s in sent)
+
+    few, many = aggregates_per_statement(2), aggregates_per_statement(20)
+    assert few == many < 40
