@@ -165,3 +165,15 @@ def test_the_memo_gives_the_results_gx_gives_without_it():
 
     assert shown(memo) == shown(plain.results)
     assert [s for _, s, _ in shown(memo)] == [True, False, False, False]
+
+
+def test_a_reused_suite_takes_each_runs_parameters():
+    """The suite is built once; the parameters (a chunk's known users) are each run's own, never the first's."""
+    checks = [("ExpectColumnValuesToBeInSet", {"column": "user_id", "value_set": {"$PARAMETER": "known"}},
+               {"index": 0})]
+    frame = pd.DataFrame({"user_id": [1, 2, 3]})
+    fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 5}
+    assert validate_frame("test.param", frame, checks, fmt, {"known": [1, 2, 3]})[0].success
+    bad = validate_frame("test.param", frame, checks, fmt, {"known": [1, 2]})[0]
+    assert not bad.success and bad.result["partial_unexpected_list"] == [3]
+    assert validate_frame("test.param", frame, checks, fmt, {"known": [1, 2, 3]})[0].success
