@@ -194,7 +194,7 @@ def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: d
     create = "CREATE TEMP TABLE" if temporary else "CREATE TABLE"
     events = f'"{d.schema}".events'
     if only_users:  # a table of the users whose sessions are cut
-        events = f"(SELECT * FROM {events} WHERE user_id IN (SELECT user_id FROM {only_users}))"
+        events = f"(SELECT * FROM {events} SEMI JOIN {only_users} USING (user_id))"
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     tiebreak = [*keys, *(f.name for f in d.events.fields if f.name not in keys)]
     carried = "".join(f', "{f}"' for f in fields)
