@@ -129,12 +129,14 @@ def _rebuild_users(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinit
     column, gap = spec_used.get("column"), spec_used.get("gap_minutes")
     fields = _fields(d, column)
     users = sorted(set(config.users))
-    stg = {t: f'"{d.schema}"."{t}{STAGING_SUFFIX}"' for t in TABLES}
+    # TEMP tables: they are only read back into the live tables, and this connection's memory is cheaper to write
+    # and drop than the warehouse file (and nothing is left in it if the process dies)
+    stg = {t: f'"_rebuild_{t}"' for t in TABLES}
     live = {t: f'"{d.schema}".{t}' for t in TABLES}
     con.execute(f"CREATE OR REPLACE TEMP TABLE _rebuild_users AS SELECT CAST(unnest($u) AS {d.events.user_dtype}) "
                 "AS user_id", {"u": users})
     try:
-        _create_staging(con, d, stg, fields, column, gap, only_users="_rebuild_users")
+        _create_staging(con, d, stg, fields, column, gap, only_users="_rebuild_users", temporary=True)
         report = _check(home, con, d, stg, column is not None, spec_used, log, only_users="_rebuild_users")
         clash = con.execute(f"""SELECT n.session_id, n.user_id, o.user_id FROM {stg['sessions']} n
             JOIN {live['sessions']} o USING (session_id) WHERE o.user_id NOT IN (SELECT user_id FROM _rebuild_users)
@@ -185,10 +187,14 @@ def changed_sessions(home: Home, dataset: str, first_new: dict) -> list[str]:
 
 
 def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: dict[str, str], fields: list[str],
-                    column: str | None, gap_minutes: float | None, only_users: str | None = None) -> None:
+                    column: str | None, gap_minutes: float | None, only_users: str | None = None,
+                    temporary: bool = False) -> None:
+    """Cut the events (of the users in the table `only_users`, when given) into `stg`'s session_events and
+    sessions; `temporary`: as TEMP tables (this connection's memory, never written to the warehouse file)."""
+    create = "CREATE TEMP TABLE" if temporary else "CREATE TABLE"
     events = f'"{d.schema}".events'
     if only_users:  # a table of the users whose sessions are cut
-        events = f"(SELECT * FROM {events} WHERE user_id IN (SELECT user_id FROM {only_users}))"
+        events = f"(SELECT * FROM {events} SEMI JOIN {only_users} USING (user_id))"
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     tiebreak = [*keys, *(f.name for f in d.events.fields if f.name not in keys)]
     carried = "".join(f', "{f}"' for f in fields)
@@ -197,7 +203,7 @@ def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: d
     if column:
         # the explicit id; events of one session in time order (ties: user, key, fields)
         order = ", ".join(f'"{c}" NULLS LAST' for c in ["event_time", "user_id", *tiebreak])
-        con.execute(f"""CREATE TABLE {stg['session_events']} AS
+        con.execute(f"""{create} {stg['session_events']} AS
             WITH ev AS (SELECT CAST("{column}" AS VARCHAR) AS _sid, *, epoch_us(event_time) AS _t
                         FROM {events} WHERE user_id IS NOT NULL),
             p AS (SELECT *, row_number() OVER w AS _pos, _t - lag(_t) OVER w AS _d FROM ev
@@ -208,7 +214,7 @@ def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: d
     else:
         # a new session wherever the time since the user's previous event exceeds the gap
         order = ", ".join(f'"{c}" NULLS LAST' for c in ["event_time", *tiebreak])
-        con.execute(f"""CREATE TABLE {stg['session_events']} AS
+        con.execute(f"""{create} {stg['session_events']} AS
             WITH ev AS (SELECT *, epoch_us(event_time) AS _t,
                                row_number() OVER (PARTITION BY user_id ORDER BY {order}) AS _upos
                         FROM {events} WHERE user_id IS NOT NULL),
@@ -221,7 +227,7 @@ def _create_staging(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, stg: d
                    event_time, CASE WHEN _new THEN 0.0 ELSE CAST(_d AS DOUBLE) / 1e6 END AS gap_s{carried}
             FROM k ORDER BY user_id, _upos""", {"gap_us": float(gap_minutes or 0) * 60e6})
     # min(user_id): a session spanning two users fails the checks before this table is used
-    con.execute(f"""CREATE TABLE {stg['sessions']} AS
+    con.execute(f"""{create} {stg['sessions']} AS
         WITH s AS (SELECT session_id, min(user_id) AS user_id, min(event_time) AS start_time,
                           max(event_time) AS end_time, CAST(count(*) AS INTEGER) AS n_events
                    FROM {stg['session_events']} GROUP BY session_id)

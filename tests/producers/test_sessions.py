@@ -165,3 +165,36 @@ def test_an_empty_session_id_is_refused(tmp_path):
 def test_a_bad_gap_is_refused(tmp_path):
     with pytest.raises(SessionsError, match="gap_minutes must be positive"):
         build_sessions(Home.resolve(tmp_path / "nowhere"), "movielens-100k", SessionsConfig(gap_minutes=0))
+
+
+def test_a_refresh_cuts_its_users_sessions_in_temp_tables_and_still_names_a_bad_session(tmp_path, monkeypatch):
+    """`SessionsConfig(users=...)` stages the users' new sessions in TEMP tables (never in the warehouse file:
+    cheaper, and nothing is left there by a killed run); the checks still run on them and name the bad row."""
+    import validation.run
+
+    folder = write_clicks(tmp_path / "clicks")
+    home = Home.resolve(tmp_path / "home")
+    definition = parse_definition(CLICKS_YAML, "clicks.yaml")
+    ingest(home, definition, IngestConfig(source=folder))
+    build_sessions(home, "clicks", SessionsConfig(force=True))
+    stored = []
+    real = validation.run.check_sessions
+
+    def spy(con, d, sessions, session_events, *args, **kwargs):
+        stored.extend(con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'clicks' "
+                                  "AND table_type <> 'LOCAL TEMPORARY' ORDER BY 1").fetchall())
+        return real(con, d, sessions, session_events, *args, **kwargs)
+
+    monkeypatch.setattr(validation.run, "check_sessions", spy)
+    build_sessions(home, "clicks", SessionsConfig(users=(1, 2), force=True))
+    assert stored and not [t for (t,) in stored if "staging" in t or "rebuild" in t]
+    before = rows(home, "SELECT * FROM clicks.sessions ORDER BY session_id")
+    # visitor 2's first visit logged under visitor 1's id v1-2: both refreshed, one visit id for two visitors
+    lines = [line.replace(",v2-1,", ",v1-2,") for line in (folder / "clicks.csv").read_text().splitlines()]
+    (folder / "clicks.csv").write_text("\n".join(lines) + "\n")
+    ingest(home, definition, IngestConfig(source=folder))
+    with pytest.raises(SessionsError) as caught:
+        build_sessions(home, "clicks", SessionsConfig(users=(1, 2), force=True))
+    message = str(caught.value)
+    assert "a session never spans two users" in message and "'v1-2'" in message and "nothing was replaced" in message
+    assert rows(home, "SELECT * FROM clicks.sessions ORDER BY session_id") == before

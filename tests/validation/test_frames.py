@@ -2,6 +2,8 @@
 
 The gates validate counts first and fetch the failing rows only when something failed; these tests run a
 clean gate, then a bad one, in the same process, so a state kept between runs cannot hide the second.
+Suites are built once per process, and GX builds an expectation's configuration once per validation: the
+tests below count both, and check that the results are those GX gives without the memo.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pandas as pd
 import pytest
 
 import great_expectations as gx
+import great_expectations.expectations.expectation as gx_expectation
 from tests.validation.test_aggregate_gate import COLUMNS, T1, agg_rows, set_value
 from tests.validation.test_snapshot_gate import table, vectors
 from validation.aggregate_gate import check_aggregate_snapshot, served_ranges
@@ -76,7 +79,7 @@ def test_failing_rows_are_named_by_their_key_column_and_passing_runs_give_counts
     assert all(r.success for r in ok) and ok[0].result["element_count"] == 2
 
 
-def test_a_bad_session_table_is_stopped_after_a_clean_one():
+def session_tables():
     con = duckdb.connect()
     con.execute("CREATE SCHEMA s")
     con.execute("CREATE TABLE s.events AS SELECT 'u' || (i % 3) AS user_id FROM range(9) t(i)")
@@ -86,12 +89,91 @@ def test_a_bad_session_table_is_stopped_after_a_clean_one():
                 "FROM range(9) t(i)")
     con.execute("CREATE TABLE bad AS SELECT * REPLACE (CASE WHEN session_id = 'u1#1' THEN start_time - INTERVAL 1 "
                 "DAY ELSE end_time END AS end_time) FROM good")
+    return con
 
-    class D:
-        schema = "s"
 
+class D:
+    schema = "s"
+
+
+def test_a_bad_session_table_is_stopped_after_a_clean_one():
+    con = session_tables()
     good = check_sessions(con, D(), "good", "good_events", explicit=False)
     assert all(r.success for r in good), good
     bad = [r for r in check_sessions(con, D(), "bad", "good_events", explicit=False) if not r.success]
     assert [r.check for r in bad] == ["a session does not end before it starts"]
     assert bad[0].where and bad[0].where[0]["session_id"] == "u1#1"
+
+
+def test_the_session_checks_build_their_suites_once_per_process(monkeypatch):
+    con = session_tables()
+    check_sessions(con, D(), "good", "good_events", explicit=True)  # whatever ran before, its suites now exist
+    made = []
+    real = gx.ExpectationSuite
+    monkeypatch.setattr(gx, "ExpectationSuite", lambda *a, **k: made.append(k) or real(*a, **k))
+    assert all(r.success for r in check_sessions(con, D(), "good", "good_events", explicit=True))
+    bad = [r for r in check_sessions(con, D(), "bad", "good_events", explicit=True) if not r.success]
+    assert [r.check for r in bad] == ["a session does not end before it starts"]  # the same suites, a new frame
+    assert made == []
+
+
+SESSION_FRAME = pd.DataFrame({"session_id": [f"u{i}#1" for i in range(50)], "n_events": [3] * 50,
+                              "start_time": pd.Timestamp("2024-01-01"), "end_time": pd.Timestamp("2024-01-02")})
+SESSION_CHECKS = [
+    ("ExpectColumnValuesToNotBeNull", {"column": "session_id"}, {"index": 0}),
+    ("ExpectColumnValuesToBeUnique", {"column": "session_id"}, {"index": 1}),
+    ("ExpectColumnValuesToBeBetween", {"column": "n_events", "min_value": 1}, {"index": 2}),
+    ("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "end_time", "column_B": "start_time", "or_equal": True},
+     {"index": 3}),
+]
+FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 5, "unexpected_index_column_names": ["session_id"]}
+
+
+def test_gx_builds_an_expectations_configuration_about_ten_times_per_validation_not_a_hundred(monkeypatch):
+    validate_frame("test.count", SESSION_FRAME, SESSION_CHECKS, FORMAT)
+    built = []
+    real = gx_expectation.ExpectationConfiguration
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gx_expectation, "ExpectationConfiguration", Counting)
+    assert all(r.success for r in validate_frame("test.count", SESSION_FRAME, SESSION_CHECKS, FORMAT))
+    # GX 1.x alone: ~104 per expectation (the property is rebuilt at every read); with the memo ~11
+    assert 0 < len(built) <= 15 * len(SESSION_CHECKS)
+    one = gx.expectations.ExpectColumnValuesToNotBeNull(column="x")
+    assert one.configuration is not one.configuration  # outside a validation GX's property is untouched
+
+
+def test_the_memo_gives_the_results_gx_gives_without_it():
+    frame = SESSION_FRAME.copy()
+    frame.loc[[3, 7], "end_time"] = pd.Timestamp("2023-12-31")
+    frame.loc[9, "n_events"] = 0
+    frame.loc[12, "session_id"] = "u11#1"
+    suite = gx.ExpectationSuite(name="test.plain")
+    for name, kwargs, meta in SESSION_CHECKS:
+        suite.add_expectation(getattr(gx.expectations, name)(**kwargs, meta=meta))
+    from validation.frames import _batch_definition
+
+    plain = _batch_definition().get_batch(batch_parameters={"dataframe": frame}).validate(suite, result_format=FORMAT)
+    memo = validate_frame("test.memo", frame, SESSION_CHECKS, FORMAT)
+
+    def shown(results):
+        return sorted((r.expectation_config.meta["index"], r.success, repr(r.result)) for r in results)
+
+    assert shown(memo) == shown(plain.results)
+    assert [s for _, s, _ in shown(memo)] == [True, False, False, False]
+
+
+def test_a_reused_suite_takes_each_runs_parameters():
+    """The suite is built once; the parameters (a chunk's known users) are each run's own, never the first's."""
+    checks = [("ExpectColumnValuesToBeInSet", {"column": "user_id", "value_set": {"$PARAMETER": "known"}},
+               {"index": 0})]
+    frame = pd.DataFrame({"user_id": [1, 2, 3]})
+    fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 5}
+    assert validate_frame("test.param", frame, checks, fmt, {"known": [1, 2, 3]})[0].success
+    bad = validate_frame("test.param", frame, checks, fmt, {"known": [1, 2]})[0]
+    assert not bad.success and bad.result["partial_unexpected_list"] == [3]
+    assert validate_frame("test.param", frame, checks, fmt, {"known": [1, 2, 3]})[0].success
