@@ -25,6 +25,7 @@ from producers.stores.serving import (
 from producers.stores.warehouse import Home
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from feast import FeatureStore
 
     from producers.publish.flow import PublishConfig
@@ -39,10 +40,11 @@ def _reached(phase: str) -> None:
 
 
 def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime], config: PublishConfig,
-               log: Log) -> bool:
+               log: Log) -> tuple[bool, set[str]]:
     """Apply to the chosen online store's registry and, best effort, to the other stores' existing registries
-    (so a store used before never serves data older than what was published). Whether every one was applied."""
-    _apply(home, objects, pending, config.online_store, config.redis_url, log)
+    (so a store used before never serves data older than what was published). Whether every one was applied,
+    and the views the chosen store served up to date before this apply (`_caught_up`)."""
+    caught_up = _apply(home, objects, pending, config.online_store, config.redis_url, log)
     complete = True
     for other in ONLINE_STORES:
         if other == config.online_store or not _registry_exists(home, other):
@@ -53,11 +55,11 @@ def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime]
             complete = False
             log(f"warning: the {other} registry was not updated ({e.__cause__ or e}); its online store may serve "
                 f"older features: publish again with online store {other} when it is reachable")
-    return complete
+    return complete, caught_up
 
 
 def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], online_store: str,
-           redis_url: str | None, log: Log) -> None:
+           redis_url: str | None, log: Log) -> set[str]:
     """`feast apply` of these declarations (add or update them, delete what the registry holds beyond them),
     on a copy of the live registry that is renamed over it only when complete.
 
@@ -91,6 +93,7 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                 log(f"{online_store}: removing from the registry: {', '.join(sorted(o.name for o in stale))}")
             log(f"feast apply ({online_store}): {len(views)} views, {len(entities)} entities")
             store.apply(wanted, objects_to_delete=stale, partial=False)
+            caught_up = _caught_up(registered, views)
             rewinds = _rewinds(registered, views, pending)
             if rewinds:
                 _rewind(store, rewinds)
@@ -112,6 +115,7 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                     _clear_online(store, store.get_feature_view(name), gone)
         _reached("apply")
         os.replace(staged, live)
+        return caught_up
     except PublishError:
         raise
     except Exception as e:
@@ -137,6 +141,27 @@ def _rewinds(registered: dict[str, Any], views: dict[str, Any], pending: dict[st
         elif name in pending:
             out[name] = pending[name] - timedelta(seconds=1)  # materialization ranges start inclusive or not
     return out
+
+
+def _caught_up(registered: dict[str, Any], views: dict[str, Any]) -> set[str]:
+    """The views whose online rows were, before this apply, the latest of every key of their history: still the
+    same set and file, materialized up to at least the latest feature_timestamp the registry knew them to hold
+    (its `feature_timestamp` tag). A publish that did not materialize rewound them below it (`_rewind`), so
+    only these can take a refresh's rows straight into the online store (`_write_online`)."""
+    out = set()
+    for name, view in views.items():
+        old = registered.get(name)
+        if (old is None or not old.materialization_intervals or old.tags.get("set_id") != view.tags.get("set_id")
+                or old.batch_source.path != view.batch_source.path or not old.tags.get("feature_timestamp")):
+            continue
+        latest = _aware(datetime.fromisoformat(old.tags["feature_timestamp"]))
+        if _aware(max(end for _, end in old.materialization_intervals)) >= latest:
+            out.add(name)
+    return out
+
+
+def _aware(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
 
 
 def _keys_only_in(old: str, new: str) -> list:
@@ -222,12 +247,19 @@ def materialize(home: Home, online_store: str = "sqlite", end: datetime | None =
 
 
 def _materialize(home: Home, online_store: str, end: datetime | None, redis_url: str | None,
-                 views: Sequence[str] | None, log: Log) -> None:
+                 views: Sequence[str] | None, log: Log, direct: dict[str, "pa.Table"] | None = None,
+                 idle: set[str] = frozenset()) -> None:
+    """`direct` (a refresh): view -> the rows to write straight into the online store instead of materializing
+    the view (`_write_online`); `idle`: views with nothing to materialize (up to date, no new rows)."""
     store = get_store(home, online_store, redis_url)
     end = end or datetime.now(timezone.utc)
     if online_store == "sqlite":
         _sqlite_wal(store)
     names = list(views) if views else [v.name for v in store.list_feature_views()]
+    if direct is not None:
+        names = _write_online(store, [n for n in names if n not in idle], direct, end, log)
+        if not names:
+            return
     log(f"materializing into {online_store} up to {end.isoformat(timespec='seconds')}")
     try:
         for name in names:
@@ -236,6 +268,35 @@ def _materialize(home: Home, online_store: str, end: datetime | None, redis_url:
             _reached("materialize")
     finally:
         _release_offline_connection()
+
+
+def _write_online(store: "FeatureStore", names: list[str], rows: dict[str, "pa.Table"], end: datetime,
+                  log: Log) -> list[str]:
+    """Write each view's `rows` (the latest row of every key this publish changed) into the online store and
+    record the materialization up to `end` in the registry, as `materialize-incremental` would after reading
+    the view's whole history: its other keys' rows are already served (`_caught_up`). The views left to
+    materialize: those without rows here, or with rows after `end` (materialization would not serve them)."""
+    from feast.utils import _utc_now
+
+    naive_end = end.astimezone(timezone.utc).replace(tzinfo=None)  # the histories' timestamps are naive UTC
+    chosen = {n: rows[n] for n in names
+              if n in rows and all(t <= naive_end for t in rows[n].column("feature_timestamp").to_pylist())}
+    if not chosen:
+        return names
+    log(f"writing the changed keys' rows into the online store: "
+        f"{', '.join(f'{n} ({t.num_rows:,})' for n, t in sorted(chosen.items()))}")
+    with _quiet():
+        for name, table in sorted(chosen.items()):
+            if table.num_rows:
+                store.write_to_online_store(name, table.to_pandas())
+        _reached("materialize")
+        registry = store.registry
+        for name in sorted(chosen):
+            view = registry.get_feature_view(name, store.project, allow_cache=True)
+            start = view.most_recent_end_time or (_utc_now() - view.ttl)
+            registry.apply_materialization(view, store.project, _aware(start), _aware(end), commit=False)
+        registry.commit()
+    return [n for n in names if n not in chosen]
 
 
 def _sqlite_wal(store: "FeatureStore") -> None:
