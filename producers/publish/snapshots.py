@@ -449,7 +449,8 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
     _note_removed_keys(con, target, "session_id" if session_keyed else "user_id", writes,
                        previous=f"{prev} WHERE {theirs}", current=part)
     if online:
-        stats["online_rows"] = _latest(con, "fresh", "session_id" if session_keyed else "user_id", theirs)
+        stats["online_rows"] = _latest(con, part, "session_id" if session_keyed else "user_id", "true",
+                                       previous=f"{prev} WHERE {theirs}")
     con.execute("DROP TABLE fresh")
     return stats, types
 
@@ -528,12 +529,22 @@ def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
     return stats, history_types
 
 
-def _latest(con, table: str, key: str, where: str) -> "pa.Table":
+def _latest(con, table: str, key: str, where: str, previous: str | None = None) -> "pa.Table":
     """The latest row (by feature_timestamp, then produced_at) of each `key` among `table`'s rows matching
     `where`: what a materialization over the whole history leaves in the online store for these keys, as
-    Feast's offline store picks it."""
-    return _arrow(con.sql(f"SELECT * FROM {table} WHERE {where} QUALIFY row_number() OVER (PARTITION BY {key} "
-                          "ORDER BY feature_timestamp DESC, produced_at DESC) = 1 ORDER BY ALL"))
+    Feast's offline store picks it. `previous` (a FROM clause: these keys' rows as published before): only the
+    keys whose latest row differs from the one published (produced_at aside), the online store serving it."""
+    def latest(source: str) -> str:
+        return (f"SELECT * FROM {source} QUALIFY row_number() OVER (PARTITION BY {key} "
+                "ORDER BY feature_timestamp DESC, produced_at DESC) = 1")
+
+    query = latest(f"{table} WHERE {where}")
+    if previous is not None:
+        cols = ", ".join('"' + c.replace('"', '""') + '"' for c, _ in _columns(con, f"SELECT * FROM {table}")
+                         if c != "produced_at")
+        query = (f"SELECT * FROM ({query}) WHERE {key} NOT IN (SELECT {key} FROM (SELECT {cols} FROM ({query}) "
+                 f"INTERSECT SELECT {cols} FROM ({latest(previous)})))")
+    return _arrow(con.sql(f"{query} ORDER BY {key}"))
 
 
 def _write_beside(table: "pa.Table", target: Path, writes: list, provenance: dict) -> str:
