@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -21,6 +23,8 @@ from producers.stores.serving import (
     feast_dir,
     get_store,
     registry_path,
+    repo_dir,
+    store_yaml,
 )
 from producers.stores.warehouse import Home
 
@@ -44,13 +48,14 @@ def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime]
     """Apply to the chosen online store's registry and, best effort, to the other stores' existing registries
     (so a store used before never serves data older than what was published). Whether every one was applied,
     and the views the chosen store served up to date before this apply (`_caught_up`)."""
-    caught_up = _apply(home, objects, pending, config.online_store, config.redis_url, log)
+    wanted = _wanted_fingerprint(objects)  # before an apply adds what Feast infers to the objects
+    caught_up = _apply(home, objects, pending, config.online_store, config.redis_url, log, wanted)
     complete = True
     for other in ONLINE_STORES:
         if other == config.online_store or not _registry_exists(home, other):
             continue
         try:
-            _apply(home, objects, pending, other, config.redis_url, log)
+            _apply(home, objects, pending, other, config.redis_url, log, wanted)
         except PublishError as e:
             complete = False
             log(f"warning: the {other} registry was not updated ({e.__cause__ or e}); its online store may serve "
@@ -58,8 +63,95 @@ def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime]
     return complete, caught_up
 
 
+def _definition(proto) -> bytes:
+    """A proto's bytes without any `meta` in it (creation and update times, materialization intervals, state):
+    what it declares."""
+    def strip(msg) -> None:
+        for field, value in msg.ListFields():
+            if field.name == "meta":
+                msg.ClearField(field.name)
+            elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+                for item in (value if field.is_repeated else [value]):
+                    strip(item)
+
+    proto = type(proto).FromString(proto.SerializeToString())
+    strip(proto)
+    return proto.SerializeToString(deterministic=True)
+
+
+def _wanted_fingerprint(objects: dict[str, Any]) -> str:
+    """A hash of the declarations as built (each object's proto), to know a registry already holds them."""
+    h = hashlib.sha256()
+    for name in sorted(objects):
+        h.update(f"{type(objects[name]).__name__}\0{name}\0".encode())
+        h.update(_definition(objects[name].to_proto()))
+    return h.hexdigest()
+
+
+def _registry_fingerprint(registry: Path) -> str:
+    """A hash of what the registry file declares: every object's definition, in any order, without what
+    materializations and applies stamp on them (their `meta`: intervals, state, update times)."""
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    proto = RegistryProto.FromString(registry.read_bytes())
+    h = hashlib.sha256()
+    for field in proto.DESCRIPTOR.fields:
+        if field.name in ("version_id", "last_updated") or field.message_type is None:
+            continue
+        items = list(getattr(proto, field.name)) if field.is_repeated else (
+            [getattr(proto, field.name)] if proto.HasField(field.name) else [])
+        blobs = [_definition(item) for item in items]
+        h.update(f"{field.name}\0{len(blobs)}\0".encode())
+        for blob in sorted(blobs):
+            h.update(hashlib.sha256(blob).digest())
+    return h.hexdigest()
+
+
+def applied_path(registry: Path) -> Path:
+    """Beside a registry: the fingerprints of the declarations last applied to it and of the registry that
+    apply left, so a publish whose declarations are those, onto that registry, need not apply them again."""
+    return registry.with_name(f"{registry.name}.applied.json")
+
+
+def _already_applied(live: Path, key: str, objects: dict[str, Any]) -> bool:
+    """Whether `live` holds exactly what applying these declarations (`key`: their fingerprint and the store's
+    settings) made of it, and the apply would do nothing else (no online keys to clear).
+
+    Every view's tags name its history file's hash (`data_version`): equal declarations read the very files
+    that apply saw, so its rewinds (`_rewind`) still hold: rows it rewound for are either materialized since or
+    still after the registry's intervals. A view without that tag is applied again."""
+    from feast import FeatureView
+
+    path = applied_path(live)
+    if not live.is_file() or not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        return False
+    views = [o for o in objects.values() if isinstance(o, FeatureView)]
+    if any(not v.tags.get("data_version") or removed_keys_path(Path(v.batch_source.path)).is_file() for v in views):
+        return False
+    return recorded == {"wanted": key, "registry": _registry_fingerprint(live)}
+
+
+def _record_applied(live: Path, key: str) -> None:
+    path = applied_path(live)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"wanted": key, "registry": _registry_fingerprint(live)}))
+    os.replace(tmp, path)
+
+
+def _registered_views(live: Path, project: str) -> dict[str, Any]:
+    from feast import FeatureView
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    proto = RegistryProto.FromString(live.read_bytes())
+    return {v.spec.name: FeatureView.from_proto(v) for v in proto.feature_views if v.spec.project == project}
+
+
 def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], online_store: str,
-           redis_url: str | None, log: Log) -> set[str]:
+           redis_url: str | None, log: Log, wanted_fingerprint: str | None = None) -> set[str]:
     """`feast apply` of these declarations (add or update them, delete what the registry holds beyond them),
     on a copy of the live registry that is renamed over it only when complete.
 
@@ -79,6 +171,13 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
     sources = {o.name for o in wanted if isinstance(o, DataSource)}
     live = registry_path(home, online_store)
     staged = live.with_name(f".{live.name}.{os.getpid()}.staging")
+    yaml_text = (repo_dir(home) / store_yaml(online_store)).read_text()  # the project, the online store
+    key = hashlib.sha256(json.dumps([wanted_fingerprint or _wanted_fingerprint(objects), yaml_text,
+                                     redis_url if online_store == "redis" else None]).encode()).hexdigest()
+    if _already_applied(live, key, objects):
+        log(f"feast apply ({online_store}): the registry already holds these {len(views)} views, not applied")
+        project = re.search(r"^project:\s*(\S+)\s*$", yaml_text, re.M)
+        return _caught_up(_registered_views(live, project.group(1)), views) if project else set()
     try:
         if live.is_file():
             shutil.copyfile(live, staged)
@@ -115,6 +214,7 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                     _clear_online(store, store.get_feature_view(name), gone)
         _reached("apply")
         os.replace(staged, live)
+        _record_applied(live, key)
         return caught_up
     except PublishError:
         raise
