@@ -435,10 +435,11 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
     if not n_rows:
         raise PublishError(f"{source}: no sessions to publish")
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
-    # every other user's rows are the published ones: only these users' can differ
+    # every other user's rows are the published ones: only these users' can differ (read once, compared twice)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE theirs_before AS SELECT {listed} FROM {prev} WHERE {theirs}")
     compared = ", ".join('"' + c.replace('"', '""') + '"' for c in cols if c != "produced_at")
     lo, hi = con.execute(f"SELECT min(feature_timestamp), max(feature_timestamp) FROM (SELECT {compared} FROM "
-                         f"{part} EXCEPT SELECT {compared} FROM {prev} WHERE {theirs})").fetchall()[0]
+                         f"{part} EXCEPT SELECT {compared} FROM theirs_before)").fetchall()[0]
     if lo is None:
         lo = hi = last
     stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [lo.isoformat(), hi.isoformat()],
@@ -447,11 +448,12 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
                                           {"written_from": str(source), **stats})
     # another user's keys are all still there, and a key already noted as removed is no other user's
     _note_removed_keys(con, target, "session_id" if session_keyed else "user_id", writes,
-                       previous=f"{prev} WHERE {theirs}", current=part)
+                       previous="theirs_before", current=part)
     if online:
         stats["online_rows"] = _latest(con, part, "session_id" if session_keyed else "user_id", "true",
-                                       previous=f"{prev} WHERE {theirs}")
+                                       previous="theirs_before")
     con.execute("DROP TABLE fresh")
+    con.execute("DROP TABLE theirs_before")
     return stats, types
 
 
