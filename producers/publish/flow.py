@@ -93,8 +93,8 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
         if clash:
             raise PublishError(f"{dataset} and the published {clash[0]} share the schema name {schema}, "
                                "so their views would have the same names")
-        entry, writes, new_rows = _stage(home, dataset, schema, inputs, manifest.get("datasets", {}).get(dataset),
-                                         config, log, users)
+        entry, writes, new_rows, online = _stage(home, dataset, schema, inputs,
+                                                 manifest.get("datasets", {}).get(dataset), config, log, users)
         manifest.setdefault("datasets", {})[dataset] = entry
         manifest["format"] = MANIFEST_FORMAT
         try:  # the declarations must build before anything is replaced
@@ -113,12 +113,19 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
         if repo_project(home) not in (None, project):
             log(f"Feast project: {project} (was {repo_project(home)}); views are materialized afresh under it")
         repo = ensure_repo(home, project, log)
-        if _apply_all(home, objects, _pending(manifest), config, log):
+        pending = _pending(manifest)
+        complete, caught_up = _apply_all(home, objects, pending, config, log)
+        if complete:
             if _clear_pending(manifest):
                 _write_json(manifest_path(home), manifest)
             for removed in feast.rglob("*.removed.parquet"):  # cleared in every registry's online store
                 removed.unlink()
-        if config.materialize:
+        if config.materialize and users is not None:
+            # a refresh: the views that served every key's latest row take the changed keys' rows as they are;
+            # materializing them would read their whole histories for those few rows
+            _materialize(home, config.online_store, None, config.redis_url, None, log,
+                         direct={n: t for n, t in online.items() if n in caught_up}, idle=caught_up - set(pending))
+        elif config.materialize:
             _materialize(home, config.online_store, None, config.redis_url, None, log)
     views = _views_of(dataset, entry, feast)
     return PublishResult(dataset, schema, repo, manifest_path(home), config.online_store, views, skipped, new_rows,

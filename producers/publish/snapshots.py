@@ -68,22 +68,23 @@ def _require(con, path: Path, columns: Sequence[str]) -> dict[str, str]:
 
 def _stage(home: Home, dataset: str, schema: str, inputs: dict[str, list[Path]], previous: dict | None,
            config: PublishConfig, log: Log, users: Sequence | None = None
-           ) -> tuple[dict, list[tuple[Path, Path]], dict[str, int]]:
-    """The dataset's new manifest entry and the history files to rename into place (written as temps,
-    removed again when anything fails). `users`: see `_stage_sessions`."""
+           ) -> tuple[dict, list[tuple[Path, Path]], dict[str, int], dict[str, "pa.Table"]]:
+    """The dataset's new manifest entry, the history files to rename into place (written as temps, removed
+    again when anything fails), the new rows per view and, for a refresh (`users`, see `_stage_sessions`),
+    per view the rows the online store must serve for the keys this publish changed (`online_rows`)."""
     writes: list[tuple[Path, Path]] = []
     try:
-        entry, new_rows = _stage_into(writes, home, dataset, schema, inputs, previous, config, log, users)
+        entry, new_rows, online = _stage_into(writes, home, dataset, schema, inputs, previous, config, log, users)
     except BaseException:
         for tmp, _ in writes:
             tmp.unlink(missing_ok=True)
         raise
-    return entry, writes, new_rows
+    return entry, writes, new_rows, online
 
 
 def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schema: str,
                 inputs: dict[str, list[Path]], previous: dict | None, config: PublishConfig,
-                log: Log, users: Sequence | None = None) -> tuple[dict, dict[str, int]]:
+                log: Log, users: Sequence | None = None) -> tuple[dict, dict[str, int], dict[str, "pa.Table"]]:
     feast = feast_dir(home)
     out = feast / schema
     con = _connect()
@@ -108,7 +109,7 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
                     if output.publish_as == "sessions" else {})
             for path in inputs.get(kind, []):
                 for info in _STAGERS[output.publish_as](con, output, path, id_sql, user_type, out, writes, config, log,
-                                                        **only):
+                                                        online=users is not None, **only):
                     info["published_at"] = now
                     # a session view holds the current production only: written afresh
                     fresh = output.publish_as == "sessions"
@@ -116,8 +117,13 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
                     current.setdefault(info["kind"], []).append(info["set_id"])
     finally:
         con.close()
+    online: dict[str, "pa.Table"] = {}
     for set_id in {s for ids in current.values() for s in ids}:
         new_rows[set_id] = sets[set_id].pop("new_rows", 0)
+        rows = sets[set_id].pop("online_rows", None)
+        staged_once = sum(ids.count(set_id) for ids in current.values()) == 1  # else the rows of one file only
+        if rows is not None and staged_once:
+            online[set_id] = rows
         # the earliest row not yet known to be in the online store: materialization restarts there
         pending = [*sets[set_id].pop("new_timestamps", []), sets[set_id].get("pending_from")]
         sets[set_id]["pending_from"] = min(t for t in pending if t)
@@ -146,11 +152,12 @@ def _stage_into(writes: list[tuple[Path, Path]], home: Home, dataset: str, schem
              "session_entity": f"{schema}__session",
              "published_at": now, "published_by": code_version(), "defaults": defaults, "sets": sets, "views": views}
     by_view = {v["set_id"]: v["name"] for v in views}
-    return entry, {by_view.get(s, s): n for s, n in new_rows.items()}
+    return (entry, {by_view.get(s, s): n for s, n in new_rows.items()},
+            {by_view[s]: rows for s, rows in online.items() if s in by_view})
 
 
 def _stage_snapshots(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
-                     config: "PublishConfig", log: Log) -> list[dict]:
+                     config: "PublishConfig", log: Log, online: bool = False) -> list[dict]:
     """One user-keyed set: its numeric columns (every one for an output with open columns, else the declared
     scalars) and declared vectors, added as a snapshot to its history."""
     types = _require(con, path, ["user_id", "feature_timestamp", *output.columns])
@@ -187,7 +194,7 @@ def _stage_snapshots(con, output: FeatureOutput, path: Path, id_sql: str, user_t
     snapshot = (f"SELECT {id_sql} AS user_id, CAST(feature_timestamp AS TIMESTAMP) AS feature_timestamp, "
                 f"{produced_sql} AS produced_at, {', '.join(features)} FROM read_parquet({_sql_path(path)})")
     target = out / f"{output.table}.parquet"
-    stats, history_types = _merge(con, snapshot, target, writes, path)
+    stats, history_types = _merge(con, snapshot, target, writes, path, online=online)
     # typed as the history holds them: a column that was DOUBLE in an older snapshot stays DOUBLE
     dtypes = {n: (t if t.startswith("Array") else "Int64" if history_types[n].upper() == "BIGINT" else "Float64")
               for n, t in dtypes.items()}
@@ -203,7 +210,7 @@ def _stage_snapshots(con, output: FeatureOutput, path: Path, id_sql: str, user_t
 
 
 def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
-                config: "PublishConfig", log: Log) -> list[dict]:
+                config: "PublishConfig", log: Log, online: bool = False) -> list[dict]:
     """User-keyed vectors, one set per distinct value of the output's set columns, each added to its history."""
     kind, key_cols = output.kind, output.sets
     (vector,) = output.vectors  # a set's one vector column
@@ -241,7 +248,7 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
                     f'WHERE {where} AND "{vector}" IS NOT NULL')
         set_id = _set_id(kind, key)
         target = out / kind / f"{set_id}.parquet"
-        stats, _ = _merge(con, snapshot, target, writes, path, params=key)
+        stats, _ = _merge(con, snapshot, target, writes, path, params=key, online=online)
         epochs = [e for e in epochs if e is not None]
         hashes = sorted(h for h in hashes if h is not None)
         codes = sorted(c for c in codes if c is not None)
@@ -260,7 +267,7 @@ def _stage_sets(con, output: FeatureOutput, path: Path, id_sql: str, user_type: 
 
 def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_type: str, out: Path, writes: list,
                     config: "PublishConfig", log: Log, users: Sequence | None = None,
-                    previous: dict | None = None) -> list[dict]:
+                    previous: dict | None = None, online: bool = False) -> list[dict]:
     """The views of a session-keyed output (`session_embeddings.parquet`, `session_intents.parquet`): the
     sessions themselves and the user rollups its producer defines (`output.rollup`).
 
@@ -314,7 +321,7 @@ def _stage_sessions(con, output: FeatureOutput, path: Path, id_sql: str, user_ty
         if parts is None:
             stats, types_out = _write_fresh(con, view.query, target, writes, path)
         else:
-            stats, types_out = _write_partial(con, f"part_{i}", target, view.session_keyed, writes, path)
+            stats, types_out = _write_partial(con, f"part_{i}", target, view.session_keyed, writes, path, online)
         info = {"kind": view.kind, "set_id": view.kind, "source": str(target.relative_to(out.parent)), **common,
                 **meta, "columns": types_out, "view": view.view, "features": list(view.features), "what": view.what,
                 "session_keyed": view.session_keyed, **stats}
@@ -408,7 +415,7 @@ def _write_fresh(con, query: str, target: Path, writes: list, source: Path) -> t
 
 
 def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: list,
-                   source: Path) -> tuple[dict, dict[str, str]]:
+                   source: Path, online: bool = False) -> tuple[dict, dict[str, str]]:
     """`target` written again (a temp beside it, appended to `writes`) with the `chosen` users' rows replaced
     by the temp table `part` (same columns): what `_write_fresh` writes from every user's sessions, read and
     compared only for these users (the changed span, the removed keys)."""
@@ -428,10 +435,11 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
     if not n_rows:
         raise PublishError(f"{source}: no sessions to publish")
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
-    # every other user's rows are the published ones: only these users' can differ
+    # every other user's rows are the published ones: only these users' can differ (read once, compared twice)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE theirs_before AS SELECT {listed} FROM {prev} WHERE {theirs}")
     compared = ", ".join('"' + c.replace('"', '""') + '"' for c in cols if c != "produced_at")
     lo, hi = con.execute(f"SELECT min(feature_timestamp), max(feature_timestamp) FROM (SELECT {compared} FROM "
-                         f"{part} EXCEPT SELECT {compared} FROM {prev} WHERE {theirs})").fetchall()[0]
+                         f"{part} EXCEPT SELECT {compared} FROM theirs_before)").fetchall()[0]
     if lo is None:
         lo = hi = last
     stats = {"new_rows": int(n_rows), "n_rows": int(n_rows), "new_timestamps": [lo.isoformat(), hi.isoformat()],
@@ -440,8 +448,12 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
                                           {"written_from": str(source), **stats})
     # another user's keys are all still there, and a key already noted as removed is no other user's
     _note_removed_keys(con, target, "session_id" if session_keyed else "user_id", writes,
-                       previous=f"{prev} WHERE {theirs}", current=part)
+                       previous="theirs_before", current=part)
+    if online:
+        stats["online_rows"] = _latest(con, part, "session_id" if session_keyed else "user_id", "true",
+                                       previous="theirs_before")
     con.execute("DROP TABLE fresh")
+    con.execute("DROP TABLE theirs_before")
     return stats, types
 
 
@@ -485,8 +497,9 @@ def _note_removed_keys(con, target: Path, key: str, writes: list, previous: str 
 
 
 def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
-           params: dict | None = None) -> tuple[dict, dict[str, str]]:
-    """Write `target`'s history plus the snapshot to a temp file beside it (appended to `writes`)."""
+           params: dict | None = None, online: bool = False) -> tuple[dict, dict[str, str]]:
+    """Write `target`'s history plus the snapshot to a temp file beside it (appended to `writes`).
+    `online`: also the latest history row of each user of the snapshot (`stats["online_rows"]`)."""
 
     con.execute(f"CREATE OR REPLACE TEMP TABLE snap AS SELECT * FROM ({snapshot}) "
                 "QUALIFY row_number() OVER (PARTITION BY user_id, feature_timestamp ORDER BY produced_at DESC) = 1",
@@ -511,9 +524,29 @@ def _merge(con, snapshot: str, target: Path, writes: list, source: Path,
              "produced_at": produced.isoformat() if produced else None}
     history_types = {r[0]: r[1] for r in con.execute("DESCRIBE hist").fetchall()}
     stats["data_version"] = _write_beside(table, target, writes, {"history_of": str(source), **stats})
+    if online:
+        stats["online_rows"] = _latest(con, "hist", "user_id", "user_id IN (SELECT user_id FROM snap)")
     con.execute("DROP TABLE snap")
     con.execute("DROP TABLE hist")
     return stats, history_types
+
+
+def _latest(con, table: str, key: str, where: str, previous: str | None = None) -> "pa.Table":
+    """The latest row (by feature_timestamp, then produced_at) of each `key` among `table`'s rows matching
+    `where`: what a materialization over the whole history leaves in the online store for these keys, as
+    Feast's offline store picks it. `previous` (a FROM clause: these keys' rows as published before): only the
+    keys whose latest row differs from the one published (produced_at aside), the online store serving it."""
+    def latest(source: str) -> str:
+        return (f"SELECT * FROM {source} QUALIFY row_number() OVER (PARTITION BY {key} "
+                "ORDER BY feature_timestamp DESC, produced_at DESC) = 1")
+
+    query = latest(f"{table} WHERE {where}")
+    if previous is not None:
+        cols = ", ".join('"' + c.replace('"', '""') + '"' for c, _ in _columns(con, f"SELECT * FROM {table}")
+                         if c != "produced_at")
+        query = (f"SELECT * FROM ({query}) WHERE {key} NOT IN (SELECT {key} FROM (SELECT {cols} FROM ({query}) "
+                 f"INTERSECT SELECT {cols} FROM ({latest(previous)})))")
+    return _arrow(con.sql(f"{query} ORDER BY {key}"))
 
 
 def _write_beside(table: "pa.Table", target: Path, writes: list, provenance: dict) -> str:

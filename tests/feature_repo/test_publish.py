@@ -223,3 +223,72 @@ def test_step_checkpoints_of_two_runs_get_distinct_names_and_a_path_picks_the_de
     assert set(names) == {f"{SCHEMA}__llm4es_embedding", f"{SCHEMA}__llm4es__serialized_only_step_40__serialized"}
     assert names[f"{SCHEMA}__llm4es_embedding"].checkpoint == f"runs/{SCHEMA}/demo/models/step-40"
     assert names[f"{SCHEMA}__llm4es_embedding"].run == f"runs/{SCHEMA}/demo"
+
+
+def _counting_applies(monkeypatch) -> list:
+    from feast import FeatureStore
+
+    calls: list = []
+    real = FeatureStore.apply
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.project)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "apply", counted)
+    return calls
+
+
+def test_apply_is_skipped_when_the_registry_holds_these_declarations(tmp_path, monkeypatch):
+    """Publishing the same files again declares the same objects (their tags name each history file's hash):
+    the registry is left as it is, materialization goes on from it, and the views still serve."""
+    home = Home.resolve(tmp_path / "home")
+    _, vectors = files.embeddings_file(home.data_dir, DATASET, T1, USERS, produced_at=datetime(2025, 1, 1))
+    publish(home, DATASET, PublishConfig(materialize=True))
+    registry = (home.data_dir / "feast" / "registry.db").read_bytes()
+    calls = _counting_applies(monkeypatch)
+    messages: list[str] = []
+    publish(home, DATASET, PublishConfig(materialize=True), log=messages.append)
+    assert calls == [] and any("already holds" in m and "not applied" in m for m in messages)
+    assert (home.data_dir / "feast" / "registry.db").read_bytes() != registry  # materialized on (its intervals)
+    col = f"{SCHEMA}__llm4es_embedding__vector"
+    assert same_bits(online_features(home, DATASET, ["llm4es_embedding"], [USERS[0]])[col][0], vectors[0])
+
+
+def test_apply_runs_when_a_declaration_or_the_registry_changed(tmp_path, monkeypatch):
+    """Any other declaration (here a view's description), another project, or a registry changed behind
+    publish's back (a `feast apply` of other objects) is applied as before."""
+    from producers.publish.repo import _definitions
+
+    home = Home.resolve(tmp_path / "home")
+    files.embeddings_file(home.data_dir, DATASET, T1, USERS, produced_at=datetime(2025, 1, 1))
+    publish(home, DATASET)
+    calls = _counting_applies(monkeypatch)
+    definitions = _definitions()
+    real_build = definitions.build
+
+    def build(manifest, feast_dir):
+        objects = real_build(manifest, feast_dir)
+        objects[f"{SCHEMA}__llm4es_embedding"].description += " (changed)"
+        return objects
+
+    monkeypatch.setattr(definitions, "build", build)
+    publish(home, DATASET)
+    assert len(calls) == 1
+    view = get_store(home).get_feature_view(f"{SCHEMA}__llm4es_embedding")
+    assert view.description.endswith(" (changed)")
+    monkeypatch.setattr(definitions, "build", real_build)
+    publish(home, DATASET)
+    assert len(calls) == 2 and not get_store(home).get_feature_view(f"{SCHEMA}__llm4es_embedding"
+                                                                     ).description.endswith(" (changed)")
+    publish(home, DATASET)
+    assert len(calls) == 2  # unchanged again
+    store = get_store(home)  # a view edited in the registry itself
+    view = store.get_feature_view(f"{SCHEMA}__llm4es_embedding")
+    view.tags["edited"] = "by hand"
+    store.apply([view])
+    calls.clear()
+    publish(home, DATASET)
+    assert len(calls) == 1 and "edited" not in get_store(home).get_feature_view(f"{SCHEMA}__llm4es_embedding").tags
+    publish(home, DATASET, PublishConfig(project="another_project"))
+    assert len(calls) == 2

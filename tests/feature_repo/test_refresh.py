@@ -272,3 +272,90 @@ def test_a_second_day_refreshes_from_the_first_refresh_snapshot(served, home, tm
     n = f"{ML.schema}__{AGG}__n_events"
     moved = {u for u, a, b in zip(users, before[n], after[n]) if a != b}
     assert moved == {3}
+
+
+def _same(a, b) -> bool:
+    """Equal values, NaN (a missing aggregate) equal to NaN."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
+
+
+def _served_latest(home, view: str, users: list[int]) -> dict:
+    """Each user's latest row of the view's history (by feature_timestamp, then produced_at): what a
+    materialization over the whole history serves."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((home.data_dir / "feast" / "manifest.json").read_text())
+    entry = manifest["datasets"][DATASET]
+    (v,) = [v for v in entry["views"] if v["name"] == f"{ML.schema}__{view}"]
+    frame = pq.read_table(home.data_dir / "feast" / v["source"]).to_pandas()
+    frame = frame.sort_values(["feature_timestamp", "produced_at"]).groupby("user_id").tail(1)
+    return {u: row for u, row in zip(frame["user_id"], frame.to_dict("records")) if u in users}
+
+
+def test_a_refresh_writes_the_changed_rows_online_without_materializing_whole_histories(home, monkeypatch):
+    """The views the online store served up to date take the refreshed users' latest rows straight in (no
+    materialize-incremental, which reads a view's whole history); the registry records the materialization,
+    so a later `materialize-incremental` starts after it and changes nothing."""
+    from feast import FeatureStore
+
+    from producers.publish import materialize
+    from producers.stores.serving import get_store
+
+    publish(home, DATASET, PublishConfig(materialize=True))  # the copied home's registry names the served files
+    users = users_of(home)
+    calls = []
+    real = FeatureStore.materialize_incremental
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("feature_views"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "materialize_incremental", counted)
+    started = datetime.now().astimezone()
+    r = refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert r.published and r.users == CHANGED
+    assert calls == []
+    after = online_features(home, DATASET, [EMB, AGG, COLES], users)
+    for view, column in ((EMB, "vector"), (COLES, "vector"), (AGG, "n_events")):
+        latest = _served_latest(home, view, users)
+        for u, value in zip(after["user_id"], after[f"{ML.schema}__{view}__{column}"]):
+            assert np.array_equal(np.asarray(value), np.asarray(latest[u][column])), (view, u)
+    store = get_store(home)
+    for v in store.list_feature_views():
+        assert v.most_recent_end_time >= started, v.name
+
+    materialize(home)  # the feast CLI's materialize-incremental: nothing left to write
+    assert calls  # this one materializes
+    again = online_features(home, DATASET, [EMB, AGG, COLES], users)
+    for col in again.columns[1:]:
+        diff = [(u, a, b) for u, a, b in zip(users, after[col], again[col]) if not _same(a, b)]
+        assert diff == [], col
+
+
+def test_a_refresh_after_a_publish_left_rows_unmaterialized_materializes_them_too(served, home, tmp_path):
+    """Rows a refresh published without materializing are not in the online store: the next refresh cannot just
+    write its own users' rows, it materializes, so the first refresh's users are served their new rows too."""
+    from tests.producers.test_append import AFTER
+
+    _, _, source = served
+    publish(home, DATASET, PublishConfig(materialize=True))  # the copied home's registry names the served files
+    users = users_of(home)
+    before = online_features(home, DATASET, [EMB, AGG], users)
+    first = refresh(home, DATASET, RefreshConfig(materialize=False), tokenizer=tiny_tokenizer())
+    assert first.published and first.users == CHANGED
+    unmoved = online_features(home, DATASET, [AGG], users)
+    n = f"{ML.schema}__{AGG}__n_events"
+    assert list(unmoved[n]) == list(before[n])
+    append(home, ML, IngestConfig(write_delta(tmp_path / "day2", new_ratings(source, [3], t0=AFTER + 20 * 86400))))
+    assert validate(home, DATASET, ValidateConfig(data_docs=False, delta=True)).success
+    second = refresh(home, DATASET, tokenizer=tiny_tokenizer())
+    assert second.published and second.users == [3]
+    after = online_features(home, DATASET, [EMB, AGG], users)
+    moved = {u for u, a, b in zip(users, before[n], after[n]) if a != b}
+    assert moved == {*CHANGED, 3}
+    latest = _served_latest(home, EMB, users)
+    for u, value in zip(after["user_id"], after[f"{ML.schema}__{EMB}__vector"]):
+        assert np.array_equal(np.asarray(value), np.asarray(latest[u]["vector"])), u

@@ -591,3 +591,51 @@ def test_a_refresh_opens_the_warehouse_once(home, monkeypatch):
     assert opened.count(str(home.warehouse_path)) == 1, opened
     con = duckdb.connect(str(home.warehouse_path), read_only=True)  # closed: openable with another configuration
     con.close()
+
+
+def _online_is_the_latest_history_row(home: Home, view: dict) -> None:
+    """Every key of the view's history is served its latest row (by feature_timestamp, then produced_at), as a
+    materialization of the whole history serves it."""
+    key = "session_id" if view.get("entity") == "session" else "user_id"
+    history = pq.read_table(home.data_dir / "feast" / view["source"]).to_pandas()
+    latest = history.sort_values(["feature_timestamp", "produced_at"]).groupby(key).tail(1).sort_values(key)
+    short = view["name"].removeprefix(f"{SCHEMA}__")
+    served = online_features(home, DATASET, [short], latest[key].tolist())
+    for f in view["features"]:
+        for k, want, got in zip(latest[key], latest[f["name"]], served[f"{view['name']}__{f['name']}"]):
+            if f["dtype"].startswith("Array"):
+                assert same_bits(want, got), (view["name"], f["name"], k)
+            else:
+                assert want == got or (pd.isna(want) and pd.isna(got)), (view["name"], f["name"], k, want, got)
+
+
+def test_a_refresh_writes_the_changed_session_rows_online_without_materializing(home, monkeypatch):
+    """With the session views served up to date, a refresh writes the changed sessions' and users' rows straight
+    into the online store (materialize-incremental would read every view's whole history); every key of every
+    view is then served its latest history row, and a later materialize-incremental changes nothing."""
+    import json
+
+    from feast import FeatureStore
+
+    from producers.publish import materialize
+
+    publish(home, DATASET, PublishConfig(materialize=True))  # the copied home's registry names the served files
+    calls = []
+    real = FeatureStore.materialize_incremental
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("feature_views"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "materialize_incremental", counted)
+    r = refresh(home, DATASET)
+    assert r.published and r.users and calls == []
+    views = json.loads((home.data_dir / "feast" / "manifest.json").read_text())["datasets"][DATASET]["views"]
+    assert {v["name"] for v in views} >= {f"{SCHEMA}__{v}" for v in ("session_embedding", "session_intent",
+                                                                     "session_embedding_rollup", "intent_shares")}
+    for view in views:
+        _online_is_the_latest_history_row(home, view)
+    materialize(home)
+    assert calls
+    for view in views:
+        _online_is_the_latest_history_row(home, view)
