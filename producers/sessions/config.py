@@ -33,7 +33,7 @@ class SessionsResult:
     spec: dict[str, Any]  # {"column": ..., "gap_minutes": ...} as used
     n_sessions: int
     n_events: int
-    events_per_session: dict[str, float]  # median, p90, max
+    events_per_session: dict[str, float]  # median, p90, max (of the re-cut users' sessions when `users`)
     validation_path: Path  # the JSON report of the checks
     seconds: float
 

@@ -20,6 +20,7 @@ from producers.serialize.run import SerializeConfig, serialize
 from producers.stores.outputs import read_provenance
 from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
+from tests.fixtures.spies import record_materializations
 from tests.fixtures.tiny_model import save_tiny_model, tiny_tokenizer
 from tests.producers.test_append import new_ratings, write_delta
 from training.embed import EmbedConfig, embed
@@ -299,21 +300,13 @@ def test_a_refresh_writes_the_changed_rows_online_without_materializing_whole_hi
     """The views the online store served up to date take the refreshed users' latest rows straight in (no
     materialize-incremental, which reads a view's whole history); the registry records the materialization,
     so a later `materialize-incremental` starts after it and changes nothing."""
-    from feast import FeatureStore
 
     from producers.publish import materialize
     from producers.stores.serving import get_store
 
     publish(home, DATASET, PublishConfig(materialize=True))  # the copied home's registry names the served files
     users = users_of(home)
-    calls = []
-    real = FeatureStore.materialize_incremental
-
-    def counted(self, *args, **kwargs):
-        calls.append(kwargs.get("feature_views"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureStore, "materialize_incremental", counted)
+    calls = record_materializations(monkeypatch)
     started = datetime.now().astimezone()
     r = refresh(home, DATASET, tokenizer=tiny_tokenizer())
     assert r.published and r.users == CHANGED

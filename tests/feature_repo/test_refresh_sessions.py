@@ -26,6 +26,7 @@ from producers.sessions import SessionEncoderConfig, build_sessions, embed_sessi
 from producers.stores.warehouse import Home
 from tests.feature_repo.conftest import same_bits
 from tests.fixtures.clicks_files import CLICKS_YAML, write_clicks
+from tests.fixtures.spies import record_connects, record_materializations
 from validation.run import ValidateConfig, validate
 from validation.snapshot_gate import SnapshotGateError
 
@@ -577,14 +578,7 @@ def test_without_a_served_session_history_the_gate_reads_the_others_from_the_tab
 def test_a_refresh_opens_the_warehouse_once(home, monkeypatch):
     """Every stage of a refresh uses a cursor of one held connection (`Home.hold`): the file is opened once
     (each stage opening its own cost ~10-20 ms and a checkpoint apiece), and closed when it ends."""
-    opened: list[str] = []
-    real = duckdb.connect
-
-    def connect(database=":memory:", *args, **kwargs):
-        opened.append(str(database))
-        return real(database, *args, **kwargs)
-
-    monkeypatch.setattr(duckdb, "connect", connect)
+    opened = record_connects(monkeypatch)
     r = refresh(home, DATASET)
     monkeypatch.undo()
     assert r.published and {"sessions", "intents", "agg"} <= set(r.refreshed)
@@ -615,19 +609,11 @@ def test_a_refresh_writes_the_changed_session_rows_online_without_materializing(
     view is then served its latest history row, and a later materialize-incremental changes nothing."""
     import json
 
-    from feast import FeatureStore
 
     from producers.publish import materialize
 
     publish(home, DATASET, PublishConfig(materialize=True))  # the copied home's registry names the served files
-    calls = []
-    real = FeatureStore.materialize_incremental
-
-    def counted(self, *args, **kwargs):
-        calls.append(kwargs.get("feature_views"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureStore, "materialize_incremental", counted)
+    calls = record_materializations(monkeypatch)
     r = refresh(home, DATASET)
     assert r.published and r.users and calls == []
     views = json.loads((home.data_dir / "feast" / "manifest.json").read_text())["datasets"][DATASET]["views"]

@@ -9,20 +9,13 @@ import duckdb
 import pytest
 
 from producers.stores.warehouse import Home, WarehouseError, WarehouseLockedError, transaction
+from tests.fixtures.spies import record_connects
 
 
 @pytest.fixture
 def counted(monkeypatch):
     """The warehouse paths `duckdb.connect` is asked to open, in order."""
-    opened: list[str] = []
-    real = duckdb.connect
-
-    def connect(database=":memory:", *args, **kwargs):
-        opened.append(str(database))
-        return real(database, *args, **kwargs)
-
-    monkeypatch.setattr(duckdb, "connect", connect)
-    return opened
+    return record_connects(monkeypatch)
 
 
 def make(home: Home) -> None:
