@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.machine import describe  # noqa: E402
 from producers.datasets.definition import DatasetDefinition, parse_definition  # noqa: E402
-from producers.ingest.raw_load import sql_str  # noqa: E402
+from producers.stores.warehouse import sql_str  # noqa: E402
 from producers.serialize.render import HEADER_SEP, VALUE_SEP, header, user_bodies_sql  # noqa: E402
 
 GENERATED = """

@@ -55,9 +55,9 @@ import duckdb
 
 from producers.shared.as_of import pick_as_of
 from producers.datasets.definition import DatasetDefinition, DefinitionError, FieldSpec
+from producers.stores.warehouse import Home, last_ingest, one, sql_ident, stored_definition, transaction
 from producers.stores.provenance import code_version
 from producers.stores.outputs import AGGREGATES, staging, write_parquet, write_staged
-from producers.stores.warehouse import Home, last_ingest, one, stored_definition, transaction
 
 TABLE = AGGREGATES.table
 META_TABLE = AGGREGATES.companions[0]
@@ -250,10 +250,10 @@ def _per_value_sql(f: _Features, source: str) -> str:
     as one CASE WHEN per value and column would give, over the same events. Then, as `g` = len(f.groups) + i
     (rank 1), the user's number of distinct values of `f.distinct[i]` as `n`: the same counts as
     count(DISTINCT ...), at half its cost over every event."""
-    carried = [_ident(m.name) for m in f.numeric]
+    carried = [sql_ident(m.name) for m in f.numeric]
     branches = []
     for g, group in enumerate(f.groups):
-        col = _ident(group.field.name)
+        col = sql_ident(group.field.name)
         if group.split is None:
             branches.append(f"SELECT user_id, {g} AS g, {group.rank} AS rank{''.join(', ' + c for c in carried)} "
                             f"FROM {source} WHERE {f.where} AND {col} IS NOT NULL")
@@ -263,23 +263,23 @@ def _per_value_sql(f: _Features, source: str) -> str:
                     f"{''.join(', ' + c for c in carried)} FROM {source} WHERE {f.where} AND {col} IS NOT NULL")
             branches.append(f"SELECT user_id, {g} AS g, {group.rank} AS rank{''.join(', ' + c for c in carried)} "
                             f"FROM ({rows})")
-    nulls = "".join(f", CAST(NULL AS {m.dtype.upper()}) AS {_ident(m.name)}" for m in f.numeric)
+    nulls = "".join(f", CAST(NULL AS {m.dtype.upper()}) AS {sql_ident(m.name)}" for m in f.numeric)
     for i, (_, value, condition) in enumerate(f.distinct, start=len(f.groups)):
         branches.append(f"SELECT user_id, {i} AS g, 1 AS rank{nulls} FROM (SELECT DISTINCT user_id, v FROM "
                         f"(SELECT user_id, {value} AS v FROM {source} WHERE {f.where} AND {condition}))")
     measures = ["count(*) AS n"]
     if f.amount is not None:
-        total = f"sum({_ident(f.amount.name)})"
+        total = f"sum({sql_ident(f.amount.name)})"
         measures.append(f"CAST({total} AS BIGINT) AS s" if f.amount.dtype.upper() != "DOUBLE" else f"{total} AS s")
-    measures += [f"avg({_ident(m.name)}) AS m{i}" for i, m in enumerate(f.numeric)]
+    measures += [f"avg({sql_ident(m.name)}) AS m{i}" for i, m in enumerate(f.numeric)]
     return (f"SELECT user_id, g, rank, {', '.join(measures)} FROM ({' UNION ALL '.join(branches)}) "
             "WHERE rank >= 1 GROUP BY user_id, g, rank")
 
 
-def _rows(con: duckdb.DuckDBPyConnection, f: _Features, source: str, params: dict[str, Any]):
+def _rows(con: duckdb.DuckDBPyConnection, f: _Features, source: str):
     """The aggregate rows of the users of `source` (a table or subquery of events), ordered by user_id, as
     Arrow, with the columns `f.columns`."""
-    known = {**f.params, **f.rank_params, **params}
+    known = {**f.params, **f.rank_params}
     per_user, per_value = (_arrow(con.sql(sql, params=_used(known, sql)))
                            for sql in (_per_user_sql(f, source), _per_value_sql(f, source)))
     return _spread(per_user, per_value, f)
@@ -343,7 +343,7 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
     schema = d.schema
     f = _features(con, d, config, log)
     stg = AGGREGATES.staging_name(schema)
-    rows = _rows(con, f, f'"{schema}".events', {})
+    rows = _rows(con, f, f'"{schema}".events')
     con.register("agg_rows", rows)
     try:
         con.execute(f"CREATE TABLE {stg} AS SELECT * FROM agg_rows")
@@ -355,10 +355,6 @@ def _aggregate(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition,
                 AGGREGATES.parquet_path(home, schema))
     parquet = write_staged(con, AGGREGATES, schema, AGGREGATES.parquet_path(home, schema), blob, log)
     return AggregateResult(d.name, n_users, len(f.columns) - 2, f.columns, parquet, f.as_of, f"{schema}.{TABLE}", blob)
-
-
-def _ident(name: str) -> str:
-    return '"' + name + '"'  # quoted as the SELECT's other field references are
 
 
 def refresh_file(home: Home, schema: str, as_of: datetime) -> Path:
@@ -387,12 +383,12 @@ def _refresh(con: duckdb.DuckDBPyConnection, home: Home, d: DatasetDefinition, c
                              f"was rebuilt since the last publish; publish it (`llm4es publish {d.name}`) or run "
                              f"`llm4es aggregate {d.name}` over every user")
     # the users' events once, as Arrow (the fields read only): the two aggregates then scan them, not every event
-    read = ", ".join(["user_id", "event_time", *map(_ident, f.fields)])
+    read = ", ".join(["user_id", "event_time", *map(sql_ident, f.fields)])
     events = _arrow(con.sql(f'SELECT {read} FROM "{schema}".events WHERE user_id IN (SELECT unnest($users))',
                             params={"users": users}))
     con.register("agg_events", events)
     try:
-        rows = _rows(con, f, "agg_events", {})
+        rows = _rows(con, f, "agg_events")
     finally:
         con.unregister("agg_events")
     n_refreshed = rows.num_rows

@@ -63,10 +63,9 @@ from pathlib import Path
 from typing import Callable
 
 from producers.errors import Llm4esError
-from producers.ingest.raw_load import sql_ident, sql_str
+from producers.stores.warehouse import Home, sql_ident, sql_str, stored_definition
 from producers.stores.locks import file_lock
 from producers.stores.outputs import read_output, read_provenance, write_parquet
-from producers.stores.warehouse import Home, stored_definition
 
 Log = Callable[[str], None]
 

@@ -33,7 +33,8 @@ import pandas as pd
 from producers.datasets.definition import DatasetDefinition
 from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import Home, forget_dataset_state, last_ingest, stored_definition, table_exists
+from producers.stores.warehouse import (Home, forget_dataset_state, last_ingest, sql_ident, stored_definition,
+                                       table_exists)
 from validation.suites import BATCHES, SESSION_BATCHES, Check, dataset_checks, non_finite_column, session_checks
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
@@ -290,18 +291,14 @@ def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, ch
                             for f in files]), {}
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _non_finite_flags(fields) -> str:
     """`, <flag column>` per DOUBLE field: the value as text where it is NaN or +-inf, else null
     (see `validation.suites.NON_FINITE`)."""
     out = ""
     for f in fields:
         if (flag := non_finite_column(f)) is not None:
-            col = _ident(f.name)
-            out += f", CASE WHEN isfinite({col}) THEN NULL ELSE CAST({col} AS VARCHAR) END AS {_ident(flag)}"
+            col = sql_ident(f.name)
+            out += f", CASE WHEN isfinite({col}) THEN NULL ELSE CAST({col} AS VARCHAR) END AS {sql_ident(flag)}"
     return out
 
 

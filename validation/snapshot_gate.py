@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from producers.errors import Llm4esError
+from producers.stores.warehouse import sql_ident
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -115,7 +116,7 @@ def read_snapshot(data, user_column: str = "user_id", vector_column: str = "vect
         if con is None:
             raise ValueError("a table name needs `con`, the DuckDB connection that holds it")
         sql = data if data.lstrip().lower().startswith(("select", "with", "from")) else f"SELECT * FROM {data}"
-        data = con.sql(f"SELECT {_q(user_column)}, {_q(vector_column)} FROM ({sql})").to_arrow_table()
+        data = con.sql(f"SELECT {sql_ident(user_column)}, {sql_ident(vector_column)} FROM ({sql})").to_arrow_table()
     if isinstance(data, pd.DataFrame):
         vectors = pa.array([None if v is None else np.asarray(v, dtype=np.float64) for v in data[vector_column]],
                            type=pa.list_(pa.float64()))
@@ -353,7 +354,3 @@ def share_present(expected: Iterable, present: Iterable, min_share: float, who: 
 
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

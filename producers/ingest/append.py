@@ -29,13 +29,12 @@ from typing import Callable
 import duckdb
 
 from producers.datasets.definition import DatasetDefinition
-from producers.ingest.raw_load import sql_ident
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, forget_dataset_state,
+                                        last_ingest, one, sql_ident, table_exists, transaction)
 from producers.ingest.run import FileStats, IngestConfig, IngestError, stage_tables
 from producers.ingest.source_files import SourceError, SourceFile, _first_match, locate, unpack_if_zip
 from producers.stores.cache import sha256_file
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, last_ingest, one,
-                                        forget_dataset_state, table_exists, transaction)
 
 DELTA_TABLE = "ingest_delta"
 DELTA_USERS_TABLE = "ingest_delta_users"  # per append, each touched user's added events (late events included)

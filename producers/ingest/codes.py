@@ -6,7 +6,7 @@ from importlib import resources
 import duckdb
 
 from producers.datasets.definition import CodeSource, CodeTable
-from producers.ingest.raw_load import sql_ident, sql_str
+from producers.stores.warehouse import sql_ident, sql_str
 from producers.ingest.typed_sql import RawColumns, pad_code
 
 # Card-network lists first: their wording is what people see on statements. Ranges last, so

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from producers.ingest.raw_load import sql_ident
+from producers.stores.warehouse import Home, WarehouseError, sql_ident, table_exists
 from producers.shared.as_of import utc_naive
-from producers.stores.warehouse import Home, WarehouseError, table_exists
 
 
 def changed_users(home: Home, schema: str, since: datetime) -> list:

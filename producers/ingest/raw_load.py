@@ -25,6 +25,7 @@ import duckdb
 
 from producers.datasets.definition import TableSource
 from producers.ingest.source_files import SourceFile
+from producers.stores.warehouse import sql_ident, sql_str
 
 
 class RawLoadError(ValueError):
@@ -38,16 +39,6 @@ class RawTable:
     columns: list[str]  # the raw columns, as the file names them
     rows_read: int  # data rows in the file, rejected ones included
     line: str = "_line"  # the line-number column: a name no raw column has
-
-
-def sql_str(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def sql_ident(name: str) -> str:
-    """A quoted SQL identifier: any text, quotes and dots included, names exactly one column or table."""
-    return '"' + name.replace('"', '""') + '"'
 
 
 def unused_name(base: str, taken: list[str]) -> str:

@@ -23,14 +23,14 @@ import duckdb
 from producers.datasets.definition import DatasetDefinition
 from producers.errors import Llm4esError
 from producers.ingest.codes import build_codes
-from producers.ingest.raw_load import RawLoadError, RawTable, duckdb_message, load_raw, sql_ident, sql_str
+from producers.ingest.raw_load import RawLoadError, RawTable, duckdb_message, load_raw
+from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, forget_dataset_state,
+                                        last_ingest, sql_ident, sql_str, swap_tables, table_exists)
 from producers.ingest.sandbox import Sandbox
 from producers.ingest.source_files import SourceFile, locate, source_hash, unpack_if_zip
 from producers.ingest.typed_sql import (RawColumns, TypedColumn, expression, field_column, reasons, time_column,
                                         user_column)
 from producers.stores.provenance import code_version
-from producers.stores.warehouse import (STAGING_SUFFIX, Home, check_schema_owner, drop_staging, forget_dataset_state,
-                                        last_ingest, swap_tables, table_exists)
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5

@@ -12,7 +12,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from producers.ingest.raw_load import RawTable, sql_ident
+from producers.ingest.raw_load import RawTable
+from producers.stores.warehouse import sql_ident
 
 LOCKED = {
     "enable_external_access": False,  # no files, URLs, ATTACH, extensions

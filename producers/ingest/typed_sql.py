@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from producers.datasets.definition import FieldSpec, TimeSpec
-from producers.ingest.raw_load import sql_ident, sql_str
+from producers.stores.warehouse import sql_ident, sql_str
 
 
 INTEGER_TYPES = {"BIGINT", "INTEGER"}

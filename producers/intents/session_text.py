@@ -18,9 +18,8 @@ import duckdb
 
 from producers.datasets.definition import DatasetDefinition
 from producers.intents.config import IntentsError, TextConfig
-from producers.ingest.raw_load import sql_str
+from producers.stores.warehouse import sql_str, table_exists
 from producers.serialize.render import value_text
-from producers.stores.warehouse import table_exists
 
 SEP = " | "
 

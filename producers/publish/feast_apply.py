@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from producers.publish.repo import repo_project
 from producers.publish.snapshots import _connect, _sql_path, removed_keys_path
 from producers.stores.locks import file_lock
 from producers.stores.serving import (
@@ -176,8 +177,8 @@ def _apply(home: Home, objects: dict[str, Any], pending: dict[str, datetime], on
                                      redis_url if online_store == "redis" else None]).encode()).hexdigest()
     if _already_applied(live, key, objects):
         log(f"feast apply ({online_store}): the registry already holds these {len(views)} views, not applied")
-        project = re.search(r"^project:\s*(\S+)\s*$", yaml_text, re.M)
-        return _caught_up(_registered_views(live, project.group(1)), views) if project else set()
+        project = repo_project(home)
+        return _caught_up(_registered_views(live, project), views) if project else set()
     try:
         if live.is_file():
             shutil.copyfile(live, staged)

@@ -13,12 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from producers.stores.warehouse import Home, sql_ident
 from producers.publish.manifest import (_INT_TYPES, _choose_set, _every_set, _home_relative, _name_sets, _run_of,
                                         _set_id, _timestamp, _view_entry, view_kinds)
 from producers.stores.outputs import OUTPUTS, PARQUET_KEY, FeatureOutput, read_provenance
 from producers.stores.provenance import code_version
 from producers.stores.serving import PublishError, feast_dir
-from producers.stores.warehouse import Home
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -422,7 +422,7 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
     prev = f"read_parquet({_sql_path(target)})"
     theirs = "user_id IN (SELECT user_id FROM chosen)"
     cols = [c for c, _ in _columns(con, f"SELECT * FROM {part}")]
-    listed = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
+    listed = ", ".join(sql_ident(c) for c in cols)
     if session_keyed:
         (n_twice,) = con.execute(f"SELECT count(*) FROM (SELECT session_id FROM {prev} WHERE NOT {theirs}) "
                                  f"JOIN {part} USING (session_id)").fetchall()[0]
@@ -437,7 +437,7 @@ def _write_partial(con, part: str, target: Path, session_keyed: bool, writes: li
     types = {r[0]: r[1] for r in con.execute("DESCRIBE fresh").fetchall()}
     # every other user's rows are the published ones: only these users' can differ (read once, compared twice)
     con.execute(f"CREATE OR REPLACE TEMP TABLE theirs_before AS SELECT {listed} FROM {prev} WHERE {theirs}")
-    compared = ", ".join('"' + c.replace('"', '""') + '"' for c in cols if c != "produced_at")
+    compared = ", ".join(sql_ident(c) for c in cols if c != "produced_at")
     lo, hi = con.execute(f"SELECT min(feature_timestamp), max(feature_timestamp) FROM (SELECT {compared} FROM "
                          f"{part} EXCEPT SELECT {compared} FROM theirs_before)").fetchall()[0]
     if lo is None:
@@ -467,7 +467,7 @@ def _changed_span(con, types: dict[str, str], target: Path) -> tuple | None:
     old = {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({_sql_path(target)})").fetchall()}
     if old != types:
         return None
-    cols = ", ".join('"' + c.replace('"', '""') + '"' for c in types if c != "produced_at")
+    cols = ", ".join(sql_ident(c) for c in types if c != "produced_at")
     lo, hi, last = con.execute(
         f"SELECT min(feature_timestamp), max(feature_timestamp), (SELECT max(feature_timestamp) FROM fresh) FROM "
         f"(SELECT {cols} FROM fresh EXCEPT SELECT {cols} FROM read_parquet({_sql_path(target)}))").fetchall()[0]
@@ -542,7 +542,7 @@ def _latest(con, table: str, key: str, where: str, previous: str | None = None) 
 
     query = latest(f"{table} WHERE {where}")
     if previous is not None:
-        cols = ", ".join('"' + c.replace('"', '""') + '"' for c, _ in _columns(con, f"SELECT * FROM {table}")
+        cols = ", ".join(sql_ident(c) for c, _ in _columns(con, f"SELECT * FROM {table}")
                          if c != "produced_at")
         query = (f"SELECT * FROM ({query}) WHERE {key} NOT IN (SELECT {key} FROM (SELECT {cols} FROM ({query}) "
                  f"INTERSECT SELECT {cols} FROM ({latest(previous)})))")

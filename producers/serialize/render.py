@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Literal
 
 from producers.datasets.definition import NUMERIC_DTYPES, DatasetDefinition, FieldSpec
-from producers.ingest.raw_load import sql_str
+from producers.stores.warehouse import sql_str
 
 TimeFormat = Literal["readable", "day-index"]
 Format = Literal["paper", "compact"]

@@ -158,15 +158,15 @@ def _rebuild_users(home: Home, con: duckdb.DuckDBPyConnection, d: DatasetDefinit
                         "built_at = ?, code_version = ?, validation = ?",
                         [ingest.get("ingest_id"), n_sessions, n_events, datetime.now(timezone.utc).replace(tzinfo=None),
                          code_version(), str(report)])
-        mine = _stats(con, stg["sessions"])
+        my_sessions, my_events, my_stats = _stats(con, stg["sessions"])  # the re-cut users' own
     finally:
         for table in stg.values():
             con.execute(f"DROP TABLE IF EXISTS {table}")
         con.execute("DROP TABLE IF EXISTS _rebuild_users")
-    log(f"{len(users):,} users' sessions cut again: {mine[0]:,} sessions over {mine[1]:,} events; "
+    log(f"{len(users):,} users' sessions cut again: {my_sessions:,} sessions over {my_events:,} events; "
         f"{n_sessions:,} sessions in all")
     return SessionsResult(dataset=d.name, table=f"{d.schema}.sessions", mode="column" if column else "gap",
-                          spec=spec_used, n_sessions=n_sessions, n_events=n_events, events_per_session=mine[2],
+                          spec=spec_used, n_sessions=n_sessions, n_events=n_events, events_per_session=my_stats,
                           validation_path=report, seconds=time.perf_counter() - started)
 
 

@@ -211,6 +211,16 @@ def remembered(con: duckdb.DuckDBPyConnection, key: tuple, read: Callable[[], ob
     return memo[key]
 
 
+def sql_str(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_ident(name: str) -> str:
+    """A quoted SQL identifier: any text, quotes and dots included, names exactly one column or table."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def one(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple | None:
     """The first row of a query, reading the result to its end (DuckDB 2 refuses new work on a
     connection that still has a half-read result)."""
