@@ -25,6 +25,7 @@ import duckdb
 
 from producers.datasets.definition import DatasetDefinition, DefinitionError, schema_name
 from producers.errors import Llm4esError
+from producers.stores.locks import file_lock
 
 STAGING_SUFFIX = "__staging"
 
@@ -88,13 +89,27 @@ class Home:
         to. Other processes are kept out of the file for the whole block, as they were while a stage
         wrote (their lock error names this process). Holds nest (keyed by the warehouse's resolved path: several `Home`
         objects name one warehouse) and are process-wide, so a stage's worker thread gets its own
-        cursor too (a DuckDB connection is not for two threads at once; a cursor per thread is)."""
+        cursor too (a DuckDB connection is not for two threads at once; a cursor per thread is).
+
+        Holds of two processes queue: the outermost hold of a process first takes an exclusive file lock
+        beside the warehouse, so a second refresh (of any dataset of this warehouse, e.g. two cron jobs)
+        waits for the first instead of failing on the held connection. A command outside a hold (ingest,
+        publish) still fails at once with the lock error."""
         key = _key(self.warehouse_path)
         with _holds_lock:
             held = _holds.get(key)
-            if held is None:
-                held = _holds[key] = _Held(self)
-            held.depth += 1
+            if held is not None:
+                held.depth += 1
+        if held is None:
+            queue = contextlib.ExitStack()  # taken outside _holds_lock: waiting here must not stop other warehouses
+            queue.enter_context(file_lock(self.warehouse_path.with_name(self.warehouse_path.name + ".hold.lock")))
+            with _holds_lock:
+                held = _holds.get(key)
+                if held is None:
+                    held = _holds[key] = _Held(self, queue)
+                else:  # another thread of this process got there first: join its hold
+                    queue.close()
+                held.depth += 1
         try:
             yield
         finally:
@@ -121,8 +136,9 @@ class _Held:
     """The shared connection of a `Home.hold()`, opened at its first use (a refresh that finds nothing to
     do, or refuses to start, opens the file no more often than before)."""
 
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, queue: contextlib.ExitStack):
         self.home = home
+        self.queue = queue  # the file lock that makes other processes' holds wait; released after the close
         self.depth = 0
         self.lock = threading.Lock()  # cursor() from two threads at once, and the first open
         self.con: duckdb.DuckDBPyConnection | None = None
@@ -141,8 +157,11 @@ class _Held:
     def close(self) -> None:
         with self.lock:
             con, self.con = self.con, None
-        if con is not None:
-            con.close()  # also closes any cursor a caller left open
+        try:
+            if con is not None:
+                con.close()  # also closes any cursor a caller left open
+        finally:
+            self.queue.close()
 
 
 _holds: dict[str, _Held] = {}

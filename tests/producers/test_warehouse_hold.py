@@ -1,15 +1,19 @@
 """`Home.hold()`: one warehouse connection shared by every `Home.connect` inside the block."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import duckdb
 import pytest
 
 from producers.stores.warehouse import Home, WarehouseError, WarehouseLockedError, transaction
 from tests.fixtures.spies import record_connects
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -127,6 +131,39 @@ def test_a_hold_on_a_warehouse_another_process_writes_names_that_process(tmp_pat
         con = home.connect(read_only=True)
         assert con.execute("SELECT x FROM t").fetchall() == [(1,)]
         con.close()
+
+
+HOLDING_REFRESH = """
+import sys, time
+from producers.stores.warehouse import Home
+home = Home.resolve(sys.argv[1])
+with home.hold():
+    con = home.connect()
+    con.execute("INSERT INTO t VALUES (2)")
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+    con.execute("INSERT INTO t VALUES (3)")
+    con.close()
+"""
+
+
+def test_a_hold_waits_for_another_processs_hold_instead_of_failing(tmp_path):
+    """Two refreshes of one warehouse (say two datasets' cron jobs): the second queues behind the first."""
+    home = Home.resolve(tmp_path / "home")
+    make(home)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDING_REFRESH, str(home.root), "1.5"], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with home.hold():
+            con = home.connect(read_only=True)
+            seen = con.execute("SELECT x FROM t ORDER BY x").fetchall()
+            con.close()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert seen == [(1,), (2,), (3,)]  # opened only after the other hold had written and closed
 
 
 def test_inside_a_hold_the_gate_is_read_once_and_ingest_append_and_validate_are_seen(tmp_path, monkeypatch):
