@@ -634,7 +634,9 @@ def simulate(out: Path, work: Path) -> dict:
     for name, cmd in cmds.items():
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         (work / f"{name}.log").write_text(done.stdout + done.stderr)
-        result[name] = "PASS" if done.returncode == 0 else f"FAIL (exit {done.returncode}, {work / f'{name}.log'})"
+        result[name] = "PASS" if done.returncode == 0 else f"FAIL (exit {done.returncode}):\n{done.stdout[-3000:]}"
+        if name == "preflight":  # the versions the guarded runs saw (PYTHONPATH can put the image's first)
+            result["versions"] = next((x for x in done.stdout.splitlines() if x.startswith("Python ")), "?")
     seen = read_guard_log(log)
     project = project_packages()
     result["refused"] = sorted(f"{m} (imported by {i})" for m, i in seen["refused"]
