@@ -199,9 +199,11 @@ def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
     from packaging.utils import canonicalize_name, parse_wheel_filename
     from packaging.version import Version
 
-    hits = [p for p in folder.glob("*.whl")
-            if (lambda n, v, *_: canonicalize_name(n) == canonicalize_name(name) and v == Version(version))(
-                *parse_wheel_filename(p.name))]
+    hits = []
+    for p in folder.glob("*.whl"):
+        wheel_name, wheel_version, _, _ = parse_wheel_filename(p.name)
+        if canonicalize_name(wheel_name) == canonicalize_name(name) and wheel_version == Version(version):
+            hits.append(p)
     if len(hits) > 1:
         raise BundleError(f"{folder}: more than one wheel of {name}=={version}: {[p.name for p in hits]}")
     return hits[0] if hits else None
