@@ -1,6 +1,6 @@
 """Everything the offline GPU machine needs for `benchmarks.gpu_check`, prepared here in one command.
 
-    python -m benchmarks.gpu_bundle --out .gpu      # build, then simulate the GPU machine here (~2-3 min)
+    python -m benchmarks.gpu_bundle --out .gpu      # build + simulate the GPU machine (95 s from scratch here)
 
 Run it in the checkout the session calls the device tool from (that checkout is what travels). It
 builds the git-ignored folder OUT with
