@@ -237,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                     "dry_run": args.dry_run, "checks": {}, "throughput": {}, "targets": TARGETS}
     log(report["machine"])
     failed = 0
+
+    def save() -> None:  # after every step: a run stopped by its time limit still leaves the figures so far
+        tmp = args.out / ".gpu_check.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.replace(args.out / "gpu_check.json")
     if not args.skip_tests:
         log("CUDA tests (tests/training/test_cuda.py)")
         r = cuda_tests(args.out)
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = r["returncode"] == 0 or (device.type == "cpu" and r["returncode"] == 5)
         failed += not ok
         log(f"{'PASS' if ok else 'FAIL'} cuda tests: {r['summary']}")
+        save()
 
     models = args.out / "models"
     names = ["tiny"] if args.dry_run else ["smollm2-135m"] + ([] if args.skip_1b else ["llama-3.2-1b"])
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             f"NaN {em['nan']})")
         failed += (not tr.get("finite", False)) + (em["nan"] > 0)
         shutil.rmtree(folder, ignore_errors=True)  # nothing large travels back
+        save()
 
     if args.gguf:
         from producers.shared.models import convert_gguf_to_safetensors
@@ -286,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         report["quality"] = quality_run(args.quality_model, args.source, args.out, seq, args.quality_epochs,
                                         32 if args.dry_run else None)
         log(f"quality run: {report['quality']}")
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report["finished"] = True
+    save()
     log(f"{'FAIL' if failed else 'PASS'}: {failed} failed; figures in {args.out / 'gpu_check.json'}")
     return 1 if failed else 0
 

@@ -21,9 +21,10 @@ from producers.shared.models import (
     resolve_model,
 )
 
-from tests.fixtures.tiny_model import MERGES, SPECIALS, TINY, byte_level_vocab as _byte_level_vocab  # noqa: E402
+from tests.fixtures.tiny_model import TINY  # noqa: E402
 from tests.fixtures.tiny_model import tiny_llama_config as _tiny_llama_config  # noqa: E402
 from tests.fixtures.tiny_model import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
+from tests.fixtures.tiny_model import write_tiny_gguf as _write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture
@@ -36,66 +37,6 @@ def tiny_hf_folder(tmp_path: Path) -> Path:
     LlamaForCausalLM(_tiny_llama_config()).save_pretrained(tmp_path)
     _tiny_tokenizer().save_pretrained(tmp_path)
     return tmp_path
-
-
-def _write_tiny_gguf(path: Path) -> Path:
-    """A llama.cpp-style GGUF of a random tiny Llama with a byte-level BPE tokenizer, like SmolLM2's.
-
-    Lets the real conversion path run offline in about a second.
-    """
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    hidden, ffn, heads, kv_heads = TINY["hidden"], TINY["ffn"], TINY["heads"], TINY["kv_heads"]
-    kv_dim = hidden // heads * kv_heads
-    tokens = _byte_level_vocab()
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    writer.add_name("tiny-llama")
-    writer.add_block_count(TINY["layers"])
-    writer.add_context_length(128)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(hidden // heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
-    writer.add_token_merges([" ".join(pair) for pair in MERGES])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
-
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
-
-    # numpy shapes are (out, in); the GGUF header lists them reversed, as llama.cpp does.
-    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
-    for i in range(TINY["layers"]):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(hidden, hidden))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_dim, hidden))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_dim, hidden))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, hidden))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
-        # one quantized tensor per layer, so the de-quantizing path is exercised too
-        q8 = gguf.quants.quantize(weight(ffn, hidden), gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
-    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _fake_converted_folder(cache_dir: Path, entry: RegisteredModel, gguf_sha256: str) -> Path:
