@@ -248,11 +248,13 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=global_step, desc=run_name, disable=not accelerator.is_local_main_process)
+    # no bar when the output is not a terminal (a log file): the loss lines below report progress there
+    bar = tqdm(total=total_steps, initial=global_step, desc=run_name,
+               disable=None if accelerator.is_local_main_process else True)
     log_every = max(1, total_steps // 20)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_run, t0, save_s = 0, time.perf_counter(), 0.0
-    window_loss, window_tokens = [], 0
+    window_loss, window_tokens, pending = [], 0, []
     try:
         while epoch < num_epochs and global_step < total_steps:
             model.train()
@@ -276,25 +278,37 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                 window_tokens = window_tokens + n_tokens
                 if not accelerator.sync_gradients:
                     continue
-                # Mean loss of the step's micro-batches, averaged over processes; tokens summed.
-                step = accelerator.reduce(torch.stack([torch.stack(window_loss).mean(),
-                                                       torch.as_tensor(window_tokens, dtype=torch.float32,
-                                                                       device=accelerator.device)]), "sum")
-                step_loss = step[0].item() / accelerator.num_processes
-                tokens_run += int(step[1].item())
+                # The step's mean micro-batch loss and its tokens stay on the device until the next report:
+                # reading them every step would make the host wait for the GPU at each step, and the host
+                # could no longer queue the next step's kernels while this one runs (small models).
+                pending.append(torch.stack([torch.stack(window_loss).mean(),
+                                            torch.as_tensor(window_tokens, dtype=torch.float32,
+                                                            device=accelerator.device)]))
                 window_loss, window_tokens = [], 0
                 global_step += 1
                 step_in_epoch += 1
-                state["losses"].append(step_loss)
-                state["tokens_seen"] += int(step[1].item())
-                speed = tokens_run / max(time.perf_counter() - t0 - save_s, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
-                if global_step % log_every == 0 or global_step == total_steps:
-                    say(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
-                        f"lr {scheduler.get_last_lr()[0]:.3g} {speed:,.0f} tok/s")
                 state.update(global_step=global_step, epoch=epoch, step_in_epoch=step_in_epoch)
                 epoch_done = step_in_epoch == steps_per_epoch
+                saving = (epoch_done or global_step == total_steps
+                          or bool(config.save_every_steps and global_step % config.save_every_steps == 0))
+                logging = global_step % log_every == 0 or global_step == total_steps
+                if pending and (saving or logging or on_step is not None):
+                    # losses averaged over processes, tokens summed: one read for all steps since the last
+                    steps = accelerator.reduce(torch.stack(pending), "sum").tolist()
+                    pending = []
+                    losses = [loss_sum / accelerator.num_processes for loss_sum, _ in steps]
+                    new_tokens = int(sum(n for _, n in steps))
+                    state["losses"].extend(losses)
+                    state["tokens_seen"] += new_tokens
+                    tokens_run += new_tokens
+                    step_loss = losses[-1]
+                    speed = tokens_run / max(time.perf_counter() - t0 - save_s, 1e-9)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    tok_s=f"{speed:.0f}")
+                    if logging:
+                        say(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
+                            f"lr {scheduler.get_last_lr()[0]:.3g} {speed:,.0f} tok/s")
                 t_save = time.perf_counter()
                 if epoch_done or global_step == total_steps:
                     _finish_epoch(accelerator, model, tokenizer, run_dir, record, state, steps_per_epoch, say)

@@ -147,6 +147,19 @@ def test_killed_run_resumes_to_the_uninterrupted_result(home, tiny_model, tied_m
             np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
 
 
+def test_losses_read_between_reports_are_every_steps_loss(home, tiny_model):
+    """Step losses are read from the device only at reports (every 1/20 of the run) and saves: a run with
+    no per-step callback records the same losses and tokens as one whose callback reads every step."""
+    config = cfg(tiny_model, max_steps=45, batch_size=1, save_every_steps=7)  # reports every 2 steps
+    quiet = finetune(home, DATASET, FinetuneConfig(**{**config.__dict__, "run_name": "quiet"}))
+    seen: list[float] = []
+    each = finetune(home, DATASET, FinetuneConfig(**{**config.__dict__, "run_name": "each"}),
+                    on_step=lambda step, loss: seen.append(loss))
+    assert quiet.steps == each.steps == len(quiet.losses) == len(seen) == 45
+    assert quiet.losses == each.losses == seen
+    assert quiet.tokens_seen == each.tokens_seen > 0
+
+
 def test_run_folder_layout(home, tiny_model):
     config = cfg(tiny_model, epochs=2, save_every_steps=2, keep_checkpoints=2)  # 6 steps an epoch
     r = finetune(home, DATASET, config)
