@@ -90,8 +90,9 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
         # of history read, so fine-tuning is dropped. Development users, base model, bf16, hidden states 1:10
         # (RESULTS.md, h-cpubf16): probe / LightGBM 0.744 / 0.725 at 1024 tokens, 0.778 / 0.732 at 2048 (every
         # compact text, serialize's budget), against 0.699 / 0.687 at 512 tokens in fp32. Budget on a 2-core
-        # AMD EPYC with AVX512-BF16: embedding 943 users x up to 2048 tokens took 422 s (2,833 tokens/s), the
-        # other stages ~380 s, so the demo is estimated at ~13-14 minutes of its 20.
+        # AMD EPYC with AVX512-BF16: embedding 943 users x up to 2048 tokens took 422 s (2,833 tokens/s) and the
+        # other stages ~410 s (evaluate 304, CoLES 78), ~835 s in all: ~14 minutes of the demo's 20. 1024 tokens
+        # would save ~190 s for 0.034 / 0.007 less.
         return _base_model_plan(
             hardware, enrich, evaluate, model, length=2048, dtype="bfloat16",
             why="this CPU's minutes buy more history read instead; a brief fine-tune scored below the base model")
