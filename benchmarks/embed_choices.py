@@ -5,7 +5,8 @@
 
 `embed`: the base model reads each labelled *development* user's serialized text (the paper
 protocol's split: its 10% test users, seed 0, are left out and never embedded), cut to
-`--max-length` tokens on each truncation side (left = the last tokens, i.e. the most recent
+`--max-length` tokens on each truncation side (in `--dtype`: float32, or bfloat16 as on a CPU
+with AMX / AVX512-BF16) (left = the last tokens, i.e. the most recent
 events; right = the first tokens). One forward pass per side keeps, for every hidden state, three
 poolings: the mean over tokens, the last token, and the mean over the tokens of the last K lines
 (K events: a line is an event, or a day of events in the compact format).
@@ -62,9 +63,9 @@ def embed_all(args) -> None:
     text_of = dict(zip(data.users, data.texts))
     texts = [text_of[u] for u in users]
     path = resolve_model("smollm2-135m")
-    out = {"y": y, "task": np.array(task), "max_length": np.array(args.max_length)}
+    out = {"y": y, "task": np.array(task), "max_length": np.array(args.max_length), "dtype": np.array(args.dtype)}
     for side in args.sides.split(","):
-        cfg = EmbedConfig(max_length=args.max_length, truncation_side=side, layers="all", dtype="float32")
+        cfg = EmbedConfig(max_length=args.max_length, truncation_side=side, layers="all", dtype=args.dtype)
         emb = Embedder.load(path, path, cfg)
         emb.close()  # its layer-sum hooks: this study reads every hidden state itself
         newline = np.array(["\n" in emb.tokenizer.decode([i]) for i in range(len(emb.tokenizer))])
@@ -122,7 +123,8 @@ def score_all(args) -> None:
         y, task = z["y"], str(z["task"])
         metric = primary_metric(task)
         splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
-        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, "
+        dtype = str(z["dtype"]) if "dtype" in z else "float32"  # files written before --dtype are float32
+        print(f"\n{f}: {len(y)} development users, max_length {int(z['max_length'])}, {dtype}, "
               f"{' and '.join(n for n, _ in readers)}, 5-fold CV, {metric}")
         rows = []
         for side in [side for side in ("left", "right") if f"{side}/mean" in z]:
@@ -152,6 +154,8 @@ def main() -> None:
     e.add_argument("--sides", default="left,right", help="truncation sides to embed (one file holds any of them)")
     e.add_argument("--batch", type=int, default=16)
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (bfloat16: the cpu-bf16 demo plan's; pooled in float32 either way)")
     e.add_argument("--out", required=True)
     s = sub.add_parser("score")
     s.add_argument("files", nargs="+")

@@ -6,9 +6,13 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
 
 - `gpu`: full fine-tuning in bf16 for one epoch of the template mixture, texts up to 2048
   tokens; embeddings in bf16 from 2048 tokens.
-- `cpu-bf16` (a CPU with AMX or AVX512-BF16, where bf16 matmuls run ~3-4x faster than fp32):
-  full fine-tuning with bf16 autocast for a fixed number of steps on texts cut to their last 512
-  tokens; embeddings in bf16 from the same 512 tokens.
+- `cpu-bf16` (a CPU with AMX or AVX512-BF16, where bf16 matmuls run ~3-4x faster than fp32): the
+  `cpu` plan's rule below with its faster matmuls spent on history: no fine-tuning (40 steps of
+  4 texts, all that fitted, scored below the base model: 0.628 / 0.631 gender ROC-AUC against
+  0.665 / 0.691), compact texts, hidden states 1:10, bf16, each user's whole text of up to 2048
+  tokens (the paper's length). On 500 development users (base model, bf16, 1:10) 1024 tokens gave
+  0.744 / 0.725 (probe / LightGBM) and 2048 tokens 0.778 / 0.732, against 0.699 / 0.687 at 512
+  tokens in fp32 (benchmarks/RESULTS.md, h-cpubf16).
 - `cpu` (no fast bf16, e.g. an AVX2-only 2-core CPU): the budget goes where the quality comes from,
   the history the model reads. The old plan spent ~130 s on 24 steps of the top 4 blocks and
   ~700 s embedding the last 256 tokens of the paper's lines (about 6 ratings a user): 0.610 gender
@@ -78,15 +82,20 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
                            precision="bf16", seed=seed, run_name=run_name),
             EmbedConfig(model=model, max_length=2048, dtype="bfloat16"), evaluate)
     if hardware == "cpu-bf16":
-        steps, batch, length = 40, 4, 512
-        return DemoPlan(
-            hardware, 2048, enrich,
-            FinetuneConfig(model=model, mixture="template:7", max_steps=steps, batch_size=batch, max_length=length,
-                           warmup_steps=4, lr=1e-4, precision="bf16", seed=seed, run_name=run_name),
-            EmbedConfig(model=model, max_length=length, dtype="bfloat16"), evaluate,
-            cuts=[f"fine-tuning: {steps} steps of {batch} texts ({steps * batch} of the mixture's 6,601 texts, "
-                  f"under a tenth of an epoch), each cut to its last {length} tokens, bf16 autocast",
-                  f"embedding: each text's last {length} tokens (the paper uses up to 2048), bf16"])
+        # A CPU with fast bf16 (AMX or AVX512-BF16): the AVX2 plan's rule below, its ~3x faster matmuls spent
+        # on more history. The old plan fine-tuned 40 steps x 4 texts (under a tenth of an epoch, ~250 s) and
+        # embedded the paper's lines through 9:, 512 tokens: 0.628 / 0.631 gender ROC-AUC (LightGBM / linear)
+        # in the demo, below the base model's 0.665 / 0.691 (benchmarks/RESULTS.md, "Plain `make demo` on this
+        # host"); an epoch takes hours at ~320-490 training tokens/s, and every fine-tuning second is one less
+        # of history read, so fine-tuning is dropped. Development users, base model, bf16, hidden states 1:10
+        # (RESULTS.md, h-cpubf16): probe / LightGBM 0.744 / 0.725 at 1024 tokens, 0.778 / 0.732 at 2048 (every
+        # compact text, serialize's budget), against 0.699 / 0.687 at 512 tokens in fp32. Budget on a 2-core
+        # AMD EPYC with AVX512-BF16: embedding 943 users x up to 2048 tokens took 422 s (2,833 tokens/s) and the
+        # other stages ~410 s (evaluate 304, CoLES 78), ~835 s in all: ~14 minutes of the demo's 20. 1024 tokens
+        # would save ~190 s for 0.034 / 0.007 less.
+        return _base_model_plan(
+            hardware, enrich, evaluate, model, length=2048, dtype="bfloat16",
+            why="this CPU's minutes buy more history read instead; a brief fine-tune scored below the base model")
     # AVX2-only 2-core budget (benchmarks/RESULTS.md, "Issue 16, continued"): on the slowest such CPU
     # measured (345 tokens/s fp32) the other stages take ~500 s (ingest..aggregate ~80, CoLES ~165,
     # publish ~10, evaluate ~240 with both cores), which leaves ~520 s of embedding for 20 minutes with
@@ -97,15 +106,26 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
     # development users, MovieLens and the bank clickstream; Skean et al. 2025), and spend the layers
     # saved on history: 512 tokens x 9 layers <= 192 x 30. Development users (RESULTS.md, h-layers):
     # gender ROC-AUC 0.613 probe / 0.603 LightGBM at 192 tokens 9:, 0.699 / 0.687 at 512 tokens 1:10.
-    # The fine-tuned plans keep the paper's 9:.
-    length, layers = 512, "1:10"
+    # The fine-tuned (gpu) plan keeps the paper's 9:.
+    return _base_model_plan(hardware, enrich, evaluate, model, length=512, dtype="float32",
+                            why="this CPU has no fast bf16; its minutes buy more history read instead")
+
+
+def _base_model_plan(hardware: str, enrich: EnrichConfig, evaluate: EvaluateConfig, model: str, length: int,
+                     dtype: str, why: str) -> DemoPlan:
+    """The CPU plans: no fine-tuning, compact texts, each user's last `length` tokens through the base
+    model's first third (hidden states 1:10; the embedder exits after layer 9 of 30)."""
+    layers = "1:10"
+    precision = "bf16" if dtype == "bfloat16" else "fp32"
+    budget = 2048  # serialize's token budget per user, the paper's
+    read = (f"each text's last {length:,} tokens (the paper uses up to {budget:,})" if length < budget
+            else f"each text whole (up to {budget:,} tokens, as the paper)")
     return DemoPlan(
-        hardware, 2048, enrich, None,
-        EmbedConfig(model=model, max_length=length, dtype="float32", layers=layers), evaluate,
-        cuts=["fine-tuning: skipped (this CPU has no fast bf16; its minutes buy more history read instead): "
-              "LLM4ES is the base model, as in the paper's no-fine-tuning ablation",
-              f"embedding: each text's last {length} tokens (the paper uses up to 2048), in the compact format "
-              "(a date per day, runs collapsed: about twice the events per token of the paper's lines), fp32, "
+        hardware, budget, enrich, None,
+        EmbedConfig(model=model, max_length=length, dtype=dtype, layers=layers), evaluate,
+        cuts=[f"fine-tuning: skipped ({why}): LLM4ES is the base model, as in the paper's no-fine-tuning ablation",
+              f"embedding: {read}, in the compact format "
+              f"(a date per day, runs collapsed: about twice the events per token of the paper's lines), {precision}, "
               f"hidden states {layers} (the first third of the base model: layers 10-30 are not run)"],
         serialize_format="compact")
 

@@ -115,9 +115,17 @@ def test_the_cpu_plan_runs_every_step_in_order_without_fine_tuning():
                        "materialize", "evaluate", "online"]
 
 
-def test_the_cpu_bf16_plan_embeds_the_fine_tuned_model():
+def test_the_cpu_bf16_plan_embeds_the_base_model_from_compact_texts():
     p = StandIn()
     result = run(p, "cpu-bf16")
+    assert result.exit_code == 0, result.output
+    assert "finetune" not in p.calls and p.embed_checkpoint is None and p.serialize_args[3] == "compact"
+    assert "embed every user with the base model" in result.output
+
+
+def test_the_gpu_plan_embeds_the_fine_tuned_model():
+    p = StandIn()
+    result = run(p, "gpu")
     assert result.exit_code == 0, result.output
     assert "finetune" in p.calls and p.embed_checkpoint == "/r/epoch-1"
     assert "embed every user with the fine-tuned model" in result.output
