@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
 
     p = Pipeline.create(args.home, log=log)
     plan = demo.plan(demo.detect_hardware() if args.hardware == "auto" else args.hardware)
+    if plan.finetune is None:  # the CPU plans embed the base model: nothing fine-tuned to compare
+        ap.error(f"the {plan.hardware} plan does not fine-tune (see `llm4es demo --help`), and this benchmark compares "
+                 "fine-tuned models with the base model: run it on a GPU (--hardware gpu), or `llm4es demo` for the "
+                 "CPU plan's scores")
     print(describe())
     print(f"hardware class {plan.hardware}; cuts: {plan.cuts or 'none'}")
     t0 = time.perf_counter()
