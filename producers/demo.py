@@ -18,13 +18,13 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
   ~700 s embedding the last 256 tokens of the paper's lines (about 6 ratings a user): 0.610 gender
   ROC-AUC, where the base model reading a user's last 1,024 tokens reaches about 0.69-0.70
   (issue 16's reference). So this plan does not fine-tune, serializes in the compact format
-  (about twice the events per token on ratings) and embeds each user's last 512 tokens in fp32
-  with hidden states 1:10 averaged (the first third of the base model's 30 layers: the embedder
-  exits after layer 9, so 512 tokens cost less than 192 through all 30), sized so the whole demo
-  fits 20 minutes with margin on the slowest AVX2-only CPU measured (see the comment in `plan`). int8 linear layers
-  (`embed --quantize int8`) were measured and left out: 1.25x faster on AVX2, but 0.035 lower
-  linear-probe ROC-AUC, paired over the same folds (benchmarks/RESULTS.md). Not yet timed end to end
-  on a quiet AVX2-only machine.
+  (about twice the events per token on ratings) and embeds each user's last 1024 tokens in fp32
+  with hidden states 1:6 averaged (the first sixth of the base model's 30 layers: the embedder
+  exits after layer 5, so 1024 tokens cost about what 512 through 9 layers or 192 through all 30
+  did), sized so the whole demo fits 20 minutes with margin on the slowest AVX2-only CPU measured
+  (see the comment in `plan`). int8 linear layers (`embed --quantize int8`) were measured and left
+  out: 1.25x faster on AVX2, but 0.035 lower linear-probe ROC-AUC, paired over the same folds
+  (benchmarks/RESULTS.md).
 
 Every plan is evaluated by both readers (LightGBM and the linear probe), so the final table has
 a `(linear)` row per feature set, and each ensemble also gets a `(stacked)` row: its members read
@@ -94,7 +94,7 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
         # other stages ~410 s (evaluate 304, CoLES 78), ~835 s in all: ~14 minutes of the demo's 20. 1024 tokens
         # would save ~190 s for 0.034 / 0.007 less.
         return _base_model_plan(
-            hardware, enrich, evaluate, model, length=2048, dtype="bfloat16",
+            hardware, enrich, evaluate, model, length=2048, layers="1:10", dtype="bfloat16",
             why="this CPU's minutes buy more history read instead; a brief fine-tune scored below the base model")
     # AVX2-only 2-core budget (benchmarks/RESULTS.md, "Issue 16, continued"): on the slowest such CPU
     # measured (345 tokens/s fp32) the other stages take ~500 s (ingest..aggregate ~80, CoLES ~165,
@@ -106,16 +106,20 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
     # development users, MovieLens and the bank clickstream; Skean et al. 2025), and spend the layers
     # saved on history: 512 tokens x 9 layers <= 192 x 30. Development users (RESULTS.md, h-layers):
     # gender ROC-AUC 0.613 probe / 0.603 LightGBM at 192 tokens 9:, 0.699 / 0.687 at 512 tokens 1:10.
-    # The fine-tuned (gpu) plan keeps the paper's 9:.
-    return _base_model_plan(hardware, enrich, evaluate, model, length=512, dtype="float32",
+    # Then, with the same rule pushed one step (RESULTS.md, "Lead, 2026-11-28 (fifth session)"): on development
+    # users 1024 tokens through 1:6 gave 0.754 / 0.736 against 0.698 / 0.688 for 512 through 1:10 (bf16, which
+    # moved neither), and under AVX2 it embeds the 943 users in the same time (249 s against 245 s: 5 layers
+    # instead of 9 pay for twice the tokens and their longer attention). The demo's repeated CV: 0.728 / 0.731
+    # against 0.665 / 0.691. The fine-tuned (gpu) plan keeps the paper's 9:.
+    return _base_model_plan(hardware, enrich, evaluate, model, length=1024, layers="1:6", dtype="float32",
                             why="this CPU has no fast bf16; its minutes buy more history read instead")
 
 
 def _base_model_plan(hardware: str, enrich: EnrichConfig, evaluate: EvaluateConfig, model: str, length: int,
-                     dtype: str, why: str) -> DemoPlan:
+                     layers: str, dtype: str, why: str) -> DemoPlan:
     """The CPU plans: no fine-tuning, compact texts, each user's last `length` tokens through the base
-    model's first third (hidden states 1:10; the embedder exits after layer 9 of 30)."""
-    layers = "1:10"
+    model's early layers (hidden states `layers` = "1:N": the embedder exits after layer N - 1 of 30)."""
+    last_run = int(layers.split(":")[1]) - 1
     precision = "bf16" if dtype == "bfloat16" else "fp32"
     budget = 2048  # serialize's token budget per user, the paper's
     read = (f"each text's last {length:,} tokens (the paper uses up to {budget:,})" if length < budget
@@ -126,7 +130,8 @@ def _base_model_plan(hardware: str, enrich: EnrichConfig, evaluate: EvaluateConf
         cuts=[f"fine-tuning: skipped ({why}): LLM4ES is the base model, as in the paper's no-fine-tuning ablation",
               f"embedding: {read}, in the compact format "
               f"(a date per day, runs collapsed: about twice the events per token of the paper's lines), {precision}, "
-              f"hidden states {layers} (the first third of the base model: layers 10-30 are not run)"],
+              f"hidden states {layers} (the base model's first {last_run} layers: "
+              f"layers {last_run + 1}-30 are not run)"],
         serialize_format="compact")
 
 

@@ -15,7 +15,8 @@ def test_the_cpu_plan_reads_more_history_instead_of_fine_tuning():
 
     chosen = resolve_layers(cpu.embed.layers, 31)
     assert max(chosen) <= 31 // 3 and cpu.embed.max_length * max(chosen) <= 192 * 30
-    assert cpu.embed.max_length > 192
+    # 1024 tokens through 1:6 beat 512 through 1:10 on development users (+0.05) at the same AVX2 time
+    assert cpu.embed.max_length >= 1024
     assert plan("gpu").embed.layers == "9:"  # fine-tuned: the paper's layers
     assert cpu.evaluate.workers == 0  # evaluate fits splits on every usable core
     assert cpu.evaluate.linear_probe  # both readers in the final table
@@ -36,7 +37,7 @@ def test_the_cpu_bf16_plan_spends_its_faster_matmuls_on_history_not_on_a_brief_f
     bf16, cpu = plan("cpu-bf16"), plan("cpu")
     assert bf16.finetune is None and bf16.serialize_format == "compact"
     assert bf16.embed.checkpoint is None and bf16.embed.quantize is None and bf16.embed.dtype == "bfloat16"
-    assert bf16.embed.layers == cpu.embed.layers and max(resolve_layers(bf16.embed.layers, 31)) <= 31 // 3
+    assert max(resolve_layers(bf16.embed.layers, 31)) <= 31 // 3
     assert bf16.embed.max_length > cpu.embed.max_length
     assert bf16.embed.max_length <= bf16.serialize_max_tokens  # texts are not cut shorter than it reads
     assert bf16.evaluate == cpu.evaluate
