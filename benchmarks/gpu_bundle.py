@@ -45,6 +45,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# standard library only below it, so the GPU-side steps may use it before any wheel is installed
+from producers.stores.cache import sha256_file
+
 try:
     import lzma
 except ImportError:  # a Python built without liblzma: the GPU side falls back on the `xz` program
@@ -105,14 +108,6 @@ class BundleError(RuntimeError):
 
 def canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
