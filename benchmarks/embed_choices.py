@@ -5,9 +5,9 @@
 
 `embed`: the base model reads each labelled *development* user's serialized text (the paper
 protocol's split: its 10% test users, seed 0, are left out and never embedded), cut to
-`--max-length` tokens on each truncation side (in `--dtype`: float32, or bfloat16 as on a CPU
-with AMX / AVX512-BF16) (left = the last tokens, i.e. the most recent
-events; right = the first tokens). One forward pass per side keeps, for every hidden state, three
+`--max-length` tokens on each truncation side (left = the last tokens, i.e. the most recent
+events; right = the first tokens), in `--dtype` (float32, or bfloat16 as on a CPU with AMX /
+AVX512-BF16). One forward pass per side keeps, for every hidden state, three
 poolings: the mean over tokens, the last token, and the mean over the tokens of the last K lines
 (K events: a line is an event, or a day of events in the compact format).
 

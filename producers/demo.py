@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from producers.enrich.run import EnrichConfig
 from producers.shared.models import DEFAULT_MODEL
-from training.embed import EmbedConfig
+from training.embed import EmbedConfig, resolve_layers
 from training.evaluate import EvaluateConfig
 from training.finetune import FinetuneConfig
 
@@ -118,8 +118,8 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
 def _base_model_plan(hardware: str, enrich: EnrichConfig, evaluate: EvaluateConfig, model: str, length: int,
                      layers: str, dtype: str, why: str) -> DemoPlan:
     """The CPU plans: no fine-tuning, compact texts, each user's last `length` tokens through the base
-    model's early layers (hidden states `layers` = "1:N": the embedder exits after layer N - 1 of 30)."""
-    last_run = int(layers.split(":")[1]) - 1
+    model's early layers (hidden states `layers`: the embedder exits after the last one chosen)."""
+    last_run = max(resolve_layers(layers, 31))  # the default model's 30 layers + the embedding output
     precision = "bf16" if dtype == "bfloat16" else "fp32"
     budget = 2048  # serialize's token budget per user, the paper's
     read = (f"each text's last {length:,} tokens (the paper uses up to {budget:,})" if length < budget

@@ -289,11 +289,10 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                 step_in_epoch += 1
                 bar.update(1)
                 state.update(global_step=global_step, epoch=epoch, step_in_epoch=step_in_epoch)
-                epoch_done = step_in_epoch == steps_per_epoch
-                saving = (epoch_done or global_step == total_steps
-                          or bool(config.save_every_steps and global_step % config.save_every_steps == 0))
+                finishing = step_in_epoch == steps_per_epoch or global_step == total_steps  # save, then leave
+                checkpointing = bool(config.save_every_steps and global_step % config.save_every_steps == 0)
                 logging = global_step % log_every == 0 or global_step == total_steps
-                if pending and (saving or logging or on_step is not None):
+                if finishing or checkpointing or logging or on_step is not None:
                     # losses averaged over processes, tokens summed: one read for all steps since the last
                     steps = accelerator.reduce(torch.stack(pending), "sum").tolist()
                     pending = []
@@ -310,14 +309,14 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                         say(f"step {global_step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
                             f"lr {scheduler.get_last_lr()[0]:.3g} {speed:,.0f} tok/s")
                 t_save = time.perf_counter()
-                if epoch_done or global_step == total_steps:
+                if finishing:
                     _finish_epoch(accelerator, model, tokenizer, run_dir, record, state, steps_per_epoch, say)
-                elif config.save_every_steps and global_step % config.save_every_steps == 0:
+                elif checkpointing:
                     _checkpoint(accelerator, run_dir, state, config.keep_checkpoints, say)
                 save_s += time.perf_counter() - t_save
                 if on_step is not None:
                     on_step(global_step, step_loss)
-                if epoch_done or global_step == total_steps:
+                if finishing:
                     break
             epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
     finally:
