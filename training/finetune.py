@@ -166,6 +166,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     mixture = Mixture.parse(config.mixture)
     on_cpu = choose_device(config.device, FinetuneError).type == "cpu"
+    _fresh_accelerator_state(on_cpu, _precision(config, on_cpu))
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
                               mixed_precision=_precision(config, on_cpu))
     say = log if accelerator.is_main_process else (lambda _: None)
@@ -381,6 +382,25 @@ def _precision(config: FinetuneConfig, on_cpu: bool) -> str:
     import torch
 
     return "bf16" if not on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _fresh_accelerator_state(on_cpu: bool, mixed_precision: str) -> None:
+    """Forget accelerate's process-wide state when this run needs another device or precision.
+
+    accelerate keeps one state per process: once an Accelerator exists, a later one asking for
+    another mixed precision raises ValueError ("AcceleratorState has already been initialized"), and
+    one asking for the GPU after a CPU run silently stays on the CPU. So a second `finetune` in the
+    same process (the CUDA test trains on the CPU, then on the GPU; a notebook) would fail or train
+    on the wrong device. Single process only: a launched job keeps its state (one config per job).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or PartialState._shared_state.get("num_processes", 1) != 1:
+        return
+    was_cpu = getattr(state.get("device"), "type", "cpu") == "cpu"
+    if was_cpu != on_cpu or state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _precision_text(accelerator) -> str:

@@ -349,6 +349,19 @@ def test_finetune_reports_steps_epochs_and_precision(home, tiny_model):
     assert "3 steps (0.50 epochs of 6 steps)" in start and "float32 on cpu" in start and "precision no" not in start
 
 
+def test_a_second_run_in_one_process_gets_its_own_precision(home, tiny_model):
+    """accelerate keeps one state per process; the CUDA test fine-tunes on the CPU, then on the GPU
+    (bf16) in one process, which raised "AcceleratorState has already been initialized"."""
+    finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="first"))
+    lines = []
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=1, precision="bf16", run_name="second"), log=lines.append)
+    assert r.steps == 1 and np.isfinite(r.losses).all()
+    assert "bf16 autocast" in next(line for line in lines if line.startswith("training "))
+    lines.clear()
+    finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="third"), log=lines.append)
+    assert "float32 on cpu" in next(line for line in lines if line.startswith("training "))
+
+
 def test_fsdp_with_lora_or_partial_training_is_refused():
     from types import SimpleNamespace
 
