@@ -134,6 +134,8 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
            "finite": bool(all(torch.isfinite(x).item() for x in losses))}
     del model, optimizer
     acc.free_memory()  # the Accelerator keeps the prepared model and optimizer until told: the next shape needs room
+    if cuda:
+        torch.cuda.empty_cache()
     return out
 
 
