@@ -30,6 +30,7 @@ taking wheels, data and the real model along.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -261,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
         tmp.replace(args.out / "gpu_check.json")
 
+    def free_cuda() -> None:
+        if device.type == "cuda":
+            gc.collect()  # prepared models sit in reference cycles (accelerate's wrapped forward)
+            torch.cuda.empty_cache()
+
     def attempt(step: str, fn, *a, **kw):
         """fn(*a, **kw), or None when it raises: the error is logged and kept in the report, and the run goes on."""
         nonlocal failed
@@ -271,10 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"FAIL {step}: {type(e).__name__}: {e}")
             print(traceback.format_exc(), flush=True)
             report.setdefault("errors", {})[step] = traceback.format_exc(limit=-8)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             save()
-            return None
+        free_cuda()  # here, not in `except`: until it ends, the traceback holds the step's tensors
+        return None
 
     if not args.skip_tests:
         log("CUDA tests (tests/training/test_cuda.py)" + (", the CPU in the GPU's place" if args.dry_run else ""))
@@ -294,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return train_throughput(folder, seq, max(rows, 1), steps, warmup, device)
             except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
                 log(f"{name}: batch {rows} x {seq} does not fit; halving")
+            free_cuda()  # the failed try's model and optimizer, before the next try loads them again
         return {"error": "out of memory"}
 
     for name in names:

@@ -42,3 +42,23 @@ def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, m
     assert "a CUDA-only failure" in report["errors"]["tiny train"]
     assert report["throughput"]["tiny"]["embed"]["tokens_per_s"] == 1
     assert report["quality"] == {"finetune_steps": 3} and report["finished"] is True
+
+
+def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
+    import torch
+
+    rows = []
+
+    def train(folder, seq, batch, steps, warmup, device):
+        rows.append(batch)
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"kind": "train", "batch": batch, "tokens_per_s": 1, "finite": True, "mfu": None}
+
+    monkeypatch.setattr(gc, "build_model", lambda name, folder, device: folder)
+    monkeypatch.setattr(gc, "train_throughput", train)
+    monkeypatch.setattr(gc, "embed_throughput", lambda *a: {"tokens_per_s": 1, "dtype": "float32", "padding": 0.0,
+                                                              "nan": 0, "mfu": None})
+    assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
+    report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert rows == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
