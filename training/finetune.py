@@ -607,6 +607,10 @@ def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora:
     A LoRA model is saved merged (base + adapter, so the embedding step needs no peft), with the
     adapter alone in `adapter/`; the merge happens on a copy, so training goes on unmerged.
     """
+    from accelerate.utils import is_compiled_module
+
+    if is_compiled_module(model):  # `compile`: accelerate's unwrap keeps torch.compile's wrapper, whose
+        model = model._orig_mod  # state dict names every weight `_orig_mod.<name>` and would load as random
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
