@@ -254,6 +254,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                disable=None if accelerator.is_local_main_process else True)
     log_every = max(1, total_steps // 20)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cuda:  # this run's peak, not that of whatever ran before it in the process (gpu_check runs several)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     tokens_run, t0, save_s = 0, time.perf_counter(), 0.0
     window_loss, window_tokens, pending = [], 0, []
     try:
@@ -323,7 +325,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s)
+    result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s,
+                     accelerator.device if cuda else None)
     result.mfu = _mfu(accelerator, model, tokens, result.tokens_per_second)
     say(f"done: {global_step} steps, loss {state['losses'][-1]:.4f}, "
         f"{result.tokens_per_second:,.0f} real tokens/s of training ({tokens_run / max(seconds, 1e-9):,.0f} with "
@@ -632,13 +635,13 @@ def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora:
 
 
 def _result(run_dir: Path, record: dict, state: dict, seconds: float, tokens_run: int,
-            resumed_from: int | None, save_seconds: float) -> FinetuneResult:
+            resumed_from: int | None, save_seconds: float, cuda_device=None) -> FinetuneResult:
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    if cuda_device is not None:  # a CPU run on a GPU machine reports its RSS, not the GPU's memory
+        peak = torch.cuda.max_memory_allocated(cuda_device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = state["losses"]
