@@ -53,6 +53,9 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
+# The tests take well under a minute on a GPU machine (9 tiny-model tests, two 10-step fine-tunes); a hang
+# must still leave the throughput and quality steps most of gpu_bundle's 520 s.
+TESTS_TIMEOUT_S = 180
 TARGETS = {"smollm2-135m": {"train_tokens_per_s": 300_000, "embed_tokens_per_s": 1_000_000},
            "llama-3.2-1b": {"train_mfu": 0.40}}
 
@@ -183,11 +186,11 @@ def cuda_tests(out: Path, device) -> dict:
            str(ROOT / "tests" / "training" / "test_cuda.py")]
     env = {**os.environ, "LLM4ES_CUDA_TESTS_DEVICE": "cuda" if device.type == "cuda" else "cpu"}
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired as e:  # the log so far still comes back
         text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
-        (out / "cuda_tests.log").write_text(text + "\nTIMEOUT after 300 s\n")
-        return {"returncode": None, "summary": "timed out after 300 s"}
+        (out / "cuda_tests.log").write_text(text + f"\nTIMEOUT after {TESTS_TIMEOUT_S} s\n")
+        return {"returncode": None, "summary": f"timed out after {TESTS_TIMEOUT_S} s"}
     (out / "cuda_tests.log").write_text(done.stdout + done.stderr)
     tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
     return {"returncode": done.returncode, "summary": tail[0]}

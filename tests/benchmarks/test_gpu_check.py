@@ -62,3 +62,19 @@ def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
     assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
     report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
     assert rows == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
+
+
+def test_hung_cuda_tests_leave_their_log_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    def hang(cmd, **kwargs):
+        assert kwargs["env"]["LLM4ES_CUDA_TESTS_DEVICE"] == "cpu"  # the dry run: the CPU in the GPU's place
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"collected 9 items\n", stderr=None)
+
+    monkeypatch.setattr(gc.subprocess, "run", hang)
+    monkeypatch.setattr(gc, "build_model", lambda name, folder, device: None)  # no throughput step
+    out = tmp_path / "gc"
+    assert gc.main(["--dry-run", "--out", str(out)]) == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["checks"]["cuda_tests"]["returncode"] is None and report["finished"] is True
+    assert "collected 9 items" in (out / "cuda_tests.log").read_text()
