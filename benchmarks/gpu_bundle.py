@@ -647,8 +647,9 @@ def simulate(out: Path, work: Path) -> dict:
     result["image_internal"] = sorted({m for m, _ in seen["image-internal"]})
     quality = json.loads((work / "gc" / "gpu_check.json").read_text()).get("quality") if (
         work / "gc" / "gpu_check.json").exists() else None
-    result["quality_path"] = "ran" if quality else "did not run"
-    result["ok"] = (not result["refused"] and not result["roots_never_imported"] and quality is not None
+    ran = bool(quality and quality.get("parquet"))  # gpu_check keeps a failed quality run's figures so far
+    result["quality_path"] = "ran" if ran else "did not run to its end"
+    result["ok"] = (not result["refused"] and not result["roots_never_imported"] and ran
                     and result["gpu_check"] == "PASS" and result["preflight"] == "PASS")
     return result
 

@@ -7,7 +7,8 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
 
 1. the CUDA tests (`pytest -m cuda tests/training/test_cuda.py`): GPU vs CPU embeddings (float32
    within 1e-4, bf16 cosine >= 0.999), packing isolation under SDPA, left/right padding NaN-free,
-   a 10-step fine-tune's losses GPU vs CPU. On a CPU they skip, and the step says so.
+   a 10-step fine-tune's losses GPU vs CPU. The dry run runs them with the CPU in the GPU's place
+   (`LLM4ES_CUDA_TESTS_DEVICE=cpu`) and needs them to pass: every call they make is tried before the GPU run.
 2. throughput with random weights of the real shapes (speed does not depend on the values):
    SmolLM2-135M and Llama-3.2-1B (dry run: a tiny Llama). Training: the fine-tuning step itself
    (`training.data.make_collate`, `training.finetune.training_loss` with the chunked loss, its AdamW, fused on CUDA,
@@ -20,18 +21,23 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
    ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
    embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
 
+A step that raises is recorded (`errors` in the JSON, its traceback in the log), counted as failed, and
+the next step still runs: the GPU run is one shot, and one broken step must not cost the others.
+
 The GPU machine is offline: see ../shared/gpu/README.md (or the README section "GPU check") for
 taking wheels, data and the real model along.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +53,9 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
+# The tests take well under a minute on a GPU machine (9 tiny-model tests, two 10-step fine-tunes); a hang
+# must still leave the throughput and quality steps most of gpu_bundle's 520 s.
+TESTS_TIMEOUT_S = 180
 TARGETS = {"smollm2-135m": {"train_tokens_per_s": 300_000, "embed_tokens_per_s": 1_000_000},
            "llama-3.2-1b": {"train_mfu": 0.40}}
 
@@ -127,7 +136,8 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "loss_first_last": [round(float(losses[0]), 4), round(float(losses[-1]), 4)],
            "finite": bool(all(torch.isfinite(x).item() for x in losses))}
-    del model, optimizer, acc
+    del model, optimizer
+    acc.free_memory()  # the Accelerator keeps the prepared model and optimizer until told: the next shape needs room
     if cuda:
         torch.cuda.empty_cache()
     return out
@@ -171,17 +181,27 @@ def embed_throughput(model_dir: Path, n_texts: int, lo: int, hi: int, batch_toke
             "nan": nan}
 
 
-def cuda_tests(out: Path) -> dict:
+def cuda_tests(out: Path, device) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
            str(ROOT / "tests" / "training" / "test_cuda.py")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "LLM4ES_CUDA_TESTS_DEVICE": "cuda" if device.type == "cuda" else "cpu"}
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as e:  # the log so far still comes back
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        (out / "cuda_tests.log").write_text(text + f"\nTIMEOUT after {TESTS_TIMEOUT_S} s\n")
+        return {"returncode": None, "summary": f"timed out after {TESTS_TIMEOUT_S} s"}
     (out / "cuda_tests.log").write_text(done.stdout + done.stderr)
     tail = [line for line in done.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
     return {"returncode": done.returncode, "summary": tail[0]}
 
 
-def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epochs: int, limit: int | None) -> dict:
-    """The real pipeline on MovieLens-100k: ingest, serialize, enrich template:7, finetune, embed (no GX: --force)."""
+def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epochs: int, limit: int | None,
+                figures: dict | None = None) -> dict:
+    """The real pipeline on MovieLens-100k: ingest, serialize, enrich template:7, finetune, embed (no GX: --force).
+
+    `figures` gets the fine-tuning figures as soon as they exist, so a failing embed still leaves them."""
+    figures = {} if figures is None else figures
     from producers.datasets.definition import load_builtin
     from producers.enrich.run import EnrichConfig, enrich
     from producers.ingest import IngestConfig, ingest
@@ -199,14 +219,16 @@ def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epoch
     ft = finetune(home, "movielens-100k", FinetuneConfig(model=str(model_dir), mixture="template:7", epochs=epochs,
                                                           max_length=max_length, batch_size=8, force=True),
                   log=log)
+    figures.update(finetune_steps=ft.steps, final_loss=ft.final_loss, train_tokens_per_s=round(ft.tokens_per_second),
+                   train_mfu=ft.mfu)
     layers = "9:" if limit is None else "1:"  # the authors' layers; the dry run's tiny model has 3 blocks
     em = embed(home, "movielens-100k", EmbedConfig(model=str(model_dir), checkpoint=str(ft.models[-1]), layers=layers,
                                                   max_length=max_length, limit_users=limit, force=True), log=log)
     parquet = Path(em.sets[0].parquet)
     shutil.copy(parquet, out / parquet.name)
-    return {"finetune_steps": ft.steps, "final_loss": ft.final_loss, "train_tokens_per_s": round(ft.tokens_per_second),
-            "train_mfu": ft.mfu, "embed_tokens_per_s": round(em.sets[0].tokens_per_s), "n_users": em.sets[0].n_users,
-            "parquet": parquet.name, "seconds": round(time.perf_counter() - t0, 1)}
+    figures.update(embed_tokens_per_s=round(em.sets[0].tokens_per_s), n_users=em.sets[0].n_users,
+                   parquet=parquet.name, seconds=round(time.perf_counter() - t0, 1))
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,40 +264,69 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out / ".gpu_check.json.tmp"
         tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
         tmp.replace(args.out / "gpu_check.json")
+
+    def free_cuda() -> None:
+        if device.type == "cuda":
+            gc.collect()  # prepared models sit in reference cycles (accelerate's wrapped forward)
+            torch.cuda.empty_cache()
+
+    def attempt(step: str, fn, *a, **kw):
+        """fn(*a, **kw), or None when it raises: the error is logged and kept in the report, and the run goes on."""
+        nonlocal failed
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 (one shot on the GPU: record it, run the next step)
+            failed += 1
+            log(f"FAIL {step}: {type(e).__name__}: {e}")
+            print(traceback.format_exc(), flush=True)
+            report.setdefault("errors", {})[step] = traceback.format_exc(limit=-8)
+            save()
+        free_cuda()  # here, not in `except`: until it ends, the traceback holds the step's tensors
+        return None
+
     if not args.skip_tests:
-        log("CUDA tests (tests/training/test_cuda.py)")
-        r = cuda_tests(args.out)
-        report["checks"]["cuda_tests"] = r
-        ok = r["returncode"] == 0 or (device.type == "cpu" and r["returncode"] == 5)
-        failed += not ok
-        log(f"{'PASS' if ok else 'FAIL'} cuda tests: {r['summary']}")
+        log("CUDA tests (tests/training/test_cuda.py)" + (", the CPU in the GPU's place" if args.dry_run else ""))
+        r = attempt("cuda_tests", cuda_tests, args.out, device)
+        if r is not None:
+            report["checks"]["cuda_tests"] = r
+            ok = r["returncode"] == 0
+            failed += not ok
+            log(f"{'PASS' if ok else 'FAIL'} cuda tests: {r['summary']}")
         save()
 
     models = args.out / "models"
     names = ["tiny"] if args.dry_run else ["smollm2-135m"] + ([] if args.skip_1b else ["llama-3.2-1b"])
+
+    def train_fitting(folder: Path, name: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
+        for rows in (batch, batch // 2, batch // 4):  # a batch that does not fit halves, and says so
+            try:
+                return train_throughput(folder, seq, max(rows, 1), steps, warmup, device)
+            except torch.OutOfMemoryError:
+                log(f"{name}: batch {rows} x {seq} does not fit; halving")
+            free_cuda()  # the failed try's model and optimizer, before the next try loads them again
+        return {"error": "out of memory"}
+
     for name in names:
-        folder = build_model(name, models / name, "cpu" if args.dry_run else device)
+        folder = attempt(f"{name} build", build_model, name, models / name, "cpu" if args.dry_run else device)
+        if folder is None:
+            continue
         seq = 128 if args.dry_run else 2048
         batch = 2 if args.dry_run else (16 if name == "smollm2-135m" else 8)
         steps, warmup = (3, 1) if args.dry_run else (20, 3)
-        for attempt in (batch, batch // 2, batch // 4):  # a batch that does not fit halves, and says so
-            try:
-                tr = train_throughput(folder, seq, max(attempt, 1), steps, warmup, device)
-                break
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                log(f"{name}: batch {attempt} x {seq} does not fit; halving")
-        else:
-            tr = {"error": "out of memory"}
+        tr = attempt(f"{name} train", train_fitting, folder, name, seq, batch, steps, warmup)
         n_texts = 48 if args.dry_run else 2048
-        em = embed_throughput(folder, n_texts, seq // 4, seq, 4096 if args.dry_run else 65536, device)
-        report["throughput"][name] = {"train": tr, "embed": em}
+        em = attempt(f"{name} embed", embed_throughput, folder, n_texts, seq // 4, seq,
+                     4096 if args.dry_run else 65536, device)
+        report["throughput"][name] = {"train": tr or {"error": "raised"}, "embed": em or {"error": "raised"}}
         mfu = lambda r: f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""  # noqa: E731
-        log(f"{name} train: {tr.get('tokens_per_s', 0):,} tokens/s{mfu(tr)} (batch {tr.get('batch')} x {seq}, "
-            f"peak {tr.get('peak_mem_gib')} GiB, losses finite: {tr.get('finite')})")
-        log(f"{name} embed: {em['tokens_per_s']:,} tokens/s{mfu(em)} ({em['dtype']}, padding {em['padding']:.1%}, "
-            f"NaN {em['nan']})")
-        failed += (not tr.get("finite", False)) + (em["nan"] > 0)
+        if tr is not None:  # (a step that raised is counted and logged already)
+            log(f"{name} train: {tr.get('tokens_per_s', 0):,} tokens/s{mfu(tr)} (batch {tr.get('batch')} x {seq}, "
+                f"peak {tr.get('peak_mem_gib')} GiB, losses finite: {tr.get('finite')})")
+            failed += not tr.get("finite", False)  # out of memory at every batch tried counts too
+        if em is not None:
+            log(f"{name} embed: {em['tokens_per_s']:,} tokens/s{mfu(em)} ({em['dtype']}, padding {em['padding']:.1%}, "
+                f"NaN {em['nan']})")
+            failed += em["nan"] > 0
         shutil.rmtree(folder, ignore_errors=True)  # nothing large travels back
         save()
 
@@ -283,15 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         from producers.shared.models import convert_gguf_to_safetensors
 
         log(f"converting {args.gguf} to a float32 model folder")
-        args.quality_model = convert_gguf_to_safetensors(args.gguf, args.out / "models" / "smollm2-135m-real")
+        args.quality_model = attempt("gguf conversion", convert_gguf_to_safetensors, args.gguf,
+                                     args.out / "models" / "smollm2-135m-real")
     if args.quality_model:
         if not args.source:
             print("FAIL: --quality-model needs --source (the MovieLens-100k files)")
             return 2
         log("quality run: template:7, one epoch at 2048 tokens")
         seq = 256 if args.dry_run else 2048
-        report["quality"] = quality_run(args.quality_model, args.source, args.out, seq, args.quality_epochs,
-                                        32 if args.dry_run else None)
+        report["quality"] = {}
+        attempt("quality run", quality_run, args.quality_model, args.source, args.out, seq, args.quality_epochs,
+                32 if args.dry_run else None, report["quality"])
         log(f"quality run: {report['quality']}")
     report["finished"] = True
     save()

@@ -166,6 +166,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
 
     mixture = Mixture.parse(config.mixture)
     on_cpu = choose_device(config.device, FinetuneError).type == "cpu"
+    _fresh_accelerator_state(on_cpu, _precision(config, on_cpu))
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
                               mixed_precision=_precision(config, on_cpu))
     say = log if accelerator.is_main_process else (lambda _: None)
@@ -253,6 +254,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                disable=None if accelerator.is_local_main_process else True)
     log_every = max(1, total_steps // 20)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cuda:  # this run's peak, not that of whatever ran before it in the process (gpu_check runs several)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     tokens_run, t0, save_s = 0, time.perf_counter(), 0.0
     window_loss, window_tokens, pending = [], 0, []
     try:
@@ -322,7 +325,8 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s)
+    result = _result(run_dir, record, state, seconds, tokens_run, resumed_from, save_s,
+                     accelerator.device if cuda else None)
     result.mfu = _mfu(accelerator, model, tokens, result.tokens_per_second)
     say(f"done: {global_step} steps, loss {state['losses'][-1]:.4f}, "
         f"{result.tokens_per_second:,.0f} real tokens/s of training ({tokens_run / max(seconds, 1e-9):,.0f} with "
@@ -381,6 +385,25 @@ def _precision(config: FinetuneConfig, on_cpu: bool) -> str:
     import torch
 
     return "bf16" if not on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _fresh_accelerator_state(on_cpu: bool, mixed_precision: str) -> None:
+    """Forget accelerate's process-wide state when this run needs another device or precision.
+
+    accelerate keeps one state per process: once an Accelerator exists, a later one asking for
+    another mixed precision raises ValueError ("AcceleratorState has already been initialized"), and
+    one asking for the GPU after a CPU run silently stays on the CPU. So a second `finetune` in the
+    same process (the CUDA test trains on the CPU, then on the GPU; a notebook) would fail or train
+    on the wrong device. Single process only: a launched job keeps its state (one config per job).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or PartialState._shared_state.get("num_processes", 1) != 1:
+        return
+    was_cpu = getattr(state.get("device"), "type", "cpu") == "cpu"
+    if was_cpu != on_cpu or state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _precision_text(accelerator) -> str:
@@ -587,6 +610,10 @@ def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora:
     A LoRA model is saved merged (base + adapter, so the embedding step needs no peft), with the
     adapter alone in `adapter/`; the merge happens on a copy, so training goes on unmerged.
     """
+    from accelerate.utils import is_compiled_module
+
+    if is_compiled_module(model):  # `compile`: accelerate's unwrap keeps torch.compile's wrapper, whose
+        model = model._orig_mod  # state dict names every weight `_orig_mod.<name>` and would load as random
     tmp = folder.with_name(f".{folder.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -608,13 +635,13 @@ def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora:
 
 
 def _result(run_dir: Path, record: dict, state: dict, seconds: float, tokens_run: int,
-            resumed_from: int | None, save_seconds: float) -> FinetuneResult:
+            resumed_from: int | None, save_seconds: float, cuda_device=None) -> FinetuneResult:
     import resource
 
     import torch
 
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
+    if cuda_device is not None:  # a CPU run on a GPU machine reports its RSS, not the GPU's memory
+        peak = torch.cuda.max_memory_allocated(cuda_device) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     losses = state["losses"]

@@ -22,9 +22,11 @@ from producers.shared.devices import requested_device
 
 # Dense bf16 tensor-core peaks without sparsity, in FLOP/s, by a substring of torch.cuda.get_device_name().
 # The first match wins, so the more specific names come first.
+# get_device_name gives e.g. "NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H100 PCIe".
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12),
+    ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12),
 )
 
 

@@ -349,6 +349,37 @@ def test_finetune_reports_steps_epochs_and_precision(home, tiny_model):
     assert "3 steps (0.50 epochs of 6 steps)" in start and "float32 on cpu" in start and "precision no" not in start
 
 
+def test_a_second_run_in_one_process_gets_its_own_precision(home, tiny_model):
+    """accelerate keeps one state per process; the CUDA test fine-tunes on the CPU, then on the GPU
+    (bf16) in one process, which raised "AcceleratorState has already been initialized"."""
+    finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="first"))
+    lines = []
+    r = finetune(home, DATASET, cfg(tiny_model, max_steps=1, precision="bf16", run_name="second"), log=lines.append)
+    assert r.steps == 1 and np.isfinite(r.losses).all()
+    assert "bf16 autocast" in next(line for line in lines if line.startswith("training "))
+    lines.clear()
+    finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="third"), log=lines.append)
+    assert "float32 on cpu" in next(line for line in lines if line.startswith("training "))
+
+
+def test_a_compiled_run_saves_the_model_it_trained(home, tiny_model, monkeypatch):
+    """`compile` (the GPU option) saved every weight as `_orig_mod.<name>`: the folder loaded as a random
+    model. torch.compile's eager backend gives the same wrapper without a C++ compile."""
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    plain = weights(finetune(home, DATASET, cfg(tiny_model, max_steps=2, run_name="plain")).models[-1])
+    compiled = weights(finetune(home, DATASET, cfg(tiny_model, max_steps=2, compile=True,
+                                                   run_name="compiled")).models[-1])
+    assert sorted(compiled) == sorted(plain)
+    start = weights(tiny_model)
+    # the same training up to float noise (Adam's first steps move a weight by about lr = 3e-3 either way)
+    assert max(float((compiled[k] - plain[k]).abs().max()) for k in plain) < 1e-4
+    assert max(float((plain[k] - start[k]).abs().max()) for k in plain) > 1e-3
+
+
 def test_fsdp_with_lora_or_partial_training_is_refused():
     from types import SimpleNamespace
 

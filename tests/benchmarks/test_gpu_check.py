@@ -1,0 +1,80 @@
+"""`benchmarks.gpu_check`'s own plumbing, with its heavy steps replaced: under a second, no model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import gpu_check as gc
+
+
+def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, monkeypatch) -> None:
+    """The GPU run is one shot: a bug in one step must not cost the figures of the others."""
+    ran = []
+
+    def build(name, folder: Path, device):
+        ran.append("build")
+        folder.mkdir(parents=True)
+        return folder
+
+    def train(*args, **kwargs):
+        ran.append("train")
+        raise RuntimeError("a CUDA-only failure")
+
+    def embed(*args, **kwargs):
+        ran.append("embed")
+        return {"kind": "embed", "tokens_per_s": 1, "dtype": "float32", "padding": 0.0, "nan": 0, "mfu": None}
+
+    def quality(model_dir, source, out, max_length, epochs, limit, figures):
+        ran.append("quality")
+        figures.update(finetune_steps=3)  # fine-tuning done ...
+        raise ValueError("embed failed")  # ... then the embedding step fails
+
+    monkeypatch.setattr(gc, "build_model", build)
+    monkeypatch.setattr(gc, "train_throughput", train)
+    monkeypatch.setattr(gc, "embed_throughput", embed)
+    monkeypatch.setattr(gc, "quality_run", quality)
+    out = tmp_path / "gc"
+    rc = gc.main(["--dry-run", "--skip-tests", "--out", str(out), "--quality-model", str(tmp_path),
+                  "--source", str(tmp_path)])
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert rc == 1 and ran == ["build", "train", "embed", "quality"]
+    assert set(report["errors"]) == {"tiny train", "quality run"}
+    assert "a CUDA-only failure" in report["errors"]["tiny train"]
+    assert report["throughput"]["tiny"]["embed"]["tokens_per_s"] == 1
+    assert report["quality"] == {"finetune_steps": 3} and report["finished"] is True
+
+
+def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
+    import torch
+
+    rows = []
+
+    def train(folder, seq, batch, steps, warmup, device):
+        rows.append(batch)
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"kind": "train", "batch": batch, "tokens_per_s": 1, "finite": True, "mfu": None}
+
+    monkeypatch.setattr(gc, "build_model", lambda name, folder, device: folder)
+    monkeypatch.setattr(gc, "train_throughput", train)
+    monkeypatch.setattr(gc, "embed_throughput", lambda *a: {"tokens_per_s": 1, "dtype": "float32", "padding": 0.0,
+                                                              "nan": 0, "mfu": None})
+    assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
+    report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert rows == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
+
+
+def test_hung_cuda_tests_leave_their_log_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    def hang(cmd, **kwargs):
+        assert kwargs["env"]["LLM4ES_CUDA_TESTS_DEVICE"] == "cpu"  # the dry run: the CPU in the GPU's place
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"collected 9 items\n", stderr=None)
+
+    monkeypatch.setattr(gc.subprocess, "run", hang)
+    monkeypatch.setattr(gc, "build_model", lambda name, folder, device: None)  # no throughput step
+    out = tmp_path / "gc"
+    assert gc.main(["--dry-run", "--out", str(out)]) == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["checks"]["cuda_tests"]["returncode"] is None and report["finished"] is True
+    assert "collected 9 items" in (out / "cuda_tests.log").read_text()

@@ -1,0 +1,40 @@
+"""`training.hardware`: the GPU peak table and the FLOPs-per-token convention behind every MFU figure."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.hardware import model_flops_per_token, peak_flops  # noqa: E402
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("Some Other GPU", None),
+])
+def test_peak_is_read_from_the_name_cuda_reports(monkeypatch, name, peak):
+    """The names as torch.cuda.get_device_name() gives them; the more specific name wins (H200 NVL is
+    not an H200 SXM, an L40 not an L4)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == (peak, name)
+    assert peak_flops(torch.device("cpu")) == (None, "cpu")
+
+
+def test_flops_per_token_count_every_matmul_weight_once():
+    """6N + attention for training, 2N + attention for a forward, N = the decoder's and the LM head's
+    Linear weights (grouped-query k/v included), counted here from a real model rather than by formula."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=12)  # head_dim != hidden/heads
+    model = LlamaForCausalLM(config)
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    n_head = model.lm_head.weight.numel()
+    context = 100.0
+    attention = 2 * 2 * 3 * 6 * 12 * context  # QK^T and AV: layers x heads x head_dim x mean context, x2 FLOPs
+    assert model_flops_per_token(config, context, training=True) == 6 * n + 3 * attention
+    assert model_flops_per_token(config, context, training=False) == 2 * n + attention
+    assert model_flops_per_token(config, context, training=False, lm_head=False) == 2 * (n - n_head) + attention
