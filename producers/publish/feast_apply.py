@@ -45,18 +45,20 @@ def _reached(phase: str) -> None:
 
 
 def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime], config: PublishConfig,
-               log: Log) -> tuple[bool, set[str]]:
+               log: Log) -> tuple[bool, dict[str, set[str]]]:
     """Apply to the chosen online store's registry and, best effort, to the other stores' existing registries
     (so a store used before never serves data older than what was published). Whether every one was applied,
-    and the views the chosen store served up to date before this apply (`_caught_up`)."""
+    and per applied store (the chosen one first) the views it served up to date before this apply
+    (`_caught_up`)."""
     wanted = _wanted_fingerprint(objects)  # before an apply adds what Feast infers to the objects
-    caught_up = _apply(home, objects, pending, config.online_store, config.redis_url, log, wanted)
+    caught_up = {config.online_store: _apply(home, objects, pending, config.online_store, config.redis_url, log,
+                                             wanted)}
     complete = True
     for other in ONLINE_STORES:
         if other == config.online_store or not _registry_exists(home, other):
             continue
         try:
-            _apply(home, objects, pending, other, config.redis_url, log, wanted)
+            caught_up[other] = _apply(home, objects, pending, other, config.redis_url, log, wanted)
         except PublishError as e:
             complete = False
             log(f"warning: the {other} registry was not updated ({e.__cause__ or e}); its online store may serve "
