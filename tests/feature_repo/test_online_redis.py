@@ -87,7 +87,10 @@ def test_a_refresh_to_sqlite_refreshes_the_redis_store_the_home_also_serves(redi
     changed = USERS[:2]
     snap, new = files.embeddings_file(home.data_dir / schema / "refresh" / "t2", dataset, T1 + timedelta(days=1),
                                       changed, dim=8)
-    publish(home, dataset, PublishConfig(materialize=True), inputs={"llm4es": [snap]}, users=changed)  # a refresh
+    messages: list[str] = []
+    publish(home, dataset, PublishConfig(materialize=True), messages.append, inputs={"llm4es": [snap]},
+            users=changed)  # a refresh
+    assert any("rows into the redis online store" in m for m in messages), messages  # says which store
     column = f"{schema}__llm4es_embedding__vector"
     for store in ("sqlite", "redis"):
         served = online_features(home, dataset, ["llm4es_embedding"], USERS, online_store=store)[column].tolist()
