@@ -703,7 +703,7 @@ def _check(table, old, canary: list, config: RefreshConfig, log: Log, kind: str,
             "reported, not enforced")
         gate_config = SnapshotGateConfig(max_psi=float("inf"))
     try:
-        report = check_snapshot(table, old, gate_config, force=config.force,
+        report = check_snapshot(table, old, gate_config, force=config.force, noun=rows,
                                 unchanged_users=canary if canary and old is not None else None, **columns)
     except SnapshotGateError as e:
         report = e.report

@@ -72,13 +72,14 @@ class SnapshotReport:
     checks: list[GateCheck]
     n_users: int
     dim: int | None
+    noun: str = "users"  # what a row is: a session gate counts sessions
 
     @property
     def failed(self) -> list[GateCheck]:
         return [c for c in self.checks if not c.success]
 
     def message(self) -> str:
-        head = (f"feature snapshot of {self.n_users:,} users: " +
+        head = (f"feature snapshot of {self.n_users:,} {self.noun}: " +
                 ("all checks passed" if self.success else f"{len(self.failed)} of {len(self.checks)} checks failed"
                  + (" (published anyway: forced)" if self.forced else "; it must not be published")))
         lines = [head]
@@ -152,7 +153,7 @@ def read_snapshot(data, user_column: str = "user_id", vector_column: str = "vect
 def check_snapshot(snapshot, previous=None, config: SnapshotGateConfig = SnapshotGateConfig(), *,
                    unchanged_users: Iterable | None = None, expected_users: Iterable | None = None,
                    user_column: str = "user_id", vector_column: str = "vector", con=None,
-                   force: bool = False) -> SnapshotReport:
+                   force: bool = False, noun: str = "users") -> SnapshotReport:
     """Run the gate on `snapshot` (against `previous`, when given); raise SnapshotGateError on failure unless `force`.
 
     `unchanged_users`: users whose events did not change since `previous` (their vectors must not move);
@@ -166,7 +167,7 @@ def check_snapshot(snapshot, previous=None, config: SnapshotGateConfig = Snapsho
     vectors, figures, expectations = _frames_and_expectations(new, old, dim, config, unchanged_users, expected_users)
     checks = _run_gx(vectors, figures, expectations)
     report = SnapshotReport(success=all(c.success for c in checks), forced=force, checks=checks,
-                            n_users=len(new.users), dim=dim)
+                            n_users=len(new.users), dim=dim, noun=noun)
     if not report.success and not force:
         raise SnapshotGateError(report)
     return report

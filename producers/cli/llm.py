@@ -203,7 +203,9 @@ def _fusion(chosen: tuple[str, ...]) -> FusionConfig:
 def evaluate_crosschannel(p: Pipeline, dataset: str, source: Path, folds: int) -> None:
     """Do web sessions help the app? Tile ranking and conversion with web features read from Feast at each
     app visit's time (training/evaluate/crosschannel.py); report under reports/crosschannel/."""
+    from producers.synthetic.crosschannel import require_web_side_from
     from training.evaluate.crosschannel import evaluate_command
 
+    require_web_side_from(p.home, dataset, source)
     for line in evaluate_command(p.home, dataset, source, folds, log=p.log):
         printers.console.print(line, soft_wrap=True, markup=False)

@@ -227,6 +227,12 @@ def print_intents_distill(r, dataset: str) -> None:
                   soft_wrap=True)
     console.print(f"  latency per session: classifier {r.classifier_seconds_per_session * 1000:.3f} ms, "
                   f"{labeller} {llm_each}", soft_wrap=True)
+    # a label with fewer than 2 LLM examples is left out of the fit, so no session is ever given it
+    never = [n for n in r.labels if n not in r.trained_labels]
+    if never:
+        console.print(f"[yellow]warning:[/] the classifier never predicts {', '.join(never)} (fewer than 2 sessions "
+                      "with that LLM label): label more sessions (`llm4es intents label --sample-size`) and distill "
+                      "again", soft_wrap=True)
     console.print(f"  report: {r.report_md}", soft_wrap=True)
     console.print(f"  {r.n_predicted:,} sessions labelled -> {r.parquet_path}", soft_wrap=True)
     console.print(f"next: llm4es publish {dataset}")

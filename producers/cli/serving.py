@@ -63,7 +63,8 @@ def publish(p: Pipeline, dataset: str, llm4es_set: str | None, online_store: str
               help="A fine-tuned epoch folder, or `base`. [default: the served set's] Another model or checkpoint "
                    "than the served one needs --full.")
 @click.option("--force", is_flag=True, help="Publish the snapshot even if it fails its quality gate.")
-@click.option("--online-store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True)
+@click.option("--online-store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True,
+              help="The store to publish to first; every other store the home was published to is refreshed too.")
 @click.option("--redis-url", default=None, help="Redis as host:port[,db=N] [default: 127.0.0.1:6379]")
 @click.option("--no-materialize", is_flag=True, help="Publish without materializing into the online store.")
 @pass_pipeline
@@ -92,8 +93,10 @@ def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint
         out.print(f"[green]✓[/] {dataset}: nothing new since {r.since} — nothing refreshed")
         return
     who = "every user" if full else f"{len(r.users):,} users"
+    # a home that serves no LLM4ES set (sessions and intents only) has no model to name
+    model = f"; model {r.model} at {r.checkpoint}" if r.model else ""
     out.print(f"[green]✓[/] {dataset}: refreshed {who} as of {r.as_of} (was {r.since}): "
-              f"{', '.join(r.refreshed)}; model {r.model} at {r.checkpoint}")
+              f"{', '.join(r.refreshed)}{model}")
     for kind, report in r.gate.items():
         out.print(f"gate ({kind}): {report.splitlines()[0]}")
     for what in r.not_refreshed:

@@ -93,6 +93,20 @@ def cached_labels(con: duckdb.DuckDBPyConnection, schema: str, version: int, mod
 
 def store_labels(con: duckdb.DuckDBPyConnection, schema: str, rows: list[tuple]) -> None:
     """Rows in labels_ddl's column order; a repeated key is overwritten."""
+    import pyarrow as pa
+
     con.execute(labels_ddl(schema))
-    if rows:
-        con.executemany(f'INSERT OR REPLACE INTO "{schema}".{LABELS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)', rows)
+    if not rows:
+        return
+    # one INSERT from an Arrow table: executemany ran one statement per row, ~1 s per batch of 64, which was 80%
+    # of labelling every session with the lexical labeller. The last row of a repeated key wins, as before.
+    rows = list({(r[0], r[1], r[5], r[6], r[7]): r for r in rows}.values())
+    types = [pa.string(), pa.int32(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(),
+             pa.float64(), pa.timestamp("us")]
+    table = pa.table([pa.array([r[i] for r in rows], t) for i, t in enumerate(types)],
+                     names=[f"c{i}" for i in range(len(types))])
+    con.register("new_labels", table)
+    try:
+        con.execute(f'INSERT OR REPLACE INTO "{schema}".{LABELS} SELECT * FROM new_labels')
+    finally:
+        con.unregister("new_labels")

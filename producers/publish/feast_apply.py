@@ -45,18 +45,20 @@ def _reached(phase: str) -> None:
 
 
 def _apply_all(home: Home, objects: dict[str, Any], pending: dict[str, datetime], config: PublishConfig,
-               log: Log) -> tuple[bool, set[str]]:
+               log: Log) -> tuple[bool, dict[str, set[str]]]:
     """Apply to the chosen online store's registry and, best effort, to the other stores' existing registries
     (so a store used before never serves data older than what was published). Whether every one was applied,
-    and the views the chosen store served up to date before this apply (`_caught_up`)."""
+    and per applied store (the chosen one first) the views it served up to date before this apply
+    (`_caught_up`)."""
     wanted = _wanted_fingerprint(objects)  # before an apply adds what Feast infers to the objects
-    caught_up = _apply(home, objects, pending, config.online_store, config.redis_url, log, wanted)
+    caught_up = {config.online_store: _apply(home, objects, pending, config.online_store, config.redis_url, log,
+                                             wanted)}
     complete = True
     for other in ONLINE_STORES:
         if other == config.online_store or not _registry_exists(home, other):
             continue
         try:
-            _apply(home, objects, pending, other, config.redis_url, log, wanted)
+            caught_up[other] = _apply(home, objects, pending, other, config.redis_url, log, wanted)
         except PublishError as e:
             complete = False
             log(f"warning: the {other} registry was not updated ({e.__cause__ or e}); its online store may serve "
@@ -358,7 +360,7 @@ def _materialize(home: Home, online_store: str, end: datetime | None, redis_url:
         _sqlite_wal(store)
     names = list(views) if views else [v.name for v in store.list_feature_views()]
     if direct is not None:
-        names = _write_online(store, [n for n in names if n not in idle], direct, end, log)
+        names = _write_online(store, [n for n in names if n not in idle], direct, end, log, online_store)
         if not names:
             return
     log(f"materializing into {online_store} up to {end.isoformat(timespec='seconds')}")
@@ -372,7 +374,7 @@ def _materialize(home: Home, online_store: str, end: datetime | None, redis_url:
 
 
 def _write_online(store: "FeatureStore", names: list[str], rows: dict[str, "pa.Table"], end: datetime,
-                  log: Log) -> list[str]:
+                  log: Log, online_store: str = "") -> list[str]:
     """Write each view's `rows` (the latest row of every key this publish changed) into the online store and
     record the materialization up to `end` in the registry, as `materialize-incremental` would after reading
     the view's whole history: its other keys' rows are already served (`_caught_up`). The views left to
@@ -384,7 +386,8 @@ def _write_online(store: "FeatureStore", names: list[str], rows: dict[str, "pa.T
               if n in rows and all(t <= naive_end for t in rows[n].column("feature_timestamp").to_pylist())}
     if not chosen:
         return names
-    log(f"writing the changed keys' rows into the online store: "
+    # a refresh writes into every store the home serves: say which
+    log(f"writing the changed keys' rows into the {online_store + ' ' if online_store else ''}online store: "
         f"{', '.join(f'{n} ({t.num_rows:,})' for n, t in sorted(chosen.items()))}")
     with _quiet():
         for name, table in sorted(chosen.items()):

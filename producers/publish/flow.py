@@ -122,9 +122,20 @@ def publish(home: Home, dataset: str, config: PublishConfig = PublishConfig(),
                 removed.unlink()
         if config.materialize and users is not None:
             # a refresh: the views that served every key's latest row take the changed keys' rows as they are;
-            # materializing them would read their whole histories for those few rows
-            _materialize(home, config.online_store, None, config.redis_url, None, log,
-                         direct={n: t for n, t in online.items() if n in caught_up}, idle=caught_up - set(pending))
+            # materializing them would read their whole histories for those few rows. Every store the home
+            # serves from is refreshed, not only the chosen one: a cron `llm4es refresh` (SQLite by default)
+            # would otherwise leave a Redis that publish filled serving the changed users' old rows.
+            for store, up_to_date in caught_up.items():
+                try:
+                    _materialize(home, store, None, config.redis_url, None, log,
+                                 direct={n: t for n, t in online.items() if n in up_to_date},
+                                 idle=up_to_date - set(pending))
+                except Exception as e:
+                    if store == config.online_store:
+                        raise
+                    log(f"warning: the {store} online store was not refreshed ({type(e).__name__}: {e}); it "
+                        f"serves the changed users' previous rows until `llm4es publish {dataset} --online-store "
+                        f"{store} --materialize`")
         elif config.materialize:
             _materialize(home, config.online_store, None, config.redis_url, None, log)
     views = _views_of(dataset, entry, feast)

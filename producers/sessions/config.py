@@ -73,7 +73,7 @@ class SessionEncoderConfig:
     # MovieLens on a busy 2-core machine one thread ran an epoch in ~5 s, torch's default 2 in ~77 s
     # (threads spin waiting for each other). Not in the run key: results differ only in the last bits.
     threads: int | None = 1
-    progress: bool = True  # tqdm bar per epoch
+    progress: bool | None = None  # tqdm bar per epoch; None: on a terminal only (a cron log gets no bars)
     force: bool = False  # run even if the dataset has not passed validation
 
     def check(self) -> None:

@@ -252,7 +252,7 @@ def run_epoch(model: Any, optimizer: Any, data: F.Sessions, config: SessionEncod
     model.train()
     total, count = 0.0, 0
     bar = tqdm(batches(np.diff(data.offsets), config.batch_size, rng), desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="batch", disable=not config.progress, leave=False)
+               unit="batch", disable=None if config.progress is None else not config.progress, leave=False)
     for rows in bar:
         views = []
         for _ in range(2):

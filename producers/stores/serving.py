@@ -261,7 +261,13 @@ def _as_vectors(values) -> list:
     return out
 
 
-def historical_features(home: Home, dataset: str, views: Sequence[str], entity_df: "pd.DataFrame",
+def _home(home: Home | str | Path) -> Home:
+    """A downstream caller's home as a folder works too (`historical_features("/srv/llm4es", ...)`): a Path
+    failed deep inside with "'PosixPath' object has no attribute 'data_dir'"."""
+    return home if isinstance(home, Home) else Home.resolve(home)
+
+
+def historical_features(home: Home | str | Path, dataset: str, views: Sequence[str], entity_df: "pd.DataFrame",
                         online_store: str | None = None) -> "pd.DataFrame":
     """Point-in-time features: for each (user_id, event_timestamp) row, each view's latest snapshot at or
     before event_timestamp (none: missing); session-keyed views take (session_id, event_timestamp) rows.
@@ -272,6 +278,7 @@ def historical_features(home: Home, dataset: str, views: Sequence[str], entity_d
     read (default: the first applied one, SQLite's before Redis')."""
     import pandas as pd
 
+    home = _home(home)
     chosen, user_type = _resolve_views(home, dataset, views)
     key = chosen[0].join_key
     missing = [c for c in (key, "event_timestamp") if c not in entity_df.columns]
@@ -295,13 +302,14 @@ def historical_features(home: Home, dataset: str, views: Sequence[str], entity_d
     return out[[*entity_df.columns, *(f"{v.name}__{f}" for v in chosen for f in v.features)]]
 
 
-def online_features(home: Home, dataset: str, views: Sequence[str], ids: Sequence, online_store: str = "sqlite",
-                    redis_url: str | None = None) -> "pd.DataFrame":
+def online_features(home: Home | str | Path, dataset: str, views: Sequence[str], ids: Sequence,
+                    online_store: str = "sqlite", redis_url: str | None = None) -> "pd.DataFrame":
     """The materialized (latest) features of these users (or sessions, for session-keyed views): the key column
     (`user_id` or `session_id`) then `<view>__<feature>` columns, in `ids` order; vectors as float32 numpy
     arrays (None where the store has nothing)."""
     import pandas as pd
 
+    home = _home(home)
     chosen, user_type = _resolve_views(home, dataset, views)
     key = chosen[0].join_key
     ids = [int(u) for u in ids] if user_type == "INT64" else [str(u) for u in ids]

@@ -45,10 +45,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from producers.errors import Llm4esError
 from producers.synthetic.clickstream import (
     INTENTS,
     SEGMENTS,
@@ -61,6 +63,9 @@ from producers.synthetic.clickstream import (
     readme as web_readme,
     ClickstreamResult,
 )
+
+if TYPE_CHECKING:
+    from producers.stores.warehouse import Home
 
 CROSSCHANNEL_VERSION = 1
 ANON_BASE = 10_000_000  # anonymous visitor ids: ANON_BASE + session number (never a customer id)
@@ -382,3 +387,32 @@ def synth_command(out_dir: Path, visitors: int, seed: int, days: int, app_users:
             f"{conversion_days} days) in {r.seconds:.1f}s",
             f"next: llm4es ingest bank-clickstream --source {w.out_dir}, then sessions/intents/publish and "
             f"llm4es evaluate-crosschannel bank-clickstream --source {w.out_dir}"]
+
+
+class CrossChannelSourceError(Llm4esError, ValueError):
+    """The app side given to the evaluation is not the one drawn with the web side in the warehouse."""
+
+
+def require_web_side_from(home: Home, dataset: str, source: Path) -> None:
+    """Stop unless the warehouse's web side was ingested from `source`'s clicks.csv (the last ingest lists it, by
+    sha256, appends included). App and web ids match only within one generation: another folder's app side
+    (say the default set ingested without --source) joins app users to unrelated visitors and gives a report of
+    nonsense without a word."""
+    from producers.stores.cache import sha256_file
+    from producers.stores.warehouse import last_ingest, stored_definition
+
+    clicks = Path(source) / "clicks.csv"
+    if not clicks.is_file():
+        raise CrossChannelSourceError(f"{clicks}: not found; the web side of the app data is the clicks.csv beside "
+                                      "app_visits.csv")
+    con = home.connect(read_only=True)
+    try:
+        ingest = last_ingest(con, stored_definition(con, dataset).schema) or {}
+    finally:
+        con.close()
+    stored = {f.get("sha256") for f in json.loads(ingest.get("files") or "[]") if f.get("table") == "clicks"}
+    if sha256_file(clicks) not in stored:
+        raise CrossChannelSourceError(
+            f"{dataset}'s web side was not ingested from {clicks} (its last ingest read {ingest.get('source')}), so "
+            f"its visitors are not the app's users: run `llm4es ingest {dataset} --source {Path(source)}` and the "
+            "session, intent and publish steps first")

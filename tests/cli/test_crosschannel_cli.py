@@ -84,3 +84,22 @@ def test_web_sessions_reach_app_visits_point_in_time(llm4es, tmp_path):
     assert set(report["conversion"]) == {"app only", "session embedding", "labeller intents", "distilled intents"}
     assert report["latency"]["classifier_seconds_per_session"] > 0
     assert 0 < report["visits_with_web_history"] < 1
+
+
+def test_an_app_side_from_another_folder_than_the_ingested_web_side_is_refused(llm4es, tmp_path):
+    """App users and web visitors share ids only within one generation. The README's session commands ingest the
+    default set (no --source); an `evaluate-crosschannel --source DIR` then joined DIR's app users to unrelated
+    visitors and reported +26% Recall@1 instead of +12%, without a word."""
+    from tests.cli.conftest import assert_clean_exit_1
+
+    web, cc = tmp_path / "web", tmp_path / "cc"
+    ok(llm4es("synth-clicks", web, "--visitors", 60, "--seed", 4))
+    ok(llm4es("synth-clicks", cc, "--visitors", 60, "--seed", 4, "--app-users", 0.7))
+    ok(llm4es("ingest", DATASET, "--source", web))
+    refused = llm4es("evaluate-crosschannel", DATASET, "--source", cc)
+    assert_clean_exit_1(refused)
+    text = " ".join(refused.output.split())
+    assert f"was not ingested from {cc / 'clicks.csv'}" in text and f"--source {cc}" in text
+    ok(llm4es("ingest", DATASET, "--source", cc))
+    later = llm4es("evaluate-crosschannel", DATASET, "--source", cc)  # goes on to its own requirements
+    assert "was not ingested from" not in later.output

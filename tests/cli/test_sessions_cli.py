@@ -78,3 +78,30 @@ def con_first_session(home: Home) -> str:
         return con.execute(f"SELECT min(session_id) FROM {SCHEMA}.sessions").fetchall()[0][0]
     finally:
         con.close()
+
+
+def test_distill_warns_of_the_labels_too_few_sessions_carry(llm4es, tmp_path):
+    """A label with fewer than 2 LLM-labelled sessions is left out of the fit, so the classifier never gives it to
+    any session; the summary said nothing of it (a small --sample-size, or a weak LLM, made it easy to miss)."""
+    clicks = tmp_path / "clicks"
+    ok(llm4es("synth-clicks", clicks, "--visitors", 40, "--seed", 3))
+    ok(llm4es("ingest", DATASET, "--source", clicks))
+    ok(llm4es("validate", DATASET, "--no-data-docs"))
+    ok(llm4es("sessions", "build", DATASET))
+    tiny = ["--epochs", 1, "--d-model", 16, "--layers", 1, "--batch-size", 32]
+    assert "batch/s" not in ok(llm4es("sessions", "train", DATASET, *tiny))  # no progress bars off a terminal
+    ok(llm4es("sessions", "embed", DATASET, *tiny))
+    taxonomy = tmp_path / "taxonomy.txt"
+    taxonomy.write_text(TAXONOMY)
+    ok(llm4es("intents", "build", DATASET, "--from-file", taxonomy))
+    ok(llm4es("intents", "label", DATASET, "--llm-backend", "lexical", "--sample-size", 10))
+    out = ok(llm4es("intents", "distill", DATASET, "--llm-backend", "lexical", "--llm-latency-sessions", 0))
+    home = Home.resolve(tmp_path / "home")
+    con = home.connect(read_only=True)
+    try:
+        given = {lb for (lb,) in con.execute(f"SELECT DISTINCT label FROM {SCHEMA}.session_intents").fetchall()}
+    finally:
+        con.close()
+    never = [line.split(":", 1)[0].strip() for line in TAXONOMY.splitlines() if line.split(":", 1)[0] not in given]
+    assert never, "the sample should leave a label without 2 examples"
+    assert f"never predicts {', '.join(never)} (fewer than 2 sessions" in out

@@ -6,7 +6,7 @@ against one Redis never see each other's values. `.ci/run` starts Redis when it 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -74,3 +74,26 @@ def test_redis_serves_session_views_by_session_and_their_rollups_by_user(redis_h
     assert df[f"{schema}__session_embedding__embedding"][2] is None
     users = online_features(home, dataset, ["session_embedding_rollup"], [1], online_store="redis")
     assert same_bits(users[f"{schema}__session_embedding_rollup__last_session_embedding"][0], emb[1])  # the later one
+
+
+def test_a_refresh_to_sqlite_refreshes_the_redis_store_the_home_also_serves(redis_home):
+    """`llm4es refresh` (SQLite unless told otherwise, as in the README's cron line) in a home that publish also
+    materialized into Redis: Redis must serve the changed users' new rows too, not keep their old ones."""
+    home, dataset = redis_home
+    schema = dataset.replace("-", "_")
+    _, old = files.embeddings_file(home.data_dir, dataset, T1, USERS, dim=8)
+    publish(home, dataset, PublishConfig(materialize=True))
+    publish(home, dataset, PublishConfig(online_store="redis", materialize=True))
+    changed = USERS[:2]
+    snap, new = files.embeddings_file(home.data_dir / schema / "refresh" / "t2", dataset, T1 + timedelta(days=1),
+                                      changed, dim=8)
+    messages: list[str] = []
+    publish(home, dataset, PublishConfig(materialize=True), messages.append, inputs={"llm4es": [snap]},
+            users=changed)  # a refresh
+    assert any("rows into the redis online store" in m for m in messages), messages  # says which store
+    column = f"{schema}__llm4es_embedding__vector"
+    for store in ("sqlite", "redis"):
+        served = online_features(home, dataset, ["llm4es_embedding"], USERS, online_store=store)[column].tolist()
+        for i, user in enumerate(USERS):
+            want = new[i] if user in changed else old[i]
+            assert same_bits(served[i], want), (store, user)

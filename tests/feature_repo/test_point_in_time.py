@@ -134,3 +134,16 @@ def _check(df: pd.DataFrame, agg: pd.DataFrame, vectors, users: list) -> None:
         got = df[f"{AGG}__{col}"].tolist()
         want = agg.loc[users, col].tolist()
         assert got == want, col
+
+
+def test_a_home_given_as_a_folder_reads_the_same_features(snapshots):
+    """The README's downstream snippet passes the home folder, not a Home: it failed with "'PosixPath' object has
+    no attribute 'data_dir'"."""
+    s = snapshots
+    frame = pd.DataFrame({"user_id": s["users"], "event_timestamp": s["t1"].replace(tzinfo=timezone.utc)})
+    by_home = historical_features(s["home"], DATASET, [EMB], frame)
+    for folder in (s["home"].root, str(s["home"].root)):
+        by_folder = historical_features(folder, DATASET, [EMB], frame)
+        assert all(same_bits(a, b) for a, b in zip(by_home[f"{EMB}__vector"], by_folder[f"{EMB}__vector"]))
+        online = online_features(folder, DATASET, ["llm4es_embedding"], s["users"])
+        assert len(online) == len(s["users"]) and online[f"{EMB}__vector"].notna().all()

@@ -3,6 +3,7 @@ sessions are cut, embedded (served encoder) and labelled (served classifier) aga
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from datetime import timedelta
 
@@ -625,3 +626,18 @@ def test_a_refresh_writes_the_changed_session_rows_online_without_materializing(
     assert calls
     for view in views:
         _online_is_the_latest_history_row(home, view)
+
+
+def test_the_cli_summary_of_a_home_without_an_llm4es_set_names_no_model_and_counts_sessions(home):
+    """Sessions and aggregates served, no LLM4ES set: the summary said `model None at None`, and the session gate's
+    line counted its sessions as users."""
+    from click.testing import CliRunner
+
+    from producers.cli import cli
+
+    r = CliRunner().invoke(cli, ["--home", str(home.root), "refresh", DATASET])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # the console wraps long lines
+    assert "refreshed 3 users" in text and "None" not in text
+    nouns = re.findall(r"gate \(sessions\): feature snapshot of [\d,]+ (\w+)", text)
+    assert nouns and set(nouns) == {"sessions"}, nouns

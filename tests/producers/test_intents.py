@@ -484,3 +484,27 @@ def test_distill_learns_one_labellers_labels(home):
 
     with pytest.raises(IntentsError, match="no parsed intent label by nobody"):
         distill_intents(home, DATASET, DistillConfig(progress=False), backend=Nobody())
+
+
+def test_storing_a_batch_of_labels_is_one_insert_not_one_per_row(tmp_path):
+    """executemany ran one INSERT per row (~1 s per 64-row batch: 112 of 139 s when the lexical labeller labelled
+    every bank-clickstream session); a repeated key still ends as its last row, NULL labels stay NULL."""
+    import time
+
+    import duckdb
+
+    from producers.intents.store import store_labels
+
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("CREATE SCHEMA s")
+    now = datetime(2025, 1, 1)
+    rows = [(f"s{i:05d}", 1, None if i % 7 == 0 else "a", "raw", "lexical", "m", "generate", "h", 0.001, now)
+            for i in range(3000)]
+    started = time.perf_counter()
+    store_labels(con, "s", rows)
+    assert time.perf_counter() - started < 5  # one statement per row took ~45 s for these 3,000
+    store_labels(con, "s", [("s00001", 1, "b", "again", "lexical", "m", "generate", "h", None, now),
+                            ("s00001", 1, "c", "last", "lexical", "m", "generate", "h", 0.5, now)])
+    assert con.execute("SELECT count(*), count(label) FROM s.intent_llm_labels").fetchall() == [(3000, 3000 - 429)]
+    assert con.execute("SELECT label, raw, latency_s FROM s.intent_llm_labels WHERE session_id = 's00001'"
+                       ).fetchall() == [("c", "last", 0.5)]

@@ -61,3 +61,15 @@ def test_without_a_passed_validation_before_the_append_every_row_is_checked(home
     report = validate(home, ML.name, ValidateConfig(data_docs=False, delta=True))
     assert report.success and report.scope == "all"
     assert events_checked(report) == n_events(home)
+
+
+def test_validating_the_delta_again_still_checks_only_the_delta(home, grouplens, tmp_path):
+    """A second `validate --delta` (a cron job re-run) said "the data before the last append has not passed its own
+    validation" and checked every row: it looked at the latest validation, which was the delta's own."""
+    ingest(home, ML, IngestConfig(grouplens))
+    assert validate(home, ML.name, ValidateConfig(data_docs=False)).success
+    append(home, ML, IngestConfig(write_delta(tmp_path / "d1", new_ratings(grouplens, CHANGED))))
+    assert validate(home, ML.name, ValidateConfig(data_docs=False, delta=True)).scope.endswith(": 3 users")
+    again = validate(home, ML.name, ValidateConfig(data_docs=False, delta=True))
+    assert again.success and again.scope.endswith(": 3 users")
+    assert events_checked(again) == n_events(home, CHANGED)
