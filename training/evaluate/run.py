@@ -217,8 +217,11 @@ def _feature_sets(config: EvaluateConfig, views: list[View]) -> tuple[dict[str, 
             missing.append(Missing(name, _missing_reason(name, views) or str(e)))
     if not sets:
         producers = ", ".join(f"`{_PRODUCER[k]}`" for k in ("agg", "coles", "llm4es"))
+        published = sorted({v.kind for v in views} & set(KINDS))
+        hint = (f"; the published {', '.join(published)} can be asked for by name: "
+                f"`--features {','.join(published)}`" if published else "")
         raise EvaluateError(f"none of the default feature sets ({', '.join(DEFAULT_FEATURES)}) is published for "
-                            f"this dataset: run {producers} and then `llm4es publish`")
+                            f"this dataset: run {producers} and then `llm4es publish`{hint}")
     return sets, missing
 
 
