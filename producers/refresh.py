@@ -376,6 +376,7 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     import pyarrow as pa
 
     from producers.coles import train as T
+    from producers.coles.config import LEGACY as LEGACY_COLES
     from producers.coles.config import ColesConfig
     from producers.coles.records import read_records
     from producers.shared.devices import pick_device
@@ -384,8 +385,9 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
 
     prov = read_provenance(info["file"])
     names = {f.name for f in fields(ColesConfig)}
-    config = ColesConfig(**{k: v for k, v in (prov.get("config") or {}).items() if k in names and k != "as_of"},
-                         as_of=as_of)
+    # an encoder served before these settings existed was trained and read the old way, whatever today's defaults
+    served = {**LEGACY_COLES, **(prov.get("config") or {})}
+    config = ColesConfig(**{k: v for k, v in served.items() if k in names and k != "as_of"}, as_of=as_of)
     checkpoint = home.root / prov["checkpoint"]
     if not checkpoint.is_file():
         raise RefreshError(f"the served CoLES encoder {checkpoint} is gone: run `llm4es coles {dataset}` and publish "
@@ -401,7 +403,7 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     T.load_weights(module, checkpoint)
     from producers.coles.config import ColesError
 
-    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError))
+    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError), pooling=config.pooling)
     log(f"CoLES: {len(records.users):,} users inferred with {prov['checkpoint']} (no training)")
     everyone = pa.table({"user_id": pa.array(records.users), "vector": float32_lists(vectors)})
     wanted = set(users)

@@ -14,7 +14,12 @@ from producers.errors import Llm4esError
 
 # Config fields that change neither the data nor the maths of an epoch: they are left out of the
 # run key, so a run asked for more epochs continues the same run, and a finished one is reused.
-NOT_IN_RUN_KEY = frozenset({"epochs", "device", "threads", "num_workers", "force", "resume", "progress"})
+# `pooling` only reads the trained encoder: a run is reused whatever vector is asked of it.
+NOT_IN_RUN_KEY = frozenset({"epochs", "device", "threads", "num_workers", "force", "resume", "progress", "pooling"})
+
+# Settings added after the first runs, with the value every earlier run had: a run whose recorded
+# config lacks one (a served encoder's provenance) is rebuilt and read with these, not today's defaults.
+LEGACY = {"pooling": "last", "norm_skips_padding": False, "loss": "contrastive"}
 
 
 class ColesError(Llm4esError, ValueError):
@@ -25,8 +30,17 @@ class ColesError(Llm4esError, ValueError):
 class ColesConfig:
     # encoder: ptls TrxEncoder (categorical embeddings + numeric inputs) -> GRU; the vector is its last hidden state
     hidden_size: int = 256  # GRU hidden size = the embedding's dimension
+    # the user's vector: "last", the GRU state after the last kept event (ptls's reducer); "mean",
+    # the GRU states averaged over every kept event
+    pooling: str = "last"
     embedding_dim: int = 16  # embedding size of each categorical field
     max_categories: int = 1000  # per categorical field: the most frequent values get codes 1..K, the rest K+1
+    # The numeric inputs' batch norm (ptls TrxEncoder): statistics over the real events only. False:
+    # ptls's default, which counts the padding zeros too, so in a batch of uneven lengths the norm
+    # mostly encodes "is this padding" and flattens a field far from 0 (ln(1 + year) ~ 7.6 +- 0.01)
+    norm_skips_padding: bool = False
+    loss: str = "contrastive"  # contrastive: ptls's default (margin 0.5, hard negatives); softmax: InfoNCE
+    temperature: float = 0.05  # softmax loss only (ptls's default, for L2-normalised vectors)
     # training: CoLES (ptls CoLESModule, contrastive loss with hard negatives), Adam + StepLR per epoch
     epochs: int = 10  # MovieLens-100k: about 8 s an epoch on 2 CPU cores (hidden_size 256)
     batch_size: int = 64  # users per batch; each gives `split_count` subsequences
@@ -67,6 +81,12 @@ class ColesConfig:
             raise ColesError(f"split_count must be at least 2 (positives come in pairs), not {self.split_count!r}")
         if self.cnt_min > self.cnt_max:
             raise ColesError(f"cnt_min ({self.cnt_min}) must not exceed cnt_max ({self.cnt_max})")
+        if self.pooling not in ("last", "mean"):
+            raise ColesError(f"pooling must be last or mean, not {self.pooling!r}")
+        if self.loss not in ("contrastive", "softmax"):
+            raise ColesError(f"loss must be contrastive or softmax, not {self.loss!r}")
+        if not self.temperature > 0:
+            raise ColesError(f"temperature must be positive, not {self.temperature!r}")
         if not self.lr > 0:
             raise ColesError(f"lr must be positive, not {self.lr!r}")
         if not 0 < self.lr_gamma <= 1:

@@ -151,6 +151,39 @@ def test_an_interrupted_run_resumes_to_the_same_vectors(ml, monkeypatch):
     assert again.epochs_trained == 0 and vectors(again) == want and again.final_loss == straight.final_loss
 
 
+def test_mean_pooling_averages_the_gru_states_and_reuses_the_run(ml):
+    """pooling="mean": the vector is the mean, over t, of the encoder's state after the first t events
+    (each computed here as ptls's own last-step vector of the t-event prefix, one user at a time)."""
+    import torch
+    from ptls.data_load.utils import collate_feature_dict
+
+    from producers.coles import train as T
+
+    home, _ = ml
+    last = coles(home, "movielens-100k", replace(TINY, epochs=2))
+    last_vectors = vectors(last)  # before the next call writes the same table and file
+    mean = coles(home, "movielens-100k", replace(TINY, epochs=2, pooling="mean"))
+    assert (mean.run_key, mean.epochs_trained) == (last.run_key, 0)  # same encoder, only read another way
+    assert "averaged" in read_provenance(mean.parquet_path)["vector"]
+    con = home.connect(read_only=True)
+    try:
+        records = read_records(con, stored_definition(con, "movielens-100k"), TINY)
+    finally:
+        con.close()
+    module = T.build_module(records, TINY)
+    T.load_weights(module, home.root / mean.checkpoint)
+    encoder = module.seq_encoder.eval()
+    got, lengths = vectors(mean), {len(r["event_time"]) for r in records.records}
+    assert len(lengths) > 1  # users of uneven lengths share inference batches: padding must not count
+    for rec in records.records[:3]:
+        features = {k: v for k, v in rec.items() if k != "user_id"}
+        with torch.no_grad():
+            states = [encoder(collate_feature_dict([{k: v[:t] for k, v in features.items()}]))[0].numpy()
+                      for t in range(1, len(rec["event_time"]) + 1)]
+        assert np.allclose(got[rec["user_id"]], np.mean(states, axis=0), atol=1e-5)
+        assert np.allclose(last_vectors[rec["user_id"]], states[-1], atol=1e-5)
+
+
 def test_bank_transactions_with_amounts_and_mcc(home, tmp_path):
     source = write_gender(tmp_path / "gender")
     ingest(home, load_builtin("gender"), IngestConfig(source=source))
@@ -241,6 +274,8 @@ def test_the_gate_and_the_time_window(ml, home, grouplens):
     ({"device": "tpu"}, "device 'tpu'"),
     ({"max_seq_len": -1}, "max_seq_len"),
     ({"threads": 0}, "threads must be at least 1"),
+    ({"pooling": "max"}, "pooling must be last or mean"),
+    ({"loss": "triplet"}, "loss must be contrastive or softmax"),
 ])
 def test_bad_config_values_are_refused_before_any_work(change, message, tmp_path):
     with pytest.raises(ColesError, match=message):
