@@ -184,6 +184,37 @@ def test_mean_pooling_averages_the_gru_states_and_reuses_the_run(ml):
         assert np.allclose(last_vectors[rec["user_id"]], states[-1], atol=1e-5)
 
 
+def test_norm_skips_padding_and_the_softmax_loss(ml):
+    """norm_skips_padding: in training, the numeric inputs are normalised over the real events only
+    (ptls's default counts the padding zeros, and ln(1 + year) ~ 7.6 then reads as "not padding");
+    loss="softmax": ptls's InfoNCE loss trains to a finite loss."""
+    import torch
+    from ptls.data_load.utils import collate_feature_dict
+    from ptls.frames.coles.losses import SoftmaxLoss
+
+    from producers.coles import train as T
+
+    home, _ = ml
+    con = home.connect(read_only=True)
+    try:
+        records = read_records(con, stored_definition(con, "movielens-100k"), TINY)
+    finally:
+        con.close()
+    short = {k: v[:3] for k, v in records.records[0].items() if k != "user_id"}  # padded to the long one's length
+    batch = collate_feature_dict([short, {k: v for k, v in records.records[1].items() if k != "user_id"}])
+    real = batch.seq_len_mask.bool()
+    year = records.numeric.index("year")
+    for skips, normalised in ((True, True), (False, False)):
+        encoder = T.build_module(records, replace(TINY, norm_skips_padding=skips)).seq_encoder.trx_encoder.train()
+        with torch.no_grad():
+            out = encoder(batch).payload[..., -len(records.numeric):][real][:, year]
+        # std a little under 1: BatchNorm's eps (1e-5) is not small next to the variance of ln(1 + year)
+        assert (abs(float(out.mean())) < 1e-3 and float(out.std(unbiased=False)) > 0.9) == normalised, (skips, out)
+    result = coles(home, "movielens-100k", replace(TINY, loss="softmax"))
+    assert isinstance(T.build_module(records, replace(TINY, loss="softmax"))._loss, SoftmaxLoss)
+    assert math.isfinite(result.final_loss) and result.run_key != coles(home, "movielens-100k", TINY).run_key
+
+
 def test_bank_transactions_with_amounts_and_mcc(home, tmp_path):
     source = write_gender(tmp_path / "gender")
     ingest(home, load_builtin("gender"), IngestConfig(source=source))
