@@ -160,7 +160,7 @@ def test_mean_pooling_averages_the_gru_states_and_reuses_the_run(ml):
     from producers.coles import train as T
 
     home, _ = ml
-    last = coles(home, "movielens-100k", replace(TINY, epochs=2))
+    last = coles(home, "movielens-100k", replace(TINY, epochs=2, pooling="last"))
     last_vectors = vectors(last)  # before the next call writes the same table and file
     mean = coles(home, "movielens-100k", replace(TINY, epochs=2, pooling="mean"))
     assert (mean.run_key, mean.epochs_trained) == (last.run_key, 0)  # same encoder, only read another way
@@ -319,10 +319,10 @@ def test_the_training_plan_follows_the_data():
 
     movielens = training_plan(np.full(943, 20) + np.arange(943) % 700, ColesConfig())
     assert (len(movielens.train_rows), movielens.n_short, movielens.batches_per_epoch, movielens.note) == \
-        (943, 0, 15, "")  # MovieLens-100k: everyone, every batch, as before the rule
-    mixed = np.array([2] * 300 + [40] * 200)  # 200 long enough: more than two batches of 64
+        (943, 0, 30, "")  # MovieLens-100k: everyone, every batch, as before the rule
+    mixed = np.array([2] * 300 + [40] * 200)  # 200 long enough: more than two batches of 32
     plan = training_plan(mixed, ColesConfig())
-    assert plan.train_rows == tuple(range(300, 500)) and plan.n_short == 300 and plan.batches_per_epoch == 4
+    assert plan.train_rows == tuple(range(300, 500)) and plan.n_short == 300 and plan.batches_per_epoch == 7
     few = training_plan(np.array([2] * 20_000 + [40] * 50), ColesConfig())  # purchases: ~2 per customer
     assert len(few.train_rows) == 20_050 and "training on everyone" in few.note
-    assert few.batches_per_epoch == 100 and "100 of 314 batches per epoch" in few.note
+    assert few.batches_per_epoch == 100 and "100 of 627 batches per epoch" in few.note
