@@ -104,7 +104,8 @@ def main() -> None:
         keep = np.array([u not in held_out for u in users])
         dev[t] = ([u for u, k in zip(users, keep) if k], y[keep], task)
     print(f"{args.dataset}: development users "
-          f"{', '.join(f'{t} {len(v[0])}' for t, v in dev.items())} ({len(held_out)} test users left out)")
+          f"{', '.join(f'{t} {len(v[0])}' for t, v in dev.items())} ({len(held_out)} test users left out); "
+          f"CoLES seed {args.seed}, {args.threads} thread(s)")
     readers = [("linear", LinearProbe())] + ([] if args.no_lightgbm else [("lightgbm", LgbmParams())])
 
     for text in args.variant:
