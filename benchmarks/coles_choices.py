@@ -14,10 +14,13 @@ protocol's 10% test users of every target (seed 0, as `evaluate` draws them), so
 classification), evaluate's linear probe and LightGBM; ROC-AUC for binary targets, MAE for
 regression, mean +- std over the folds; plus the training time (noisy on a shared machine).
 
-`--poolings` reads the same trained encoder more ways (a diagnostic, not what the stage writes
-unless it is `last`): `last`, the GRU state after the last kept event (the stage's vector);
-`mean`, the GRU states averaged over every kept event; `tail`, the state after the last
-`cnt_max` events only (the longest sequence the encoder saw in training).
+`--poolings` reads the same trained encoder more ways (default: the variant's own `pooling`,
+the vector the stage writes): `last`, the GRU state after the last kept event; `mean`, the GRU
+states averaged over every kept event; `tail`, the state after the last `cnt_max` events only
+(the longest sequence the encoder saw in training).
+
+`--parquet FILE` (repeatable) scores vectors the stage already wrote (`coles_embeddings.parquet`)
+on the same development users instead of training.
 """
 from __future__ import annotations
 
@@ -77,10 +80,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", required=True)
     ap.add_argument("--dataset", default="movielens-100k")
-    ap.add_argument("--variant", action="append", required=True, help="NAME[:key=value,...] (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME[:key=value,...] (repeatable)")
+    ap.add_argument("--parquet", action="append", default=[], help="score a written coles_embeddings.parquet")
     ap.add_argument("--seed", type=int, default=42, help="CoLES seed (the demo's: 42)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--poolings", default="last", help="comma-separated: last, mean, tail")
+    ap.add_argument("--poolings", default="", help="comma-separated: last, mean, tail (default: the config's)")
     ap.add_argument("--no-lightgbm", action="store_true", help="only the linear probe")
     args = ap.parse_args()
 
@@ -108,6 +112,29 @@ def main() -> None:
           f"CoLES seed {args.seed}, {args.threads} thread(s)")
     readers = [("linear", LinearProbe())] + ([] if args.no_lightgbm else [("lightgbm", LgbmParams())])
 
+    def cells_for(vectors, row_of) -> list[str]:
+        cells = []
+        for t, (users, y, task) in dev.items():
+            X = vectors[[row_of[u] for u in users]]
+            metric = primary_metric(task)
+            splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
+            for reader_name, reader in readers:
+                r = run_protocol("cv", X, y, task, splits, reader, seed=0)
+                cells.append(f"{t} {metric} {reader_name} {r.mean(metric):.3f} ± {r.std(metric):.3f}")
+        return cells
+
+    for path in args.parquet:
+        import pyarrow.parquet as pq
+
+        from producers.stores.outputs import read_provenance
+
+        table = pq.read_table(path, columns=["user_id", "vector"])
+        meta = read_provenance(Path(path))
+        vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)
+        row_of = {u: i for i, u in enumerate(table.column("user_id").to_pylist())}
+        print(f"| {path} | seed {meta['config']['seed']}, {meta['config'].get('pooling', 'last')} | "
+              + " | ".join(cells_for(vectors, row_of)) + " |", flush=True)
+
     for text in args.variant:
         name, overrides = parse_variant(text)
         config = dataclasses.replace(ColesConfig(device="cpu", threads=args.threads, seed=args.seed, progress=False,
@@ -126,16 +153,8 @@ def main() -> None:
                              training_plan(records.n_events, config))
         secs = time.perf_counter() - t0
         row_of = {u: i for i, u in enumerate(records.users)}
-        for pooling in args.poolings.split(","):
-            vectors = pooled(module.seq_encoder, records, pooling, config.cnt_max)
-            cells = []
-            for t, (users, y, task) in dev.items():
-                X = vectors[[row_of[u] for u in users]]
-                metric = primary_metric(task)
-                splits = cv_splits(y, task, seed=0, folds=5, repeats=1)
-                for reader_name, reader in readers:
-                    r = run_protocol("cv", X, y, task, splits, reader, seed=0)
-                    cells.append(f"{t} {metric} {reader_name} {r.mean(metric):.3f} ± {r.std(metric):.3f}")
+        for pooling in (args.poolings or config.pooling).split(","):
+            cells = cells_for(pooled(module.seq_encoder, records, pooling, config.cnt_max), row_of)
             print(f"| {name} | {overrides or 'defaults'} | {pooling} | train {secs:.0f} s, loss {losses[0]:.3f} -> "
                   f"{losses[-1]:.3f} | " + " | ".join(cells) + " |", flush=True)
 
@@ -146,28 +165,16 @@ def pooled(seq_encoder, records, pooling: str, cnt_max: int) -> np.ndarray:
 
     from producers.coles import train as T
 
-    if pooling == "last":
-        return T.infer(seq_encoder, records, torch.device("cpu"))
+    if pooling in ("last", "mean"):  # the stage's own inference
+        return T.infer(seq_encoder, records, torch.device("cpu"), pooling=pooling)
+    if pooling != "tail":
+        raise SystemExit(f"unknown pooling {pooling!r}")
     seq_encoder = seq_encoder.eval()
     out = np.zeros((records.n_users, seq_encoder.embedding_size), np.float32)
-    rnn = seq_encoder.seq_encoder
     with torch.no_grad():
         for i, rec in enumerate(records.records):
-            features = {k: v for k, v in rec.items() if k != "user_id"}
-            if pooling == "tail":
-                features = {k: v[-cnt_max:] for k, v in features.items()}
-            batch = collate_feature_dict([features])
-            if pooling == "tail":
-                out[i] = seq_encoder(batch).numpy()[0]
-            elif pooling == "mean":
-                rnn.is_reduce_sequence = False
-                try:
-                    h = rnn(seq_encoder.trx_encoder(batch)).payload[0]
-                finally:
-                    rnn.is_reduce_sequence = True
-                out[i] = h.mean(0).numpy()
-            else:
-                raise SystemExit(f"unknown pooling {pooling!r}")
+            tail = {k: v[-cnt_max:] for k, v in rec.items() if k != "user_id"}
+            out[i] = seq_encoder(collate_feature_dict([tail])).numpy()[0]
     return out
 
 
