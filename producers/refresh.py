@@ -376,18 +376,14 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     import pyarrow as pa
 
     from producers.coles import train as T
-    from producers.coles.config import LEGACY as LEGACY_COLES
-    from producers.coles.config import ColesConfig
+    from producers.coles.config import recorded_config
     from producers.coles.records import read_records
     from producers.shared.devices import pick_device
     from producers.stores.provenance import code_version
     from producers.stores.warehouse import float32_lists
 
     prov = read_provenance(info["file"])
-    names = {f.name for f in fields(ColesConfig)}
-    # an encoder served before these settings existed was trained and read the old way, whatever today's defaults
-    served = {**LEGACY_COLES, **(prov.get("config") or {})}
-    config = ColesConfig(**{k: v for k, v in served.items() if k in names and k != "as_of"}, as_of=as_of)
+    config = recorded_config(prov.get("config") or {}, as_of)
     checkpoint = home.root / prov["checkpoint"]
     if not checkpoint.is_file():
         raise RefreshError(f"the served CoLES encoder {checkpoint} is gone: run `llm4es coles {dataset}` and publish "

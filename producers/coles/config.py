@@ -5,7 +5,7 @@ No torch here: the CLI imports this module for its options.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,14 @@ class ColesConfig:
         d = asdict(self)
         d["as_of"] = self.as_of.isoformat() if self.as_of is not None else None
         return d
+
+
+def recorded_config(recorded: dict[str, Any], as_of: datetime | None = None) -> ColesConfig:
+    """The config a run recorded (its provenance's "config"), as `as_of`; a setting it predates takes its
+    `LEGACY` value (the run was trained and read that way), never today's default."""
+    names = {f.name for f in fields(ColesConfig)}
+    merged = {**LEGACY, **recorded}
+    return ColesConfig(**{k: v for k, v in merged.items() if k in names and k != "as_of"}, as_of=as_of)
 
 
 @dataclass

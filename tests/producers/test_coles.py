@@ -314,6 +314,16 @@ def test_bad_config_values_are_refused_before_any_work(change, message, tmp_path
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_a_recorded_config_keeps_the_settings_it_was_trained_with():
+    from producers.coles.config import recorded_config
+
+    before = {"hidden_size": 256, "embedding_dim": 16, "epochs": 10, "seed": 42, "as_of": "1998-04-22T23:10:38"}
+    old = recorded_config(before, datetime(1999, 1, 1))  # a run from before pooling / norm_skips_padding / loss
+    assert (old.pooling, old.norm_skips_padding, old.loss) == ("last", False, "contrastive")
+    assert (old.hidden_size, old.embedding_dim, old.as_of) == (256, 16, datetime(1999, 1, 1))
+    assert ColesConfig().pooling == "mean" and recorded_config(ColesConfig().as_dict()) == ColesConfig()
+
+
 def test_the_training_plan_follows_the_data():
     from producers.coles.config import training_plan
 
