@@ -376,16 +376,14 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     import pyarrow as pa
 
     from producers.coles import train as T
-    from producers.coles.config import ColesConfig
+    from producers.coles.config import recorded_config
     from producers.coles.records import read_records
     from producers.shared.devices import pick_device
     from producers.stores.provenance import code_version
     from producers.stores.warehouse import float32_lists
 
     prov = read_provenance(info["file"])
-    names = {f.name for f in fields(ColesConfig)}
-    config = ColesConfig(**{k: v for k, v in (prov.get("config") or {}).items() if k in names and k != "as_of"},
-                         as_of=as_of)
+    config = recorded_config(prov.get("config") or {}, as_of)
     checkpoint = home.root / prov["checkpoint"]
     if not checkpoint.is_file():
         raise RefreshError(f"the served CoLES encoder {checkpoint} is gone: run `llm4es coles {dataset}` and publish "
@@ -401,7 +399,7 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     T.load_weights(module, checkpoint)
     from producers.coles.config import ColesError
 
-    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError))
+    vectors = T.infer(module.seq_encoder, records, pick_device(config.device, ColesError), pooling=config.pooling)
     log(f"CoLES: {len(records.users):,} users inferred with {prov['checkpoint']} (no training)")
     everyone = pa.table({"user_id": pa.array(records.users), "vector": float32_lists(vectors)})
     wanted = set(users)

@@ -59,6 +59,9 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of: datetime | None, amo
 @click.option("--batch-size", type=click.IntRange(2), default=C.batch_size, show_default=True,
               help="Users per batch.")
 @click.option("--lr", type=float, default=C.lr, show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default=C.pooling, show_default=True,
+              help="The vector: GRU states averaged over the user's events, or the state after the last one. "
+                   "Only reads the encoder: a finished run is reused.")
 @click.option("--seed", type=int, default=C.seed, show_default=True)
 @click.option("--as-of", type=click.DateTime(), default=C.as_of,
               help="Only events up to this time (UTC). Default: the dataset's last event.")
@@ -69,27 +72,29 @@ def aggregate(p: Pipeline, dataset: str, top_n: int, as_of: datetime | None, amo
 @force_opt
 @pass_pipeline
 @handle_errors
-def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, seed: int,
-          as_of: datetime | None, device: str, max_batches_per_epoch: int, restart: bool, force: bool) -> None:
+def coles(p: Pipeline, dataset: str, epochs: int, hidden_size: int, batch_size: int, lr: float, pooling: str,
+          seed: int, as_of: datetime | None, device: str, max_batches_per_epoch: int, restart: bool,
+          force: bool) -> None:
     """CoLES user embeddings (the paper's strongest baseline), trained with pytorch-lifestream.
 
     A GRU over each user's events (categorical fields embedded, numeric fields and the time since
     the previous event as inputs), trained with CoLES's contrastive loss on random sub-sequences;
-    one vector per user. Checkpoints every epoch under runs/<dataset>/coles/<run>/; the same
-    command after an interruption resumes. Output: coles_embeddings table and Parquet file.
+    one vector per user (by default the GRU states averaged over the user's events). Checkpoints
+    every epoch under runs/<dataset>/coles/<run>/; the same command after an interruption resumes.
+    Output: coles_embeddings table and Parquet file.
 
     \b
     Caps and rules:
-      - each categorical field: its 1,000 most frequent values get codes, the rest one "other" code;
+      - each categorical field: its 2,000 most frequent values get codes, the rest one "other" code;
       - each user: the last 1,000 events are used (training and embedding);
-      - sub-sequences of 15 to 100 events are contrasted: a user with fewer than 15 events is
+      - sub-sequences of 15 to 50 events are contrasted: a user with fewer than 15 events is
         warned about (count and share); when at least two batches of users have 15 events or
         more, only they train (everyone is embedded);
       - an epoch is at most --max-batches-per-epoch batches of --batch-size users.
     """
     from producers.coles.config import ColesConfig
 
-    config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, seed=seed,
-                         as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
+    config = ColesConfig(epochs=epochs, hidden_size=hidden_size, batch_size=batch_size, lr=lr, pooling=pooling,
+                         seed=seed, as_of=as_of.replace(tzinfo=timezone.utc) if as_of else None, device=device,
                          max_batches_per_epoch=max_batches_per_epoch, resume=not restart, force=force)
     printers.print_coles(p.coles(dataset, config))

@@ -106,7 +106,8 @@ def coles(home: Home, dataset: str, config: ColesConfig = ColesConfig(), log: Lo
         "torch_threads": config.threads or threads, "dim": int(vectors.shape[1]),
         "ptls_version": versions["ptls"], "torch_version": versions["torch"],
         "pytorch_lightning_version": versions["pytorch_lightning"], "code_version": versions["code_version"],
-        "vector": "the GRU hidden state after the user's last kept event (not normalised)",
+        "vector": ("the GRU hidden states averaged over the user's kept events" if config.pooling == "mean" else
+                   "the GRU hidden state after the user's last kept event") + " (not normalised)",
     }
     parquet = _write(home, d.schema, d.events.user_dtype, records.users, vectors, provenance, produced_at,
                      ingest.get("source_hash"), log)
@@ -150,7 +151,8 @@ def _fit_and_embed(home: Home, records: Any, config: ColesConfig, plan: Any, run
     train_seconds = time.perf_counter() - started
     losses = losses[: config.epochs]
     return {"losses": losses, "final_loss": losses[config.epochs - 1] if len(losses) >= config.epochs else None,
-            "vectors": T.infer(module.seq_encoder, records, device), "trained": trained, "resumed_from": resumed_from,
+            "vectors": T.infer(module.seq_encoder, records, device, pooling=config.pooling), "trained": trained,
+            "resumed_from": resumed_from,
             "checkpoint": home.relative(checkpoints[config.epochs]), "train_seconds": train_seconds}
 
 

@@ -15,7 +15,8 @@
   is written (temp file, then rename) and `state.json` updated;
 - inference: the trained `RnnSeqEncoder` in eval mode over each user's whole (kept) sequence,
   batches of ptls's `collate_feature_dict` (users sorted by length to spare padding). The vector
-  is the GRU's hidden state after the user's last event, not normalised. (ptls's
+  (`pooling`) is the GRU's hidden state after the user's last event, or its states averaged over
+  the user's events; not normalised. (ptls's
   `InferenceModule` cannot be imported in ptls 0.7.0 without onnxruntime, hence the plain loop.)
 """
 from __future__ import annotations
@@ -96,7 +97,7 @@ def build_module(records: Records, config: ColesConfig) -> Any:
     from functools import partial
 
     from ptls.frames.coles import CoLESModule
-    from ptls.frames.coles.losses import ContrastiveLoss
+    from ptls.frames.coles.losses import ContrastiveLoss, SoftmaxLoss
     from ptls.frames.coles.sampling_strategies import HardNegativePairSelector
     from ptls.nn import RnnSeqEncoder, TrxEncoder
 
@@ -104,12 +105,14 @@ def build_module(records: Records, config: ColesConfig) -> Any:
         embeddings={name: {"in": k + 2, "out": config.embedding_dim} for name, k in records.categorical.items()},
         numeric_values={name: "identity" for name in records.numeric},  # already sign*log1p in SQL
         use_batch_norm=True,
+        use_batch_norm_with_lens=config.norm_skips_padding,
     )
     seq_encoder = RnnSeqEncoder(trx_encoder=trx_encoder, hidden_size=config.hidden_size, type="gru")
     return CoLESModule(
         seq_encoder=seq_encoder,
-        loss=ContrastiveLoss(margin=0.5,
-                             sampling_strategy=HardNegativePairSelector(neg_count=min(5, config.split_count))),
+        loss=(SoftmaxLoss(temperature=config.temperature) if config.loss == "softmax" else
+              ContrastiveLoss(margin=0.5,
+                              sampling_strategy=HardNegativePairSelector(neg_count=min(5, config.split_count)))),
         optimizer_partial=partial(torch.optim.Adam, lr=config.lr),
         lr_scheduler_partial=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=config.lr_gamma),
     )
@@ -259,18 +262,32 @@ def load_weights(module: Any, checkpoint: Path) -> None:
 
 
 @torch.no_grad()
-def infer(seq_encoder: Any, records: Records, device: torch.device, batch_size: int = 256) -> np.ndarray:
-    """One vector per record (same order): the encoder over the user's whole kept sequence."""
+def infer(seq_encoder: Any, records: Records, device: torch.device, batch_size: int = 256,
+          pooling: str = "last") -> np.ndarray:
+    """One vector per record (same order): the encoder over the user's whole kept sequence.
+
+    `pooling`: "last", the GRU state after the last event (ptls's reducer); "mean", the GRU states
+    averaged over the user's events (padding left out)."""
     from ptls.data_load.utils import collate_feature_dict
 
     seq_encoder = seq_encoder.to(device).eval()
+    rnn = seq_encoder.seq_encoder
     lengths = np.array([len(r["event_time"]) for r in records.records])
     order = np.argsort(-lengths, kind="stable")
     out = np.zeros((len(order), seq_encoder.embedding_size), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = collate_feature_dict([{k: v for k, v in records.records[i].items() if k != "user_id"}
-                                      for i in rows])
-        vectors = seq_encoder(batch.to(device))
+                                      for i in rows]).to(device)
+        if pooling == "mean":
+            rnn.is_reduce_sequence = False
+            try:
+                states = rnn(seq_encoder.trx_encoder(batch))
+            finally:
+                rnn.is_reduce_sequence = True
+            mask = states.seq_len_mask.unsqueeze(-1).to(states.payload.dtype)
+            vectors = (states.payload * mask).sum(1) / states.seq_lens.unsqueeze(-1).to(mask.dtype)
+        else:
+            vectors = seq_encoder(batch)
         out[rows] = vectors.float().cpu().numpy()
     return out

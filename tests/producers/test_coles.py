@@ -151,6 +151,70 @@ def test_an_interrupted_run_resumes_to_the_same_vectors(ml, monkeypatch):
     assert again.epochs_trained == 0 and vectors(again) == want and again.final_loss == straight.final_loss
 
 
+def test_mean_pooling_averages_the_gru_states_and_reuses_the_run(ml):
+    """pooling="mean": the vector is the mean, over t, of the encoder's state after the first t events
+    (each computed here as ptls's own last-step vector of the t-event prefix, one user at a time)."""
+    import torch
+    from ptls.data_load.utils import collate_feature_dict
+
+    from producers.coles import train as T
+
+    home, _ = ml
+    last = coles(home, "movielens-100k", replace(TINY, epochs=2, pooling="last"))
+    last_vectors = vectors(last)  # before the next call writes the same table and file
+    mean = coles(home, "movielens-100k", replace(TINY, epochs=2, pooling="mean"))
+    assert (mean.run_key, mean.epochs_trained) == (last.run_key, 0)  # same encoder, only read another way
+    assert "averaged" in read_provenance(mean.parquet_path)["vector"]
+    con = home.connect(read_only=True)
+    try:
+        records = read_records(con, stored_definition(con, "movielens-100k"), TINY)
+    finally:
+        con.close()
+    module = T.build_module(records, TINY)
+    T.load_weights(module, home.root / mean.checkpoint)
+    encoder = module.seq_encoder.eval()
+    got, lengths = vectors(mean), {len(r["event_time"]) for r in records.records}
+    assert len(lengths) > 1  # users of uneven lengths share inference batches: padding must not count
+    for rec in records.records[:3]:
+        features = {k: v for k, v in rec.items() if k != "user_id"}
+        with torch.no_grad():
+            states = [encoder(collate_feature_dict([{k: v[:t] for k, v in features.items()}]))[0].numpy()
+                      for t in range(1, len(rec["event_time"]) + 1)]
+        assert np.allclose(got[rec["user_id"]], np.mean(states, axis=0), atol=1e-5)
+        assert np.allclose(last_vectors[rec["user_id"]], states[-1], atol=1e-5)
+
+
+def test_norm_skips_padding_and_the_softmax_loss(ml):
+    """norm_skips_padding: in training, the numeric inputs are normalised over the real events only
+    (ptls's default counts the padding zeros, and ln(1 + year) ~ 7.6 then reads as "not padding");
+    loss="softmax": ptls's InfoNCE loss trains to a finite loss."""
+    import torch
+    from ptls.data_load.utils import collate_feature_dict
+    from ptls.frames.coles.losses import SoftmaxLoss
+
+    from producers.coles import train as T
+
+    home, _ = ml
+    con = home.connect(read_only=True)
+    try:
+        records = read_records(con, stored_definition(con, "movielens-100k"), TINY)
+    finally:
+        con.close()
+    short = {k: v[:3] for k, v in records.records[0].items() if k != "user_id"}  # padded to the long one's length
+    batch = collate_feature_dict([short, {k: v for k, v in records.records[1].items() if k != "user_id"}])
+    real = batch.seq_len_mask.bool()
+    year = records.numeric.index("year")
+    for skips, normalised in ((True, True), (False, False)):
+        encoder = T.build_module(records, replace(TINY, norm_skips_padding=skips)).seq_encoder.trx_encoder.train()
+        with torch.no_grad():
+            out = encoder(batch).payload[..., -len(records.numeric):][real][:, year]
+        # std a little under 1: BatchNorm's eps (1e-5) is not small next to the variance of ln(1 + year)
+        assert (abs(float(out.mean())) < 1e-3 and float(out.std(unbiased=False)) > 0.9) == normalised, (skips, out)
+    result = coles(home, "movielens-100k", replace(TINY, loss="softmax"))
+    assert isinstance(T.build_module(records, replace(TINY, loss="softmax"))._loss, SoftmaxLoss)
+    assert math.isfinite(result.final_loss) and result.run_key != coles(home, "movielens-100k", TINY).run_key
+
+
 def test_bank_transactions_with_amounts_and_mcc(home, tmp_path):
     source = write_gender(tmp_path / "gender")
     ingest(home, load_builtin("gender"), IngestConfig(source=source))
@@ -241,6 +305,8 @@ def test_the_gate_and_the_time_window(ml, home, grouplens):
     ({"device": "tpu"}, "device 'tpu'"),
     ({"max_seq_len": -1}, "max_seq_len"),
     ({"threads": 0}, "threads must be at least 1"),
+    ({"pooling": "max"}, "pooling must be last or mean"),
+    ({"loss": "triplet"}, "loss must be contrastive or softmax"),
 ])
 def test_bad_config_values_are_refused_before_any_work(change, message, tmp_path):
     with pytest.raises(ColesError, match=message):
@@ -248,15 +314,25 @@ def test_bad_config_values_are_refused_before_any_work(change, message, tmp_path
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_a_recorded_config_keeps_the_settings_it_was_trained_with():
+    from producers.coles.config import recorded_config
+
+    before = {"hidden_size": 256, "embedding_dim": 16, "epochs": 10, "seed": 42, "as_of": "1998-04-22T23:10:38"}
+    old = recorded_config(before, datetime(1999, 1, 1))  # a run from before pooling / norm_skips_padding / loss
+    assert (old.pooling, old.norm_skips_padding, old.loss) == ("last", False, "contrastive")
+    assert (old.hidden_size, old.embedding_dim, old.as_of) == (256, 16, datetime(1999, 1, 1))
+    assert ColesConfig().pooling == "mean" and recorded_config(ColesConfig().as_dict()) == ColesConfig()
+
+
 def test_the_training_plan_follows_the_data():
     from producers.coles.config import training_plan
 
     movielens = training_plan(np.full(943, 20) + np.arange(943) % 700, ColesConfig())
     assert (len(movielens.train_rows), movielens.n_short, movielens.batches_per_epoch, movielens.note) == \
-        (943, 0, 15, "")  # MovieLens-100k: everyone, every batch, as before the rule
-    mixed = np.array([2] * 300 + [40] * 200)  # 200 long enough: more than two batches of 64
+        (943, 0, 30, "")  # MovieLens-100k: everyone, every batch, as before the rule
+    mixed = np.array([2] * 300 + [40] * 200)  # 200 long enough: more than two batches of 32
     plan = training_plan(mixed, ColesConfig())
-    assert plan.train_rows == tuple(range(300, 500)) and plan.n_short == 300 and plan.batches_per_epoch == 4
+    assert plan.train_rows == tuple(range(300, 500)) and plan.n_short == 300 and plan.batches_per_epoch == 7
     few = training_plan(np.array([2] * 20_000 + [40] * 50), ColesConfig())  # purchases: ~2 per customer
     assert len(few.train_rows) == 20_050 and "training on everyone" in few.note
-    assert few.batches_per_epoch == 100 and "100 of 314 batches per epoch" in few.note
+    assert few.batches_per_epoch == 100 and "100 of 627 batches per epoch" in few.note
