@@ -58,7 +58,11 @@ def print_synth_clicks(r) -> None:
 
 def print_ingest(r, seconds: float) -> None:
     verb = "already ingested" if r.skipped else f"ingested in {seconds:.1f}s"
-    console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
+    users = f"{r.n_users:,} users"
+    if r.n_users_without_events is not None and (r.n_users_without_events or r.n_event_users != r.n_users):
+        users = (f"{r.n_event_users:,} users with events, {r.n_users:,} in the users file "
+                 f"({r.n_users_without_events:,} of them without events)")
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {users}, "
                   f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")
     table = Table("file", "rows read", "rejected", "share", title="source files", title_justify="left")
     for f in r.files:

@@ -75,6 +75,9 @@ class IngestResult:
     n_rejects: int
     files: list[FileStats] = field(default_factory=list)
     skipped: bool = False  # the same source was already ingested
+    # n_users counts the users table: with a label file that is its rows, not the users with events
+    n_event_users: int | None = None
+    n_users_without_events: int | None = None  # label rows whose user has no event (None: no users file)
 
 
 def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
@@ -133,8 +136,14 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
         "code_version": code_version(),
     })
     log("swapping tables into place")
+    n_event_users = con.execute(f"SELECT count(DISTINCT user_id) FROM {stg('events')}").fetchall()[0][0]
+    without = None
+    if definition.users:
+        without = con.execute(f"SELECT count(*) FROM {stg('users')} u WHERE NOT EXISTS "
+                              f"(SELECT 1 FROM {stg('events')} e WHERE e.user_id = u.user_id)").fetchall()[0][0]
     swap_tables(con, schema, SWAPPED_TABLES)
-    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats,
+                        n_event_users=n_event_users, n_users_without_events=without)
 
 
 def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, config: IngestConfig,

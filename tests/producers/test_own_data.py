@@ -77,3 +77,14 @@ def test_min_events_per_user_is_a_check_not_a_filter(listens, tmp_path):
         assert con.execute("SELECT count(DISTINCT user_id) FROM listens.events").fetchone()[0] == len(counts)
     finally:
         con.close()
+
+
+def test_ingest_counts_users_with_events_apart_from_label_rows(listens, tmp_path):
+    """The label file covers only some listeners and names one who never played: the summary must not
+    report its row count as the users ingested (a user would think the others' events were lost)."""
+    home, definition, written = listens
+    r = ingest(Home.resolve(tmp_path / "home"), definition, IngestConfig(source=home.root.parent / "src"))
+    listeners = {p[0] for p in written["plays"]}
+    assert r.n_users == len(written["labels"])
+    assert r.n_event_users == len(listeners) != r.n_users
+    assert r.n_users_without_events == len(set(written["labels"]) - listeners) == 1
