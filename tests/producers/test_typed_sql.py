@@ -61,6 +61,7 @@ def test_unix_seconds_are_utc():
     ("auto", "2024-03-01 14:22:05-05:00", datetime(2024, 3, 1, 19, 22, 5)),
     ("auto", "2024-03-01T14:22:05.5+0100", datetime(2024, 3, 1, 13, 22, 5, 500000)),
     ("auto", "2024-03-01T14:22:05Z", datetime(2024, 3, 1, 14, 22, 5)),
+    ("auto", "2024-01-01 01:02:10+01", datetime(2024, 1, 1, 0, 2, 10)),  # a Parquet TIMESTAMPTZ read as text
     ("auto", "2024-03-01 14:22:05", datetime(2024, 3, 1, 14, 22, 5)),  # no offset: kept as written
     ("auto", "2024-03-01", datetime(2024, 3, 1)),  # a date's "-01" is no offset
     ("%Y-%m-%dT%H:%M:%S%z", "2024-03-01T14:22:05+03:00", datetime(2024, 3, 1, 11, 22, 5)),
