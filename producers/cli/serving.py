@@ -92,8 +92,9 @@ def refresh(p: Pipeline, dataset: str, full: bool, model: str | None, checkpoint
         out.print(f"[green]✓[/] {dataset}: nothing new since {r.since} — nothing refreshed")
         return
     who = "every user" if full else f"{len(r.users):,} users"
+    served = f"; model {r.model} at {r.checkpoint}" if r.model else ""  # no LLM4ES set served: no model to name
     out.print(f"[green]✓[/] {dataset}: refreshed {who} as of {r.as_of} (was {r.since}): "
-              f"{', '.join(r.refreshed)}; model {r.model} at {r.checkpoint}")
+              f"{', '.join(r.refreshed)}{served}")
     for kind, report in r.gate.items():
         out.print(f"gate ({kind}): {report.splitlines()[0]}")
     for what in r.not_refreshed:
