@@ -70,6 +70,10 @@ def print_ingest(r, seconds: float) -> None:
     console.print(table)
     if r.n_rejects:
         console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
+    if r.n_repeated_events:
+        console.print(f"[yellow]warning:[/] {r.n_repeated_events:,} events repeat another event in every column; "
+                      "the dataset declares no events.key, so they are kept and count as events (declare "
+                      "`events.key`, e.g. a transaction id, and validation fails on repeated keys)")
 
 
 def print_append(r, seconds: float) -> None:

@@ -78,6 +78,7 @@ class IngestResult:
     # n_users counts the users table: with a label file that is its rows, not the users with events
     n_event_users: int | None = None
     n_users_without_events: int | None = None  # label rows whose user has no event (None: no users file)
+    n_repeated_events: int | None = None  # events equal in every column to another (None: events.key declared)
 
 
 def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
@@ -141,9 +142,13 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     if definition.users:
         without = con.execute(f"SELECT count(*) FROM {stg('users')} u WHERE NOT EXISTS "
                               f"(SELECT 1 FROM {stg('events')} e WHERE e.user_id = u.user_id)").fetchall()[0][0]
+    repeated = None
+    if not definition.events.key:  # nothing checks uniqueness then: a re-sent row would count twice, unsaid
+        repeated = n_events - con.execute(
+            f"SELECT count(*) FROM (SELECT DISTINCT * FROM {stg('events')})").fetchall()[0][0]
     swap_tables(con, schema, SWAPPED_TABLES)
     return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats,
-                        n_event_users=n_event_users, n_users_without_events=without)
+                        n_event_users=n_event_users, n_users_without_events=without, n_repeated_events=repeated)
 
 
 def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, config: IngestConfig,

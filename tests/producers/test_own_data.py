@@ -88,3 +88,17 @@ def test_ingest_counts_users_with_events_apart_from_label_rows(listens, tmp_path
     assert r.n_users == len(written["labels"])
     assert r.n_event_users == len(listeners) != r.n_users
     assert r.n_users_without_events == len(set(written["labels"]) - listeners) == 1
+
+
+def test_ingest_counts_repeated_rows_without_an_event_key(listens, tmp_path):
+    """The mapping declares no events.key, so nothing checks uniqueness: a re-sent row must be said."""
+    import shutil
+
+    home, definition, _ = listens
+    source = shutil.copytree(home.root.parent / "src", tmp_path / "src")
+    clean = ingest(Home.resolve(tmp_path / "clean"), definition, IngestConfig(source=source))
+    lines = (source / "plays.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (source / "plays.csv").write_text("".join(lines + lines[1:3]), encoding="utf-8")
+    resent = ingest(Home.resolve(tmp_path / "resent"), definition, IngestConfig(source=source))
+    assert clean.n_repeated_events == 0
+    assert (resent.n_events - clean.n_events, resent.n_repeated_events) == (2, 2)
