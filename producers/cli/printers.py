@@ -77,13 +77,16 @@ def print_ingest(r, seconds: float) -> None:
 
 
 def print_append(r, seconds: float) -> None:
+    users = f"{r.n_users:,} users"
+    if r.n_event_users is not None and r.n_event_users != r.n_users:  # a users file that lists not exactly them
+        users = f"{r.n_event_users:,} users with events, {r.n_users:,} in the users file"
     if not r.changed:
         console.print(f"[green]✓[/] {r.dataset}: nothing new ({r.duplicates_skipped:,} events already stored); "
                       "the warehouse is unchanged")
         return
     console.print(f"[green]✓[/] {r.dataset}: +{r.rows_added:,} events for {r.users_touched:,} users "
                   f"({r.users_new:,} new), {r.duplicates_skipped:,} duplicates skipped, {r.rejects:,} rejected rows, "
-                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {r.n_users:,} users "
+                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {users} "
                   f"(appended in {seconds:.1f}s; ingest {r.ingest_id}, data {r.source_hash})", soft_wrap=True)
     if r.dedupe_on_all_columns:
         console.print("the dataset declares no events.key: duplicates were rows equal in every column")

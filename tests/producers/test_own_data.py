@@ -102,3 +102,24 @@ def test_ingest_counts_repeated_rows_without_an_event_key(listens, tmp_path):
     resent = ingest(Home.resolve(tmp_path / "resent"), definition, IngestConfig(source=source))
     assert clean.n_repeated_events == 0
     assert (resent.n_events - clean.n_events, resent.n_repeated_events) == (2, 2)
+
+
+def test_append_counts_as_new_only_users_without_stored_events(listens, tmp_path):
+    """A listener who played before but has no label row is not a new user (the label file is partial)."""
+    import shutil
+
+    from producers.ingest.append import append
+
+    home, definition, written = listens
+    own = Home.resolve(tmp_path / "home")
+    ingest(own, definition, IngestConfig(source=home.root.parent / "src"))
+    unlabelled = next(p[0] for p in written["plays"] if p[0] not in written["labels"])
+    brand_new = max(p[0] for p in written["plays"]) + 10
+    day = shutil.copytree(home.root.parent / "src", tmp_path / "day2")
+    last = max(p[1] for p in written["plays"])
+    (day / "plays.csv").write_text("listener,played_at,track,tags,country,seconds\n"
+                                   f"{unlabelled},{last + 60},Heroes,rock,GB,200\n"
+                                   f"{brand_new},{last + 120},Heroes,rock,GB,200\n", encoding="utf-8")
+    r = append(own, definition, IngestConfig(source=day))
+    assert (r.rows_added, r.users_touched, r.users_new) == (2, 2, 1)
+    assert r.n_event_users == len({p[0] for p in written["plays"]}) + 1 != r.n_users
