@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -330,6 +331,23 @@ def _file_stats(con, files: dict[str, SourceFile], raw: dict[str, RawTable], rej
             for table, src in files.items()]
 
 
+DECIMAL_COMMA = re.compile(r'field (\S+): cannot read "[-+]?[\d.]*\d,\d+" as ')
+
+
+def _reject_hints(file: str, reasons: list[str]) -> list[str]:
+    """What to change in the mapping for the two rejects a European or Windows export gives on every row."""
+    hints = []
+    if any(r.startswith("INVALID ENCODING") for r in reasons):
+        hints.append(f"    {file} is not UTF-8: declare its encoding on its table in the mapping, e.g. "
+                     f"`{{file: {file}, encoding: latin-1}}` (or utf-16)")
+    comma = next((m.group(1) for m in map(DECIMAL_COMMA.search, reasons) if m), None)
+    if comma:
+        hints.append(f"    field {comma} has a decimal comma: read it with "
+                     "`sql: \"replace(<table>.<column>, ',', '.')\"` beside its `column` "
+                     "(README: 'Describing your own data')")
+    return hints
+
+
 def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_share: float) -> None:
     bad = [s for s in stats if s.reject_share > max_share]
     if not bad:
@@ -346,6 +364,7 @@ def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_sha
                      f"threshold {max_share:.2%}); rows {', '.join(map(str, rows))}"
                      f"{' ...' if s.rows_rejected > len(rows) else ''}")
         lines += [f"    row {n}: {reason}" for n, reason in examples]
+        lines += _reject_hints(s.file, [reason or "" for _, reason in examples])
     raise IngestError("too many malformed rows; the warehouse was left unchanged\n" + "\n".join(lines) +
                       "\nFix the file, or raise the threshold with --max-reject-share.")
 

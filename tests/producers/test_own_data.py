@@ -2,12 +2,14 @@
 table) on generated files in its shape: it ingests, validates, and the texts use it as described."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from producers.datasets.definition import load_mapping
 from producers.enrich.base import UserHistory
 from producers.enrich.templates import Synonyms, TemplateEnricher
-from producers.ingest import IngestConfig, ingest
+from producers.ingest import IngestConfig, IngestError, ingest
 from producers.serialize.render import header, rendered_events_sql
 from producers.stores.warehouse import Home
 from tests.fixtures.listens_files import COUNTRIES, UNKNOWN_COUNTRY, write_listens
@@ -123,3 +125,19 @@ def test_append_counts_as_new_only_users_without_stored_events(listens, tmp_path
     r = append(own, definition, IngestConfig(source=day))
     assert (r.rows_added, r.users_touched, r.users_new) == (2, 2, 1)
     assert r.n_event_users == len({p[0] for p in written["plays"]}) + 1 != r.n_users
+
+
+@pytest.mark.parametrize("change, hint", [
+    (lambda text: text.encode("latin-1"), "plays.csv is not UTF-8: declare its encoding"),
+    (lambda text: re.sub(r",(\d+)\n", r',"\1,5"\n', text).encode(), "field seconds has a decimal comma"),
+])
+def test_rejects_of_a_european_or_windows_export_say_what_to_declare(listens, tmp_path, change, hint):
+    import shutil
+
+    home, definition, _ = listens
+    source = shutil.copytree(home.root.parent / "src", tmp_path / "src")
+    text = (source / "plays.csv").read_text(encoding="utf-8").replace(", live", ", lïve")
+    (source / "plays.csv").write_bytes(change(text))
+    with pytest.raises(IngestError, match="too many malformed rows") as err:
+        ingest(Home.resolve(tmp_path / "home"), definition, IngestConfig(source=source))
+    assert hint in str(err.value)
