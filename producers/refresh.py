@@ -391,8 +391,11 @@ def _coles(home: Home, dataset: str, info: dict, users: list, canary: list, as_o
     con = home.connect(read_only=True)
     try:
         d = stored_definition(con, dataset)
+        stored = prov.get("vocabulary") or {}
+        codes = ({name: v["values"] for name, v in stored.items()}
+                 if stored and all("values" in v for v in stored.values()) else None)
         records = read_records(con, d, config, vocab_as_of=datetime.fromisoformat(prov["data"]["as_of"]),
-                               users=sorted(set(users) | set(canary)))
+                               users=sorted(set(users) | set(canary)), codes=codes)
     finally:
         con.close()
     module = T.build_module(records, config)

@@ -58,7 +58,11 @@ def print_synth_clicks(r) -> None:
 
 def print_ingest(r, seconds: float) -> None:
     verb = "already ingested" if r.skipped else f"ingested in {seconds:.1f}s"
-    console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {r.n_users:,} users, "
+    users = f"{r.n_users:,} users"
+    if r.n_users_without_events is not None and (r.n_users_without_events or r.n_event_users != r.n_users):
+        users = (f"{r.n_event_users:,} users with events, {r.n_users:,} in the users file "
+                 f"({r.n_users_without_events:,} of them without events)")
+    console.print(f"[green]✓[/] {r.dataset}: {r.n_events:,} events, {users}, "
                   f"{r.n_rejects:,} rejected rows ({verb}; ingest {r.ingest_id}, data {r.source_hash})")
     table = Table("file", "rows read", "rejected", "share", title="source files", title_justify="left")
     for f in r.files:
@@ -66,16 +70,23 @@ def print_ingest(r, seconds: float) -> None:
     console.print(table)
     if r.n_rejects:
         console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
+    if r.n_repeated_events:
+        console.print(f"[yellow]warning:[/] {r.n_repeated_events:,} events repeat another event in every column; "
+                      "the dataset declares no events.key, so they are kept and count as events (declare "
+                      "`events.key`, e.g. a transaction id, and validation fails on repeated keys)")
 
 
 def print_append(r, seconds: float) -> None:
+    users = f"{r.n_users:,} users"
+    if r.n_event_users is not None and r.n_event_users != r.n_users:  # a users file that lists not exactly them
+        users = f"{r.n_event_users:,} users with events, {r.n_users:,} in the users file"
     if not r.changed:
         console.print(f"[green]✓[/] {r.dataset}: nothing new ({r.duplicates_skipped:,} events already stored); "
                       "the warehouse is unchanged")
         return
     console.print(f"[green]✓[/] {r.dataset}: +{r.rows_added:,} events for {r.users_touched:,} users "
                   f"({r.users_new:,} new), {r.duplicates_skipped:,} duplicates skipped, {r.rejects:,} rejected rows, "
-                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {r.n_users:,} users "
+                  f"events {r.min_event_time} .. {r.max_event_time}; now {r.n_events:,} events, {users} "
                   f"(appended in {seconds:.1f}s; ingest {r.ingest_id}, data {r.source_hash})", soft_wrap=True)
     if r.dedupe_on_all_columns:
         console.print("the dataset declares no events.key: duplicates were rows equal in every column")

@@ -69,11 +69,15 @@ def usable_fields(d: DatasetDefinition) -> tuple[list[FieldSpec], list[FieldSpec
 
 
 def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: ColesConfig,
-                 vocab_as_of: datetime | None = None, users: list | None = None) -> Records:
+                 vocab_as_of: datetime | None = None, users: list | None = None,
+                 codes: dict[str, list] | None = None) -> Records:
     """Every user's events up to as_of (default: the last event) as ptls records, sorted by user id.
 
-    A refresh (inference with a trained encoder): `vocab_as_of`, the as-of its vocabulary was ranked at,
-    so every value keeps the code the encoder learned; `users`, only these users' records."""
+    A refresh (inference with a trained encoder): `codes`, each field's ranked values as the encoder's
+    vocabulary stored them (`vocabulary[field]["values"]`), so every value keeps the code the encoder
+    learned even when late events (an append dated before the old as-of) would rank them otherwise;
+    else `vocab_as_of`, the as-of the vocabulary was ranked at (runs that stored no values); `users`,
+    only these users' records."""
     import torch
 
     categorical, numeric, skipped = usable_fields(d)
@@ -108,6 +112,9 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
         sizes[f.name] = k = min(int(distinct), config.max_categories)
         vocabulary[f.name] = {"distinct_values": int(distinct), "codes": k, "other_code": k + 1,
                               "embedding_in": k + 2, "event_coverage": float(covered) / float(total) if total else 0.0}
+        if codes is not None and f.name in codes:  # the trained encoder's size, whatever the events say now
+            sizes[f.name] = k = len(codes[f.name])
+            vocabulary[f.name].update(codes=k, other_code=k + 1, embedding_in=k + 2)
 
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     order_cols = ["event_time", *keys, *(f.name for f in d.events.fields if f.name not in keys)]
@@ -115,10 +122,16 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
     ctes = [f"ev AS ({ev})", f"vev AS ({vev})"]
     joins, select, lists = [], [], []
     for i, f in enumerate(categorical):
-        ctes.append(f"""voc{i} AS (SELECT v, code FROM (
-            SELECT "{f.name}" AS v, row_number() OVER (ORDER BY count(*) DESC, "{f.name}" NULLS LAST) AS code
-            FROM vev GROUP BY 1) WHERE code <= {sizes[f.name]})""")
-        joins.append(f'LEFT JOIN voc{i} ON ev."{f.name}" IS NOT DISTINCT FROM voc{i}.v')
+        if codes is not None and f.name in codes:
+            params[f"voc{i}"] = codes[f.name]
+            ranked = f"$voc{i}::VARCHAR[]"
+            ctes.append(f"voc{i} AS (SELECT unnest({ranked}) AS v, generate_subscripts({ranked}, 1) AS code)")
+        else:
+            ctes.append(f"""voc{i} AS (SELECT v, code FROM (
+                SELECT CAST("{f.name}" AS VARCHAR) AS v,
+                       row_number() OVER (ORDER BY count(*) DESC, "{f.name}" NULLS LAST) AS code
+                FROM vev GROUP BY "{f.name}") WHERE code <= {sizes[f.name]})""")
+        joins.append(f'LEFT JOIN voc{i} ON CAST(ev."{f.name}" AS VARCHAR) IS NOT DISTINCT FROM voc{i}.v')
         select.append(f"coalesce(voc{i}.code, {sizes[f.name] + 1})::BIGINT AS c{i}")
         lists.append(f"list(c{i} ORDER BY pos) AS c{i}")
     for i, f in enumerate(numeric):
@@ -141,6 +154,10 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
         FROM coded WHERE pos > n - $max_len
         GROUP BY user_id ORDER BY user_id"""
     table = con.sql(sql, params=params).to_arrow_table()
+    for i, f in enumerate(categorical):  # stored with the run, so that a refresh codes values the same way
+        vocabulary[f.name]["values"] = list(codes[f.name]) if codes is not None and f.name in codes else [
+            r[0] for r in con.execute(f"WITH vev AS ({vev}), {ctes[2 + i]} SELECT v FROM voc{i} ORDER BY code",
+                                      {"vocab_as_of": vocab_as_of}).fetchall()]
 
     users = table.column("user_id").to_pylist()
     n_events = table.column("n_events").to_numpy().astype(np.int64)

@@ -56,7 +56,7 @@ class AppendResult:
     duplicates_skipped: int
     rejects: int
     users_touched: int  # users with at least one added event
-    users_new: int  # of those, users not stored before
+    users_new: int  # of those, users without a stored event before
     min_event_time: datetime | None
     max_event_time: datetime | None
     dedupe_key: list[str]
@@ -64,6 +64,7 @@ class AppendResult:
     n_events: int  # stored after the append
     n_users: int
     fallback_files: dict[str, str] = field(default_factory=dict)  # table -> file read from an earlier source
+    n_event_users: int | None = None  # users with events after the append (n_users counts the users table)
 
     @property
     def changed(self) -> bool:
@@ -169,7 +170,8 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     n_valid = one(con, f"SELECT count(*) FROM {stg('events')}")[0]
     n_added, touched, new_users, t_min, t_max = one(con, f"""
         SELECT count(*), count(DISTINCT a.user_id),
-               count(DISTINCT a.user_id) FILTER (WHERE a.user_id NOT IN (SELECT user_id FROM {q('users')})),
+               count(DISTINCT a.user_id) FILTER (WHERE NOT EXISTS (
+                   SELECT 1 FROM {q('events')} e WHERE e.user_id = a.user_id)),  -- not the users file: it may omit some
                min(a.event_time), max(a.event_time)
         FROM {stg('added')} AS a""")
     # The new files' rejects, less those a re-sent file already put there.
@@ -211,6 +213,7 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
     data_hash = h.hexdigest()[:16]
     n_events = n_events_before + n_added
     n_users = n_users_before + n_new_user_rows
+    n_event_users = one(con, f"SELECT count(DISTINCT user_id) FROM {q('events')}")[0] + new_users
     total_rejects = one(con, f"SELECT count(DISTINCT (source, row_number)) FROM {q('rejects')}")[0] + n_new_rejects
     # ingest_log lists every file the stored data came from, so the data gate checks reject shares of all.
     all_files = json.loads(previous["files"]) + [asdict(s) for s in stats]
@@ -246,7 +249,7 @@ def _append(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
                     f"max(event_time) FROM {stg('added')} GROUP BY user_id ORDER BY user_id", [ingest_id])
     return AppendResult(ingest_id=ingest_id, source_hash=data_hash, rows_added=n_added, users_touched=touched,
                         users_new=new_users, min_event_time=t_min, max_event_time=t_max, n_events=n_events,
-                        n_users=n_users, **common)
+                        n_users=n_users, n_event_users=n_event_users, **common)
 
 
 def _skip_unchanged_users(definition: DatasetDefinition, files: dict[str, SourceFile],

@@ -198,8 +198,24 @@ def _csv_error(src: SourceFile, spec: TableSource, error: duckdb.Error, max_line
         return (f"{src.path.name}: a line is {actual:,} bytes long, over the CSV reader's limit of {limit:,} bytes "
                 f"(DuckDB: Maximum line size of {limit} bytes exceeded); raise the limit with "
                 f"`llm4es ingest ... --max-line-size {max(actual + 1024, 2 * (max_line_size or limit))}`")
+    if _mixed_line_endings(src.path):
+        return (f"{src.path.name}: mixes Windows (CRLF) and Unix (LF) line endings, e.g. exports joined together, "
+                f"which the CSV reader refuses; convert it to one (`sed -i 's/\\r$//' {src.path.name}` or "
+                f"dos2unix) (DuckDB: {duckdb_message(error, 120)})")
     return (f"{src.path.name}: cannot be read ({duckdb_message(error)}); check its delimiter, quote and "
             f"encoding in the definition of table {src.table!r}")
+
+
+def _mixed_line_endings(path: Path) -> bool:
+    """Both CRLF and a bare LF in the file's first MiB (a reader fixes its newline from the first lines)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    crlf = head.count(b"\r\n")
+    return 0 < crlf < head.count(b"\n")
 
 
 def duckdb_message(error: BaseException, width: int = 300) -> str:

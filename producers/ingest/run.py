@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class IngestResult:
     n_rejects: int
     files: list[FileStats] = field(default_factory=list)
     skipped: bool = False  # the same source was already ingested
+    # n_users counts the users table: with a label file that is its rows, not the users with events
+    n_event_users: int | None = None
+    n_users_without_events: int | None = None  # label rows whose user has no event (None: no users file)
+    n_repeated_events: int | None = None  # events equal in every column to another (None: events.key declared)
 
 
 def ingest(home: Home, definition: DatasetDefinition, config: IngestConfig,
@@ -133,8 +138,18 @@ def _ingest(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, confi
         "code_version": code_version(),
     })
     log("swapping tables into place")
+    n_event_users = con.execute(f"SELECT count(DISTINCT user_id) FROM {stg('events')}").fetchall()[0][0]
+    without = None
+    if definition.users:
+        without = con.execute(f"SELECT count(*) FROM {stg('users')} u WHERE NOT EXISTS "
+                              f"(SELECT 1 FROM {stg('events')} e WHERE e.user_id = u.user_id)").fetchall()[0][0]
+    repeated = None
+    if not definition.events.key:  # nothing checks uniqueness then: a re-sent row would count twice, unsaid
+        repeated = n_events - con.execute(
+            f"SELECT count(*) FROM (SELECT DISTINCT * FROM {stg('events')})").fetchall()[0][0]
     swap_tables(con, schema, SWAPPED_TABLES)
-    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats)
+    return IngestResult(definition.name, schema, ingest_id, data_hash, n_events, n_users, n_rejects, stats,
+                        n_event_users=n_event_users, n_users_without_events=without, n_repeated_events=repeated)
 
 
 def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, config: IngestConfig,
@@ -316,6 +331,23 @@ def _file_stats(con, files: dict[str, SourceFile], raw: dict[str, RawTable], rej
             for table, src in files.items()]
 
 
+DECIMAL_COMMA = re.compile(r'field (\S+): cannot read "[-+]?[\d.]*\d,\d+" as ')
+
+
+def _reject_hints(file: str, reasons: list[str]) -> list[str]:
+    """What to change in the mapping for the two rejects a European or Windows export gives on every row."""
+    hints = []
+    if any(r.startswith("INVALID ENCODING") for r in reasons):
+        hints.append(f"    {file} is not UTF-8: declare its encoding on its table in the mapping, e.g. "
+                     f"`{{file: {file}, encoding: latin-1}}` (or utf-16)")
+    comma = next((m.group(1) for m in map(DECIMAL_COMMA.search, reasons) if m), None)
+    if comma:
+        hints.append(f"    field {comma} has a decimal comma: read it with "
+                     "`sql: \"replace(<table>.<column>, ',', '.')\"` beside its `column` "
+                     "(README: 'Describing your own data')")
+    return hints
+
+
 def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_share: float) -> None:
     bad = [s for s in stats if s.reject_share > max_share]
     if not bad:
@@ -332,6 +364,7 @@ def _enforce_reject_threshold(con, stats: list[FileStats], rejects: str, max_sha
                      f"threshold {max_share:.2%}); rows {', '.join(map(str, rows))}"
                      f"{' ...' if s.rows_rejected > len(rows) else ''}")
         lines += [f"    row {n}: {reason}" for n, reason in examples]
+        lines += _reject_hints(s.file, [reason or "" for _, reason in examples])
     raise IngestError("too many malformed rows; the warehouse was left unchanged\n" + "\n".join(lines) +
                       "\nFix the file, or raise the threshold with --max-reject-share.")
 

@@ -18,6 +18,7 @@ from producers.stores.warehouse import sql_ident, sql_str
 
 
 INTEGER_TYPES = {"BIGINT", "INTEGER"}
+OFFSET_AT_END = r"\d:\d\d(:\d\d(\.\d+)?)?\s*(Z|[+-]\d\d(:?\d\d)?)$"  # a clock time, then Z or +hh[:mm]
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,13 @@ def time_column(spec: TimeSpec, table: str, cols: RawColumns) -> TypedColumn:
     text = f"trim({raw})"
     fmt = spec.format
     if fmt == "auto":
-        value, what = f"TRY_CAST({text} AS TIMESTAMP)", "a timestamp"
+        # A cast to TIMESTAMP drops a UTC offset ("14:22+03:00" stays 14:22), so exports whose rows
+        # carry different offsets would be on different clocks: times with an offset go through
+        # TIMESTAMPTZ and are stored in UTC, independent of the session's time zone.
+        utc = f"timezone('UTC', TRY_CAST({text} AS TIMESTAMPTZ))"
+        has_offset = f"regexp_matches({text}, {sql_str(OFFSET_AT_END)})"
+        value = f"CASE WHEN {has_offset} THEN {utc} ELSE TRY_CAST({text} AS TIMESTAMP) END"
+        what = "a timestamp"
     elif fmt in ("unix", "unix_ms"):
         scale = 1_000_000 if fmt == "unix" else 1_000
         value = f"TRY(make_timestamp(CAST(TRY_CAST({text} AS DOUBLE) * {scale} AS BIGINT)))"
@@ -103,6 +110,8 @@ def time_column(spec: TimeSpec, table: str, cols: RawColumns) -> TypedColumn:
         what = f"'<day index> HH:MM:SS' (day 0 = {spec.origin})"
     else:
         value, what = f"try_strptime({text}, {sql_str(fmt)})", f"a time in format {fmt}"
+        if "%z" in fmt or "%Z" in fmt:  # strptime gives a TIMESTAMPTZ: store a plain TIMESTAMP in UTC
+            value = f"timezone('UTC', {value})"
     return TypedColumn("event_time", value, raw, what)
 
 

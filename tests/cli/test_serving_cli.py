@@ -88,3 +88,18 @@ def test_evaluate_defaults_to_the_published_feature_sets(llm4es, tmp_path):
     for name in ("coles", "llm4es", "coles+llm4es", "coles+agg"):
         assert f"not evaluated: {name} (" in evaluated.output
     assert "llm4es coles" in evaluated.output and "llm4es embed" in evaluated.output
+
+
+def test_refresh_without_an_llm4es_set_names_no_model(llm4es, monkeypatch):
+    """A bank serving only aggregates and CoLES read `model None at None` after every refresh."""
+    from types import SimpleNamespace
+
+    from producers.pipeline import Pipeline
+
+    result = SimpleNamespace(nothing_new=False, users=["C1"], as_of="2024-06-29 21:56:12", since="2024-06-28 23:59:11",
+                             refreshed=["coles", "agg"], model=None, checkpoint=None, gate={}, not_refreshed=[],
+                             seconds={}, snapshot_dir="snap")
+    monkeypatch.setattr(Pipeline, "refresh", lambda self, dataset, config: result)
+    out = llm4es("refresh", "mybank")
+    assert out.exit_code == 0 and "refreshed 1 users" in out.output and "coles, agg" in out.output, out.output
+    assert "None" not in out.output

@@ -336,3 +336,33 @@ def test_the_training_plan_follows_the_data():
     few = training_plan(np.array([2] * 20_000 + [40] * 50), ColesConfig())  # purchases: ~2 per customer
     assert len(few.train_rows) == 20_050 and "training on everyone" in few.note
     assert few.batches_per_epoch == 100 and "100 of 627 batches per epoch" in few.note
+
+
+def test_stored_codes_survive_late_events(home, grouplens):
+    """A refresh codes values with the encoder's stored vocabulary: late events (an append dated before the
+    trained as-of, as a daily export in another time zone gives) must not re-rank the values, which would
+    feed the encoder other codes for the same events (seen: mean cosine 0.95 on unchanged users)."""
+    ingest(home, load_builtin("movielens-100k"), IngestConfig(source=grouplens))
+    config = replace(TINY, max_categories=5)
+    con = home.connect()
+    try:
+        d = stored_definition(con, "movielens-100k")
+        before = read_records(con, d, config)
+        values = before.vocabulary["movie_id"]["values"]
+        assert len(values) == 5
+        counts = dict(con.execute(f"SELECT movie_id, count(*) FROM {SCHEMA}.events GROUP BY 1").fetchall())
+        sixth = sorted(counts, key=lambda m: (-counts[m], m))[5]
+        late = before.users[0]  # this user's late events make the sixth movie the most frequent
+        for days in range(1, 11):
+            con.execute(f"INSERT INTO {SCHEMA}.events SELECT * REPLACE (CAST(? AS {d.events.user_dtype}) AS user_id, "
+                        f"event_time - to_days(CAST(? AS INTEGER)) AS event_time) FROM {SCHEMA}.events "
+                        "WHERE movie_id = ? AND user_id <> ?", [late, days, sixth, late])
+        others = [u for u in before.users if u != late]
+        reranked = read_records(con, d, config, vocab_as_of=before.as_of, users=others)
+        kept = read_records(con, d, config, vocab_as_of=before.as_of, users=others, codes={"movie_id": values})
+    finally:
+        con.close()
+    old = {u: r["movie_id"].tolist() for u, r in zip(before.users, before.records)}
+    assert any(r["movie_id"].tolist() != old[u] for u, r in zip(reranked.users, reranked.records))  # the hazard
+    assert all(r["movie_id"].tolist() == old[u] for u, r in zip(kept.users, kept.records))
+    assert kept.categorical == before.categorical and kept.vocabulary["movie_id"]["values"] == values

@@ -371,3 +371,14 @@ def test_a_too_long_line_in_a_declared_layout_is_a_reject_saying_why(home, group
     reason = con.execute("SELECT reason FROM movielens_100k.rejects").fetchall()[0][0]
     con.close()
     assert "Maximum line size" in reason
+
+
+def test_mixed_line_endings_are_named(home, tmp_path):
+    """Two exports joined together (one written on Windows): DuckDB's reader refuses the file; the message
+    says why and how to convert it, instead of a sniffer error about a temporary file."""
+    folder = write_rosbank(tmp_path / "src")
+    lines = (folder / "train.csv").read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+    half = len(lines) // 2
+    (folder / "train.csv").write_bytes(b"\r\n".join(lines[:half]) + b"\r\n" + b"\n".join(lines[half:]))
+    with pytest.raises(IngestError, match=r"^train\.csv: mixes Windows \(CRLF\) and Unix \(LF\) line endings.*dos2"):
+        ingest(home, load_builtin("rosbank"), IngestConfig(folder))

@@ -2,12 +2,14 @@
 table) on generated files in its shape: it ingests, validates, and the texts use it as described."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from producers.datasets.definition import load_mapping
 from producers.enrich.base import UserHistory
 from producers.enrich.templates import Synonyms, TemplateEnricher
-from producers.ingest import IngestConfig, ingest
+from producers.ingest import IngestConfig, IngestError, ingest
 from producers.serialize.render import header, rendered_events_sql
 from producers.stores.warehouse import Home
 from tests.fixtures.listens_files import COUNTRIES, UNKNOWN_COUNTRY, write_listens
@@ -77,3 +79,65 @@ def test_min_events_per_user_is_a_check_not_a_filter(listens, tmp_path):
         assert con.execute("SELECT count(DISTINCT user_id) FROM listens.events").fetchone()[0] == len(counts)
     finally:
         con.close()
+
+
+def test_ingest_counts_users_with_events_apart_from_label_rows(listens, tmp_path):
+    """The label file covers only some listeners and names one who never played: the summary must not
+    report its row count as the users ingested (a user would think the others' events were lost)."""
+    home, definition, written = listens
+    r = ingest(Home.resolve(tmp_path / "home"), definition, IngestConfig(source=home.root.parent / "src"))
+    listeners = {p[0] for p in written["plays"]}
+    assert r.n_users == len(written["labels"])
+    assert r.n_event_users == len(listeners) != r.n_users
+    assert r.n_users_without_events == len(set(written["labels"]) - listeners) == 1
+
+
+def test_ingest_counts_repeated_rows_without_an_event_key(listens, tmp_path):
+    """The mapping declares no events.key, so nothing checks uniqueness: a re-sent row must be said."""
+    import shutil
+
+    home, definition, _ = listens
+    source = shutil.copytree(home.root.parent / "src", tmp_path / "src")
+    clean = ingest(Home.resolve(tmp_path / "clean"), definition, IngestConfig(source=source))
+    lines = (source / "plays.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (source / "plays.csv").write_text("".join(lines + lines[1:3]), encoding="utf-8")
+    resent = ingest(Home.resolve(tmp_path / "resent"), definition, IngestConfig(source=source))
+    assert clean.n_repeated_events == 0
+    assert (resent.n_events - clean.n_events, resent.n_repeated_events) == (2, 2)
+
+
+def test_append_counts_as_new_only_users_without_stored_events(listens, tmp_path):
+    """A listener who played before but has no label row is not a new user (the label file is partial)."""
+    import shutil
+
+    from producers.ingest.append import append
+
+    home, definition, written = listens
+    own = Home.resolve(tmp_path / "home")
+    ingest(own, definition, IngestConfig(source=home.root.parent / "src"))
+    unlabelled = next(p[0] for p in written["plays"] if p[0] not in written["labels"])
+    brand_new = max(p[0] for p in written["plays"]) + 10
+    day = shutil.copytree(home.root.parent / "src", tmp_path / "day2")
+    last = max(p[1] for p in written["plays"])
+    (day / "plays.csv").write_text("listener,played_at,track,tags,country,seconds\n"
+                                   f"{unlabelled},{last + 60},Heroes,rock,GB,200\n"
+                                   f"{brand_new},{last + 120},Heroes,rock,GB,200\n", encoding="utf-8")
+    r = append(own, definition, IngestConfig(source=day))
+    assert (r.rows_added, r.users_touched, r.users_new) == (2, 2, 1)
+    assert r.n_event_users == len({p[0] for p in written["plays"]}) + 1 != r.n_users
+
+
+@pytest.mark.parametrize("change, hint", [
+    (lambda text: text.encode("latin-1"), "plays.csv is not UTF-8: declare its encoding"),
+    (lambda text: re.sub(r",(\d+)\n", r',"\1,5"\n', text).encode(), "field seconds has a decimal comma"),
+])
+def test_rejects_of_a_european_or_windows_export_say_what_to_declare(listens, tmp_path, change, hint):
+    import shutil
+
+    home, definition, _ = listens
+    source = shutil.copytree(home.root.parent / "src", tmp_path / "src")
+    text = (source / "plays.csv").read_text(encoding="utf-8").replace(", live", ", lïve")
+    (source / "plays.csv").write_bytes(change(text))
+    with pytest.raises(IngestError, match="too many malformed rows") as err:
+        ingest(Home.resolve(tmp_path / "home"), definition, IngestConfig(source=source))
+    assert hint in str(err.value)

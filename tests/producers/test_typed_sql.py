@@ -54,3 +54,24 @@ def test_unix_seconds_are_utc():
     col = time_column(TimeSpec(column="x", format="unix"), "t", COLS)
     assert evaluate(col, "881250949")[0] == datetime(1997, 12, 4, 15, 55, 49)
     assert evaluate(col, "1e30") == (None, True)
+
+
+@pytest.mark.parametrize("fmt, raw, value", [
+    ("auto", "2024-03-01T14:22:05+03:00", datetime(2024, 3, 1, 11, 22, 5)),
+    ("auto", "2024-03-01 14:22:05-05:00", datetime(2024, 3, 1, 19, 22, 5)),
+    ("auto", "2024-03-01T14:22:05.5+0100", datetime(2024, 3, 1, 13, 22, 5, 500000)),
+    ("auto", "2024-03-01T14:22:05Z", datetime(2024, 3, 1, 14, 22, 5)),
+    ("auto", "2024-01-01 01:02:10+01", datetime(2024, 1, 1, 0, 2, 10)),  # a Parquet TIMESTAMPTZ read as text
+    ("auto", "2024-03-01 14:22:05", datetime(2024, 3, 1, 14, 22, 5)),  # no offset: kept as written
+    ("auto", "2024-03-01", datetime(2024, 3, 1)),  # a date's "-01" is no offset
+    ("%Y-%m-%dT%H:%M:%S%z", "2024-03-01T14:22:05+03:00", datetime(2024, 3, 1, 11, 22, 5)),
+])
+def test_times_with_a_utc_offset_are_stored_in_utc(fmt, raw, value):
+    """A bank export's `+03:00` must not be dropped (auto) nor leave a TIMESTAMPTZ column (%z)
+    whose wall time depends on the machine's time zone."""
+    col = time_column(TimeSpec(column="x", format=fmt), "t", COLS)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'America/New_York'")
+    con.execute('CREATE TABLE t AS SELECT ?::VARCHAR AS "x"', [raw])
+    got, kind = con.execute(f'SELECT {col.value}, typeof({col.value}) FROM t AS "t"').fetchone()
+    assert (got, kind) == (value, "TIMESTAMP")
