@@ -253,7 +253,8 @@ def test_default_features_fail_only_when_none_is_published_and_named_sets_must_e
 
     class SessionsOnly(PlantedSource):  # a clickstream home that published only the second paper's views
         def views(self):
-            return [FakeView("bank__session_rollup", "sessions", True), FakeView("bank__intent_shares", "intents", True)]
+            return [FakeView("bank__session_rollup", "sessions", True),
+                    FakeView("bank__intent_shares", "intents", True)]
 
     with pytest.raises(EvaluateError, match="`--features intents,sessions`"):
         evaluate(home, "movielens-100k", EvaluateConfig(out_dir=tmp_path), source=SessionsOnly(users))
