@@ -92,7 +92,8 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
         # compact text, serialize's budget), against 0.699 / 0.687 at 512 tokens in fp32. Budget on a 2-core
         # AMD EPYC with AVX512-BF16: embedding 943 users x up to 2048 tokens took 422 s (2,833 tokens/s) and the
         # other stages ~410 s (evaluate 304, CoLES 78), ~835 s in all: ~14 minutes of the demo's 20. 1024 tokens
-        # would save ~190 s for 0.034 / 0.007 less.
+        # would save ~190 s for 0.034 / 0.007 less. The same host on a slower day (2026-11-28: 1,811 tokens/s,
+        # identical vectors) took 650 s to embed and 1,105 s in all, still inside the 20 minutes.
         return _base_model_plan(
             hardware, enrich, evaluate, model, length=2048, layers="1:10", dtype="bfloat16",
             why="this CPU's minutes buy more history read instead; a brief fine-tune scored below the base model")
