@@ -93,7 +93,7 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
     while delta in names:
         delta = f"_{delta}"
     vocab_as_of = vocab_as_of or as_of
-    params: dict[str, Any] = {"as_of": as_of, "max_len": config.max_seq_len, "vocab_as_of": vocab_as_of}
+    params: dict[str, Any] = {"as_of": as_of, "max_len": config.max_seq_len}
     ev = f"SELECT * FROM {events} WHERE event_time <= $as_of AND user_id IS NOT NULL"
     vev = f"SELECT * FROM {events} WHERE event_time <= $vocab_as_of AND user_id IS NOT NULL"
     if users is not None:
@@ -115,22 +115,23 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
         if codes is not None and f.name in codes:  # the trained encoder's size, whatever the events say now
             sizes[f.name] = k = len(codes[f.name])
             vocabulary[f.name].update(codes=k, other_code=k + 1, embedding_in=k + 2)
+            values = list(codes[f.name])
+        else:  # the k most frequent values, ranked once: the coding below and the stored run both use them
+            values = [r[0] for r in con.execute(
+                f'SELECT CAST("{f.name}" AS VARCHAR) FROM ({vev}) GROUP BY "{f.name}" '
+                f'ORDER BY count(*) DESC, "{f.name}" NULLS LAST LIMIT $k',
+                {"vocab_as_of": vocab_as_of, "k": k}).fetchall()]
+        vocabulary[f.name]["values"] = values  # stored with the run, so that a refresh codes values the same way
 
     keys = [c for c in (d.events.key or []) if c not in ("user_id", "event_time")]
     order_cols = ["event_time", *keys, *(f.name for f in d.events.fields if f.name not in keys)]
     order = ", ".join(f'ev."{c}" NULLS LAST' for c in order_cols)
-    ctes = [f"ev AS ({ev})", f"vev AS ({vev})"]
+    ctes = [f"ev AS ({ev})"]
     joins, select, lists = [], [], []
     for i, f in enumerate(categorical):
-        if codes is not None and f.name in codes:
-            params[f"voc{i}"] = codes[f.name]
-            ranked = f"$voc{i}::VARCHAR[]"
-            ctes.append(f"voc{i} AS (SELECT unnest({ranked}) AS v, generate_subscripts({ranked}, 1) AS code)")
-        else:
-            ctes.append(f"""voc{i} AS (SELECT v, code FROM (
-                SELECT CAST("{f.name}" AS VARCHAR) AS v,
-                       row_number() OVER (ORDER BY count(*) DESC, "{f.name}" NULLS LAST) AS code
-                FROM vev GROUP BY "{f.name}") WHERE code <= {sizes[f.name]})""")
+        params[f"voc{i}"] = vocabulary[f.name]["values"]
+        ranked = f"$voc{i}::VARCHAR[]"
+        ctes.append(f"voc{i} AS (SELECT unnest({ranked}) AS v, generate_subscripts({ranked}, 1) AS code)")
         joins.append(f'LEFT JOIN voc{i} ON CAST(ev."{f.name}" AS VARCHAR) IS NOT DISTINCT FROM voc{i}.v')
         select.append(f"coalesce(voc{i}.code, {sizes[f.name] + 1})::BIGINT AS c{i}")
         lists.append(f"list(c{i} ORDER BY pos) AS c{i}")
@@ -154,10 +155,6 @@ def read_records(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, config: C
         FROM coded WHERE pos > n - $max_len
         GROUP BY user_id ORDER BY user_id"""
     table = con.sql(sql, params=params).to_arrow_table()
-    for i, f in enumerate(categorical):  # stored with the run, so that a refresh codes values the same way
-        vocabulary[f.name]["values"] = list(codes[f.name]) if codes is not None and f.name in codes else [
-            r[0] for r in con.execute(f"WITH vev AS ({vev}), {ctes[2 + i]} SELECT v FROM voc{i} ORDER BY code",
-                                      {"vocab_as_of": vocab_as_of}).fetchall()]
 
     users = table.column("user_id").to_pylist()
     n_events = table.column("n_events").to_numpy().astype(np.int64)
