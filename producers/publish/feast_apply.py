@@ -374,7 +374,7 @@ def _materialize(home: Home, online_store: str, end: datetime | None, redis_url:
 
 
 def _write_online(store: "FeatureStore", names: list[str], rows: dict[str, "pa.Table"], end: datetime,
-                  log: Log, online_store: str = "") -> list[str]:
+                  log: Log, online_store: str) -> list[str]:
     """Write each view's `rows` (the latest row of every key this publish changed) into the online store and
     record the materialization up to `end` in the registry, as `materialize-incremental` would after reading
     the view's whole history: its other keys' rows are already served (`_caught_up`). The views left to
@@ -387,7 +387,7 @@ def _write_online(store: "FeatureStore", names: list[str], rows: dict[str, "pa.T
     if not chosen:
         return names
     # a refresh writes into every store the home serves: say which
-    log(f"writing the changed keys' rows into the {online_store + ' ' if online_store else ''}online store: "
+    log(f"writing the changed keys' rows into the {online_store} online store: "
         f"{', '.join(f'{n} ({t.num_rows:,})' for n, t in sorted(chosen.items()))}")
     with _quiet():
         for name, table in sorted(chosen.items()):
