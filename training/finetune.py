@@ -92,7 +92,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2  # accelerate checkpoints kept (models/ keeps every epoch)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda
+    device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda | cuda:N (one process)
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
     chunked_loss: bool = True  # the loss without (batch, seq, vocab) float32 logits (training.loss)
     run_name: str | None = None  # default: <dataset>__<model>__<mixture>
@@ -162,10 +162,11 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
                                single_items)
     from producers.shared.models import load_tokenizer, resolve_model
 
-    from training.hardware import choose_device, fast_cuda_settings
+    from training.hardware import choose_device, fast_cuda_settings, select_named_gpu
 
     mixture = Mixture.parse(config.mixture)
     on_cpu = choose_device(config.device, FinetuneError).type == "cpu"
+    select_named_gpu(config.device, FinetuneError)  # before the Accelerator, which places on a bare `cuda`
     _fresh_accelerator_state(on_cpu, _precision(config, on_cpu))
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
                               mixed_precision=_precision(config, on_cpu))

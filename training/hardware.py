@@ -3,6 +3,7 @@
 - `choose_device`: `auto` means CUDA when available, unless the environment variable
   `LLM4ES_DEVICE` names a device (the test suite sets `cpu`, so a GPU machine runs the CPU suite on
   the CPU); under `torchrun` / `accelerate launch` each process takes the GPU of its `LOCAL_RANK`.
+- `select_named_gpu`: `cuda:N` made the current GPU, for accelerate's bare `cuda` in one process.
 - `Ranks`: the process's place in a multi-process job, read from the launcher's environment.
 - `fast_cuda_settings`: TF32 matmuls on CUDA (never on the CPU path, which stays bit-for-bit).
 - `model_flops_per_token` / `peak_flops`: the MFU convention the README states.
@@ -48,6 +49,26 @@ def choose_device(device: str = "auto", error: type[Exception] = ValueError) -> 
     if chosen.type == "cuda" and chosen.index is None:  # "cuda" under torchrun: each process its own GPU
         chosen = torch.device("cuda", Ranks.from_env().local_rank % torch.cuda.device_count())
     return chosen
+
+
+def select_named_gpu(device: str, error: type[Exception] = ValueError) -> None:
+    """Make `cuda:N` the current CUDA device when `device` names it, for code that places tensors on a
+    bare `cuda`: accelerate does so in a single process, so `finetune --device cuda:1` trained on GPU 0.
+
+    A launched job (torchrun, accelerate launch) gives each process the GPU of its LOCAL_RANK; one index
+    for every process would put them all on one GPU, so it is refused with what to use instead.
+    """
+    import torch
+
+    requested = requested_device(device)
+    if not requested.startswith("cuda:"):
+        return
+    chosen = choose_device(requested, error)
+    if Ranks.from_env().distributed:
+        raise error(f"device {requested!r} names one GPU, but this is one process of {Ranks.from_env().world_size}: "
+                    "each process takes the GPU of its LOCAL_RANK. Leave --device out (or say `cuda`), and choose "
+                    "the GPUs with CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(chosen)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ V = config_defaults("training.evaluate.run", "EvaluateConfig")
 @click.option("--seed", type=int, default=F.seed, show_default=True)
 @click.option("--run-name", default=F.run_name, help="Folder under runs/<dataset>/; re-running a name resumes it.")
 @click.option("--device", default=F.device, show_default=True,
-              help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu or cuda.")
+              help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda, or cuda:N in a "
+                   "single process (a launched job: each process its LOCAL_RANK's GPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
 @force_opt
 @pass_pipeline

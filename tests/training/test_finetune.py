@@ -477,3 +477,18 @@ def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_mo
                                    "runs/movielens_100k"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     assert "models/epoch-E/ or models/step-N/" in bad.output
+
+
+def test_finetune_selects_a_named_gpu_before_the_accelerator_places_the_model(home, tiny_model, monkeypatch):
+    """The device choice must reach CUDA before accelerate does: here the call is intercepted (no GPU)."""
+    import training.hardware as hardware
+
+    class Chosen(Exception):
+        pass
+
+    def intercept(device, error):
+        raise Chosen(device)
+
+    monkeypatch.setattr(hardware, "select_named_gpu", intercept)
+    with pytest.raises(Chosen, match="cpu"):
+        finetune(home, DATASET, cfg(tiny_model, device="cpu", max_steps=1))

@@ -38,3 +38,36 @@ def test_flops_per_token_count_every_matmul_weight_once():
     assert model_flops_per_token(config, context, training=True) == 6 * n + 3 * attention
     assert model_flops_per_token(config, context, training=False) == 2 * n + attention
     assert model_flops_per_token(config, context, training=False, lm_head=False) == 2 * (n - n_head) + attention
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine that says it has two GPUs; `set_device` records instead of touching CUDA."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LLM4ES_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    return chosen
+
+
+def test_a_named_gpu_becomes_the_current_one_in_a_single_process(two_gpus):
+    """accelerate places a single process's model on a bare `cuda`, the current GPU: without this,
+    `finetune --device cuda:1` trained on GPU 0."""
+    from training.hardware import select_named_gpu
+
+    for device in ("auto", "cpu", "cuda"):
+        select_named_gpu(device)
+    assert two_gpus == []
+    select_named_gpu("cuda:1")
+    assert two_gpus == [torch.device("cuda", 1)]
+
+
+def test_a_named_gpu_is_refused_in_a_launched_job(two_gpus, monkeypatch):
+    from training.hardware import select_named_gpu
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        select_named_gpu("cuda:1")
+    assert two_gpus == []
