@@ -20,6 +20,9 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
 3. optional (`--quality-model DIR --source ML100K_DIR`): the real pipeline on MovieLens-100k:
    ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
    embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
+4. A/B variants of the fine-tuning step (`AB_VARIANTS`: the chunked loss's matmuls in bf16, `--compile`,
+   both), after the quality run and each only while its estimated time fits `--budget-s`: the figures
+   that decide finetune's defaults, measured in the same one-shot run.
 
 A step that raises is recorded (`errors` in the JSON, its traceback in the log), counted as failed, and
 the next step still runs: the GPU run is one shot, and one broken step must not cost the others.
@@ -56,6 +59,17 @@ SHAPES = {
 # The tests take well under a minute on a GPU machine (9 tiny-model tests, two 10-step fine-tunes); a hang
 # must still leave the throughput and quality steps most of gpu_bundle's 520 s.
 TESTS_TIMEOUT_S = 180
+# The A/B variants of the fine-tuning step, measured after the quality run so they never starve it; each
+# runs only while its estimated H200 seconds (model load, warm-up or compile, 20 steps) fit the budget left.
+# The decision they inform: finetune's defaults (--loss-dtype, --compile) are chosen from these figures.
+# A compile of the 30-block model is ~1 minute with inductor (cached for the second compile: same graph).
+AB_VARIANTS = (
+    ("smollm2-135m", "loss-bf16", {"loss_dtype": "autocast"}, 30),
+    ("llama-3.2-1b", "loss-bf16", {"loss_dtype": "autocast"}, 45),
+    ("smollm2-135m", "compile", {"compile": True}, 150),
+    ("smollm2-135m", "compile+loss-bf16", {"compile": True, "loss_dtype": "autocast"}, 60),
+)
+BUDGET_S = 480  # of gpu_bundle's `timeout 520` for this script: what is left is for writing the JSON
 TARGETS = {"smollm2-135m": {"train_tokens_per_s": 300_000, "embed_tokens_per_s": 1_000_000},
            "llama-3.2-1b": {"train_mfu": 0.40}}
 
@@ -86,14 +100,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, device) -> dict:
-    """The fine-tuning step on full rows of random tokens: real tokens/s of compute, peak memory, MFU."""
+def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: int, device,
+                     loss_dtype: str = "float32", compile: bool = False, compile_backend: str | None = None) -> dict:
+    """The fine-tuning step on full rows of random tokens: real tokens/s of compute, peak memory, MFU.
+
+    `loss_dtype` and `compile` are finetune's options of the same names (the A/B variants); a compile
+    happens in the warm-up steps, whose time is reported apart (`warmup_seconds`)."""
     import numpy as np
     import torch
     from accelerate import Accelerator
 
     from training.data import make_collate
-    from training.finetune import FinetuneConfig, _optimizer, training_loss
+    from training.finetune import FinetuneConfig, _optimizer, loss_matmul_dtype, training_loss
     from training.hardware import fast_cuda_settings, model_flops_per_token, peak_flops
     from producers.shared.models import load_causal_lm
 
@@ -106,6 +124,9 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     head = bypass_lm_head(model)  # the chunked loss, as `llm4es finetune` runs by default
     optimizer = _optimizer(model, FinetuneConfig(), fused=cuda)
     model, optimizer = acc.prepare(model, optimizer)
+    if compile:  # after prepare, as `llm4es finetune` does
+        model = torch.compile(model, **({"backend": compile_backend} if compile_backend else {}))
+    head_dtype = loss_matmul_dtype(loss_dtype, acc.mixed_precision)
     vocab = model.config.vocab_size if hasattr(model, "config") else acc.unwrap_model(model).config.vocab_size
     rng = np.random.default_rng(0)
     collate = make_collate(pad_id=0, packed=False)
@@ -114,11 +135,12 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses = []
+    t_warm = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
             sync(acc.device)
             t0 = time.perf_counter()
-        loss = training_loss(model, data, head)
+        loss = training_loss(model, data, head, head_dtype)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -131,6 +153,7 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     flops = model_flops_per_token(config, mean_context=seq / 2, training=True)
     peak, name = peak_flops(acc.device)
     out = {"kind": "train", "seq": seq, "batch": batch, "steps": steps, "seconds": round(seconds, 3),
+           "warmup_seconds": round(t0 - t_warm, 3), "loss_dtype": loss_dtype, "compile": compile,
            "tokens_per_s": round(tps), "flops_per_token": flops, "device": name,
            "mfu": round(tps * flops / peak, 4) if peak else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
@@ -242,10 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="the real SmolLM2 GGUF (joined from its halves): converted here, then the quality model")
     ap.add_argument("--source", type=Path, default=None, help="MovieLens-100k files for the quality run")
     ap.add_argument("--quality-epochs", type=int, default=1)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"seconds this run may take: the A/B variants that would not fit are skipped "
+                         f"(default {BUDGET_S} on a GPU, none in a dry run)")
     args = ap.parse_args(argv)
 
     import torch
 
+    started = time.perf_counter()
+    budget = args.budget_s if args.budget_s is not None else (None if args.dry_run else BUDGET_S)
     from benchmarks.machine import describe
     from training.hardware import choose_device
 
@@ -297,28 +325,31 @@ def main(argv: list[str] | None = None) -> int:
     models = args.out / "models"
     names = ["tiny"] if args.dry_run else ["smollm2-135m"] + ([] if args.skip_1b else ["llama-3.2-1b"])
 
-    def train_fitting(folder: Path, name: str, seq: int, batch: int, steps: int, warmup: int) -> dict:
+    def train_fitting(folder: Path, name: str, seq: int, batch: int, steps: int, warmup: int, **variant) -> dict:
         for rows in (batch, batch // 2, batch // 4):  # a batch that does not fit halves, and says so
             try:
-                return train_throughput(folder, seq, max(rows, 1), steps, warmup, device)
+                return train_throughput(folder, seq, max(rows, 1), steps, warmup, device, **variant)
             except torch.OutOfMemoryError:
                 log(f"{name}: batch {rows} x {seq} does not fit; halving")
             free_cuda()  # the failed try's model and optimizer, before the next try loads them again
         return {"error": "out of memory"}
 
+    seq = 128 if args.dry_run else 2048
+    steps, warmup = (3, 1) if args.dry_run else (20, 3)
+    shape_batch = lambda name: 2 if args.dry_run else (16 if name == "smollm2-135m" else 8)  # noqa: E731
+    built: dict[str, Path] = {}
+    mfu = lambda r: f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""  # noqa: E731
     for name in names:
         folder = attempt(f"{name} build", build_model, name, models / name, "cpu" if args.dry_run else device)
         if folder is None:
             continue
-        seq = 128 if args.dry_run else 2048
-        batch = 2 if args.dry_run else (16 if name == "smollm2-135m" else 8)
-        steps, warmup = (3, 1) if args.dry_run else (20, 3)
+        built[name] = folder
+        batch = shape_batch(name)
         tr = attempt(f"{name} train", train_fitting, folder, name, seq, batch, steps, warmup)
         n_texts = 48 if args.dry_run else 2048
         em = attempt(f"{name} embed", embed_throughput, folder, n_texts, seq // 4, seq,
                      4096 if args.dry_run else 65536, device)
         report["throughput"][name] = {"train": tr or {"error": "raised"}, "embed": em or {"error": "raised"}}
-        mfu = lambda r: f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""  # noqa: E731
         if tr is not None:  # (a step that raised is counted and logged already)
             log(f"{name} train: {tr.get('tokens_per_s', 0):,} tokens/s{mfu(tr)} (batch {tr.get('batch')} x {seq}, "
                 f"peak {tr.get('peak_mem_gib')} GiB, losses finite: {tr.get('finite')})")
@@ -327,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} embed: {em['tokens_per_s']:,} tokens/s{mfu(em)} ({em['dtype']}, padding {em['padding']:.1%}, "
                 f"NaN {em['nan']})")
             failed += em["nan"] > 0
-        shutil.rmtree(folder, ignore_errors=True)  # nothing large travels back
         save()
 
     if args.gguf:
@@ -346,6 +376,32 @@ def main(argv: list[str] | None = None) -> int:
         attempt("quality run", quality_run, args.quality_model, args.source, args.out, seq, args.quality_epochs,
                 32 if args.dry_run else None, report["quality"])
         log(f"quality run: {report['quality']}")
+
+    report["ab"] = {}
+    for name, variant, options, cost_s in AB_VARIANTS:
+        shape = "tiny" if args.dry_run else name
+        if shape not in built or variant in report["ab"].get(shape, {}):
+            continue
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        if left is not None and left < cost_s:
+            log(f"A/B {shape} {variant}: skipped, {left:.0f} s left of {budget:.0f} (needs ~{cost_s} s)")
+            report["ab"].setdefault(shape, {})[variant] = {"skipped": f"{left:.0f} s left, needs ~{cost_s} s"}
+            continue
+        if args.dry_run and options.get("compile"):
+            options = {**options, "compile_backend": "eager"}  # the plumbing, without a C++ compile on the CPU
+        r = attempt(f"{shape} train {variant}", train_fitting, built[shape], shape, seq, shape_batch(name),
+                    steps, warmup, **options)
+        report["ab"].setdefault(shape, {})[variant] = r or {"error": "raised"}
+        base = (report["throughput"].get(shape) or {}).get("train") or {}
+        if r is not None and r.get("tokens_per_s") and base.get("tokens_per_s"):
+            ratio = r["tokens_per_s"] / base["tokens_per_s"]
+            log(f"A/B {shape} {variant}: {r['tokens_per_s']:,} tokens/s, x{ratio:.2f} of the default{mfu(r)} "
+                f"(warm-up {r.get('warmup_seconds')} s, losses finite: {r.get('finite')})")
+            failed += not r.get("finite", False)
+        save()
+    for folder in built.values():
+        shutil.rmtree(folder, ignore_errors=True)  # several GB for the 1B shape
+
     report["finished"] = True
     save()
     log(f"{'FAIL' if failed else 'PASS'}: {failed} failed; figures in {args.out / 'gpu_check.json'}")

@@ -55,7 +55,8 @@ CHECKPOINT_MARKER = "llm4es_checkpoint.json"
 """Written into every `models/...` folder: what the embedding step needs to know about it."""
 
 RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient_checkpointing", "precision",
-                               "force", "run_name", "device", "compile", "chunked_loss"})
+                               "force", "run_name", "device", "compile", "chunked_loss",
+                               "loss_dtype"})
 """Config fields a resumed run may change: they change neither the data order nor the maths."""
 
 Log = Callable[[str], None]
@@ -95,6 +96,9 @@ class FinetuneConfig:
     device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda | cuda:N (one process)
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
     chunked_loss: bool = True  # the loss without (batch, seq, vocab) float32 logits (training.loss)
+    # The chunked loss's LM-head matmuls: float32 (TF32 on CUDA; about a fifth of a small model's FLOPs)
+    # or the autocast dtype (bf16, as the model's other Linears; log-sum-exp and sums stay float32).
+    loss_dtype: Literal["float32", "autocast"] = "float32"
     run_name: str | None = None  # default: <dataset>__<model>__<mixture>
     force: bool = False  # train on data that failed validation
 
@@ -228,6 +232,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     set_seed(config.seed)
     model = _build_model(model_path, config, say)
     head = _chunked_head(model, accelerator, config)
+    head_dtype = loss_matmul_dtype(config.loss_dtype, accelerator.mixed_precision)
     optimizer = _optimizer(model, config, fused=cuda)
     from transformers import get_cosine_schedule_with_warmup
 
@@ -271,7 +276,7 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
             for batch in loader:
                 n_tokens = batch.pop("n_tokens")
                 with accelerator.accumulate(model):
-                    loss = training_loss(model, batch, head)
+                    loss = training_loss(model, batch, head, head_dtype)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm:
                         accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -350,14 +355,15 @@ def config_hash(config: FinetuneConfig) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def training_loss(model, batch: dict, head_weight=None):
+def training_loss(model, batch: dict, head_weight=None, head_dtype=None):
     """The loss of one collated batch: the forward every training step makes.
 
     `use_cache=False` is what keeps packed texts apart: without a cache, transformers reads the
     restarting position ids as separate documents and builds a block-diagonal mask; with one it
     assumes one sequence per row and packed texts attend to each other (tests fail if it goes).
     With `head_weight` (the model's LM head bypassed by `training.loss.bypass_lm_head`) the
-    forward returns hidden states and the loss is computed chunk by chunk from them.
+    forward returns hidden states and the loss is computed chunk by chunk from them, its matmuls in
+    `head_dtype` (None: the hidden states' dtype).
     """
     if head_weight is None:
         return model(**batch, use_cache=False).loss
@@ -365,7 +371,20 @@ def training_loss(model, batch: dict, head_weight=None):
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model(**inputs, use_cache=False).logits  # the bypassed head returns its input
-    return chunked_cross_entropy(hidden, head_weight, batch["labels"])
+    return chunked_cross_entropy(hidden, head_weight, batch["labels"], matmul_dtype=head_dtype)
+
+
+def loss_matmul_dtype(loss_dtype: str, mixed_precision: str):
+    """The torch dtype of the chunked loss's matmuls: None (float32, the master weights' dtype) unless
+    `loss_dtype` is "autocast" and the run has a mixed precision (bf16 or fp16) to use."""
+    import torch
+
+    if loss_dtype not in ("float32", "autocast"):
+        raise FinetuneError(f"loss_dtype {loss_dtype!r}: expected float32 or autocast")
+    mp = str(mixed_precision)
+    if loss_dtype == "float32" or mp not in ("bf16", "fp16"):
+        return None
+    return torch.bfloat16 if mp == "bf16" else torch.float16
 
 
 def _chunked_head(model, accelerator, config: FinetuneConfig):

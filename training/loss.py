@@ -44,9 +44,14 @@ def _identity(x):
     return x
 
 
-def chunked_cross_entropy(hidden: Any, weight: Any, labels: Any, chunk_tokens: int | None = None) -> Any:
+def chunked_cross_entropy(hidden: Any, weight: Any, labels: Any, chunk_tokens: int | None = None,
+                          matmul_dtype: Any = None) -> Any:
     """Mean cross-entropy of `labels[:, 1:]` given `hidden[:, :-1]` through the LM head `weight`,
-    skipping IGNORE_INDEX targets; the same value as transformers' causal-LM loss."""
+    skipping IGNORE_INDEX targets; the same value as transformers' causal-LM loss.
+
+    `matmul_dtype` (e.g. torch.bfloat16): the head's three matmuls (logits, both gradients) run in it, as
+    autocast runs the model's other Linears; the log-sum-exp, the loss sum and the weight gradient's
+    accumulation stay float32. None: in the inputs' dtype (float32 master weights: TF32 on CUDA)."""
     h = hidden[:, :-1]
     y = labels[:, 1:].to(h.device)
     keep = y != IGNORE_INDEX
@@ -54,7 +59,7 @@ def chunked_cross_entropy(hidden: Any, weight: Any, labels: Any, chunk_tokens: i
     if y.numel() == 0:
         return hidden.sum() * 0.0
     chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _ChunkedCrossEntropy.apply(h, weight, y, chunk)
+    return _ChunkedCrossEntropy.apply(h, weight, y, chunk, matmul_dtype)
 
 
 def _chunked_cross_entropy_autograd():
@@ -65,15 +70,18 @@ def _chunked_cross_entropy_autograd():
         chunk's logits are kept for the backward; backward only scales what forward stored."""
 
         @staticmethod
-        def forward(ctx, h, w, y, chunk):
+        def forward(ctx, h, w, y, chunk, matmul_dtype):
             n = h.shape[0]
+            wm = w if matmul_dtype is None else w.to(matmul_dtype)  # cast once, not per chunk
             need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for a in range(0, n, chunk):
                 hc, yc = h[a:a + chunk], y[a:a + chunk]
-                logits = (hc @ w.t()).float()
+                if matmul_dtype is not None:
+                    hc = hc.to(matmul_dtype)
+                logits = (hc @ wm.t()).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
                 if need_h or need_w:
@@ -81,7 +89,7 @@ def _chunked_cross_entropy_autograd():
                     g[torch.arange(len(yc), device=g.device), yc] -= 1.0
                     g = g.to(hc.dtype)
                     if need_h:
-                        grad_h[a:a + chunk] = g @ w.to(g.dtype)
+                        grad_h[a:a + chunk] = g @ wm.to(g.dtype)  # stored in h's dtype
                     if need_w:
                         grad_w += (g.t() @ hc).float()
                 del logits
@@ -99,7 +107,7 @@ def _chunked_cross_entropy_autograd():
                 grad_h = stored * scale.to(stored.dtype)
             if ctx.need[1]:
                 grad_w = (saved.pop(0) * scale).to(ctx.w_dtype)
-            return grad_h, grad_w, None, None
+            return grad_h, grad_w, None, None, None
 
     return ChunkedCrossEntropy
 

@@ -52,6 +52,9 @@ V = config_defaults("training.evaluate.run", "EvaluateConfig")
               help="auto (the GPU when there is one; LLM4ES_DEVICE overrides), cpu, cuda, or cuda:N in a "
                    "single process (a launched job: each process its LOCAL_RANK's GPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU; compiling takes a minute).")
+@click.option("--loss-dtype", type=click.Choice(["float32", "autocast"]), default=F.loss_dtype, show_default=True,
+              help="The LM head's matmuls in the chunked loss: float32 (TF32 on a GPU) or the autocast dtype "
+                   "(bf16 on a GPU; the log-sum-exp stays float32). No effect on the CPU's float32 runs.")
 @force_opt
 @pass_pipeline
 @handle_errors
@@ -59,7 +62,7 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
              batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
              gradient_checkpointing: bool, trainable_layers: int | None, lora_r: int | None,
              save_every_steps: int | None, seed: int, run_name: str | None, device: str, compile_: bool,
-             force: bool) -> None:
+             loss_dtype: str, force: bool) -> None:
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
     Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
@@ -74,7 +77,7 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
                             max_length=max_length, packing=packing,
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
-                            device=device, compile=compile_, force=force)
+                            device=device, compile=compile_, loss_dtype=loss_dtype, force=force)
     printers.print_finetune(p.finetune(dataset, config))
 
 

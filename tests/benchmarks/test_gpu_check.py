@@ -37,8 +37,10 @@ def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, m
     rc = gc.main(["--dry-run", "--skip-tests", "--out", str(out), "--quality-model", str(tmp_path),
                   "--source", str(tmp_path)])
     report = json.loads((out / "gpu_check.json").read_text())
-    assert rc == 1 and ran == ["build", "train", "embed", "quality"]
-    assert set(report["errors"]) == {"tiny train", "quality run"}
+    # then the A/B variants, each its own failed step
+    assert rc == 1 and ran == ["build", "train", "embed", "quality", "train", "train", "train"]
+    assert set(report["errors"]) == {"tiny train", "quality run", "tiny train loss-bf16", "tiny train compile",
+                                     "tiny train compile+loss-bf16"}
     assert "a CUDA-only failure" in report["errors"]["tiny train"]
     assert report["throughput"]["tiny"]["embed"]["tokens_per_s"] == 1
     assert report["quality"] == {"finetune_steps": 3} and report["finished"] is True
@@ -49,7 +51,7 @@ def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
 
     rows = []
 
-    def train(folder, seq, batch, steps, warmup, device):
+    def train(folder, seq, batch, steps, warmup, device, **variant):
         rows.append(batch)
         if batch > 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -61,7 +63,40 @@ def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
                                                               "nan": 0, "mfu": None})
     assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
     report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
-    assert rows == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
+    assert rows[:2] == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
+
+
+def test_ab_variants_run_after_the_quality_run_while_they_fit_the_budget(tmp_path, monkeypatch) -> None:
+    """The one-shot run must not lose its quality figures to the optional A/B measurements: those come
+    last, and a variant whose estimated time no longer fits the budget is skipped and says so."""
+    ran, clock = [], [0.0]
+
+    def train(folder, seq, batch, steps, warmup, device, **variant):
+        ran.append(("train", tuple(sorted(variant.items()))))
+        clock[0] += 40  # every measurement takes 40 s of the budget
+        return {"kind": "train", "batch": batch, "tokens_per_s": 100 * len(ran), "finite": True, "mfu": None,
+                "warmup_seconds": 0.0}
+
+    def quality(model_dir, source, out, max_length, epochs, limit, figures):
+        ran.append("quality")
+        clock[0] += 300
+
+    monkeypatch.setattr(gc.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(gc, "build_model", lambda name, folder, device: folder)
+    monkeypatch.setattr(gc, "train_throughput", train)
+    monkeypatch.setattr(gc, "embed_throughput", lambda *a: {"tokens_per_s": 1, "dtype": "float32", "padding": 0.0,
+                                                              "nan": 0, "mfu": None})
+    monkeypatch.setattr(gc, "quality_run", quality)
+    out = tmp_path / "gc"
+    # 40 (default) + 300 (quality) = 340 s used of 420: loss-bf16 (~30 s) fits, then 380 s are used and
+    # the compile (~150 s) does not; compile+loss-bf16 (~60 s) neither
+    assert gc.main(["--dry-run", "--skip-tests", "--out", str(out), "--quality-model", str(tmp_path),
+                    "--source", str(tmp_path), "--budget-s", "420"]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert ran == [("train", ()), "quality", ("train", (("loss_dtype", "autocast"),))]
+    ab = report["ab"]["tiny"]
+    assert ab["loss-bf16"]["tokens_per_s"] == 300
+    assert "needs ~150 s" in ab["compile"]["skipped"] and "needs ~60 s" in ab["compile+loss-bf16"]["skipped"]
 
 
 def test_hung_cuda_tests_leave_their_log_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
