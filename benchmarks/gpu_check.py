@@ -371,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             print("FAIL: --quality-model needs --source (the MovieLens-100k files)")
             return 2
         log("quality run: template:7, one epoch at 2048 tokens")
-        seq = 256 if args.dry_run else 2048
+        quality_seq = 256 if args.dry_run else 2048
         report["quality"] = {}
-        attempt("quality run", quality_run, args.quality_model, args.source, args.out, seq, args.quality_epochs,
+        attempt("quality run", quality_run, args.quality_model, args.source, args.out, quality_seq, args.quality_epochs,
                 32 if args.dry_run else None, report["quality"])
         log(f"quality run: {report['quality']}")
 
