@@ -37,7 +37,7 @@ import math
 import re
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +47,7 @@ from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
 from producers.shared.models import DEFAULT_MODEL
 from producers.stores.outputs import atomic_write_text
+from producers.stores.locks import LockHeld, file_lock
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from validation.gate import require_valid
@@ -158,6 +159,12 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
     every optimizer step, once that step's checkpoint (if any) is on disk; an exception raised
     there stops training as a kill would.
     """
+    with ExitStack() as held:  # the run folder's lock, once the run is known, until training returns
+        return _finetune(home, dataset, config, log, tokenizer, on_step, held)
+
+
+def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokenizer,
+              on_step: Callable[[int, float], None] | None, held: ExitStack) -> FinetuneResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -188,6 +195,15 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
         con.close()  # before training: other stages may want to write the warehouse meanwhile
     run_name = config.run_name or default_run_name(definition.name, config.model, mixture)
     run_dir = home.root / "runs" / definition.schema / run_name
+    # A second job on the same run (the same --run-name, or the workers of a launcher killed with SIGKILL,
+    # which torchrun does not stop) would write its checkpoints over this one's.
+    try:
+        held.enter_context(file_lock(_run_lock_path(run_dir, accelerator.process_index), wait=False))
+    except LockHeld:
+        raise FinetuneError(
+            f"{run_dir} is being trained by another process right now (process {accelerator.process_index}'s "
+            "lock is held): wait for it, stop it, or give this run another --run-name. The workers of a launcher "
+            "killed with SIGKILL keep running: `pgrep -af 'producers.cli.*finetune'` lists them") from None
     say(f"{len(tokens):,} texts of {dataset} ({mixture}), {int(tokens.lengths.sum()):,} tokens -> {run_dir}")
     items = pack_items(tokens.lengths, config.max_length) if config.packing else single_items(len(tokens))
     if tokens.n_truncated:
@@ -340,6 +356,11 @@ def finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log = lambda
         f"saving; models in {run_dir / 'models'}")
     accelerator.free_memory()
     return result
+
+
+def _run_lock_path(run_dir: Path, rank: int) -> Path:
+    """This rank's lock on the run folder. Beside the folder, so the run folder holds only what training writes."""
+    return run_dir.parent / f".{run_dir.name}.rank{rank}.lock"
 
 
 def default_run_name(dataset: str, model: str, mixture: Mixture) -> str:

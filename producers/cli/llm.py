@@ -78,7 +78,9 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
                             gradient_checkpointing=gradient_checkpointing, trainable_layers=trainable_layers,
                             lora_r=lora_r, save_every_steps=save_every_steps, seed=seed, run_name=run_name,
                             device=device, compile=compile_, loss_dtype=loss_dtype, force=force)
-    printers.print_finetune(p.finetune(dataset, config))
+    r = p.finetune(dataset, config)
+    if _main_process():
+        printers.print_finetune(r)
 
 
 @click.command()
@@ -131,9 +133,13 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
                                      max_length=max_length, truncation_side=truncation_side, pooling=pooling,
                                      batch_tokens=batch_tokens, limit_users=limit_users, dtype=dtype,
                                      quantize=quantize, device=device, force=force))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # process 0 reports for the whole job
-    printers.print_embed(r)
+    if _main_process():
+        printers.print_embed(r)
+
+
+def _main_process() -> bool:
+    """Process 0 of a launched job (torchrun, accelerate launch), or a plain run: it reports for the job."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @click.command()

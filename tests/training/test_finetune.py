@@ -492,3 +492,47 @@ def test_finetune_selects_a_named_gpu_before_the_accelerator_places_the_model(ho
     monkeypatch.setattr(hardware, "select_named_gpu", intercept)
     with pytest.raises(Chosen, match="cpu"):
         finetune(home, DATASET, cfg(tiny_model, device="cpu", max_steps=1))
+
+
+def test_a_second_job_on_a_run_being_trained_is_refused(home, tiny_model):
+    """Two jobs on one run folder (the same --run-name twice, or the workers a SIGKILLed torchrun leaves
+    behind) would write their checkpoints over each other's: the second is refused, naming the folder."""
+    from producers.stores.locks import file_lock
+    from training.finetune import _run_lock_path
+
+    run_dir = home.root / "runs" / "movielens_100k" / "busy"
+    with file_lock(_run_lock_path(run_dir, 0)):  # another process holds it (a second open is refused alike)
+        with pytest.raises(FinetuneError, match=r"busy is being trained by another process.*pgrep"):
+            finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="busy"))
+    assert not run_dir.exists()  # nothing written
+    assert finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="busy")).steps == 1  # free again
+    assert finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="busy")).steps == 1  # and released
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_run_and_report_once(home, tiny_model):
+    """`torchrun --nproc-per-node 2 -m producers.cli finetune` (gloo on the CPU), as the README tells a
+    user with several GPUs: the ranks share one run (global batch = per-process batch x processes) and
+    process 0 alone reports; every rank printed the summary before."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "LLM4ES_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "producers.cli", "--home", str(home.root), "finetune", DATASET, "--model", str(tiny_model),
+           "--mixture", "serialized:1", "--max-length", "48", "--batch-size", "1", "--max-steps", "4",
+           "--run-name", "two"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("4 steps (") == 1  # one summary for the job
+    run = home.root / "runs" / "movielens_100k" / "two"
+    schedule = json.loads((run / "config.json").read_text())["schedule"]
+    assert schedule["num_processes"] == 2 and schedule["effective_batch_size"] == 2
+    assert schedule["steps_per_epoch"] == 6  # 12 texts, 2 per step: the ranks saw different texts
+    state = json.loads((run / "state.json").read_text())
+    assert state["global_step"] == 4 and state["tokens_seen"] == 4 * 2 * 48
+    assert sorted(p.name for p in (run / "checkpoints" / "step-4").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
