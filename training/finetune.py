@@ -182,6 +182,7 @@ def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokeni
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
                               mixed_precision=_precision(config, on_cpu))
     say = log if accelerator.is_main_process else (lambda _: None)
+    _require_process_group(accelerator)
     _refuse_fsdp_partial(accelerator, config)
     fast_cuda_settings(accelerator.device)
     con = home.connect(read_only=True)
@@ -455,6 +456,22 @@ def _precision_text(accelerator) -> str:
 def _epochs_text(steps: int, steps_per_epoch: int) -> str:
     epochs = steps / steps_per_epoch
     return f"{epochs:g} epoch{'s' if epochs != 1 else ''}" if epochs == int(epochs) else f"{epochs:.2f} epochs"
+
+
+def _require_process_group(accelerator) -> None:
+    """A launcher started N processes, so accelerate must have joined them into one job of N.
+
+    `accelerate launch --use_fsdp` (or `--multi_gpu`) on a machine without GPUs starts the processes but
+    can set each up alone (distributed type NO, process 0 of 1; seen with a bare `Accelerator()`): every
+    one would train the whole run by itself, into the same folder. Refused, with what works on CPUs."""
+    from training.hardware import Ranks
+
+    launched = Ranks.from_env().world_size
+    if launched > 1 and accelerator.num_processes != launched:
+        raise FinetuneError(
+            f"started as {launched} processes (WORLD_SIZE), but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each would train the whole run alone. An FSDP or multi-GPU "
+            "accelerate config needs GPUs; on CPUs launch with `torchrun --nproc-per-node N`")
 
 
 def _refuse_fsdp_partial(accelerator, config: FinetuneConfig) -> None:

@@ -536,3 +536,18 @@ def test_two_processes_train_one_run_and_report_once(home, tiny_model):
     assert state["global_step"] == 4 and state["tokens_seen"] == 4 * 2 * 48
     assert sorted(p.name for p in (run / "checkpoints" / "step-4").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(monkeypatch):
+    """`accelerate launch --use_fsdp` without GPUs starts the processes but sets each up alone: every one
+    would have trained the whole run into the same folder."""
+    from types import SimpleNamespace
+
+    from training.finetune import _require_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FinetuneError, match=r"started as 2 processes.*torchrun --nproc-per-node"):
+        _require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))
+    _require_process_group(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))
