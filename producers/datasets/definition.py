@@ -22,7 +22,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -143,6 +143,10 @@ class FieldSpec(_Strict):
     max: float | None = None
     serialize: bool = True  # part of the user's text (false for ids that repeat another field)
     decimals: int = 2  # DOUBLE values are shown with this many decimals
+    # How a raw `column` writes numbers: `decimal: ","` reads 12,50 (European exports), `thousands` the
+    # group separator to drop (1.234,56 with thousands "."); values that do not follow them are rejected.
+    decimal: Literal[".", ","] = "."
+    thousands: Literal["", ".", ",", " ", "'"] = ""
 
     _sql_is_one_expression = field_validator("sql")(_one_expression)
 
@@ -156,6 +160,14 @@ class FieldSpec(_Strict):
             raise ValueError("give `column` or `sql`")
         if self.dtype.upper() not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} must be one of {sorted(DTYPES)}")
+        if self.decimal != "." or self.thousands:
+            if self.dtype.upper() not in NUMERIC_DTYPES:
+                raise ValueError(f"decimal/thousands read numbers: dtype {self.dtype!r} must be one of "
+                                 f"{sorted(NUMERIC_DTYPES)}")
+            if self.column is None or self.sql is not None:
+                raise ValueError("decimal/thousands read a raw `column` (an `sql` expression reads its own way)")
+            if self.thousands == self.decimal:
+                raise ValueError(f"thousands {self.thousands!r} cannot also be the decimal separator")
         return self
 
     @property
@@ -326,9 +338,24 @@ class DatasetDefinition(_Strict):
         return [*self.events.fields, *users]
 
     def fingerprint(self) -> str:
-        """A stable hash of the definition: recorded with everything produced from it."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of the definition: recorded with everything produced from it (CoLES keys its runs
+        by it). Options added later are left out at their defaults, so an upgrade keeps every earlier key."""
+        blob = json.dumps(_without_late_defaults(self.model_dump(mode="json")), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+LATE_FIELD_DEFAULTS = {"decimal": ".", "thousands": ""}  # FieldSpec options added on 2026-11-28
+
+
+def _without_late_defaults(dumped: Any) -> Any:
+    """`dumped` (a definition's JSON form) without the LATE_FIELD_DEFAULTS of its field specs."""
+    if isinstance(dumped, list):
+        return [_without_late_defaults(x) for x in dumped]
+    if not isinstance(dumped, dict):
+        return dumped
+    is_field = "dtype" in dumped and "kind" in dumped
+    return {k: _without_late_defaults(v) for k, v in dumped.items()
+            if not (is_field and k in LATE_FIELD_DEFAULTS and v == LATE_FIELD_DEFAULTS[k])}
 
 
 def schema_name(dataset: str) -> str:

@@ -331,7 +331,7 @@ def _file_stats(con, files: dict[str, SourceFile], raw: dict[str, RawTable], rej
             for table, src in files.items()]
 
 
-DECIMAL_COMMA = re.compile(r'field (\S+): cannot read "[-+]?[\d.]*\d,\d+" as ')
+DECIMAL_COMMA = re.compile(r'field (\S+): cannot read "[-+]?[\d.]*\d,\d+" as [A-Z]+(;|$)')  # not read as such yet
 
 
 def _reject_hints(file: str, reasons: list[str]) -> list[str]:
@@ -342,9 +342,8 @@ def _reject_hints(file: str, reasons: list[str]) -> list[str]:
                      f"`{{file: {file}, encoding: latin-1}}` (or utf-16)")
     comma = next((m.group(1) for m in map(DECIMAL_COMMA.search, reasons) if m), None)
     if comma:
-        hints.append(f"    field {comma} has a decimal comma: read it with "
-                     "`sql: \"replace(<table>.<column>, ',', '.')\"` beside its `column` "
-                     "(README: 'Describing your own data')")
+        hints.append(f"    field {comma} has a decimal comma: add `decimal: \",\"` to it (and `thousands: \".\"` "
+                     "when values like 1.234,56 appear; README: 'Describing your own data')")
     return hints
 
 

@@ -122,6 +122,19 @@ def cast(text: str, dtype: str) -> str:
     return f"TRY_CAST({text} AS {dtype})"
 
 
+def local_number(text: str, dtype: str, decimal: str, thousands: str) -> str:
+    """`text` read with its own separators (`decimal` ',' for 12,50; `thousands` for 1.234,56), or NULL when
+    it does not follow them: '1.234' under decimal ',' without thousands '.' is not guessed. The
+    separators come from a fixed set (FieldSpec), and reach SQL as quoted literals."""
+    digits = rf"\d{{1,3}}(?:[{thousands}]\d{{3}})+|\d+" if thousands else r"\d+"  # [x]: x taken literally
+    fraction = "" if dtype in INTEGER_TYPES else rf"(?:[{decimal}]\d+)?"
+    pattern = rf"[+-]?(?:{digits}){fraction}"
+    plain = f"replace({text}, {sql_str(thousands)}, '')" if thousands else text
+    if decimal != ".":
+        plain = f"replace({plain}, {sql_str(decimal)}, '.')"
+    return f"CASE WHEN regexp_full_match({text}, {sql_str(pattern)}) THEN TRY_CAST({plain} AS {dtype}) END"
+
+
 def pad_code(text: str, width: int) -> str:
     """Left-pad a code with zeros (MCC 742 -> 0742) without cutting longer codes (lpad would)."""
     return f"lpad({text}, greatest({width}, length({text}))::INTEGER, '0')"
@@ -140,6 +153,10 @@ def field_column(spec: FieldSpec, table: str, cols: RawColumns, pad: int | None 
         value = expression(spec.sql) if dtype == "VARCHAR" else f"TRY_CAST({expression(spec.sql)} AS {dtype})"
     elif dtype == "VARCHAR":
         value = pad_code(f"nullif(trim({raw}), '')", pad) if pad else raw
+    elif spec.decimal != "." or spec.thousands:
+        value = local_number(f"trim({raw})", dtype, spec.decimal, spec.thousands)
+        separators = f"decimal {spec.decimal!r}" + (f", thousands {spec.thousands!r}" if spec.thousands else "")
+        return TypedColumn(spec.name, value, raw, f"{dtype} ({separators})")
     else:
         value = cast(f"trim({raw})", dtype)
     return TypedColumn(spec.name, value, raw, dtype)

@@ -129,7 +129,8 @@ def test_append_counts_as_new_only_users_without_stored_events(listens, tmp_path
 
 @pytest.mark.parametrize("change, hint", [
     (lambda text: text.encode("latin-1"), "plays.csv is not UTF-8: declare its encoding"),
-    (lambda text: re.sub(r",(\d+)\n", r',"\1,5"\n', text).encode(), "field seconds has a decimal comma"),
+    (lambda text: re.sub(r",(\d+)\n", r',"\1,5"\n', text).encode(),
+     "field seconds has a decimal comma: add `decimal: \",\"`"),
 ])
 def test_rejects_of_a_european_or_windows_export_say_what_to_declare(listens, tmp_path, change, hint):
     import shutil
@@ -141,3 +142,74 @@ def test_rejects_of_a_european_or_windows_export_say_what_to_declare(listens, tm
     with pytest.raises(IngestError, match="too many malformed rows") as err:
         ingest(Home.resolve(tmp_path / "home"), definition, IngestConfig(source=source))
     assert hint in str(err.value)
+
+
+def test_a_declared_decimal_comma_reads_the_european_export(listens, tmp_path):
+    """`decimal: ","` on the field: "200,5" is 200.5, where the plain field rejects every such row."""
+    import shutil
+
+    home, _, written = listens
+    source = shutil.copytree(home.root.parent / "src", tmp_path / "src")
+    text = (source / "plays.csv").read_text(encoding="utf-8")
+    (source / "plays.csv").write_text(re.sub(r",(\d+)\n", r',"\1,5"\n', text), encoding="utf-8")
+    mapping = (source / "listens.yaml").read_text()
+    assert mapping.count("column: seconds, dtype: INTEGER") == 1
+    (source / "listens.yaml").write_text(
+        mapping.replace("column: seconds, dtype: INTEGER", 'column: seconds, dtype: DOUBLE, decimal: ","'))
+    own = Home.resolve(tmp_path / "home")
+    r = ingest(own, load_mapping(source / "listens.yaml"), IngestConfig(source=source))
+    assert r.n_rejects == 0
+    con = own.connect(read_only=True)
+    try:
+        seconds = con.execute("SELECT seconds FROM listens.events ORDER BY user_id, event_time").fetchall()
+    finally:
+        con.close()
+    assert [s for (s,) in seconds] == [p[5] + 0.5 for p in sorted(written["plays"], key=lambda p: (p[0], p[1]))]
+
+
+@pytest.mark.parametrize("dtype, decimal, thousands, values", [
+    ("DOUBLE", ",", "", {"12,50": 12.5, "-3": -3.0, "+0,25": 0.25, "1.234,56": None, "12.5": None, "1,2,3": None}),
+    ("DOUBLE", ",", ".", {"1.234,56": 1234.56, "12.345.678": 12345678.0, "1234,5": 1234.5, "12.5": None,
+                          "1.23,4": None}),
+    ("DOUBLE", ".", ",", {"1,234.56": 1234.56, "1,234,567": 1234567.0, "12,5": None}),
+    ("INTEGER", ".", " ", {"1 234": 1234, "12": 12, "12,5": None, "1 23": None}),
+    ("BIGINT", ".", "'", {"1'234'567": 1234567, "7.5": None}),
+])
+def test_local_numbers_follow_their_separators_or_are_rejected(dtype, decimal, thousands, values):
+    """No guessing: a value that does not follow the declared separators becomes NULL (a rejected row)."""
+    import duckdb
+
+    from producers.ingest.typed_sql import local_number
+
+    con = duckdb.connect()
+    sql = local_number("v", dtype, decimal, thousands)
+    got = {v: con.execute(f"SELECT {sql} FROM (SELECT ? AS v)", [v]).fetchone()[0] for v in values}
+    assert got == values
+
+
+def test_separators_are_checked_when_the_definition_is_read():
+    from producers.datasets.definition import FieldSpec
+
+    with pytest.raises(ValueError, match="dtype 'VARCHAR' must be one of"):
+        FieldSpec(name="a", column="a", decimal=",")
+    with pytest.raises(ValueError, match="cannot also be the decimal"):
+        FieldSpec(name="a", column="a", dtype="DOUBLE", decimal=",", thousands=",")
+    with pytest.raises(ValueError, match="raw `column`"):
+        FieldSpec(name="a", sql="x", dtype="DOUBLE", decimal=",")
+    with pytest.raises(ValueError):
+        FieldSpec(name="a", column="a", dtype="DOUBLE", decimal=";")  # not a separator this reads
+
+
+def test_the_new_separators_keep_every_earlier_definition_fingerprint():
+    """CoLES keys its runs by the definition's fingerprint: adding options must not re-key (and so retrain
+    or lose) the runs of every home on upgrade. The values are those before `decimal`/`thousands` existed."""
+    from producers.datasets.definition import load_builtin
+
+    before = {"movielens-100k": "eb1a3b75f6dc2c5a", "bank-clickstream": "760b169e094726f3",
+              "rosbank": "15d0985558f455a2"}
+    assert {name: load_builtin(name).fingerprint() for name in before} == before
+    d = load_builtin("rosbank")
+    amount = next(f for f in d.events.fields if f.dtype.upper() == "DOUBLE" and f.column and not f.sql)
+    fields = [f.model_copy(update={"decimal": ","}) if f is amount else f for f in d.events.fields]
+    changed = d.model_copy(update={"events": d.events.model_copy(update={"fields": fields})})
+    assert changed.fingerprint() != d.fingerprint()
