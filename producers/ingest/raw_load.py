@@ -15,6 +15,7 @@ one rejected row instead of changing how the whole file is parsed.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 import tempfile
@@ -60,7 +61,18 @@ def load_raw(con: duckdb.DuckDBPyConnection, schema: str, src: SourceFile, spec:
     try:
         return _load_csv(con, schema, target, src, spec, max_line_size)
     except duckdb.Error as e:
-        raise RawLoadError(_csv_error(src, spec, e, max_line_size)) from None
+        if not _mixed_line_endings(src.path):
+            raise RawLoadError(_csv_error(src, spec, e, max_line_size)) from None
+    # Exports joined together (one written on Windows): DuckDB's reader takes one newline for the whole file.
+    # Read a copy with every CRLF made LF: each line keeps its number, so rejects still point into the original.
+    with tempfile.TemporaryDirectory(prefix="llm4es-lf-") as tmp:
+        copy = Path(tmp) / src.path.name
+        _copy_with_lf(src.path, copy)
+        try:
+            return _load_csv(con, schema, target, dataclasses.replace(src, path=copy), spec, max_line_size)
+        except duckdb.Error as e:
+            raise RawLoadError(f"{_csv_error(src, spec, e, max_line_size)} (read with its CRLF line endings "
+                               "made LF, as the file mixes both)") from None
 
 
 def _load_parquet(con: duckdb.DuckDBPyConnection, target: str, src: SourceFile) -> RawTable:
@@ -198,24 +210,42 @@ def _csv_error(src: SourceFile, spec: TableSource, error: duckdb.Error, max_line
         return (f"{src.path.name}: a line is {actual:,} bytes long, over the CSV reader's limit of {limit:,} bytes "
                 f"(DuckDB: Maximum line size of {limit} bytes exceeded); raise the limit with "
                 f"`llm4es ingest ... --max-line-size {max(actual + 1024, 2 * (max_line_size or limit))}`")
-    if _mixed_line_endings(src.path):
-        return (f"{src.path.name}: mixes Windows (CRLF) and Unix (LF) line endings, e.g. exports joined together, "
-                f"which the CSV reader refuses; convert it to one (`sed -i 's/\\r$//' {src.path.name}` or "
-                f"dos2unix) (DuckDB: {duckdb_message(error, 120)})")
     return (f"{src.path.name}: cannot be read ({duckdb_message(error)}); check its delimiter, quote and "
             f"encoding in the definition of table {src.table!r}")
 
 
 def _mixed_line_endings(path: Path) -> bool:
-    """Both CRLF and a bare LF in the file's first MiB (a reader fixes its newline from the first lines)."""
+    """Both CRLF and a bare LF anywhere in the file (read in blocks: asked only once a read failed)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    crlf = lf = 0
+    last = b""
     try:
         with opener(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
+            while block := f.read(COPY_BYTES):
+                crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
+                lf += block.count(b"\n")
+                last = block[-1:]
+                if 0 < crlf < lf:
+                    return True
     except OSError:
         return False
-    crlf = head.count(b"\r\n")
-    return 0 < crlf < head.count(b"\n")
+    return 0 < crlf < lf
+
+
+COPY_BYTES = 8 << 20
+
+
+def _copy_with_lf(path: Path, copy: Path) -> None:
+    """`path` written to `copy` with every CRLF made LF, block by block (a file of any size); gzip stays gzip."""
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open if gz else open)(path, "rb") as f, \
+            (gzip.open(copy, "wb", compresslevel=1) if gz else open(copy, "wb")) as out:
+        held = b""  # a block's last byte when it is a CR: its LF may open the next block
+        while block := f.read(COPY_BYTES):
+            block = held + block
+            held = b"\r" if block.endswith(b"\r") else b""
+            out.write(block[:len(block) - len(held)].replace(b"\r\n", b"\n"))
+        out.write(held)
 
 
 def duckdb_message(error: BaseException, width: int = 300) -> str:

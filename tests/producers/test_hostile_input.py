@@ -20,6 +20,7 @@ from producers.cli import cli
 from producers.datasets.definition import DefinitionError, load_builtin, load_mapping, parse_definition
 from producers.ingest import IngestConfig, IngestError, ingest
 from producers.ingest.source_files import SourceError
+from producers.stores.warehouse import Home
 from producers.synthetic.clickstream import ClickstreamConfig, write_clickstream
 from tests.fixtures.bank_files import write_age_group, write_gender, write_rosbank
 from tests.fixtures.movielens_files import GENRES, replace_lines, write_grouplens
@@ -373,12 +374,48 @@ def test_a_too_long_line_in_a_declared_layout_is_a_reject_saying_why(home, group
     assert "Maximum line size" in reason
 
 
-def test_mixed_line_endings_are_named(home, tmp_path):
-    """Two exports joined together (one written on Windows): DuckDB's reader refuses the file; the message
-    says why and how to convert it, instead of a sniffer error about a temporary file."""
-    folder = write_rosbank(tmp_path / "src")
-    lines = (folder / "train.csv").read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+@pytest.mark.parametrize("gz", [False, True])
+def test_mixed_line_endings_are_read_and_rejects_keep_their_lines(tmp_path, gz):
+    """Two exports joined together (one written on Windows): DuckDB's reader takes one newline for the
+    whole file and refused it; it is now read from a copy with LF endings, every line at its number."""
+    import gzip
+    import shutil
+
+    clean = write_rosbank(tmp_path / "clean")
+    lines = (clean / "train.csv").read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+    cells = lines[120].split(b",")
+    lines[120] = b",".join([*cells[:6], b"n/a", *cells[7:]])  # an unreadable amount, in the LF half: line 121
+    mixed = shutil.copytree(clean, tmp_path / "mixed")
     half = len(lines) // 2
-    (folder / "train.csv").write_bytes(b"\r\n".join(lines[:half]) + b"\r\n" + b"\n".join(lines[half:]))
-    with pytest.raises(IngestError, match=r"^train\.csv: mixes Windows \(CRLF\) and Unix \(LF\) line endings.*dos2"):
-        ingest(home, load_builtin("rosbank"), IngestConfig(folder))
+    (mixed / "train.csv").write_bytes(b"\r\n".join(lines[:half]) + b"\r\n" + b"\n".join(lines[half:]))
+    (clean / "train.csv").write_bytes(b"\n".join(lines))
+    if gz:
+        for folder in (clean, mixed):
+            (folder / "train.csv.gz").write_bytes(gzip.compress((folder / "train.csv").read_bytes()))
+            (folder / "train.csv").unlink()
+    results = {}
+    for name, folder in (("clean", clean), ("mixed", mixed)):
+        home = Home.resolve(tmp_path / f"home-{name}")
+        r = ingest(home, load_builtin("rosbank"), IngestConfig(folder))
+        con = home.connect(read_only=True)
+        try:
+            results[name] = (r.n_events, r.n_rejects,
+                             con.execute("SELECT source, row_number FROM rosbank.rejects").fetchall(),
+                             con.execute("SELECT * FROM rosbank.events ORDER BY ALL").fetchall())
+        finally:
+            con.close()
+    assert results["mixed"] == results["clean"]
+    assert results["mixed"][2] == [("train.csv" + (".gz" if gz else ""), 121)]
+
+
+def test_crlf_split_across_copy_blocks_still_becomes_lf(tmp_path, monkeypatch):
+    from producers.ingest import raw_load
+
+    monkeypatch.setattr(raw_load, "COPY_BYTES", 3)
+    data = b"ab\r\ncd\r\r\nef\ngh\r"
+    (tmp_path / "in.csv").write_bytes(data)
+    raw_load._copy_with_lf(tmp_path / "in.csv", tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_bytes() == data.replace(b"\r\n", b"\n")
+    assert raw_load._mixed_line_endings(tmp_path / "in.csv")
+    (tmp_path / "crlf.csv").write_bytes(b"a\r\nb\r\n")
+    assert not raw_load._mixed_line_endings(tmp_path / "crlf.csv")
