@@ -46,8 +46,8 @@ from typing import Callable, Literal
 from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
 from producers.shared.models import DEFAULT_MODEL
-from producers.stores.outputs import atomic_write_text
 from producers.stores.locks import LockHeld, file_lock
+from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import Home, stored_definition
 from validation.gate import require_valid

@@ -1,7 +1,6 @@
 """The LLM stages and the downstream evaluation: `finetune`, `embed`, `evaluate`."""
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,7 +138,9 @@ def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: s
 
 def _main_process() -> bool:
     """Process 0 of a launched job (torchrun, accelerate launch), or a plain run: it reports for the job."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from training.hardware import Ranks
+
+    return Ranks.from_env().main
 
 
 @click.command()
