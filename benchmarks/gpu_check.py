@@ -20,9 +20,9 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
 3. optional (`--quality-model DIR --source ML100K_DIR`): the real pipeline on MovieLens-100k:
    ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
    embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
-4. A/B variants of the fine-tuning step (`AB_VARIANTS`: the chunked loss's matmuls in bf16, `--compile`,
-   both), after the quality run and each only while its estimated time fits `--budget-s`: the figures
-   that decide finetune's defaults, measured in the same one-shot run.
+4. A/B variants of the fine-tuning step (`AB_VARIANTS`: the chunked loss's matmuls in bf16, twice the
+   rows a step, `--compile`, both), after the quality run and each only while its estimated time fits
+   `--budget-s`: the figures that decide finetune's defaults, measured in the same one-shot run.
 
 A step that raises is recorded (`errors` in the JSON, its traceback in the log), counted as failed, and
 the next step still runs: the GPU run is one shot, and one broken step must not cost the others.
@@ -66,6 +66,8 @@ TESTS_TIMEOUT_S = 180
 AB_VARIANTS = (
     ("smollm2-135m", "loss-bf16", {"loss_dtype": "autocast"}, 30),
     ("llama-3.2-1b", "loss-bf16", {"loss_dtype": "autocast"}, 45),
+    # twice the rows (65,536 tokens a step): does a larger --batch-tokens still gain, and does it fit?
+    ("smollm2-135m", "rows-x2", {"rows": 2}, 40),
     ("smollm2-135m", "compile", {"compile": True}, 150),
     ("smollm2-135m", "compile+loss-bf16", {"compile": True, "loss_dtype": "autocast"}, 60),
 )
@@ -389,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.dry_run and options.get("compile"):
             options = {**options, "compile_backend": "eager"}  # the plumbing, without a C++ compile on the CPU
-        r = attempt(f"{shape} train {variant}", train_fitting, built[shape], shape, seq, shape_batch(name),
-                    steps, warmup, **options)
+        options = dict(options)
+        rows = shape_batch(name) * options.pop("rows", 1)
+        r = attempt(f"{shape} train {variant}", train_fitting, built[shape], shape, seq, rows, steps, warmup,
+                    **options)
         report["ab"].setdefault(shape, {})[variant] = r or {"error": "raised"}
         base = (report["throughput"].get(shape) or {}).get("train") or {}
         if r is not None and r.get("tokens_per_s") and base.get("tokens_per_s"):

@@ -38,9 +38,9 @@ def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, m
                   "--source", str(tmp_path)])
     report = json.loads((out / "gpu_check.json").read_text())
     # then the A/B variants, each its own failed step
-    assert rc == 1 and ran == ["build", "train", "embed", "quality", "train", "train", "train"]
-    assert set(report["errors"]) == {"tiny train", "quality run", "tiny train loss-bf16", "tiny train compile",
-                                     "tiny train compile+loss-bf16"}
+    assert rc == 1 and ran == ["build", "train", "embed", "quality", "train", "train", "train", "train"]
+    assert set(report["errors"]) == {"tiny train", "quality run", "tiny train loss-bf16", "tiny train rows-x2",
+                                     "tiny train compile", "tiny train compile+loss-bf16"}
     assert "a CUDA-only failure" in report["errors"]["tiny train"]
     assert report["throughput"]["tiny"]["embed"]["tokens_per_s"] == 1
     assert report["quality"] == {"finetune_steps": 3} and report["finished"] is True
@@ -89,13 +89,13 @@ def test_ab_variants_run_after_the_quality_run_while_they_fit_the_budget(tmp_pat
     monkeypatch.setattr(gc, "quality_run", quality)
     out = tmp_path / "gc"
     # 40 (default) + 300 (quality) = 340 s used of 420: loss-bf16 (~30 s) fits, then 380 s are used and
-    # the compile (~150 s) does not; compile+loss-bf16 (~60 s) neither
+    # rows-x2 (~40 s) just fits: 420 s; the compile (~150 s) does not, nor compile+loss-bf16 (~60 s)
     assert gc.main(["--dry-run", "--skip-tests", "--out", str(out), "--quality-model", str(tmp_path),
                     "--source", str(tmp_path), "--budget-s", "420"]) == 0
     report = json.loads((out / "gpu_check.json").read_text())
-    assert ran == [("train", ()), "quality", ("train", (("loss_dtype", "autocast"),))]
+    assert ran == [("train", ()), "quality", ("train", (("loss_dtype", "autocast"),)), ("train", ())]
     ab = report["ab"]["tiny"]
-    assert ab["loss-bf16"]["tokens_per_s"] == 300
+    assert ab["loss-bf16"]["tokens_per_s"] == 300 and ab["rows-x2"]["batch"] == 4
     assert "needs ~150 s" in ab["compile"]["skipped"] and "needs ~60 s" in ab["compile+loss-bf16"]["skipped"]
 
 
