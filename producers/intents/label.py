@@ -24,7 +24,7 @@ from producers.intents.common import Log, backend_for, generate_batched, model_n
 from producers.intents.config import IntentsError, LabelConfig, LabelResult
 from producers.intents.prompts import label_prompt, parse_label, prompt_hash
 from producers.intents.session_text import read_session_texts, sample_sessions
-from producers.intents.store import cached_labels, load_taxonomy, store_labels
+from producers.intents.store import LabelRow, cached_labels, load_taxonomy, store_labels
 from producers.stores.warehouse import Home, stored_definition
 
 UNPARSABLE = "<unparsable>"
@@ -67,8 +67,8 @@ def label_sessions(home: Home, dataset: str, config: LabelConfig = LabelConfig()
 
     def store(batch_ids: list[str], answers: list[str | None], found: list[str | None], each: float) -> None:
         now = datetime.now(timezone.utc).replace(tzinfo=None)
-        rows = [(s, taxonomy.version, lb, (raw or "")[:RAW_KEEP], backend.name, model, config.mode, hashes[s],
-                 each, now)
+        rows = [LabelRow(s, taxonomy.version, lb, (raw or "")[:RAW_KEEP], backend.name, model, config.mode,
+                         hashes[s], each, now)
                 for s, raw, lb in zip(batch_ids, answers, found)]
         con = home.connect()
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -32,6 +32,26 @@ def labels_ddl(schema: str) -> str:
             "label VARCHAR, raw VARCHAR, backend VARCHAR, model VARCHAR, mode VARCHAR, prompt_hash VARCHAR, "
             "latency_s DOUBLE, created_at TIMESTAMP, "
             "PRIMARY KEY (session_id, taxonomy_version, model, mode, prompt_hash))")
+
+
+class LabelRow(NamedTuple):
+    """One row of `intent_llm_labels`, in its columns' order."""
+
+    session_id: str
+    taxonomy_version: int
+    label: str | None
+    raw: str
+    backend: str
+    model: str
+    mode: str
+    prompt_hash: str
+    latency_s: float | None
+    created_at: datetime
+
+    @property
+    def key(self) -> tuple:
+        """The table's primary key."""
+        return self.session_id, self.taxonomy_version, self.model, self.mode, self.prompt_hash
 
 
 @dataclass(frozen=True)
@@ -91,8 +111,8 @@ def cached_labels(con: duckdb.DuckDBPyConnection, schema: str, version: int, mod
     return {(s, h): (label, lat) for s, h, label, lat in rows}
 
 
-def store_labels(con: duckdb.DuckDBPyConnection, schema: str, rows: list[tuple]) -> None:
-    """Rows in labels_ddl's column order; a repeated key is overwritten."""
+def store_labels(con: duckdb.DuckDBPyConnection, schema: str, rows: list[LabelRow]) -> None:
+    """Rows of `intent_llm_labels` (LabelRow, or tuples in its order); a repeated key is overwritten."""
     import pyarrow as pa
 
     con.execute(labels_ddl(schema))
@@ -100,13 +120,13 @@ def store_labels(con: duckdb.DuckDBPyConnection, schema: str, rows: list[tuple])
         return
     # one INSERT from an Arrow table: executemany ran one statement per row, ~1 s per batch of 64, which was 80%
     # of labelling every session with the lexical labeller. The last row of a repeated key wins, as before.
-    rows = list({(r[0], r[1], r[5], r[6], r[7]): r for r in rows}.values())
-    types = [pa.string(), pa.int32(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(),
-             pa.float64(), pa.timestamp("us")]
-    table = pa.table([pa.array([r[i] for r in rows], t) for i, t in enumerate(types)],
-                     names=[f"c{i}" for i in range(len(types))])
+    latest = list({row.key: row for row in map(LabelRow._make, rows)}.values())
+    types = {"session_id": pa.string(), "taxonomy_version": pa.int32(), "label": pa.string(), "raw": pa.string(),
+             "backend": pa.string(), "model": pa.string(), "mode": pa.string(), "prompt_hash": pa.string(),
+             "latency_s": pa.float64(), "created_at": pa.timestamp("us")}
+    table = pa.table({name: pa.array([getattr(r, name) for r in latest], t) for name, t in types.items()})
     con.register("new_labels", table)
     try:
-        con.execute(f'INSERT OR REPLACE INTO "{schema}".{LABELS} SELECT * FROM new_labels')
+        con.execute(f'INSERT OR REPLACE INTO "{schema}".{LABELS} BY NAME SELECT * FROM new_labels')
     finally:
         con.unregister("new_labels")
