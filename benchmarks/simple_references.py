@@ -4,12 +4,13 @@
     python benchmarks/simple_references.py --home H        # a home that already holds movielens-100k
 
 Features straight from the user x movie matrix, read by the same two readers and scored on the same
-repeated-CV splits as `llm4es evaluate` (5 folds x 3 repeats, seed 0; training.evaluate.protocol):
+repeated-CV splits as `llm4es evaluate` (5 folds x 3 repeats, seed 0; training.evaluate.protocol), and
+on its paper protocol (10% test users, the mean of 5 models' test scores):
 - `movies (binary)`: which of the 1,682 movies the user rated (a bag of items), linear probe;
 - `movies (ratings)`: the ratings themselves (0 where unrated), linear probe;
 - `movies SVD-64`: the first 64 components of the centred rating matrix (fitted on every user, no
   labels: as CoLES and LLM4ES also see every user's history), LightGBM and the linear probe.
-It prints gender ROC-AUC (mean and spread over the 15 splits) with the machine.
+It prints gender ROC-AUC (repeated CV: mean and spread over the 15 splits) with the machine.
 """
 from __future__ import annotations
 
@@ -59,13 +60,14 @@ def main() -> None:
     from benchmarks.machine import describe
     from producers.stores.warehouse import Home
     from training.evaluate.probe import LinearProbe
-    from training.evaluate.protocol import LgbmParams, cv_splits, run_protocol
+    from training.evaluate.protocol import LgbmParams, cv_splits, paper_splits, run_protocol
 
     print(describe())
     with tempfile.TemporaryDirectory(prefix="llm4es-refs-") as tmp:
         home = Home.resolve(args.home) if args.home else _ingested(Path(tmp) / "home")
         ratings, y, _ = user_movie_matrix(home)
     splits = cv_splits(y, "binary", args.seed, folds=5, repeats=3)
+    paper = paper_splits(y, "binary", args.seed)  # the paper's: 10% test users, 5 models trained on the rest
     print(f"{len(y):,} labelled users ({1 - y.mean():.1%} female), {ratings.shape[1]:,} movies, "
           f"{int((ratings > 0).sum()):,} ratings; {len(splits)} splits (5 folds x 3 repeats, seed {args.seed})")
     centred = np.where(ratings > 0, ratings - ratings[ratings > 0].mean(), 0.0)
@@ -77,10 +79,10 @@ def main() -> None:
     for name, X, which in sets:
         for reader in which:
             t = time.perf_counter()
-            r = run_protocol("cv", X, y, "binary", splits, readers[reader], args.seed)
-            auc = np.array(r.scores["roc_auc"])
-            print(f"  {name:18s} {reader:8s} gender ROC-AUC {auc.mean():.3f} ± {auc.std():.3f} "
-                  f"({X.shape[1]:,} columns, {time.perf_counter() - t:.1f} s)")
+            auc = np.array(run_protocol("cv", X, y, "binary", splits, readers[reader], args.seed).scores["roc_auc"])
+            test = np.array(run_protocol("paper", X, y, "binary", paper, readers[reader], args.seed).scores["roc_auc"])
+            print(f"  {name:18s} {reader:8s} gender ROC-AUC {auc.mean():.3f} ± {auc.std():.3f} repeated CV, "
+                  f"{test.mean():.3f} paper protocol ({X.shape[1]:,} columns, {time.perf_counter() - t:.1f} s)")
 
 
 def _ingested(root: Path):
