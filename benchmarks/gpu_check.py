@@ -389,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"A/B {shape} {variant}: skipped, {left:.0f} s left of {budget:.0f} (needs ~{cost_s} s)")
             report["ab"].setdefault(shape, {})[variant] = {"skipped": f"{left:.0f} s left, needs ~{cost_s} s"}
             continue
-        if args.dry_run and options.get("compile"):
-            options = {**options, "compile_backend": "eager"}  # the plumbing, without a C++ compile on the CPU
         options = dict(options)
+        if args.dry_run and options.get("compile"):
+            options["compile_backend"] = "eager"  # the plumbing, without a C++ compile on the CPU
         rows = shape_batch(name) * options.pop("rows", 1)
         r = attempt(f"{shape} train {variant}", train_fitting, built[shape], shape, seq, rows, steps, warmup,
                     **options)

@@ -64,8 +64,9 @@ def select_named_gpu(device: str, error: type[Exception] = ValueError) -> None:
     if not requested.startswith("cuda:"):
         return
     chosen = choose_device(requested, error)
-    if Ranks.from_env().distributed:
-        raise error(f"device {requested!r} names one GPU, but this is one process of {Ranks.from_env().world_size}: "
+    ranks = Ranks.from_env()
+    if ranks.distributed:
+        raise error(f"device {requested!r} names one GPU, but this is one process of {ranks.world_size}: "
                     "each process takes the GPU of its LOCAL_RANK. Leave --device out (or say `cuda`), and choose "
                     "the GPUs with CUDA_VISIBLE_DEVICES")
     torch.cuda.set_device(chosen)

@@ -21,6 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
 
@@ -131,9 +132,16 @@ def _sniff(con: duckdb.DuckDBPyConnection, src: SourceFile, spec: TableSource,
     return delimiter, [c["name"] for c in columns]
 
 
+def _open_raw(path: Path, mode: str = "rb") -> BinaryIO:
+    """A raw file's bytes, through gzip when its name ends in .gz (as DuckDB's reader decides); written
+    gzip is level 1: a temporary copy, read once."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, mode, compresslevel=1)  # type: ignore[return-value]
+    return open(path, mode)
+
+
 def _head(path: Path, encoding: str) -> bytes:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _open_raw(path) as f:
         raw = f.read(SNIFF_BYTES + 1)
     text = raw.decode(encoding, errors="replace")
     if len(raw) > SNIFF_BYTES:
@@ -189,9 +197,8 @@ def _is_empty(path: Path) -> bool:
     """No data at all: zero bytes, or (CSV) nothing but whitespace and a byte-order mark."""
     if path.stat().st_size == 0:
         return True
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with _open_raw(path) as f:
             head = f.read(4096)
     except OSError:
         return False  # not our business to decide here: the reader names what is wrong
@@ -216,11 +223,10 @@ def _csv_error(src: SourceFile, spec: TableSource, error: duckdb.Error, max_line
 
 def _mixed_line_endings(path: Path) -> bool:
     """Both CRLF and a bare LF anywhere in the file (read in blocks: asked only once a read failed)."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     crlf = lf = 0
     last = b""
     try:
-        with opener(path, "rb") as f:
+        with _open_raw(path) as f:
             while block := f.read(COPY_BYTES):
                 crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
                 lf += block.count(b"\n")
@@ -237,9 +243,7 @@ COPY_BYTES = 8 << 20
 
 def _copy_with_lf(path: Path, copy: Path) -> None:
     """`path` written to `copy` with every CRLF made LF, block by block (a file of any size); gzip stays gzip."""
-    gz = path.name.lower().endswith(".gz")
-    with (gzip.open if gz else open)(path, "rb") as f, \
-            (gzip.open(copy, "wb", compresslevel=1) if gz else open(copy, "wb")) as out:
+    with _open_raw(path) as f, _open_raw(copy, "wb") as out:  # `copy` has `path`'s name: gzip stays gzip
         held = b""  # a block's last byte when it is a CR: its LF may open the next block
         while block := f.read(COPY_BYTES):
             block = held + block
