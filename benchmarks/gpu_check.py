@@ -20,6 +20,8 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
 3. optional (`--quality-model DIR --source ML100K_DIR`): the real pipeline on MovieLens-100k:
    ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
    embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
+   Then what `--batch-tokens auto` chooses for each shape (finetune and embed), with the probe's
+   predicted training peak at the throughput batch beside the peak measured there.
 4. A/B variants of the fine-tuning step (`AB_VARIANTS`: the chunked loss's matmuls in bf16, twice the
    rows a step, `--compile`, both), after the quality run and each only while its estimated time fits
    `--budget-s`: the figures that decide finetune's defaults, measured in the same one-shot run.
@@ -66,7 +68,7 @@ TESTS_TIMEOUT_S = 180
 AB_VARIANTS = (
     ("smollm2-135m", "loss-bf16", {"loss_dtype": "autocast"}, 30),
     ("llama-3.2-1b", "loss-bf16", {"loss_dtype": "autocast"}, 45),
-    # twice the rows (65,536 tokens a step): does a larger --batch-tokens still gain, and does it fit?
+    # twice the rows (32,768 tokens a step, twice finetune's AUTO_MAX_TOKENS): would a larger cap still gain?
     ("smollm2-135m", "rows-x2", {"rows": 2}, 40),
     ("smollm2-135m", "compile", {"compile": True}, 150),
     ("smollm2-135m", "compile+loss-bf16", {"compile": True, "loss_dtype": "autocast"}, 60),
@@ -206,6 +208,39 @@ def embed_throughput(model_dir: Path, n_texts: int, lo: int, hi: int, batch_toke
             "nan": nan}
 
 
+def auto_batch(model_dir: Path, seq: int, device, train: dict | None) -> dict:
+    """What `--batch-tokens auto` chooses for this shape at `seq` tokens a row, in finetune (bf16, the
+    chunked loss, AdamW) and in embed, and for training the probe's predicted peak at the throughput
+    step's batch beside the peak measured there: how far the measured line can be trusted.
+    The dry run measures what backward keeps (SavedTensorsMeter) in place of the CUDA allocator."""
+    import torch
+    from accelerate import Accelerator
+
+    from training.embed import EmbedConfig, Embedder
+    from training.embed import measure_batch_tokens as embed_batch_tokens
+    from training.finetune import FinetuneConfig, measure_batch_tokens
+    from training.memory_fit import GIB, SavedTensorsMeter
+
+    cuda = device.type == "cuda"
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    meter = None if cuda else SavedTensorsMeter(free_bytes=GIB)
+    fit = measure_batch_tokens(str(model_dir), FinetuneConfig(model=str(model_dir), max_length=seq), acc, meter)
+    out = {"train": fit.record()}
+    if train and train.get("peak_mem_gib") and train.get("batch"):
+        predicted = (fit.line.bytes_at(train["batch"] * seq) + fit.extra_bytes) / GIB
+        out["train"].update(throughput_batch_tokens=train["batch"] * seq, predicted_peak_at_it_gib=round(predicted, 3),
+                            measured_peak_at_it_gib=train["peak_mem_gib"])
+    acc.free_memory()
+    embedder = Embedder.load(str(model_dir), str(model_dir), EmbedConfig(model=str(model_dir), layers="1:",
+                                                                          max_length=seq, device=str(device)))
+    out["embed"] = embed_batch_tokens(embedder, meter).record()
+    embedder.close()
+    del embedder
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def cuda_tests(out: Path, device) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
            str(ROOT / "tests" / "training" / "test_cuda.py")]
@@ -222,10 +257,11 @@ def cuda_tests(out: Path, device) -> dict:
 
 
 def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epochs: int, limit: int | None,
-                figures: dict | None = None) -> dict:
+                figures: dict | None = None, batch_size: int | None = None) -> dict:
     """The real pipeline on MovieLens-100k: ingest, serialize, enrich template:7, finetune, embed (no GX: --force).
 
-    `figures` gets the fine-tuning figures as soon as they exist, so a failing embed still leaves them."""
+    `figures` gets the fine-tuning figures as soon as they exist, so a failing embed still leaves them.
+    `batch_size` None: finetune's default batches (`--batch-tokens auto`), what a user gets."""
     figures = {} if figures is None else figures
     from producers.datasets.definition import load_builtin
     from producers.enrich.run import EnrichConfig, enrich
@@ -242,10 +278,11 @@ def quality_run(model_dir: Path, source: Path, out: Path, max_length: int, epoch
     enrich(home, "movielens-100k", EnrichConfig(tokenizer=str(model_dir), max_tokens=max_length, force=True))
     t0 = time.perf_counter()
     ft = finetune(home, "movielens-100k", FinetuneConfig(model=str(model_dir), mixture="template:7", epochs=epochs,
-                                                          max_length=max_length, batch_size=8, force=True),
+                                                          max_length=max_length, batch_size=batch_size, force=True),
                   log=log)
+    schedule = json.loads((ft.run_dir / "config.json").read_text())["schedule"]
     figures.update(finetune_steps=ft.steps, final_loss=ft.final_loss, train_tokens_per_s=round(ft.tokens_per_second),
-                   train_mfu=ft.mfu)
+                   train_mfu=ft.mfu, batching=schedule["batching"], train_peak_mem_mb=round(ft.peak_memory_mb))
     layers = "9:" if limit is None else "1:"  # the authors' layers; the dry run's tiny model has 3 blocks
     em = embed(home, "movielens-100k", EmbedConfig(model=str(model_dir), checkpoint=str(ft.models[-1]), layers=layers,
                                                   max_length=max_length, limit_users=limit, force=True), log=log)
@@ -338,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
 
     seq = 128 if args.dry_run else 2048
     steps, warmup = (3, 1) if args.dry_run else (20, 3)
-    shape_batch = lambda name: 2 if args.dry_run else (16 if name == "smollm2-135m" else 8)  # noqa: E731
+    # 8 rows of 2048 = finetune's AUTO_MAX_TOKENS: the batch `--batch-tokens auto` takes when memory allows
+    shape_batch = lambda name: 2 if args.dry_run else 8  # noqa: E731
     built: dict[str, Path] = {}
     mfu = lambda r: f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""  # noqa: E731
     for name in names:
@@ -352,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         em = attempt(f"{name} embed", embed_throughput, folder, n_texts, seq // 4, seq,
                      4096 if args.dry_run else 65536, device)
         report["throughput"][name] = {"train": tr or {"error": "raised"}, "embed": em or {"error": "raised"}}
+        auto = attempt(f"{name} auto batch", auto_batch, folder, seq, device, tr)
+        report["throughput"][name]["auto_batch"] = auto or {"error": "raised"}
+        if auto is not None:
+            t = auto["train"]
+            log(f"{name} --batch-tokens auto: finetune {t['batch_tokens']:,} ({t['limited_by']}; "
+                f"{t['per_token_mib']} MiB a token + {t['fixed_gib'] + t['extra_gib']:.2f} GiB; predicted "
+                f"{t.get('predicted_peak_at_it_gib')} GiB vs measured {t.get('measured_peak_at_it_gib')} GiB at the "
+                f"throughput batch), embed {auto['embed']['batch_tokens']:,} ({auto['embed']['limited_by']})")
         if tr is not None:  # (a step that raised is counted and logged already)
             log(f"{name} train: {tr.get('tokens_per_s', 0):,} tokens/s{mfu(tr)} (batch {tr.get('batch')} x {seq}, "
                 f"peak {tr.get('peak_mem_gib')} GiB, losses finite: {tr.get('finite')})")
@@ -375,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         log("quality run: template:7, one epoch at 2048 tokens")
         quality_seq = 256 if args.dry_run else 2048
         report["quality"] = {}
+        # on the CPU `auto` is one text a step: 6,600 steps; the dry run takes 8 a step to stay quick
         attempt("quality run", quality_run, args.quality_model, args.source, args.out, quality_seq, args.quality_epochs,
-                32 if args.dry_run else None, report["quality"])
+                32 if args.dry_run else None, report["quality"], 8 if args.dry_run else None)
         log(f"quality run: {report['quality']}")
 
     report["ab"] = {}

@@ -78,7 +78,8 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
     if hardware == "gpu":
         return DemoPlan(
             hardware, 2048, enrich,
-            FinetuneConfig(model=model, mixture="template:7", epochs=1, batch_size=8, max_length=2048,
+            # batches sized to the GPU's memory (--batch-tokens auto), as gpu_check's quality run measures them
+            FinetuneConfig(model=model, mixture="template:7", epochs=1, max_length=2048,
                            precision="bf16", seed=seed, run_name=run_name),
             EmbedConfig(model=model, max_length=2048, dtype="bfloat16"), evaluate)
     if hardware == "cpu-bf16":

@@ -62,6 +62,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "llm4es_checkpoint.json"
+CPU_BATCH_TOKENS = 16_384
+"""`batch_tokens="auto"` off the GPU: larger batches barely speed up a CPU and only hold more memory."""
+AUTO_MAX_TOKENS = 65_536
+"""The largest batch `batch_tokens="auto"` chooses on a GPU: gpu_check's embedding figure is taken at this size."""
 BASE_CHECKPOINT = "base"
 TABLE = LLM4ES.table
 POOLING = "mean over the selected hidden states, then mean over the attention-masked tokens, in float32"
@@ -96,7 +100,9 @@ class EmbedConfig:
     variant: int = 0
     layers: str = "9:"  # hidden-state range: "9:" (the authors'), "-4:", "a:b", "all", "last", or one index
     max_length: int = 2048  # tokens per text; longer texts are cut on `truncation_side`
-    batch_tokens: int = 16384  # padded tokens per batch (texts sorted by length)
+    # padded tokens per batch (texts sorted by length); "auto": on a GPU the largest batch its free memory
+    # holds (measured, at most AUTO_MAX_TOKENS), on a CPU CPU_BATCH_TOKENS
+    batch_tokens: int | str = "auto"
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16 | float16
     device: str = "auto"  # auto: cuda when available; or cpu | cuda | cuda:1 ...
     padding_side: str = "right"  # the vectors do not depend on it; right keeps real tokens at positions 0..n-1
@@ -607,6 +613,49 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def choose_batch_tokens(requested: int | str, embedder: Embedder, say: Log = lambda _: None) -> int:
+    """`requested`, or for "auto" CPU_BATCH_TOKENS off the GPU and on it `measure_batch_tokens`.
+    Not in the run key: batches change the vectors only within the dtype's tolerance."""
+    if requested != "auto":
+        return int(requested)
+    if embedder.device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    from training.memory_fit import NotEnoughMemory
+
+    try:
+        fit = measure_batch_tokens(embedder)
+    except NotEnoughMemory as e:
+        raise EmbedError(f"the model does not fit for embedding at --max-length {embedder.max_length} on this GPU: "
+                         f"{e}. Try a smaller --max-length or --dtype bfloat16") from None
+    say(fit.summary())
+    return fit.tokens
+
+
+def measure_batch_tokens(embedder: Embedder, meter=None):
+    """The `training.memory_fit.BatchFit` of `embedder` on its GPU: `encode_ids` probed on rows of
+    max_length random tokens (the model is loaded already: the free memory is what batches can use)."""
+    import numpy as np
+    import torch
+
+    from training.memory_fit import CudaMeter, probe_line, tokens_that_fit
+
+    meter = meter or CudaMeter(embedder.device)
+    free = meter.start()
+    rng = np.random.default_rng(0)
+    vocab = embedder.base.get_input_embeddings().num_embeddings
+    n = embedder.max_length
+
+    def step(rows: int) -> None:
+        embedder.encode_ids([rng.integers(3, vocab, n).tolist() for _ in range(rows)])
+
+    try:
+        line = probe_line(step, n, meter, (torch.OutOfMemoryError,))
+    finally:
+        if embedder.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return tokens_that_fit(line, free, 0.0, n, AUTO_MAX_TOKENS)
+
+
 def pick_device(device: str = "auto") -> Any:
     """`auto`: LLM4ES_DEVICE when set, else this rank's GPU when CUDA is available, else the CPU."""
     from training.hardware import choose_device
@@ -658,8 +707,10 @@ class _Texts:
 
 def embed(home: Home, dataset: str, config: EmbedConfig = EmbedConfig(), log: Log = lambda _: None) -> EmbedResult:
     """Embed every user's text with the model (or each checkpoint) into `"<schema>".embeddings` and Parquet."""
-    if config.batch_tokens < 1 or config.max_length < 1:
-        raise EmbedError("batch_tokens and max_length must be positive")
+    if config.batch_tokens != "auto" and (not isinstance(config.batch_tokens, int) or config.batch_tokens < 1):
+        raise EmbedError(f"batch_tokens must be a positive number of tokens or 'auto', not {config.batch_tokens!r}")
+    if config.max_length < 1:
+        raise EmbedError("max_length must be positive")
     data = _read_texts(home, dataset, config)
     checkpoints = find_checkpoints(home, config.checkpoint)
     result = EmbedResult(dataset=dataset)
@@ -766,7 +817,8 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             say(f"embedding {len(todo):,} users{where}")
         ids, lengths = embedder.tokenize([data.texts[i] for i in todo])  # once: planning and the model share it
         truncated = sum(n > embedder.max_length for n in lengths)
-        batches = plan_batches([len(x) for x in ids], config.batch_tokens)
+        batch_tokens = choose_batch_tokens(config.batch_tokens, embedder, say) if todo else None  # no probe for nothing
+        batches = plan_batches([len(x) for x in ids], batch_tokens) if todo else []
         prefix = f"batch-r{ranks.rank:03d}-" if ranks.distributed else "batch-"
         next_index = _next_part_index(parts, prefix)
         tokens = padded = done_users = 0
@@ -797,7 +849,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                 f"{config.truncation_side}")
         provenance.update(code_version=code_version(), run_key=run_key, transformers_version=transformers.__version__,
                           torch_version=torch.__version__, device=str(embedder.device),
-                          num_processes=ranks.world_size)
+                          num_processes=ranks.world_size, batch_tokens=batch_tokens)
         group.barrier()  # every shard is on disk
         outcome: dict[str, Any] = {}
         if ranks.main:

@@ -38,7 +38,7 @@ import re
 import shutil
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
@@ -54,6 +54,12 @@ from validation.gate import require_valid
 
 CHECKPOINT_MARKER = "llm4es_checkpoint.json"
 """Written into every `models/...` folder: what the embedding step needs to know about it."""
+
+AUTO_MAX_TOKENS = 16_384
+"""The most tokens a step per device that `batch_tokens="auto"` chooses: 8 rows of 2048, the batch gpu_check
+measures speed at (its rows-x2 variant measures what twice that gains). Past it more memory buys only fewer,
+larger optimizer steps, which cost quality on data sets of a few million tokens (the paper trained with
+batch size 1; one MovieLens template:7 epoch is ~826 steps of 8 full rows)."""
 
 RESUMABLE_CHANGES = frozenset({"save_every_steps", "keep_checkpoints", "gradient_checkpointing", "precision",
                                "force", "run_name", "device", "compile", "chunked_loss",
@@ -80,8 +86,10 @@ class FinetuneConfig:
     warmup_ratio: float = 0.03  # of all optimizer steps, then cosine decay to 0
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float | None = 1.0
-    batch_size: int = 1  # per device
-    batch_tokens: int | None = None  # per device: rows x longest row <= this (similar lengths); replaces batch_size
+    batch_size: int | None = None  # texts per device and step; None: 1, unless batch_tokens chooses
+    # per device: rows x longest row <= this (similar lengths), replacing batch_size; "auto": on a GPU the
+    # largest budget its free memory holds (measured, at most AUTO_MAX_TOKENS), elsewhere one text a step
+    batch_tokens: int | Literal["auto"] | None = "auto"
     grad_accum: int = 1
     max_length: int = 2048  # tokens per text (EOS included), or per pack
     group_by_length: bool = True  # batches of similar lengths, batch order shuffled per epoch
@@ -114,10 +122,12 @@ class FinetuneConfig:
                 raise FinetuneError(f"{name} must be at least 1, got {value}")
         if self.max_length < 2:
             raise FinetuneError("max_length must be at least 2")
-        if self.batch_tokens is not None and self.batch_tokens < self.max_length:
+        if isinstance(self.batch_tokens, str) and self.batch_tokens != "auto":
+            raise FinetuneError(f"batch_tokens {self.batch_tokens!r}: expected a number of tokens or 'auto'")
+        if isinstance(self.batch_tokens, int) and self.batch_tokens < self.max_length:
             raise FinetuneError(f"batch_tokens ({self.batch_tokens}) must hold one row of max_length "
                                 f"({self.max_length}) tokens")
-        if self.batch_tokens is not None and not self.group_by_length:
+        if isinstance(self.batch_tokens, int) and not self.group_by_length:
             raise FinetuneError("batch_tokens needs group_by_length (batches of similar lengths)")
         if self.lora_r is not None and self.trainable_layers is not None:
             raise FinetuneError("choose LoRA (lora_r) or partial fine-tuning (trainable_layers), not both")
@@ -206,6 +216,8 @@ def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokeni
             "lock is held): wait for it, stop it, or give this run another --run-name. The workers of a launcher "
             "killed with SIGKILL keep running: `pgrep -af 'producers.cli.*finetune'` lists them") from None
     say(f"{len(tokens):,} texts of {dataset} ({mixture}), {int(tokens.lengths.sum()):,} tokens -> {run_dir}")
+    config, batching = _choose_batching(config, run_dir, accelerator, model_path, say,
+                                        on_gpu=accelerator.device.type == "cuda")
     items = pack_items(tokens.lengths, config.max_length) if config.packing else single_items(len(tokens))
     if tokens.n_truncated:
         say(f"{tokens.n_truncated:,} texts cut to max_length={config.max_length} tokens")
@@ -233,7 +245,8 @@ def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokeni
                      "effective_batch_size": (config.batch_size * config.grad_accum * accelerator.num_processes
                                               if config.batch_tokens is None else None),
                      "tokens_per_step_budget": (config.batch_tokens * config.grad_accum * accelerator.num_processes
-                                                if config.batch_tokens else None)},
+                                                if config.batch_tokens else None),
+                     "batching": batching},
         "data": {"dataset": definition.name, "schema": definition.schema, "mixture": str(mixture),
                  "n_texts": len(tokens), "texts_per_kind": texts.per_kind, "n_rows": len(items),
                  "n_tokens": int(tokens.lengths.sum()), "n_truncated": tokens.n_truncated,
@@ -497,6 +510,94 @@ def _mfu(accelerator, model, tokens, tokens_per_s: float) -> float | None:
     mean_context = float((lengths.astype("float64") ** 2).sum() / max(lengths.sum(), 1)) / 2
     return tokens_per_s * model_flops_per_token(config, mean_context, training=True) / (
         peak * accelerator.num_processes)
+
+
+def _choose_batching(config: FinetuneConfig, run_dir: Path, accelerator, model_path: str, say: Log,
+                     on_gpu: bool) -> tuple[FinetuneConfig, dict]:
+    """`config` with a concrete batch_size and batch_tokens, and how they were chosen (config.json's
+    `schedule.batching`). An explicit --batch-size wins over the default "auto"; a resumed run keeps
+    the batches it started with, whatever memory is free today."""
+    if config.batch_tokens != "auto":
+        how = "--batch-tokens" if config.batch_tokens else "--batch-size"
+        return replace(config, batch_size=config.batch_size or 1), {"chosen_by": how}
+    if config.batch_size is not None:
+        return replace(config, batch_tokens=None), {"chosen_by": "--batch-size"}
+    saved = _read_json(run_dir / "config.json")
+    if saved is not None:
+        chosen = replace(config, batch_size=saved["config"].get("batch_size") or 1,
+                         batch_tokens=saved["config"].get("batch_tokens"))
+        return chosen, saved.get("schedule", {}).get("batching") or {"chosen_by": "the run being resumed"}
+    from accelerate.utils import DistributedType
+
+    one_text = replace(config, batch_size=1, batch_tokens=None)
+    if not on_gpu:
+        return one_text, {"chosen_by": "auto: one text a step off the GPU"}
+    if accelerator.distributed_type == DistributedType.FSDP or not config.group_by_length:
+        why = "under FSDP (a shard's peak is not the probe's)" if config.group_by_length else "without group_by_length"
+        say(f"--batch-tokens auto: one text a step {why}; give --batch-tokens N or --batch-size N to choose")
+        return one_text, {"chosen_by": f"auto: one text a step {why}"}
+    import torch
+
+    from training.memory_fit import NotEnoughMemory
+
+    fit, problem = None, ""
+    try:
+        fit = measure_batch_tokens(model_path, config, accelerator)
+    except NotEnoughMemory as e:
+        problem = str(e)
+    # every process must train on the same batches: the smallest budget of all, and all stop if one cannot
+    tokens = int(accelerator.gather(torch.tensor([fit.tokens if fit else 0], device=accelerator.device)).min())
+    if tokens == 0:
+        raise FinetuneError(
+            f"{model_path} does not fit for training at --max-length {config.max_length} on "
+            f"{'this GPU' if fit is None else 'one of the GPUs'}{': ' + problem if problem else ''}. Try "
+            "--gradient-checkpointing, --lora-r 16, --trainable-layers N, a smaller --max-length, or FSDP "
+            "over several GPUs (with --batch-tokens N)")
+    say(fit.summary() if tokens == fit.tokens else f"--batch-tokens auto: {tokens:,} tokens (the smallest of "
+                                                   f"{accelerator.num_processes} processes)")
+    return replace(config, batch_size=1, batch_tokens=tokens), {"chosen_by": "auto", **fit.record(),
+                                                                "batch_tokens": tokens}
+
+
+def measure_batch_tokens(model_path: str, config: FinetuneConfig, accelerator, meter=None):
+    """The `training.memory_fit.BatchFit` of this model and config on this process's GPU: the real
+    training step (autocast, checkpointing, LoRA or frozen layers, the chunked loss) probed on rows of
+    max_length random tokens, plus AdamW's two float32 states per trained weight and, with several
+    processes, DDP's gradient buckets (one more float32 copy). `meter` defaults to the CUDA allocator."""
+    import gc
+
+    import numpy as np
+    import torch
+
+    from training.data import make_collate
+    from training.memory_fit import CudaMeter, probe_line, tokens_that_fit
+
+    meter = meter or CudaMeter(accelerator.device)
+    free = meter.start()
+    model = _build_model(model_path, config, lambda _: None).to(accelerator.device)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = _chunked_head(model, accelerator, config)
+    head_dtype = loss_matmul_dtype(config.loss_dtype, accelerator.mixed_precision)
+    vocab = model.get_input_embeddings().num_embeddings
+    rng = np.random.default_rng(0)
+    collate = make_collate(pad_id=0, packed=False)
+
+    def step(rows: int) -> None:
+        batch = collate([[rng.integers(3, vocab, config.max_length)] for _ in range(rows)])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "n_tokens"}
+        with accelerator.autocast():
+            loss = training_loss(model, batch, head, head_dtype)
+        loss.backward()
+
+    try:
+        line = probe_line(step, config.max_length, meter, (torch.OutOfMemoryError,))
+    finally:
+        model = head = None  # the probe's model goes before training loads its own
+        gc.collect()
+        if accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+    extra = 4 * trained * (2 + (accelerator.num_processes > 1))
+    return tokens_that_fit(line, free, extra, config.max_length, AUTO_MAX_TOKENS)
 
 
 def _build_model(model_path: str, config: FinetuneConfig, say: Log):

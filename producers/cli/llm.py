@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import click
 
 from producers.cli import printers
-from producers.cli.defaults import config_defaults
+from producers.cli.defaults import config_defaults, module_constant
 from producers.cli.errors import handle_errors
-from producers.cli.options import dataset_arg, force_opt, model_opt, pass_pipeline
+from producers.cli.options import TokensOrAuto, dataset_arg, force_opt, model_opt, pass_pipeline
 
 if TYPE_CHECKING:
     from producers.pipeline import Pipeline
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 F = config_defaults("training.finetune", "FinetuneConfig")
 M = config_defaults("training.embed", "EmbedConfig")
 V = config_defaults("training.evaluate.run", "EvaluateConfig")
+AUTO_MAX_TOKENS = module_constant("training.finetune", "AUTO_MAX_TOKENS")
+EMBED_AUTO_MAX_TOKENS = module_constant("training.embed", "AUTO_MAX_TOKENS")
+EMBED_CPU_BATCH_TOKENS = module_constant("training.embed", "CPU_BATCH_TOKENS")
 
 
 @click.command()
@@ -30,12 +33,15 @@ V = config_defaults("training.evaluate.run", "EvaluateConfig")
 @click.option("--epochs", type=click.IntRange(1), default=F.epochs, show_default=True)
 @click.option("--max-steps", type=click.IntRange(1), default=F.max_steps, help="Stop after this many optimizer steps.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=F.lr, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=F.batch_size, show_default=True,
-              help="Texts per device per step.")
+@click.option("--batch-size", type=click.IntRange(1), default=F.batch_size,
+              help="Texts per device per step (given, it replaces --batch-tokens auto). Default: what "
+                   "--batch-tokens chooses, one text a step on a CPU.")
 @click.option("--grad-accum", type=click.IntRange(1), default=F.grad_accum, show_default=True)
-@click.option("--batch-tokens", type=click.IntRange(16), default=F.batch_tokens,
-              help="Token budget per device and step: as many similar-length texts as fit rows x longest <= N "
-                   "(replaces --batch-size; e.g. 65536 for SmolLM2-135M on an 80 GB GPU).")
+@click.option("--batch-tokens", type=TokensOrAuto(16), default=F.batch_tokens, show_default=True,
+              help="Token budget per device and step: as many similar-length texts as fit rows x longest <= N. "
+                   "auto: on a GPU, the largest budget its free memory holds for this model and these options "
+                   f"(measured by a short probe, whole rows of --max-length, at most {AUTO_MAX_TOKENS:,}; recorded "
+                   "in the run's config.json); on a CPU, one text a step.")
 @click.option("--max-length", type=click.IntRange(16), default=F.max_length, show_default=True)
 @click.option("--packing", is_flag=True, help="Pack texts into max-length rows (attention never crosses texts).")
 @click.option("--gradient-checkpointing", is_flag=True)
@@ -58,7 +64,7 @@ V = config_defaults("training.evaluate.run", "EvaluateConfig")
 @pass_pipeline
 @handle_errors
 def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, max_steps: int | None, lr: float,
-             batch_size: int, grad_accum: int, batch_tokens: int | None, max_length: int, packing: bool,
+             batch_size: int | None, grad_accum: int, batch_tokens: int | str | None, max_length: int, packing: bool,
              gradient_checkpointing: bool, trainable_layers: int | None, lora_r: int | None,
              save_every_steps: int | None, seed: int, run_name: str | None, device: str, compile_: bool,
              loss_dtype: str, force: bool) -> None:
@@ -102,8 +108,10 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @click.option("--pooling", default=M.pooling, show_default=True,
               help="Tokens averaged: 'mean' (every token), 'last' (the last token) or 'lines:K' (the last K lines, "
                    "i.e. events). Measured in benchmarks/embed_choices.py (RESULTS.md).")
-@click.option("--batch-tokens", type=click.IntRange(256), default=M.batch_tokens, show_default=True,
-              help="Padded tokens per batch (texts sorted by length).")
+@click.option("--batch-tokens", type=TokensOrAuto(256), default=M.batch_tokens, show_default=True,
+              help="Padded tokens per batch (texts sorted by length). auto: on a GPU, the largest batch its free "
+                   f"memory holds (measured by a short probe, at most {EMBED_AUTO_MAX_TOKENS:,}); on a CPU "
+                   f"{EMBED_CPU_BATCH_TOKENS:,}.")
 @click.option("--limit-users", type=click.IntRange(1), default=M.limit_users, help="Only the first N users.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=M.dtype,
               show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (exact batch invariance). bfloat16 is "
@@ -118,7 +126,7 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
 @pass_pipeline
 @handle_errors
 def embed(p: Pipeline, dataset: str, model: str, checkpoint: str | None, kind: str, layers: str, max_length: int,
-          truncation_side: str, pooling: str, batch_tokens: int, limit_users: int | None, dtype: str,
+          truncation_side: str, pooling: str, batch_tokens: int | str, limit_users: int | None, dtype: str,
           quantize: str | None, device: str, force: bool) -> None:
     """One vector per user: hidden states averaged over --layers, mean-pooled over the text's tokens.
 

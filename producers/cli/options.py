@@ -23,6 +23,26 @@ VALIDATE = config_defaults("validation.run", "ValidateConfig")
 TEXT = config_defaults("producers.intents.config", "TextConfig")
 
 
+class TokensOrAuto(click.ParamType):
+    """A token budget of at least `minimum`, or `auto` (sized to the GPU's free memory)."""
+
+    name = "N|auto"
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int) and value >= self.minimum:
+            return value
+        try:
+            number = int(str(value).replace("_", ""))
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of tokens nor 'auto'", param, ctx)
+        if number < self.minimum:
+            self.fail(f"{number} is below the smallest budget, {self.minimum}", param, ctx)
+        return number
+
+
 class PipelineOrder(click.Group):
     """Lists commands in the order a pipeline runs them (the order they are added), not alphabetically."""
 

@@ -7,6 +7,14 @@ from pathlib import Path
 from benchmarks import gpu_check as gc
 
 
+FIT = {"batch_tokens": 512, "limited_by": "cap", "per_token_mib": 0.1, "fixed_gib": 0.0, "extra_gib": 0.0}
+
+
+def no_probe(monkeypatch) -> None:
+    """The `--batch-tokens auto` step on these tests' stand-in models: its figures, without loading them."""
+    monkeypatch.setattr(gc, "auto_batch", lambda *a: {"train": dict(FIT), "embed": dict(FIT)})
+
+
 def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, monkeypatch) -> None:
     """The GPU run is one shot: a bug in one step must not cost the figures of the others."""
     ran = []
@@ -24,8 +32,9 @@ def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, m
         ran.append("embed")
         return {"kind": "embed", "tokens_per_s": 1, "dtype": "float32", "padding": 0.0, "nan": 0, "mfu": None}
 
-    def quality(model_dir, source, out, max_length, epochs, limit, figures):
+    def quality(model_dir, source, out, max_length, epochs, limit, figures, batch_size):
         ran.append("quality")
+        assert batch_size == 8  # the dry run's; on a GPU None, the default batches a user gets
         figures.update(finetune_steps=3)  # fine-tuning done ...
         raise ValueError("embed failed")  # ... then the embedding step fails
 
@@ -33,6 +42,7 @@ def test_a_step_that_raises_is_recorded_and_the_next_steps_still_run(tmp_path, m
     monkeypatch.setattr(gc, "train_throughput", train)
     monkeypatch.setattr(gc, "embed_throughput", embed)
     monkeypatch.setattr(gc, "quality_run", quality)
+    no_probe(monkeypatch)
     out = tmp_path / "gc"
     rc = gc.main(["--dry-run", "--skip-tests", "--out", str(out), "--quality-model", str(tmp_path),
                   "--source", str(tmp_path)])
@@ -61,6 +71,7 @@ def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(gc, "train_throughput", train)
     monkeypatch.setattr(gc, "embed_throughput", lambda *a: {"tokens_per_s": 1, "dtype": "float32", "padding": 0.0,
                                                               "nan": 0, "mfu": None})
+    no_probe(monkeypatch)
     assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
     report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
     assert rows[:2] == [2, 1] and report["throughput"]["tiny"]["train"]["batch"] == 1 and "errors" not in report
@@ -77,7 +88,7 @@ def test_ab_variants_run_after_the_quality_run_while_they_fit_the_budget(tmp_pat
         return {"kind": "train", "batch": batch, "tokens_per_s": 100 * len(ran), "finite": True, "mfu": None,
                 "warmup_seconds": 0.0}
 
-    def quality(model_dir, source, out, max_length, epochs, limit, figures):
+    def quality(model_dir, source, out, max_length, epochs, limit, figures, batch_size):
         ran.append("quality")
         clock[0] += 300
 
@@ -87,6 +98,7 @@ def test_ab_variants_run_after_the_quality_run_while_they_fit_the_budget(tmp_pat
     monkeypatch.setattr(gc, "embed_throughput", lambda *a: {"tokens_per_s": 1, "dtype": "float32", "padding": 0.0,
                                                               "nan": 0, "mfu": None})
     monkeypatch.setattr(gc, "quality_run", quality)
+    no_probe(monkeypatch)
     out = tmp_path / "gc"
     # 40 (default) + 300 (quality) = 340 s used of 420: loss-bf16 (~30 s) fits, then 380 s are used and
     # rows-x2 (~40 s) just fits: 420 s; the compile (~150 s) does not, nor compile+loss-bf16 (~60 s)
@@ -113,3 +125,15 @@ def test_hung_cuda_tests_leave_their_log_and_the_run_goes_on(tmp_path, monkeypat
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["checks"]["cuda_tests"]["returncode"] is None and report["finished"] is True
     assert "collected 9 items" in (out / "cuda_tests.log").read_text()
+
+
+def test_the_dry_run_runs_every_step_for_real_on_the_cpu(tmp_path) -> None:
+    """Nothing mocked (but the CUDA tests, which have their own run): every call the GPU run will make
+    is made once here, tiny, so a broken step shows before the one shot."""
+    out = tmp_path / "gc"
+    assert gc.main(["--dry-run", "--skip-tests", "--out", str(out)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    tiny = report["throughput"]["tiny"]
+    assert tiny["train"]["finite"] and tiny["embed"]["nan"] == 0 and "errors" not in report
+    assert tiny["auto_batch"]["train"]["per_token_mib"] > 0 and tiny["auto_batch"]["train"]["batch_tokens"] >= 128
+    assert set(report["ab"]["tiny"]) == {"loss-bf16", "rows-x2", "compile", "compile+loss-bf16"}

@@ -115,3 +115,37 @@ def test_a_short_finetune_gives_the_cpu_losses(tmp_path, model_dir):
         losses[side] = np.array(finetune(home, "movielens-100k", cfg).losses)
     assert len(losses["gpu"]) == 10 and np.isfinite(losses["gpu"]).all()
     assert np.abs(losses["gpu"] - losses["cpu"]).max() <= 0.02 * np.abs(losses["cpu"]).mean()
+
+
+def test_batch_tokens_auto_predicts_the_peak_of_a_real_step(model_dir):
+    """finetune's probe on this device (two points, one and two rows), then the same step at three
+    rows peaks where the fitted line says: the CUDA allocator on a GPU, what backward keeps with the
+    CPU in the GPU's place."""
+    from accelerate import Accelerator
+
+    from training.finetune import (FinetuneConfig, _build_model, _chunked_head, _fresh_accelerator_state,
+                                   measure_batch_tokens)
+    from training.memory_fit import GIB, CudaMeter, SavedTensorsMeter
+
+    on_gpu = torch.device(GPU).type == "cuda"
+    _fresh_accelerator_state(not on_gpu, "bf16")
+    acc = Accelerator(cpu=not on_gpu, mixed_precision="bf16")
+    config = FinetuneConfig(model=str(model_dir), max_length=256)
+    meter = CudaMeter(acc.device) if on_gpu else SavedTensorsMeter(GIB)
+    fit = measure_batch_tokens(str(model_dir), config, acc, meter)
+    assert fit.line.per_token_bytes > 0 and fit.tokens >= 256
+
+    meter.start()
+    model = _build_model(str(model_dir), config, print).to(acc.device)
+    head = _chunked_head(model, acc, config)
+    rng = np.random.default_rng(2)
+    vocab = model.get_input_embeddings().num_embeddings
+    rows = make_collate(0, packed=False)([[rng.integers(3, vocab, 256)] for _ in range(3)])
+    batch = {k: v.to(acc.device) for k, v in rows.items() if k != "n_tokens"}
+
+    def step():
+        with acc.autocast():
+            training_loss(model, batch, head).backward()
+
+    step()  # gradients and workspaces, as in the probe's warm-up
+    assert meter.measure(step) == pytest.approx(fit.line.bytes_at(3 * 256), rel=0.15)

@@ -18,6 +18,7 @@ from tests.fixtures.tiny_model import TINY, save_tiny_model, tiny_tokenizer
 from training import embed as embed_mod
 from training.embed import (
     CHECKPOINT_FILE,
+    CPU_BATCH_TOKENS,
     EmbedConfig,
     Embedder,
     EmbedError,
@@ -238,7 +239,7 @@ def test_one_row_per_user_with_the_hidden_size_and_provenance(ready_home, model_
     meta = read_provenance(s.parquet)
     assert meta["layers"] == "1:4" and meta["layers_spec"] == "1:" and meta["max_length"] == MAX_LENGTH
     assert meta["checkpoint"] == "base" and meta["n_users"] == 12 and meta["tokens"] == s.tokens
-    assert meta["code_version"] and meta["model_path"] == str(model_dir)
+    assert meta["code_version"] and meta["model_path"] == str(model_dir) and meta["batch_tokens"] == 400
     import pyarrow.parquet as pq
 
     exported = pq.read_table(s.parquet)
@@ -246,12 +247,13 @@ def test_one_row_per_user_with_the_hidden_size_and_provenance(ready_home, model_
     assert not (ready_home.data_dir / "movielens_100k" / "embeddings_parts" / s.run_key).exists()
 
     # The same texts and settings again: the finished set is reused, nothing is recomputed.
-    reused = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=10_000)).sets[0]
+    reused = embed(ready_home, "movielens-100k", config(model_dir)).sets[0]  # batch_tokens auto: 16,384 on a CPU
     assert reused.n_computed == 0 and reused.run_key == s.run_key and reused.parquet == s.parquet
     assert table_rows(ready_home) == rows
     # Other settings (here the max length) make another run, which replaces the set rather than adding to it.
-    embed(ready_home, "movielens-100k", EmbedConfig(model=str(model_dir), layers="1:", max_length=MAX_LENGTH + 1,
-                                                    batch_tokens=10_000))
+    other = embed(ready_home, "movielens-100k", EmbedConfig(model=str(model_dir), layers="1:",
+                                                            max_length=MAX_LENGTH + 1)).sets[0]
+    assert read_provenance(other.parquet)["batch_tokens"] == CPU_BATCH_TOKENS  # auto, on a CPU
     again = table_rows(ready_home)
     assert len(again) == 12
     for a, b in zip(rows, again):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def test_run_folder_layout(home, tiny_model):
     assert saved["data"]["n_texts"] == 12 and saved["data"]["texts_per_kind"] == {"serialized": 12}
     assert saved["data"]["source_hashes"] and len(saved["data"]["texts_sha256"]) == 64
     assert saved["schedule"] == {"steps_per_epoch": 6, "total_steps": 12, "epochs": 2, "warmup_steps": 0,
-                                 "num_processes": 1, "effective_batch_size": 2, "tokens_per_step_budget": None}
+                                 "num_processes": 1, "effective_batch_size": 2, "tokens_per_step_budget": None,
+                                 "batching": {"chosen_by": "--batch-size"}}
     assert saved["code_version"]
 
     for epoch in (1, 2):
@@ -190,7 +192,8 @@ def test_run_folder_layout(home, tiny_model):
             p.name for p in folder.iterdir()}
         marker = json.loads((folder / CHECKPOINT_MARKER).read_text())
         assert marker["epoch"] == epoch and marker["global_step"] == 6 * epoch and marker["dataset"] == DATASET
-        assert marker["mixture"] == "serialized:1" and marker["config_hash"] == config_hash(config)
+        resolved = replace(config, batch_tokens=None)  # what the run recorded: auto, resolved on the CPU
+        assert marker["mixture"] == "serialized:1" and marker["config_hash"] == config_hash(resolved)
         assert marker["model_source"] == str(tiny_model) and marker["produced_at"]
     assert not weights(run / "models" / "epoch-1")["model.norm.weight"].equal(
         weights(run / "models" / "epoch-2")["model.norm.weight"])
@@ -449,6 +452,16 @@ def test_finetune_with_a_token_budget(home, tiny_model):
     assert r.steps == r.steps_per_epoch == 6  # 12 texts cut to 48 tokens, two per 96-token batch
     with pytest.raises(FinetuneError, match="must hold one row"):
         cfg(tiny_model, batch_tokens=40)
+
+
+def test_batch_tokens_auto_on_the_cpu_is_one_text_a_step_as_before(home, tiny_model):
+    """The default `batch_tokens="auto"` sizes batches on a GPU only (tests/training/test_batch_fit.py)."""
+    r = finetune(home, DATASET, FinetuneConfig(model=str(tiny_model), mixture="serialized:1", max_length=48,
+                                               max_steps=2))
+    saved = json.loads((r.run_dir / "config.json").read_text())
+    assert saved["config"]["batch_size"] == 1 and saved["config"]["batch_tokens"] is None
+    assert saved["schedule"]["batching"] == {"chosen_by": "auto: one text a step off the GPU"}
+    assert r.steps_per_epoch == 12  # the fixture's 12 texts, one a step
 
 
 def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_model, monkeypatch):
