@@ -65,6 +65,7 @@ class CheckResult:
     examples: list[Any] = field(default_factory=list)  # failing values
     where: list[dict] = field(default_factory=list)  # failing rows: the value with its row's key
     error: str | None = None  # the check could not run (e.g. the column is missing)
+    lines: list[str] = field(default_factory=list)  # where in the source files, when ingest knew: "u.data: 5, 10"
 
 
 @dataclass
@@ -106,6 +107,7 @@ def validate(home: Home, dataset: str, config: ValidateConfig = ValidateConfig()
                 checks = [c for c in checks if not _needs_whole_tables(c)]
                 frames = _delta_frames(users)
         results = _run_checks(con, definition, checks, config, out_dir / "data_docs", log, frames=frames)
+        _trace_null_keys(results, definition, ingest)
         report = ValidationReport(
             dataset=definition.name, run_id=run_id, ingest_id=ingest["ingest_id"],
             success=all(r.success for r in results), results=results,
@@ -260,6 +262,22 @@ def _delta_frames(users: list):
         finally:
             con.execute("DROP TABLE IF EXISTS delta_users")
     return frames
+
+
+def _trace_null_keys(results: list[CheckResult], d: DatasetDefinition, ingest: dict | None) -> None:
+    """Name the file lines of empty keys: the tables keep no line numbers, but ingest recorded them
+    per source file (`null_keys` of its files; an append's log lists the earlier files too)."""
+    tables = {"events": d.events.table, "users": d.users.table if d.users else None}
+    files = json.loads(ingest["files"]) if ingest else []
+    for r in results:
+        if r.success or r.expectation != "ExpectColumnValuesToNotBeNull" or tables.get(r.batch) is None:
+            continue
+        for f in files:
+            traced = (f.get("null_keys") or {}).get(r.column) if f.get("table") == tables[r.batch] else None
+            if traced:
+                more = " ..." if traced["rows"] > len(traced["lines"]) else ""
+                r.lines.append(f"{f['file']} line{'s' if traced['rows'] > 1 else ''} "
+                               f"{', '.join(map(str, traced['lines']))}{more}")
 
 
 def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int, only: str = "TRUE"):

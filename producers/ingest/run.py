@@ -35,6 +35,7 @@ from producers.stores.provenance import code_version
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5
+NULL_KEY_LINES = 10  # the first lines named per file and key column left empty
 """A re-ingest that loses more than this share of the last ingest's events or users (or all of
 them: a header-only file) needs `allow_shrink`; a truncated export otherwise replaces good data."""
 
@@ -59,10 +60,20 @@ class FileStats:
     sha256: str
     rows_read: int
     rows_rejected: int
+    # key columns (user_id, event_time) left empty: loaded as NULL for validation to fail on, and traced here
+    # to their lines: {"user_id": {"rows": 2, "lines": [5, 10]}}, the first NULL_KEY_LINES lines of each
+    null_keys: dict = field(default_factory=dict)
 
     @property
     def reject_share(self) -> float:
         return self.rows_rejected / self.rows_read if self.rows_read else 0.0
+
+    def null_key_text(self) -> str:
+        """`u.data: 2 rows without user_id (lines 5, 10)`, or "" when every key is there."""
+        parts = [f"{v['rows']:,} row{'s' if v['rows'] > 1 else ''} without {k} (line{'s' if v['rows'] > 1 else ''} "
+                 f"{', '.join(map(str, v['lines']))}{' ...' if v['rows'] > len(v['lines']) else ''})"
+                 for k, v in self.null_keys.items()]
+        return f"{self.file}: {' and '.join(parts)}" if parts else ""
 
 
 @dataclass
@@ -178,11 +189,15 @@ def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, 
         events_from = _events_from(con, definition, raw, cols, files)
         _check_expressions(box, definition, events_from)
         log("typing events")
-        type_rejects = [_build_events(con, box, definition, raw, cols, files, events_from,
-                                      stg("events"), stg("evrej"))]
+        rejects, null_keys = _build_events(con, box, definition, raw, cols, files, events_from,
+                                           stg("events"), stg("evrej"))
+        type_rejects = [rejects]
         if definition.users:
             log("typing users")
-            type_rejects.append(_build_users(con, box, definition, raw, cols, files, stg("users"), stg("usrej")))
+            rejects, users_null = _build_users(con, box, definition, raw, cols, files, stg("users"), stg("usrej"))
+            type_rejects.append(rejects)
+            for source, keys in users_null.items():  # one file may hold both tables: the events' lines stay
+                null_keys[source] = {**keys, **null_keys.get(source, {})}
         else:
             con.execute(f"CREATE TABLE {stg('users')} AS SELECT DISTINCT user_id FROM {stg('events')} ORDER BY 1")
     build_codes(con, stg("codes"), definition.codes, {t: r.table for t, r in raw.items()}, cols)
@@ -192,7 +207,10 @@ def stage_tables(con: duckdb.DuckDBPyConnection, definition: DatasetDefinition, 
                 " UNION ALL ".join(f"SELECT source, row_number, raw_record, reason FROM {t}" for t in rejects) +
                 " ORDER BY source, row_number")
 
-    stats = _file_stats(con, files, raw, stg("rejects"))
+    stats = _file_stats(con, files, raw, stg("rejects"), null_keys)
+    for s in stats:
+        if s.null_keys:
+            log(f"{s.null_key_text()}: loaded as NULL; validation fails on them")
     checked = stats if check_tables is None else [s for s in stats if s.table in check_tables]
     _enforce_reject_threshold(con, checked, stg("rejects"), config.max_reject_share)
     return stats
@@ -260,8 +278,10 @@ def _typed_select(columns: list[TypedColumn], table: str, line: str, from_sql: s
 
 
 def _split(con: duckdb.DuckDBPyConnection, parsed, target: str, rejects: str, source: str,
-           names: list[str], order: str) -> str:
-    """Rows that parsed (an Arrow table from the sandbox) go to `target`, the others to `rejects`."""
+           names: list[str], order: str, keys: list[str]) -> tuple[str, dict[str, dict]]:
+    """Rows that parsed (an Arrow table from the sandbox) go to `target`, the others to `rejects`;
+    also `{source: {key: {"rows": n, "lines": [...]}}}` for the parsed rows whose `keys` are empty: they
+    load (a missing value is not malformed) and validation fails on them, but only here are their lines known."""
     view = "__typed_rows"
     con.register(view, parsed)
     try:
@@ -269,9 +289,15 @@ def _split(con: duckdb.DuckDBPyConnection, parsed, target: str, rejects: str, so
         con.execute(f"CREATE TABLE {target} AS SELECT {cols} FROM {view} WHERE __reason IS NULL ORDER BY {order}")
         con.execute(f"CREATE TABLE {rejects} AS SELECT {sql_str(source)} AS source, __line AS row_number, "
                     f"__raw AS raw_record, __reason AS reason FROM {view} WHERE __reason IS NOT NULL")
+        missing = {}
+        for key in keys:
+            n, lines = con.execute(f"SELECT count(*), list(__line ORDER BY __line)[1:{NULL_KEY_LINES}] FROM {view} "
+                                   f"WHERE __reason IS NULL AND {sql_ident(key)} IS NULL").fetchall()[0]
+            if n:
+                missing[key] = {"rows": n, "lines": lines}
     finally:
         con.unregister(view)
-    return rejects
+    return rejects, ({source: missing} if missing else {})
 
 
 def _events_from(con, definition: DatasetDefinition, raw: dict[str, RawTable], cols: RawColumns,
@@ -296,7 +322,7 @@ def _build_events(con, box: Sandbox, definition: DatasetDefinition, raw: dict[st
     sql = _typed_select(columns, ev.table, raw[ev.table].line, from_sql, cols, delimiter)
     parsed = _evaluate(box, definition, sql, from_sql, ev.table, files[ev.table].path.name)
     return _split(con, parsed, target, rejects, files[ev.table].path.name, [c.name for c in columns],
-                  "user_id, event_time")
+                  "user_id, event_time", ["user_id", "event_time"])
 
 
 def _build_users(con, box: Sandbox, definition: DatasetDefinition, raw: dict[str, RawTable], cols: RawColumns,
@@ -310,7 +336,8 @@ def _build_users(con, box: Sandbox, definition: DatasetDefinition, raw: dict[str
     # Label files of transaction datasets repeat the user's label on every row: keep one.
     sql = f"SELECT DISTINCT ON (__reason IS NULL, {', '.join(sql_ident(c.name) for c in columns)}) * FROM ({sql})"
     parsed = _evaluate(box, definition, sql, from_sql, us.table, files[us.table].path.name)
-    return _split(con, parsed, target, rejects, files[us.table].path.name, [c.name for c in columns], "user_id")
+    return _split(con, parsed, target, rejects, files[us.table].path.name, [c.name for c in columns], "user_id",
+                  ["user_id"])
 
 
 def _pad(definition: DatasetDefinition, f) -> int | None:
@@ -325,9 +352,11 @@ def _check_unique_lookup(con, table: str, name: str, keys: list[str], src: Sourc
                           "joining it would duplicate events")
 
 
-def _file_stats(con, files: dict[str, SourceFile], raw: dict[str, RawTable], rejects: str) -> list[FileStats]:
+def _file_stats(con, files: dict[str, SourceFile], raw: dict[str, RawTable], rejects: str,
+                null_keys: dict[str, dict]) -> list[FileStats]:
     counts = dict(con.execute(f"SELECT source, count(DISTINCT row_number) FROM {rejects} GROUP BY 1").fetchall())
-    return [FileStats(table, src.path.name, src.sha256, raw[table].rows_read, counts.get(src.path.name, 0))
+    return [FileStats(table, src.path.name, src.sha256, raw[table].rows_read, counts.get(src.path.name, 0),
+                      null_keys.get(src.path.name, {}))
             for table, src in files.items()]
 
 

@@ -128,6 +128,19 @@ def test_malformed_rows_go_to_rejects_and_too_many_leave_the_table_unchanged(hom
     assert count(home, "SELECT count(*) FROM movielens_100k.rejects") == [(1,)]
 
 
+def test_an_appended_file_with_an_empty_user_names_its_line_to_validation(home, grouplens, tmp_path):
+    from validation.run import ValidateConfig, validate
+
+    ingest(home, ML, IngestConfig(grouplens))
+    rows = new_ratings(grouplens, [1, 2], per_user=3)
+    rows[2] = "\t" + rows[2].split("\t", 1)[1]
+    r = append(home, ML, IngestConfig(write_delta(tmp_path / "d", rows)))
+    assert r.files[0].null_keys == {"user_id": {"rows": 1, "lines": [3]}}
+    report = validate(home, "movielens-100k", ValidateConfig(data_docs=False))
+    (res,) = [c for c in report.failed if c.check == "every event has a user"]
+    assert res.lines == ["u.data line 3"]  # the appended file's line (the first ingest's u.data had none)
+
+
 def test_a_changed_definition_or_no_events_file_is_refused(home, grouplens, tmp_path):
     with pytest.raises(IngestError, match="no stored events to append to"):
         append(home, ML, IngestConfig(grouplens))

@@ -145,6 +145,28 @@ def test_null_user_id(home, grouplens):
     res = failed(report)["every event has a user"]
     assert (res.checked, res.failed) == (len(ratings(grouplens)), 1)
     assert len(res.examples) == 1 and pd.isna(res.examples[0])
+    assert res.lines == ["u.data line 1"]  # the table has no line numbers; ingest traced them
+
+
+def test_empty_keys_are_traced_to_their_file_lines_by_ingest_and_validate(home, grouplens):
+    """A NULL key is no reject (it loads, and the gate fails on it), so only ingest sees its line: it
+    names them in its summary and the ingest log, and validation's failing checks name them too."""
+    for line in (5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20):
+        set_rating_field(grouplens, line, 0, "")
+    set_rating_field(grouplens, 7, 3, "")
+    logs = []
+    r = ingest(home, ML, IngestConfig(grouplens, force=True), log=logs.append)
+    data = next(f for f in r.files if f.file == "u.data")
+    assert data.null_keys == {"user_id": {"rows": 12, "lines": [5, 10, 11, 12, 13, 14, 15, 16, 17, 18]},
+                              "event_time": {"rows": 1, "lines": [7]}}
+    assert ("u.data: 12 rows without user_id (lines 5, 10, 11, 12, 13, 14, 15, 16, 17, 18 ...) and 1 row without "
+            "event_time (line 7): loaded as NULL; validation fails on them") in logs
+    assert all(not f.null_keys for f in r.files if f.file != "u.data")
+    report = validate(home, NAME, NO_DOCS)
+    saved = json.loads(report.json_path.read_text())  # the JSON result says it too
+    assert {c["check"]: c["lines"] for c in saved["results"] if c["lines"]} == {
+        "every event has a user": ["u.data lines 5, 10, 11, 12, 13, 14, 15, 16, 17, 18 ..."],
+        "every event has a time": ["u.data line 7"]}
 
 
 def test_null_user_id_is_not_also_a_user_with_too_few_events(home, grouplens):
