@@ -25,17 +25,22 @@ def taxonomies_ddl(schema: str) -> str:
             "config JSON, code_version VARCHAR)")
 
 
+LABEL_COLUMNS = {"session_id": "VARCHAR", "taxonomy_version": "INTEGER", "label": "VARCHAR", "raw": "VARCHAR",
+                 "backend": "VARCHAR", "model": "VARCHAR", "mode": "VARCHAR", "prompt_hash": "VARCHAR",
+                 "latency_s": "DOUBLE", "created_at": "TIMESTAMP"}
+"""`intent_llm_labels`' columns and types, the one place they are written (LabelRow follows them, a test checks)."""
+# `mode` (generate / score) is part of the cache key besides the design's (session, version, model, prompt hash):
+# the two modes share the prompt but not the answer's nature or latency.
+LABEL_KEY = ("session_id", "taxonomy_version", "model", "mode", "prompt_hash")
+
+
 def labels_ddl(schema: str) -> str:
-    # `mode` (generate / score) is part of the cache key besides the design's (session, version,
-    # model, prompt hash): the two modes share the prompt but not the answer's nature or latency.
-    return (f'CREATE TABLE IF NOT EXISTS "{schema}".{LABELS} (session_id VARCHAR, taxonomy_version INTEGER, '
-            "label VARCHAR, raw VARCHAR, backend VARCHAR, model VARCHAR, mode VARCHAR, prompt_hash VARCHAR, "
-            "latency_s DOUBLE, created_at TIMESTAMP, "
-            "PRIMARY KEY (session_id, taxonomy_version, model, mode, prompt_hash))")
+    columns = ", ".join(f"{name} {sql_type}" for name, sql_type in LABEL_COLUMNS.items())
+    return f'CREATE TABLE IF NOT EXISTS "{schema}".{LABELS} ({columns}, PRIMARY KEY ({", ".join(LABEL_KEY)}))'
 
 
 class LabelRow(NamedTuple):
-    """One row of `intent_llm_labels`, in its columns' order."""
+    """One row of `intent_llm_labels`, in LABEL_COLUMNS' order."""
 
     session_id: str
     taxonomy_version: int
@@ -51,7 +56,7 @@ class LabelRow(NamedTuple):
     @property
     def key(self) -> tuple:
         """The table's primary key."""
-        return self.session_id, self.taxonomy_version, self.model, self.mode, self.prompt_hash
+        return tuple(getattr(self, name) for name in LABEL_KEY)
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,9 @@ def store_labels(con: duckdb.DuckDBPyConnection, schema: str, rows: list[LabelRo
     # one INSERT from an Arrow table: executemany ran one statement per row, ~1 s per batch of 64, which was 80%
     # of labelling every session with the lexical labeller. The last row of a repeated key wins, as before.
     latest = list({row.key: row for row in map(LabelRow._make, rows)}.values())
-    types = {"session_id": pa.string(), "taxonomy_version": pa.int32(), "label": pa.string(), "raw": pa.string(),
-             "backend": pa.string(), "model": pa.string(), "mode": pa.string(), "prompt_hash": pa.string(),
-             "latency_s": pa.float64(), "created_at": pa.timestamp("us")}
-    table = pa.table({name: pa.array([getattr(r, name) for r in latest], t) for name, t in types.items()})
+    arrow = {"VARCHAR": pa.string(), "INTEGER": pa.int32(), "DOUBLE": pa.float64(), "TIMESTAMP": pa.timestamp("us")}
+    table = pa.table({name: pa.array([getattr(r, name) for r in latest], arrow[sql_type])
+                      for name, sql_type in LABEL_COLUMNS.items()})
     con.register("new_labels", table)
     try:
         con.execute(f'INSERT OR REPLACE INTO "{schema}".{LABELS} BY NAME SELECT * FROM new_labels')

@@ -521,3 +521,22 @@ def test_storing_a_batch_of_labels_is_one_insert_not_one_per_row(tmp_path):
     assert con.execute("SELECT count(*), count(label) FROM s.intent_llm_labels").fetchall() == [(3000, 3000 - 429)]
     assert con.execute("SELECT label, raw, latency_s FROM s.intent_llm_labels WHERE session_id = 's00001'"
                        ).fetchall() == [("c", "last", 0.5)]
+
+
+def test_the_label_cache_table_has_label_rows_columns_and_key(tmp_path):
+    """LABEL_COLUMNS is the one statement of the cache's columns: the DDL, LabelRow and the Arrow insert
+    follow it, and a repeated key keeps the last answer."""
+    import duckdb
+
+    from producers.intents.store import LABEL_COLUMNS, LABELS, LabelRow, store_labels
+
+    assert LabelRow._fields == tuple(LABEL_COLUMNS)
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute('CREATE SCHEMA "s"')
+    at = datetime(2026, 11, 29, 1, 2, 3)
+    row = LabelRow("s1", 1, "browse", "raw", "lexical", "m", "generate", "h", 0.5, at)
+    store_labels(con, "s", [row, row._replace(label="buy"), row._replace(session_id="s2", latency_s=None)])
+    described = con.execute(f'DESCRIBE "s".{LABELS}').fetchall()
+    assert {name: sql_type for name, sql_type, *_ in described} == LABEL_COLUMNS
+    stored = con.execute(f'SELECT * FROM "s".{LABELS} ORDER BY session_id').fetchall()
+    assert [LabelRow(*r) for r in stored] == [row._replace(label="buy"), row._replace(session_id="s2", latency_s=None)]
