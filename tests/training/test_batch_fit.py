@@ -134,6 +134,9 @@ def test_the_training_probe_measures_the_real_step_and_its_options(tiny_model):
                                                                         trainable_layers=1), acc, meter)
     assert checkpointed.line.per_token_bytes < 0.8 * fit.line.per_token_bytes
     assert top_only.line.per_token_bytes < fit.line.per_token_bytes and top_only.extra_bytes < fit.extra_bytes
+    lora = ft.measure_batch_tokens(str(tiny_model), FinetuneConfig(model=str(tiny_model), max_length=64, lora_r=2),
+                                   acc, meter)  # peft's wrapped model: AdamW keeps states for the adapters only
+    assert 0 < lora.extra_bytes < fit.extra_bytes / 4 and lora.line.per_token_bytes > 0
 
 
 # --- how finetune chooses ------------------------------------------------------------------------
