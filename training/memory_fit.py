@@ -2,7 +2,7 @@
 
 A probe runs the real step (forward + backward for fine-tuning, the pooled forward for embedding)
 on rows of `row_tokens` random tokens, once to warm up and then at one and two rows, reads the CUDA
-allocator's peak after each, and fits peak = fixed + per_token x tokens. What a batch adds grows
+allocator's peak during each, and fits peak = fixed + per_token x tokens. What a batch adds grows
 with its tokens (activations kept for backward; SDPA's kernels keep attention linear in them), while
 weights, gradients, autocast copies and library workspaces do not. What the probe cannot see is added
 by the caller (`extra_bytes`: AdamW's two float32 states appear at the first optimizer step, which
@@ -96,8 +96,10 @@ def tokens_that_fit(line: MemoryLine, free_bytes: float, extra_bytes: float, row
                     headroom: float = HEADROOM) -> BatchFit:
     """The largest whole number of rows within `headroom` of `free_bytes` and `cap` tokens (one row at least)."""
     room = headroom * free_bytes - extra_bytes - line.fixed_bytes
-    # nothing measured per token (a meter that sees no activations, as in inference): only the cap limits
-    rows = math.floor(room / (line.per_token_bytes * row_tokens)) if line.per_token_bytes > 0 else 2**62
+    if line.per_token_bytes > 0:
+        rows = math.floor(room / (line.per_token_bytes * row_tokens))
+    else:  # nothing measured per token (a meter that sees no activations, as in inference): only the cap limits
+        rows = 2**62 if room >= 0 else 0
     if rows < 1:
         need = line.bytes_at(row_tokens) + extra_bytes
         raise NotEnoughMemory(f"one row of {row_tokens:,} tokens needs about {need / GIB:.1f} GiB "
