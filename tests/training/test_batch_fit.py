@@ -57,6 +57,10 @@ def test_the_line_through_two_peaks_and_the_rows_that_fit():
 def test_a_peak_that_does_not_grow_overestimates_rather_than_promising_unlimited_room():
     line = fit_line((1000, 5e9), (2000, 4.9e9))
     assert line.fixed_bytes == 0 and line.per_token_bytes == pytest.approx(4.9e9 / 2000)
+    flat = MemoryLine(fixed_bytes=2 * GIB, per_token_bytes=0.0)  # a meter that saw no activations (inference)
+    assert tokens_that_fit(flat, 10 * GIB, 0, 512, cap=4096).tokens == 4096
+    with pytest.raises(NotEnoughMemory):  # the fixed part alone is over the budget: still refused
+        tokens_that_fit(flat, 2 * GIB, 0, 512, cap=4096)
 
 
 def test_not_even_one_row_says_what_was_needed_and_what_was_free():
