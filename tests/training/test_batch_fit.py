@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.fixtures.tiny_model import save_tiny_model, tiny_tokenizer
+from tests.fixtures.tiny_model import cpu_accelerator, save_tiny_model, tiny_tokenizer
 from training import finetune as ft
 from training.finetune import AUTO_MAX_TOKENS, FinetuneConfig, FinetuneError
 from training.memory_fit import (GIB, MemoryLine, NotEnoughMemory, SavedTensorsMeter, fit_line, probe_line,
@@ -32,13 +32,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-probe"), tokenizer=tiny_tokenizer(), max_positions=640)
-
-
-def cpu_accelerator():
-    from accelerate import Accelerator
-
-    ft._fresh_accelerator_state(True, "no")
-    return Accelerator(cpu=True)
 
 
 # --- the arithmetic -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from producers.ingest import IngestConfig, ingest
 from producers.serialize.run import SerializeConfig, serialize
 from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
-from tests.fixtures.tiny_model import save_tiny_model, trained_tokenizer
+from tests.fixtures.tiny_model import cpu_accelerator, save_tiny_model, trained_tokenizer
 from training.data import IGNORE_INDEX, epoch_batches, make_collate, pack_items
 from training.finetune import CHECKPOINT_MARKER, FinetuneConfig, FinetuneError, config_hash, finetune
 from producers.shared.models import load_causal_lm
@@ -462,6 +462,37 @@ def test_batch_tokens_auto_on_the_cpu_is_one_text_a_step_as_before(home, tiny_mo
     assert saved["config"]["batch_size"] == 1 and saved["config"]["batch_tokens"] is None
     assert saved["schedule"]["batching"] == {"chosen_by": "auto: one text a step off the GPU"}
     assert r.steps_per_epoch == 12  # the fixture's 12 texts, one a step
+
+
+def test_a_probed_budget_trains_records_and_is_kept_on_resume(home, tiny_model, monkeypatch):
+    """The GPU path of `batch_tokens="auto"` through a whole run, on the CPU: the probe measures what
+    backward keeps (SavedTensorsMeter) with a free memory that holds three rows of 48 tokens; the run
+    trains on those batches and records them, and running it again never probes."""
+    from training import finetune as ft
+    from training.memory_fit import GIB, SavedTensorsMeter
+
+    probe, choose = ft.measure_batch_tokens, ft._choose_batching
+    config = FinetuneConfig(model=str(tiny_model), mixture="serialized:1", max_length=48, epochs=2, run_name="auto")
+    fit = ft.measure_batch_tokens(str(tiny_model), config, cpu_accelerator(), SavedTensorsMeter(GIB))
+    free = (fit.line.bytes_at(3.5 * 48) + fit.extra_bytes) / 0.8  # room for 3.5 rows: three whole ones
+    probes = []
+
+    def measured(model_path, config, accelerator, meter=None):
+        probes.append(model_path)
+        return probe(model_path, config, accelerator, SavedTensorsMeter(free))
+
+    monkeypatch.setattr(ft, "measure_batch_tokens", measured)
+    monkeypatch.setattr(ft, "_choose_batching", lambda *a, **kw: choose(*a, **{**kw, "on_gpu": True}))
+    lines = []
+    r = finetune(home, DATASET, config, log=lines.append)
+    saved = json.loads((r.run_dir / "config.json").read_text())
+    assert saved["config"]["batch_tokens"] == 144 and saved["schedule"]["tokens_per_step_budget"] == 144
+    batching = saved["schedule"]["batching"]
+    assert batching["chosen_by"] == "auto" and batching["limited_by"] == "memory" and batching["batch_tokens"] == 144
+    assert r.steps_per_epoch == 4 and r.steps == 8  # 12 texts cut to 48 tokens, three a step
+    assert any(x.startswith("--batch-tokens auto: 144 tokens (3 rows of 48") for x in lines)
+    again = finetune(home, DATASET, config)  # finished: the recorded batches, no second probe
+    assert again.steps == 8 and probes == [str(tiny_model)]
 
 
 def test_cli_finetune_then_embed_the_run_folder_of_a_max_steps_run(home, tiny_model, monkeypatch):
