@@ -241,3 +241,22 @@ def test_embed_auto_probes_rows_of_max_length_and_keeps_the_cpu_default(tmp_path
     assert fit.tokens == 15_900 and fit.extra_bytes == 0
     meter.start = lambda: 1e12
     assert measure_batch_tokens(embedder, meter).tokens == EMBED_MAX // 100 * 100
+
+
+def test_embed_auto_on_a_gpu_takes_the_probes_budget_or_refuses_with_advice(monkeypatch):
+    from training import embed as em
+    from training.memory_fit import BatchFit
+
+    gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"), max_length=2048)
+    fit = BatchFit(40_960, 2048, MemoryLine(GIB, 2**20), 80 * GIB, 0.0, em.AUTO_MAX_TOKENS)
+    monkeypatch.setattr(em, "measure_batch_tokens", lambda embedder, meter=None: fit)
+    lines = []
+    assert em.choose_batch_tokens("auto", gpu, lines.append) == 40_960 and "40,960 tokens (20 rows of 2048" in lines[0]
+    assert em.choose_batch_tokens(8192, gpu) == 8192  # a given budget is never probed
+
+    def out_of_memory(embedder, meter=None):
+        raise NotEnoughMemory("one row of 2,048 tokens ran out of memory")
+
+    monkeypatch.setattr(em, "measure_batch_tokens", out_of_memory)
+    with pytest.raises(em.EmbedError, match="does not fit for embedding at --max-length 2048 on this GPU: one row"):
+        em.choose_batch_tokens("auto", gpu)
