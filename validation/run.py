@@ -31,6 +31,7 @@ import duckdb
 import pandas as pd
 
 from producers.datasets.definition import DatasetDefinition
+from producers.ingest.run import traced_lines
 from producers.stores.outputs import atomic_write_text
 from producers.stores.provenance import code_version
 from producers.stores.warehouse import (Home, forget_dataset_state, last_ingest, sql_ident, stored_definition,
@@ -65,7 +66,7 @@ class CheckResult:
     examples: list[Any] = field(default_factory=list)  # failing values
     where: list[dict] = field(default_factory=list)  # failing rows: the value with its row's key
     error: str | None = None  # the check could not run (e.g. the column is missing)
-    lines: list[str] = field(default_factory=list)  # where in the source files, when ingest knew: "u.data: 5, 10"
+    lines: list[str] = field(default_factory=list)  # where in the source files, when ingest knew: "u.data lines 5, 10"
 
 
 @dataclass
@@ -275,9 +276,7 @@ def _trace_null_keys(results: list[CheckResult], d: DatasetDefinition, ingest: d
         for f in files:
             traced = (f.get("null_keys") or {}).get(r.column) if f.get("table") == tables[r.batch] else None
             if traced:
-                more = " ..." if traced["rows"] > len(traced["lines"]) else ""
-                r.lines.append(f"{f['file']} line{'s' if traced['rows'] > 1 else ''} "
-                               f"{', '.join(map(str, traced['lines']))}{more}")
+                r.lines.append(f"{f['file']} {traced_lines(traced)}")
 
 
 def _frames(con: duckdb.DuckDBPyConnection, d: DatasetDefinition, batch: str, chunk_rows: int, only: str = "TRUE"):

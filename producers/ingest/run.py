@@ -35,9 +35,9 @@ from producers.stores.provenance import code_version
 
 SWAPPED_TABLES = ["events", "users", "codes", "rejects", "dataset_meta", "ingest_log"]
 MAX_SHRINK = 0.5
-NULL_KEY_LINES = 10  # the first lines named per file and key column left empty
 """A re-ingest that loses more than this share of the last ingest's events or users (or all of
 them: a header-only file) needs `allow_shrink`; a truncated export otherwise replaces good data."""
+NULL_KEY_LINES = 10  # the first lines named per file and key column left empty
 
 
 class IngestError(Llm4esError, RuntimeError):
@@ -70,10 +70,15 @@ class FileStats:
 
     def null_key_text(self) -> str:
         """`u.data: 2 rows without user_id (lines 5, 10)`, or "" when every key is there."""
-        parts = [f"{v['rows']:,} row{'s' if v['rows'] > 1 else ''} without {k} (line{'s' if v['rows'] > 1 else ''} "
-                 f"{', '.join(map(str, v['lines']))}{' ...' if v['rows'] > len(v['lines']) else ''})"
+        parts = [f"{v['rows']:,} row{'s' if v['rows'] > 1 else ''} without {k} ({traced_lines(v)})"
                  for k, v in self.null_keys.items()]
         return f"{self.file}: {' and '.join(parts)}" if parts else ""
+
+
+def traced_lines(traced: dict) -> str:
+    """`line 7`, or `lines 5, 10 ...` (the dots: more rows than the lines kept) of one `null_keys` entry."""
+    more = " ..." if traced["rows"] > len(traced["lines"]) else ""
+    return f"line{'s' if traced['rows'] > 1 else ''} {', '.join(map(str, traced['lines']))}{more}"
 
 
 @dataclass
@@ -289,12 +294,11 @@ def _split(con: duckdb.DuckDBPyConnection, parsed, target: str, rejects: str, so
         con.execute(f"CREATE TABLE {target} AS SELECT {cols} FROM {view} WHERE __reason IS NULL ORDER BY {order}")
         con.execute(f"CREATE TABLE {rejects} AS SELECT {sql_str(source)} AS source, __line AS row_number, "
                     f"__raw AS raw_record, __reason AS reason FROM {view} WHERE __reason IS NOT NULL")
-        missing = {}
-        for key in keys:
-            n, lines = con.execute(f"SELECT count(*), list(__line ORDER BY __line)[1:{NULL_KEY_LINES}] FROM {view} "
-                                   f"WHERE __reason IS NULL AND {sql_ident(key)} IS NULL").fetchall()[0]
-            if n:
-                missing[key] = {"rows": n, "lines": lines}
+        per_key = ", ".join(f"count(*) FILTER (WHERE {sql_ident(k)} IS NULL), "
+                            f"(list(__line ORDER BY __line) FILTER (WHERE {sql_ident(k)} IS NULL))[1:{NULL_KEY_LINES}]"
+                            for k in keys)  # one scan for every key
+        found = con.execute(f"SELECT {per_key} FROM {view} WHERE __reason IS NULL").fetchall()[0]
+        missing = {k: {"rows": n, "lines": lines} for k, n, lines in zip(keys, found[::2], found[1::2]) if n}
     finally:
         con.unregister(view)
     return rejects, ({source: missing} if missing else {})
