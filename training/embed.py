@@ -408,6 +408,7 @@ class Embedder:
             raise EmbedError("padding_side and truncation_side must be 'left' or 'right'")
         pooling_description(pooling)
         self.pooling = pooling
+        self.padding_mask = False  # True sends the 2-D mask with right padding too (a check's baseline)
         self._newline = None  # "lines:K": which token ids hold a line break (built on first use)
         self.base = getattr(model, "base_model", model)
         self.tokenizer = tokenizer
@@ -546,22 +547,20 @@ class Embedder:
     def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         import torch
 
-        # Positions from the mask: with left padding a text still starts at position 0.
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         keep = self._pooled_tokens(ids, mask).unsqueeze(-1)
+        inputs = self._model_inputs(ids, mask)
         if self._sum is not None:
             self._sum.mask, self._sum.total = keep, None
             try:
                 try:
-                    self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                    self.base(**inputs, use_cache=False)
                 except _EarlyExit:
                     pass
                 total = self._sum.total
             finally:
                 self._sum.mask, self._sum.total = None, None
         else:
-            out = self.base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                            output_hidden_states=True)
+            out = self.base(**inputs, use_cache=False, output_hidden_states=True)
             total = None
             for i in self.layers:
                 part = torch.where(keep, out.hidden_states[i].float(), 0.0).sum(dim=1)
@@ -569,6 +568,17 @@ class Embedder:
             del out
         counts = keep.sum(dim=1).float()
         return total / (counts * len(self.layers))
+
+    def _model_inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """The forward's inputs. Right-padded rows go without the padding mask: under the causal mask
+        a real token never sees the padding to its right, and only real tokens are pooled, so the
+        vectors are the same, and without a mask SDPA takes its causal kernel (flash on GPUs) instead
+        of building a 4-D mask. Left padding needs the mask, and positions counted from it so that
+        every text starts at position 0."""
+        if self.tokenizer.padding_side == "right" and not self.padding_mask:
+            return {"input_ids": ids}
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
 
     def _pooled_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: the tokens `pooling` averages (always real tokens, whatever the padding side)."""

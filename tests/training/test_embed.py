@@ -212,6 +212,26 @@ def test_a_user_gets_the_same_vector_alone_and_in_any_batch(built_home, model_di
     assert worst < 1e-4, worst
 
 
+@pytest.mark.parametrize("side, sent", [("right", ["input_ids"]), ("left", ["attention_mask", "input_ids",
+                                                                              "position_ids"])])
+def test_right_padding_sends_no_mask_so_sdpa_can_take_its_causal_kernel(model_dir, side, sent):
+    """A 2-D padding mask makes SDPA build a 4-D mask and leave its causal (flash) kernel; under the
+    causal mask, right padding is never seen by a real token, so the mask is sent only for left padding.
+    (That a user's vector does not depend on its batch is the batch-invariance test above.)"""
+    texts = ["the cat sat on the mat with the hat", "a dog"]  # padding happens
+    e = embedder(model_dir, layers="1:", padding_side=side)
+    seen = []
+    hook = e.base.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")),
+        with_kwargs=True)
+    without = e.encode(texts).vectors
+    hook.remove()
+    assert seen == [sent]
+    e.padding_mask = True  # the baseline the GPU check measures against: the same vectors
+    np.testing.assert_allclose(e.encode(texts).vectors, without, atol=1e-6, rtol=0)
+    e.close()
+
+
 def test_batches_are_sorted_by_length_and_hold_the_token_budget():
     lengths = [5, 50, 7, 30, 30, 100, 1]
     batches = plan_batches(lengths, 100)
