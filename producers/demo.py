@@ -5,7 +5,8 @@ The demo must finish in about 20 minutes on a 2-core CPU, so on a CPU it cuts th
 (and says so in its output); on a GPU it runs them as the paper does. Three hardware classes:
 
 - `gpu`: full fine-tuning in bf16 for one epoch of the template mixture, texts up to 2048
-  tokens; embeddings in bf16 from 2048 tokens.
+  tokens; embeddings in bf16 from 2048 tokens. (On a GPU without bf16 tensor cores, a V100 or T4,
+  the `auto` choices train in float32 and embed in float16.)
 - `cpu-bf16` (a CPU with AMX or AVX512-BF16, where bf16 matmuls run ~3-4x faster than fp32): the
   `cpu` plan's rule below with its faster matmuls spent on history: no fine-tuning (40 steps of
   4 texts, all that fitted, scored below the base model: 0.628 / 0.631 gender ROC-AUC against
@@ -79,9 +80,10 @@ def plan(hardware: str, model: str = DEFAULT_MODEL, seed: int = 0) -> DemoPlan:
         return DemoPlan(
             hardware, 2048, enrich,
             # batches sized to the GPU's memory (--batch-tokens auto), as gpu_check's quality run measures them
-            FinetuneConfig(model=model, mixture="template:7", epochs=1, max_length=2048,
-                           precision="bf16", seed=seed, run_name=run_name),
-            EmbedConfig(model=model, max_length=2048, dtype="bfloat16"), evaluate)
+            # precision and dtype follow the GPU: bf16 where it has bf16 tensor cores (A100, L4, H100 ...)
+            FinetuneConfig(model=model, mixture="template:7", epochs=1, max_length=2048, seed=seed,
+                           run_name=run_name),
+            EmbedConfig(model=model, max_length=2048), evaluate)
     if hardware == "cpu-bf16":
         # A CPU with fast bf16 (AMX or AVX512-BF16): the AVX2 plan's rule below, its ~3x faster matmuls spent
         # on more history. The old plan fine-tuned 40 steps x 4 texts (under a tenth of an epoch, ~250 s) and

@@ -103,7 +103,7 @@ class EmbedConfig:
     # padded tokens per batch (texts sorted by length); "auto": on a GPU the largest batch its free memory
     # holds (measured, at most AUTO_MAX_TOKENS), on a CPU CPU_BATCH_TOKENS
     batch_tokens: int | str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU; or float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPUs with it, else float16; or float32 | bfloat16 | float16
     device: str = "auto"  # auto: cuda when available; or cpu | cuda | cuda:1 ...
     padding_side: str = "right"  # the vectors do not depend on it; right keeps real tokens at positions 0..n-1
     truncation_side: str = "left"  # left keeps the most recent events, as `serialize` does
@@ -426,6 +426,7 @@ class Embedder:
 
     @classmethod
     def load(cls, model_path: str, tokenizer_path: str, config: EmbedConfig, log: Log = lambda _: None) -> Embedder:
+        import torch
         from transformers import AutoModel
 
         from producers.shared.models import load_tokenizer
@@ -436,6 +437,9 @@ class Embedder:
         if config.attn_implementation:
             kwargs["attn_implementation"] = config.attn_implementation
         log(f"loading {model_path} ({str(dtype).removeprefix('torch.')} on {device})")
+        if config.dtype == "auto" and dtype == torch.float16:
+            log(f"{device} has no bf16 tensor cores (compute capability below 8.0): float16, which is fast there; "
+                "--dtype float32 if a vector overflows")
         # The bare decoder: no LM head, so no (batch, seq, vocab) logits are ever computed. Its load
         # report always lists an unused lm_head; we check the report ourselves instead.
         with _quiet_transformers():
@@ -674,10 +678,17 @@ def pick_device(device: str = "auto") -> Any:
 
 
 def pick_dtype(dtype: str, device: Any) -> Any:
+    """`auto`: float32 on the CPU (exact batch invariance), bfloat16 on a GPU with bf16 tensor cores, and
+    float16 on an older GPU (V100, T4), which only emulates bf16; vectors that overflow float16 are
+    refused by the embedding loop, not stored."""
     import torch
 
+    from producers.shared.devices import native_bf16
+
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     try:
         chosen = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                   "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -843,6 +854,7 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                 t_batch = time.perf_counter()
                 enc = embedder.encode_ids([ids[j] for j in batch])  # returns once the vectors are on the host
                 compute += time.perf_counter() - t_batch
+                _refuse_non_finite(enc, [data.users[i] for i in rows], dtype, ck.label)
                 writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
                               [data.source_hashes[i] for i in rows])
                 tokens += int(enc.n_tokens.sum())
@@ -892,6 +904,19 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
                     cpu_seconds=cpu_seconds, wall_seconds=time.perf_counter() - started,
                     tokens_per_s=tokens_all / seconds_max if seconds_max > 0 else 0.0, parquet=outcome["parquet"],
                     run_key=run_key, compute_seconds=compute_max, compute_tokens_per_s=compute_tps, mfu=mfu)
+
+
+def _refuse_non_finite(enc: Encoded, users: list, dtype: str, checkpoint: str) -> None:
+    """Stop before a batch with an inf or NaN vector is written: float16 can overflow, and a diverged
+    checkpoint gives NaN. The batches before it stay on disk, so the same command resumes after them."""
+    import numpy as np
+
+    bad = [u for u, ok in zip(users, np.isfinite(enc.vectors).all(axis=1)) if not ok]
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise EmbedError(f"{checkpoint}: the vectors of user {shown} are not finite (inf or NaN) in {dtype}; none "
+                         "of them was stored. float16 overflows on some models: try --dtype float32 (or bfloat16 "
+                         "on a GPU that has it). A fine-tuned checkpoint may also have diverged (see its losses).")
 
 
 def _embed_mfu(embedder: Embedder, ids: list, tokens_per_s: float, processes: int) -> float | None:

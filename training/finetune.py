@@ -41,7 +41,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from producers.errors import Llm4esError
 from producers.shared.mixture import Mixture
@@ -101,7 +101,7 @@ class FinetuneConfig:
     save_every_steps: int | None = None  # accelerate checkpoints besides the one at every epoch end
     keep_checkpoints: int = 2  # accelerate checkpoints kept (models/ keeps every epoch)
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 autocast on a GPU with bf16, else fp32
     device: str = "auto"  # auto (LLM4ES_DEVICE, else the GPU when there is one) | cpu | cuda | cuda:N (one process)
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a compile of a minute or so)
     chunked_loss: bool = True  # the loss without (batch, seq, vocab) float32 logits (training.loss)
@@ -186,11 +186,11 @@ def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokeni
     from training.hardware import choose_device, fast_cuda_settings, select_named_gpu
 
     mixture = Mixture.parse(config.mixture)
-    on_cpu = choose_device(config.device, FinetuneError).type == "cpu"
+    device = choose_device(config.device, FinetuneError)
+    on_cpu, precision = device.type == "cpu", _precision(config, device)
     select_named_gpu(config.device, FinetuneError)  # before the Accelerator, which places on a bare `cuda`
-    _fresh_accelerator_state(on_cpu, _precision(config, on_cpu))
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu,
-                              mixed_precision=_precision(config, on_cpu))
+    _fresh_accelerator_state(on_cpu, precision)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=on_cpu, mixed_precision=precision)
     say = log if accelerator.is_main_process else (lambda _: None)
     _require_process_group(accelerator)
     _refuse_fsdp_partial(accelerator, config)
@@ -434,12 +434,15 @@ def _chunked_head(model, accelerator, config: FinetuneConfig):
     return bypass_lm_head(model)
 
 
-def _precision(config: FinetuneConfig, on_cpu: bool) -> str:
+def _precision(config: FinetuneConfig, device: Any) -> str:
+    """`auto`: bf16 autocast on a GPU with bf16 tensor cores, float32 elsewhere. On an older GPU (V100,
+    T4) bf16 is only emulated; fp16 would be fast there but needs loss scaling, which this loop has
+    never been run with on such a GPU, so `auto` does not pick it (`FinetuneConfig(precision="fp16")` does)."""
+    from producers.shared.devices import native_bf16
+
     if config.precision != "auto":
         return config.precision
-    import torch
-
-    return "bf16" if not on_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16(device) else "no"
 
 
 def _fresh_accelerator_state(on_cpu: bool, mixed_precision: str) -> None:

@@ -71,7 +71,8 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
     """Fine-tune a causal LLM on DATASET's texts with the next-token loss (the GPU job).
 
     Runs through accelerate: CPU, one GPU, or several with `accelerate launch -m producers.cli
-    finetune ...`; bf16 autocast on GPU. A checkpoint is saved at every epoch end (and every
+    finetune ...`; bf16 autocast on a GPU with bf16 tensor cores (A100, L4, H100 ...), float32 on
+    older GPUs (V100, T4) and the CPU. A checkpoint is saved at every epoch end (and every
     --save-every-steps); re-running the same --run-name resumes from the last one. Each epoch's
     model goes to runs/<dataset>/<run>/models/epoch-E for `llm4es embed`.
     """
@@ -114,8 +115,10 @@ def finetune(p: Pipeline, dataset: str, model: str, mixture: str, epochs: int, m
                    f"{EMBED_CPU_BATCH_TOKENS:,}.")
 @click.option("--limit-users", type=click.IntRange(1), default=M.limit_users, help="Only the first N users.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=M.dtype,
-              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (exact batch invariance). bfloat16 is "
-                                      "~2-3x faster on CPUs with AMX/avx512_bf16, vectors then agree to ~1e-3.")
+              show_default=True,
+              help="auto: float32 on CPU (exact batch invariance), bfloat16 on a GPU with bf16 tensor cores (A100, "
+                   "L4, H100 ...), float16 on older GPUs (V100, T4). bfloat16 is ~2-3x faster on CPUs with "
+                   "AMX/avx512_bf16, vectors then agree to ~1e-3.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=M.quantize,
               help="CPU only, float32: int8 dynamic quantization of the linear layers, for CPUs without bf16 "
                    "(see benchmarks/RESULTS.md for its speed and how close the vectors stay).")

@@ -127,11 +127,13 @@ class LocalBackend:
         if self._model is None:
             import torch
 
+            from producers.shared.devices import native_bf16
             from producers.shared.models import load_causal_lm
 
             cuda = torch.cuda.is_available()
             self._device = torch.device("cuda" if cuda else "cpu")
-            dtype = torch.bfloat16 if cuda else torch.float32
+            # a V100 or T4 only emulates bf16: float16 there (generation needs no loss scaling)
+            dtype = (torch.bfloat16 if native_bf16(self._device) else torch.float16) if cuda else torch.float32
             self._log(f"loading {self.options.model} ({self._resolved()}) on {self._device}, {dtype}")
             self._model = load_causal_lm(self._resolved(), dtype=dtype).to(self._device)
         return self._model

@@ -2,7 +2,8 @@
 
 CoLES and the session encoder call `pick_device`; fine-tuning and embedding call
 `training.hardware.choose_device`, which adds the rank's GPU under torchrun but reads the
-override through `requested_device` too.
+override through `requested_device` too. `native_bf16` says whether a GPU computes in bf16 or
+only emulates it: the LLM enricher, fine-tuning and embedding choose their dtypes by it.
 """
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def pick_device(device: str, error: type[Exception] = ValueError) -> Any:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {device!r}: CUDA is not available here")
     return chosen
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether `device` has bf16 tensor cores: a GPU of compute capability 8.0 or newer (A100, A10, L4,
+    H100, ...). Older ones (V100, T4) only emulate bf16, slowly, and `torch.cuda.is_bf16_supported()`
+    says yes there too, since emulation counts; the CPU paths choose their dtypes elsewhere."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

@@ -441,3 +441,31 @@ def test_fallback_share_threshold():
         refuse_fallbacks(report, 0.1)
     refuse_fallbacks(report, 1.0)
     refuse_fallbacks(EnrichReport("d", "template", 10, 2, fallbacks=20), 0.0)  # templates never fall back
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((9, 0), "bfloat16")])
+def test_local_backend_loads_bf16_only_on_a_gpu_that_has_it(monkeypatch, capability, dtype):
+    """A T4 (7.5) only emulates bf16: the local LLM generates in float16 there, in bf16 on an H100 (9.0)."""
+    import torch
+
+    from producers.enrich.backends import LocalBackend
+    from producers.shared import models
+
+    loaded = {}
+
+    class Model:
+        def to(self, device):
+            loaded["device"] = device
+            return self
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    def load_causal_lm(path, dtype):
+        loaded["dtype"] = dtype
+        return Model()
+
+    monkeypatch.setattr(models, "load_causal_lm", load_causal_lm)
+    backend = LocalBackend(LLMOptions(backend="local", model="/some/model"))
+    backend._path = "/some/model"
+    backend._load()
+    assert loaded["dtype"] == getattr(torch, dtype) and loaded["device"].type == "cuda"

@@ -346,6 +346,31 @@ def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_ho
         np.testing.assert_allclose(a[1], b[1], atol=1e-5)
 
 
+def test_a_batch_with_a_non_finite_vector_stops_the_run_and_the_batches_before_it_are_kept(
+        ready_home, model_dir, monkeypatch):
+    """float16 can overflow and a diverged checkpoint gives NaN: such vectors must never be stored. The run
+    stops at that batch, naming its users, and the same command resumes after the batches already written."""
+    real_encode = embed_mod.Embedder.encode_ids
+    calls = []
+
+    def nan_in_the_second_batch(self, ids):
+        enc = real_encode(self, ids)
+        calls.append(len(ids))
+        if len(calls) == 2:
+            enc.vectors[-1, 3] = np.nan
+        return enc
+
+    monkeypatch.setattr(embed_mod.Embedder, "encode_ids", nan_in_the_second_batch)
+    with pytest.raises(EmbedError, match=r"the vectors of user \d+ are not finite .* try --dtype float32"):
+        embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
+    parts = list((ready_home.data_dir / "movielens_100k" / "embeddings_parts").glob("*/batch-*.parquet"))
+    assert len(parts) == 1  # the first batch only
+    monkeypatch.setattr(embed_mod.Embedder, "encode_ids", real_encode)
+    (s,) = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250)).sets
+    assert s.n_resumed == calls[0] and s.n_users == 12
+    assert all(np.isfinite(row[1]).all() for row in table_rows(ready_home))
+
+
 def fake_run(home, model_dir, run="run-1"):
     """Two epoch folders, as fine-tuning leaves them: a model, its tokenizer and llm4es_checkpoint.json."""
     folder = home.root / "runs" / "movielens_100k" / run

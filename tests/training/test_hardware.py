@@ -5,6 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from producers.shared.devices import native_bf16  # noqa: E402
 from training.hardware import model_flops_per_token, peak_flops  # noqa: E402
 
 
@@ -71,3 +72,21 @@ def test_a_named_gpu_is_refused_in_a_launched_job(two_gpus, monkeypatch):
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         select_named_gpu("cuda:1")
     assert two_gpus == []
+
+
+@pytest.mark.parametrize("capability, dtype, precision", [((7, 0), "float16", "no"), ((7, 5), "float16", "no"),
+                                                         ((8, 0), "bfloat16", "bf16"), ((9, 0), "bfloat16", "bf16")])
+def test_auto_takes_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, capability, dtype, precision):
+    """A V100 (7.0) or T4 (7.5) only emulates bf16, and torch.cuda.is_bf16_supported() still says yes:
+    there embedding takes float16 and fine-tuning float32; an A100 (8.0) or H100 (9.0) takes bf16."""
+    from training.embed import pick_dtype
+    from training.finetune import FinetuneConfig, _precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert native_bf16(gpu) == (capability >= (8, 0)) and not native_bf16(cpu)
+    assert pick_dtype("auto", gpu) == getattr(torch, dtype) and pick_dtype("auto", cpu) == torch.float32
+    assert pick_dtype("float32", gpu) == torch.float32  # a given dtype is kept
+    assert _precision(FinetuneConfig(), gpu) == precision and _precision(FinetuneConfig(), cpu) == "no"
+    assert _precision(FinetuneConfig(precision="fp16"), gpu) == "fp16"
