@@ -41,7 +41,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -398,6 +399,24 @@ class Encoded:
     padded_tokens: int
 
 
+@dataclass
+class Launched:
+    """A batch whose forward has been queued: on a GPU its vectors are ready once `ready` has passed."""
+
+    vectors: torch.Tensor  # (n, hidden) float32 on the host (pinned on a GPU machine)
+    ready: Any  # a torch.cuda.Event recorded after the copy to the host; None when already done (CPU)
+    n_tokens: np.ndarray
+    padded_tokens: int
+
+    def result(self) -> Encoded:
+        import numpy as np
+
+        if self.ready is not None:
+            self.ready.synchronize()
+        # a copy: the pinned buffer goes back to torch's cache while the part writer still reads the vectors
+        return Encoded(np.array(self.vectors.numpy(), dtype=np.float32), self.n_tokens, self.padded_tokens)
+
+
 class Embedder:
     """A loaded model and tokenizer that turn texts into pooled vectors (no warehouse involved)."""
 
@@ -523,6 +542,25 @@ class Embedder:
 
     def encode_ids(self, ids: Sequence[Sequence[int]]) -> Encoded:
         """Pooled float32 vectors of already tokenized (and cut) texts, as one padded batch."""
+        return self.launch(ids).result()
+
+    def encode_batches(self, batches: Iterable[Sequence[Sequence[int]]], ahead: int | None = None) -> Iterator[Encoded]:
+        """`encode_ids` of each batch, in order, with `ahead` batches launched before a batch's vectors
+        are waited for. On a GPU (default 1) the next forward is queued while the host waits for this
+        one's vectors and writes them, so the GPU does not idle between batches; on the CPU the work is
+        done at launch (default 0, so each batch is written as soon as it is computed)."""
+        if ahead is None:
+            ahead = 1 if self.device.type == "cuda" else 0
+        queued: deque[Launched] = deque()
+        for ids in batches:
+            queued.append(self.launch(ids))
+            if len(queued) > ahead:
+                yield queued.popleft().result()
+        while queued:
+            yield queued.popleft().result()
+
+    def launch(self, ids: Sequence[Sequence[int]]) -> Launched:
+        """Queue one padded batch's forward; on a GPU it returns before the vectors are computed."""
         import numpy as np
         import torch
 
@@ -546,7 +584,13 @@ class Embedder:
         mask_t = mask_t.to(self.device, non_blocking=cuda)
         with torch.inference_mode():
             pooled = self._pool(ids_t, mask_t)
-        return Encoded(pooled.cpu().numpy().astype(np.float32, copy=False), n_tokens, int(ids_t.numel()))
+            ready = None
+            if cuda:  # into pinned memory without waiting; `ready` passes once the copy is done
+                host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=True)
+                host.copy_(pooled, non_blocking=True)
+                pooled, ready = host, torch.cuda.Event()
+                ready.record()
+        return Launched(pooled, ready, n_tokens, int(ids_t.numel()))
 
     def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         import torch
@@ -849,10 +893,11 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
         loop_started, loop_cpu = time.perf_counter(), time.process_time()
         try:
             bar = tqdm(batches, desc=f"embed {ck.label}", unit="batch", disable=None if ranks.main else True)
+            encoded = embedder.encode_batches([ids[j] for j in batch] for batch in batches)
             for b, batch in enumerate(bar):
                 rows = [todo[j] for j in batch]
                 t_batch = time.perf_counter()
-                enc = embedder.encode_ids([ids[j] for j in batch])  # returns once the vectors are on the host
+                enc = next(encoded)  # on a GPU: launches the next batch, then waits for this one's vectors
                 compute += time.perf_counter() - t_batch
                 _refuse_non_finite(enc, [data.users[i] for i in rows], dtype, ck.label)
                 writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,

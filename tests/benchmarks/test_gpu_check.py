@@ -7,7 +7,7 @@ from pathlib import Path
 from benchmarks import gpu_check as gc
 
 EMBED = {"kind": "embed", "tokens_per_s": 1, "dtype": "float32", "padding": 0.0, "nan": 0, "mfu": None,
-         "with_padding_mask": {"tokens_per_s": 1, "speedup_without": 1.0, "min_cosine": 1.0}}
+         "before": {"with_padding_mask": {"tokens_per_s": 1, "speedup_now": 1.0, "min_cosine": 1.0}}}
 
 
 FIT = {"batch_tokens": 512, "limited_by": "cap", "per_token_mib": 0.1, "fixed_gib": 0.0, "extra_gib": 0.0}
@@ -72,7 +72,7 @@ def test_a_batch_that_does_not_fit_is_halved(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(gc, "build_model", lambda name, folder, device: folder)
     monkeypatch.setattr(gc, "train_throughput", train)
-    monkeypatch.setattr(gc, "embed_throughput", lambda *a: EMBED)
+    monkeypatch.setattr(gc, "embed_throughput", lambda *a, **k: EMBED)
     no_probe(monkeypatch)
     assert gc.main(["--dry-run", "--skip-tests", "--out", str(tmp_path / "gc")]) == 0
     report = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
@@ -97,7 +97,7 @@ def test_ab_variants_run_after_the_quality_run_while_they_fit_the_budget(tmp_pat
     monkeypatch.setattr(gc.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(gc, "build_model", lambda name, folder, device: folder)
     monkeypatch.setattr(gc, "train_throughput", train)
-    monkeypatch.setattr(gc, "embed_throughput", lambda *a: EMBED)
+    monkeypatch.setattr(gc, "embed_throughput", lambda *a, **k: EMBED)
     monkeypatch.setattr(gc, "quality_run", quality)
     no_probe(monkeypatch)
     out = tmp_path / "gc"
@@ -136,6 +136,7 @@ def test_the_dry_run_runs_every_step_for_real_on_the_cpu(tmp_path) -> None:
     report = json.loads((out / "gpu_check.json").read_text())
     tiny = report["throughput"]["tiny"]
     assert tiny["train"]["finite"] and tiny["embed"]["nan"] == 0 and "errors" not in report
-    assert tiny["embed"]["with_padding_mask"]["min_cosine"] > 0.99999  # the mask changes nothing on the right
+    before = tiny["embed"]["before"]  # the mask changes nothing on the right, nor launching ahead
+    assert before["with_padding_mask"]["min_cosine"] > 0.99999 and before["one_batch_at_a_time"]["min_cosine"] > 0.99999
     assert tiny["auto_batch"]["train"]["per_token_mib"] > 0 and tiny["auto_batch"]["train"]["batch_tokens"] >= 128
     assert set(report["ab"]["tiny"]) == {"loss-bf16", "rows-x2", "compile", "compile+loss-bf16"}

@@ -59,6 +59,22 @@ def test_gpu_bfloat16_embeddings_point_where_the_cpu_ones_do(model_dir):
     assert np.isfinite(gpu).all() and cosine_min(gpu, cpu) >= 0.999
 
 
+def test_batches_launched_ahead_on_the_gpu_give_each_batch_its_own_vectors(model_dir):
+    """The embed loop launches the next batch before it waits for this one's copy to pinned host memory:
+    every batch must still come back whole and in order (a reused buffer or a missed wait would not)."""
+    cfg = EmbedConfig(model=str(model_dir), layers="all", max_length=500, dtype="float32", device=GPU)
+    e = Embedder.load(str(model_dir), str(model_dir), cfg)
+    try:
+        batches = [e.tokenize(TEXTS[i:i + 2])[0] for i in range(0, len(TEXTS), 2)]
+        one_by_one = [e.encode_ids(b).vectors for b in batches]
+        for ahead in (1, 2):
+            got = list(e.encode_batches(batches, ahead=ahead))
+            for enc, want in zip(got, one_by_one, strict=True):
+                np.testing.assert_allclose(enc.vectors, want, atol=1e-5, rtol=0)  # a mixed-up batch is far off
+    finally:
+        e.close()
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_padding_on_either_side_gives_no_nan_and_the_vector_of_the_text_alone(model_dir, side, dtype):

@@ -232,6 +232,33 @@ def test_right_padding_sends_no_mask_so_sdpa_can_take_its_causal_kernel(model_di
     e.close()
 
 
+@pytest.mark.parametrize("ahead", [None, 1, 2])
+def test_batches_launched_ahead_come_back_in_order_with_the_same_vectors(model_dir, ahead):
+    """On a GPU the next batch is launched before this one's vectors are waited for (`ahead` 1); on the
+    CPU (default 0) each batch is computed only when its vectors are asked for, and written at once."""
+    texts = ["the cat sat on the mat with the hat", "a dog", "in the beginning", "was the word", "and"]
+    e = embedder(model_dir, layers="1:")
+    batches = [e.tokenize(texts[i:i + 2])[0] for i in range(0, len(texts), 2)]
+    one_by_one = [e.encode_ids(b).vectors for b in batches]
+    events = []
+    real_launch = e.launch
+
+    def launch(ids):
+        events.append(f"launch {len(events)}")
+        return real_launch(ids)
+
+    e.launch = launch
+    got = []
+    for enc in e.encode_batches(batches, ahead=ahead):
+        events.append(f"got {len(got)}")
+        got.append(enc.vectors)
+    e.close()
+    for a, b in zip(got, one_by_one, strict=True):
+        np.testing.assert_array_equal(a, b)
+    launched_before_first = events.index("got 0")
+    assert launched_before_first == 1 + (ahead or 0)  # the CPU's default launches nothing ahead
+
+
 def test_batches_are_sorted_by_length_and_hold_the_token_budget():
     lengths = [5, 50, 7, 30, 30, 100, 1]
     batches = plan_batches(lengths, 100)
@@ -350,22 +377,22 @@ def test_a_batch_with_a_non_finite_vector_stops_the_run_and_the_batches_before_i
         ready_home, model_dir, monkeypatch):
     """float16 can overflow and a diverged checkpoint gives NaN: such vectors must never be stored. The run
     stops at that batch, naming its users, and the same command resumes after the batches already written."""
-    real_encode = embed_mod.Embedder.encode_ids
+    real_result = embed_mod.Launched.result
     calls = []
 
-    def nan_in_the_second_batch(self, ids):
-        enc = real_encode(self, ids)
-        calls.append(len(ids))
+    def nan_in_the_second_batch(self):
+        enc = real_result(self)
+        calls.append(len(enc.vectors))
         if len(calls) == 2:
             enc.vectors[-1, 3] = np.nan
         return enc
 
-    monkeypatch.setattr(embed_mod.Embedder, "encode_ids", nan_in_the_second_batch)
+    monkeypatch.setattr(embed_mod.Launched, "result", nan_in_the_second_batch)
     with pytest.raises(EmbedError, match=r"the vectors of user \d+ are not finite .* try --dtype float32"):
         embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
     parts = list((ready_home.data_dir / "movielens_100k" / "embeddings_parts").glob("*/batch-*.parquet"))
     assert len(parts) == 1  # the first batch only
-    monkeypatch.setattr(embed_mod.Embedder, "encode_ids", real_encode)
+    monkeypatch.setattr(embed_mod.Launched, "result", real_result)
     (s,) = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250)).sets
     assert s.n_resumed == calls[0] and s.n_users == 12
     assert all(np.isfinite(row[1]).all() for row in table_rows(ready_home))
