@@ -194,6 +194,8 @@ def _finetune(home: Home, dataset: str, config: FinetuneConfig, log: Log, tokeni
     say = log if accelerator.is_main_process else (lambda _: None)
     _require_process_group(accelerator)
     _refuse_fsdp_partial(accelerator, config)
+    if not on_cpu and config.precision == "auto" and precision == "no":
+        say(f"{device} has no bf16 tensor cores (compute capability below 8.0): training in float32")
     fast_cuda_settings(accelerator.device)
     con = home.connect(read_only=True)
     try:
