@@ -13,15 +13,16 @@ Steps (each prints PASS/FAIL or a figure, all collected in OUT/gpu_check.json):
    SmolLM2-135M and Llama-3.2-1B (dry run: a tiny Llama). Training: the fine-tuning step itself
    (`training.data.make_collate`, `training.finetune.training_loss` with the chunked loss, its AdamW, fused on CUDA,
    bf16 autocast through accelerate as `llm4es finetune` runs it) on full 2048-token rows;
-   embedding: `training.embed.Embedder.encode_ids` on the bare decoder over length-sorted batches.
+   embedding: `training.embed.Embedder.encode_batches` on the bare decoder over length-sorted batches
+   (for SmolLM2 also as it ran before: with the padding mask, and one batch at a time).
    Real tokens per second of pure compute (synchronised, after warm-up), and MFU =
    tokens/s x FLOPs per token / peak, FLOPs per token from `training.hardware.model_flops_per_token`
    (6N + attention for training, 2N + attention for the bare decoder; README "Speed and MFU").
+   Then what `--batch-tokens auto` chooses for each shape (finetune and embed), with the probe's
+   predicted training peak at the throughput batch beside the peak measured there.
 3. optional (`--quality-model DIR --source ML100K_DIR`): the real pipeline on MovieLens-100k:
    ingest, serialize, template:7 enrich, one full epoch of `finetune` at 2048 tokens, `embed`; the
    embeddings Parquet is copied to OUT for `publish` + `evaluate` on the CPU machine.
-   Then what `--batch-tokens auto` chooses for each shape (finetune and embed), with the probe's
-   predicted training peak at the throughput batch beside the peak measured there.
 4. A/B variants of the fine-tuning step (`AB_VARIANTS`: the chunked loss's matmuls in bf16, twice the
    rows a step, `--compile`, both), after the quality run and each only while its estimated time fits
    `--budget-s`: the figures that decide finetune's defaults, measured in the same one-shot run.

@@ -896,11 +896,12 @@ def _embed_set(home: Home, data: _Texts, config: EmbedConfig, ck: Checkpoint, lo
             encoded = embedder.encode_batches([ids[j] for j in batch] for batch in batches)
             for b, batch in enumerate(bar):
                 rows = [todo[j] for j in batch]
+                users = [data.users[i] for i in rows]
                 t_batch = time.perf_counter()
                 enc = next(encoded)  # on a GPU: launches the next batch, then waits for this one's vectors
                 compute += time.perf_counter() - t_batch
-                _refuse_non_finite(enc, [data.users[i] for i in rows], dtype, ck.label)
-                writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", [data.users[i] for i in rows], enc,
+                _refuse_non_finite(enc, users, dtype, ck.label)
+                writer.submit(parts / f"{prefix}{next_index + b:05d}.parquet", users, enc,
                               [data.source_hashes[i] for i in rows])
                 tokens += int(enc.n_tokens.sum())
                 padded += enc.padded_tokens

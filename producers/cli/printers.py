@@ -70,18 +70,10 @@ def print_ingest(r, seconds: float) -> None:
     console.print(table)
     if r.n_rejects:
         console.print(f"rejected rows are in table {r.schema}.rejects (source, row_number, raw_record, reason)")
-    _print_null_keys(r.files)
     if r.n_repeated_events:
         console.print(f"[yellow]warning:[/] {r.n_repeated_events:,} events repeat another event in every column; "
                       "the dataset declares no events.key, so they are kept and count as events (declare "
                       "`events.key`, e.g. a transaction id, and validation fails on repeated keys)")
-
-
-def _print_null_keys(files) -> None:
-    for f in files:
-        if f.null_keys:
-            console.print(f"[yellow]warning:[/] {f.null_key_text()}: loaded as NULL, so `llm4es validate` will fail "
-                          "on them; fill them in the file, or drop those lines", soft_wrap=True)
 
 
 def print_append(r, seconds: float) -> None:
@@ -98,7 +90,6 @@ def print_append(r, seconds: float) -> None:
                   f"(appended in {seconds:.1f}s; ingest {r.ingest_id}, data {r.source_hash})", soft_wrap=True)
     if r.dedupe_on_all_columns:
         console.print("the dataset declares no events.key: duplicates were rows equal in every column")
-    _print_null_keys(r.files)
     for table, path in r.fallback_files.items():
         console.print(f"table {table} read from the earlier source {path} (unchanged)", soft_wrap=True)
     console.print(f"delta logged in {r.schema}.ingest_delta; run `llm4es validate {r.dataset}` before later stages",
