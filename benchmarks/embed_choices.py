@@ -51,7 +51,8 @@ def embed_all(args) -> None:
 
     from producers.shared.models import resolve_model
     from producers.stores.warehouse import Home
-    from training.embed import EmbedConfig, Embedder, _read_texts
+    from training.embed import EmbedConfig, Embedder
+    from training.embed.store import read_texts
 
     torch.set_num_threads(args.threads)
     home = Home.resolve(args.home)
@@ -59,7 +60,7 @@ def embed_all(args) -> None:
     if args.users and args.users < len(users):  # a seeded sample of the development users (CPU budget)
         pick = np.sort(np.random.default_rng(0).permutation(len(users))[:args.users])
         users, y = [users[i] for i in pick], y[pick]
-    data = _read_texts(home, args.dataset, EmbedConfig())
+    data = read_texts(home, args.dataset, EmbedConfig())
     text_of = dict(zip(data.users, data.texts))
     texts = [text_of[u] for u in users]
     path = resolve_model("smollm2-135m")

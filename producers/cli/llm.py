@@ -18,11 +18,11 @@ if TYPE_CHECKING:
     from training.evaluate import FusionConfig
 
 F = config_defaults("training.finetune", "FinetuneConfig")
-M = config_defaults("training.embed", "EmbedConfig")
+M = config_defaults("training.embed.config", "EmbedConfig")
 V = config_defaults("training.evaluate.run", "EvaluateConfig")
 AUTO_MAX_TOKENS = module_constant("training.finetune", "AUTO_MAX_TOKENS")
-EMBED_AUTO_MAX_TOKENS = module_constant("training.embed", "AUTO_MAX_TOKENS")
-EMBED_CPU_BATCH_TOKENS = module_constant("training.embed", "CPU_BATCH_TOKENS")
+EMBED_AUTO_MAX_TOKENS = module_constant("training.embed.config", "AUTO_MAX_TOKENS")
+EMBED_CPU_BATCH_TOKENS = module_constant("training.embed.config", "CPU_BATCH_TOKENS")
 
 
 @click.command()

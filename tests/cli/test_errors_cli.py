@@ -15,7 +15,7 @@ ROOTS = [
     ("producers.ingest.run", "IngestError", RuntimeError),
     ("producers.ingest.source_files", "SourceError", FileNotFoundError),
     ("producers.shared.mixture", "MixtureError", ValueError),
-    ("training.embed", "EmbedError", ValueError),
+    ("training.embed.config", "EmbedError", ValueError),
     ("producers.coles.config", "ColesError", ValueError),
     ("producers.sessions.config", "SessionsError", RuntimeError),
     ("producers.intents.config", "IntentsError", RuntimeError),

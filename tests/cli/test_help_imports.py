@@ -90,9 +90,9 @@ def test_the_cli_reads_every_config_it_names():
 def test_module_constant_follows_an_import():
     from producers.shared.models import DEFAULT_MODEL
 
-    assert module_constant("training.embed", "DEFAULT_MODEL") == DEFAULT_MODEL
+    assert module_constant("training.embed.config", "DEFAULT_MODEL") == DEFAULT_MODEL
     with pytest.raises(LookupError, match="Path is not a literal constant"):
-        module_constant("training.embed", "Path")
+        module_constant("training.embed.store", "Path")
 
 
 # Each command's options named like a field of its config(s) show that field's default.
@@ -104,7 +104,7 @@ COMMAND_CONFIGS = {
     ("aggregate",): ["producers.aggregate:AggregateConfig"],
     ("enrich",): ["producers.enrich.run:EnrichConfig", "producers.enrich.options:LLMOptions"],
     ("finetune",): ["training.finetune:FinetuneConfig"],
-    ("embed",): ["training.embed:EmbedConfig"],
+    ("embed",): ["training.embed.config:EmbedConfig"],
     ("coles",): ["producers.coles.config:ColesConfig"],
     ("sessions", "build"): ["producers.sessions.config:SessionsConfig"],
     ("sessions", "train"): ["producers.sessions.config:SessionEncoderConfig"],
@@ -195,7 +195,7 @@ class RecordingPipeline:
 # With no options, each command builds its stage's config from the defaults it read from source:
 # the same config as the dataclass's own defaults (the stage classes are imported only in the body).
 NO_OPTIONS = [
-    (("embed",), "training.embed:EmbedConfig"),
+    (("embed",), "training.embed.config:EmbedConfig"),
     (("finetune",), "training.finetune:FinetuneConfig"),
     (("coles",), "producers.coles.config:ColesConfig"),
     (("publish",), "producers.publish:PublishConfig"),

@@ -140,17 +140,17 @@ def refresh_since(home) -> datetime:
 
 
 def test_a_nan_snapshot_is_stopped_by_the_gate_and_not_published(home, monkeypatch):
-    import training.embed as embed_mod
+    import training.embed.parts as embed_parts
 
     users = users_of(home)
     before = online_features(home, DATASET, [EMB], users)
-    real = embed_mod._write_part
+    real = embed_parts.write_part
 
     def plant_nan(path, users_, enc, hashes):
         enc.vectors[0, 0] = np.nan
         real(path, users_, enc, hashes)
 
-    monkeypatch.setattr(embed_mod, "_write_part", plant_nan)
+    monkeypatch.setattr(embed_parts, "write_part", plant_nan)
     with pytest.raises(SnapshotGateError) as e:
         refresh(home, DATASET, tokenizer=tiny_tokenizer())
     assert "FAIL no NaN or infinite values" in str(e.value) and "1 of" in str(e.value)

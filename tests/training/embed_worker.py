@@ -12,7 +12,7 @@ import sys
 import torch
 
 from producers.stores.warehouse import Home
-from training import embed as embed_mod
+from training.embed import parts as embed_parts
 from training.embed import EmbedConfig, embed
 
 
@@ -22,7 +22,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     if len(sys.argv) > 3 and rank == int(sys.argv[3]):
         die_after, written = int(sys.argv[4]), []
-        write = embed_mod._write_part
+        write = embed_parts.write_part
 
         def write_then_die(*args, **kwargs):
             write(*args, **kwargs)
@@ -30,7 +30,7 @@ def main() -> None:
             if len(written) >= die_after:
                 os._exit(3)
 
-        embed_mod._write_part = write_then_die
+        embed_parts.write_part = write_then_die
     config = EmbedConfig(model=model, layers="1:", max_length=120, batch_tokens=256)
     s = embed(Home.resolve(home), "movielens-100k", config).sets[0]
     # One write call per line: the ranks share torchrun's stdout, and print() may split a line.

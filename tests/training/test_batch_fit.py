@@ -244,7 +244,7 @@ def test_embed_auto_probes_rows_of_max_length_and_keeps_the_cpu_default(tmp_path
 
 
 def test_embed_auto_on_a_gpu_takes_the_probes_budget_or_refuses_with_advice(monkeypatch):
-    from training import embed as em
+    from training.embed import batches as em
     from training.memory_fit import BatchFit
 
     gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"), max_length=2048)

@@ -12,10 +12,12 @@ import pytest
 from producers.datasets.definition import load_builtin
 from producers.ingest import IngestConfig, ingest
 from producers.serialize.run import SerializeConfig, serialize
+from producers.stores.outputs import read_provenance
 from producers.stores.warehouse import Home
 from tests.fixtures.movielens_files import write_grouplens
 from tests.fixtures.tiny_model import TINY, save_tiny_model, tiny_tokenizer
 from training import embed as embed_mod
+from training.embed import parts as embed_parts
 from training.embed import (
     CHECKPOINT_FILE,
     CPU_BATCH_TOKENS,
@@ -25,7 +27,6 @@ from training.embed import (
     embed,
     find_checkpoints,
     plan_batches,
-    read_provenance,
     resolve_layers,
 )
 from validation.gate import ValidationGateError
@@ -337,7 +338,7 @@ def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_ho
     embed(reference_home, "movielens-100k", config(model_dir, batch_tokens=250))
     reference = table_rows(reference_home)
 
-    real_write = embed_mod._write_part
+    real_write = embed_parts.write_part
     written: list[list] = []
 
     def write_then_die(path, users, enc, hashes):
@@ -346,7 +347,7 @@ def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_ho
         real_write(path, users, enc, hashes)
         written.append(list(users))
 
-    monkeypatch.setattr(embed_mod, "_write_part", write_then_die)
+    monkeypatch.setattr(embed_parts, "write_part", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
     first = written[0]
@@ -360,7 +361,7 @@ def test_a_killed_run_resumes_with_only_the_remaining_users(ready_home, built_ho
         real_write(path, users, enc, hashes)
         resumed.append(list(users))
 
-    monkeypatch.setattr(embed_mod, "_write_part", record)
+    monkeypatch.setattr(embed_parts, "write_part", record)
     r = embed(ready_home, "movielens-100k", config(model_dir, batch_tokens=250))
     (s,) = r.sets
     remaining = sorted(u for b in resumed for u in b)
