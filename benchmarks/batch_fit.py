@@ -39,13 +39,14 @@ def main() -> None:
 
     from benchmarks.gpu_check import build_model
     from benchmarks.machine import describe
-    from training.finetune import AUTO_MAX_TOKENS, FinetuneConfig, _fresh_accelerator_state, measure_batch_tokens
+    from training.finetune import AUTO_MAX_TOKENS, FinetuneConfig, measure_batch_tokens
+    from training.finetune.accelerator import fresh_accelerator_state
     from training.memory_fit import GIB, MemoryLine, SavedTensorsMeter, tokens_that_fit
 
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     print(describe())
-    _fresh_accelerator_state(not cuda, args.precision)
+    fresh_accelerator_state(not cuda, args.precision)
     acc = Accelerator(cpu=not cuda, mixed_precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_model(args.shape, Path(tmp) / args.shape, "cpu")

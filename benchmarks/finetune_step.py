@@ -40,13 +40,14 @@ def main() -> None:
 
     from benchmarks.machine import describe
     from training.data import make_collate
-    from training.finetune import FinetuneConfig, _optimizer, training_loss
+    from training.finetune import FinetuneConfig, training_loss
+    from training.finetune.model import make_optimizer
     from producers.shared.models import load_causal_lm, resolve_model
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = load_causal_lm(path, dtype=torch.float32).train()
-    optimizer = _optimizer(model, FinetuneConfig(lr=0.0))  # lr 0: every step sees the same weights
+    optimizer = make_optimizer(model, FinetuneConfig(lr=0.0))  # lr 0: every step sees the same weights
     rng = np.random.default_rng(0)
     lengths = np.linspace(args.min_len, args.max_len, args.rows).astype(int)
     rows = [[rng.integers(3, model.config.vocab_size, n).astype(np.int32)] for n in lengths]

@@ -116,7 +116,8 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
     from accelerate import Accelerator
 
     from training.data import make_collate
-    from training.finetune import FinetuneConfig, _optimizer, loss_matmul_dtype, training_loss
+    from training.finetune import FinetuneConfig, loss_matmul_dtype, training_loss
+    from training.finetune.model import make_optimizer
     from training.hardware import fast_cuda_settings, model_flops_per_token, peak_flops
     from producers.shared.models import load_causal_lm
 
@@ -127,7 +128,7 @@ def train_throughput(model_dir: Path, seq: int, batch: int, steps: int, warmup: 
 
     model = load_causal_lm(str(model_dir), dtype=torch.float32).train()
     head = bypass_lm_head(model)  # the chunked loss, as `llm4es finetune` runs by default
-    optimizer = _optimizer(model, FinetuneConfig(), fused=cuda)
+    optimizer = make_optimizer(model, FinetuneConfig(), fused=cuda)
     model, optimizer = acc.prepare(model, optimizer)
     if compile:  # after prepare, as `llm4es finetune` does
         model = torch.compile(model, **({"backend": compile_backend} if compile_backend else {}))

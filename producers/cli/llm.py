@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     from producers.pipeline import Pipeline
     from training.evaluate import FusionConfig
 
-F = config_defaults("training.finetune", "FinetuneConfig")
+F = config_defaults("training.finetune.config", "FinetuneConfig")
 M = config_defaults("training.embed.config", "EmbedConfig")
 V = config_defaults("training.evaluate.run", "EvaluateConfig")
-AUTO_MAX_TOKENS = module_constant("training.finetune", "AUTO_MAX_TOKENS")
+AUTO_MAX_TOKENS = module_constant("training.finetune.config", "AUTO_MAX_TOKENS")
 EMBED_AUTO_MAX_TOKENS = module_constant("training.embed.config", "AUTO_MAX_TOKENS")
 EMBED_CPU_BATCH_TOKENS = module_constant("training.embed.config", "CPU_BATCH_TOKENS")
 

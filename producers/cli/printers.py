@@ -157,10 +157,10 @@ def print_enrich(r) -> None:
 
 
 def print_finetune(r) -> None:
-    from training.finetune import _epochs_text
+    from training.finetune.config import epochs_text
 
     mfu = "" if r.mfu is None else f", MFU {r.mfu:.1%}"
-    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({_epochs_text(r.steps, r.steps_per_epoch or r.steps)}, "
+    console.print(f"[green]✓[/] {r.dataset}: {r.steps} steps ({epochs_text(r.steps, r.steps_per_epoch or r.steps)}, "
                   f"{r.epochs_done} complete) on {r.n_texts:,} texts, final loss {r.final_loss:.4f}, "
                   f"{r.tokens_per_second:,.0f} tokens/s{mfu}"
                   f"{f' (resumed from {r.resumed_from})' if r.resumed_from else ''}")

@@ -21,7 +21,7 @@ ROOTS = [
     ("producers.intents.config", "IntentsError", RuntimeError),
     ("producers.publish", "PublishError", ValueError),
     ("training.evaluate.run", "EvaluateError", ValueError),
-    ("training.finetune", "FinetuneError", ValueError),
+    ("training.finetune.config", "FinetuneError", ValueError),
     ("producers.serialize.run", "SerializeError", ValueError),
     ("producers.stores.warehouse", "WarehouseError", RuntimeError),
     ("producers.enrich.base", "EnrichError", RuntimeError),

@@ -103,7 +103,7 @@ COMMAND_CONFIGS = {
     ("serialize",): ["producers.serialize.run:SerializeConfig"],
     ("aggregate",): ["producers.aggregate:AggregateConfig"],
     ("enrich",): ["producers.enrich.run:EnrichConfig", "producers.enrich.options:LLMOptions"],
-    ("finetune",): ["training.finetune:FinetuneConfig"],
+    ("finetune",): ["training.finetune.config:FinetuneConfig"],
     ("embed",): ["training.embed.config:EmbedConfig"],
     ("coles",): ["producers.coles.config:ColesConfig"],
     ("sessions", "build"): ["producers.sessions.config:SessionsConfig"],
@@ -196,7 +196,7 @@ class RecordingPipeline:
 # the same config as the dataclass's own defaults (the stage classes are imported only in the body).
 NO_OPTIONS = [
     (("embed",), "training.embed.config:EmbedConfig"),
-    (("finetune",), "training.finetune:FinetuneConfig"),
+    (("finetune",), "training.finetune.config:FinetuneConfig"),
     (("coles",), "producers.coles.config:ColesConfig"),
     (("publish",), "producers.publish:PublishConfig"),
     (("evaluate",), "training.evaluate:EvaluateConfig"),

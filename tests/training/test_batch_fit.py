@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from tests.fixtures.tiny_model import cpu_accelerator, save_tiny_model, tiny_tokenizer
-from training import finetune as ft
+from training.finetune import batching as ft
 from training.finetune import AUTO_MAX_TOKENS, FinetuneConfig, FinetuneError
+from training.finetune.model import build_model, chunked_head, training_loss
 from training.memory_fit import (GIB, MemoryLine, NotEnoughMemory, SavedTensorsMeter, fit_line, probe_line,
                                  tokens_that_fit)
 
@@ -111,15 +112,15 @@ def test_the_training_probe_measures_the_real_step_and_its_options(tiny_model):
     meter = SavedTensorsMeter(free_bytes=GIB)
     fit = ft.measure_batch_tokens(str(tiny_model), config, acc, meter=meter)
     assert fit.line.per_token_bytes > 0 and fit.tokens % 64 == 0
-    model = ft._build_model(str(tiny_model), config, print)
+    model = build_model(str(tiny_model), config, print)
     trained = sum(p.numel() for p in model.parameters())
     assert fit.extra_bytes == 8 * trained  # AdamW's two float32 states per weight, one process
-    head = ft._chunked_head(model, acc, config)
+    head = chunked_head(model, acc, config)
     collate = make_collate(0, packed=False)
     rng = np.random.default_rng(1)
     vocab = model.get_input_embeddings().num_embeddings
     batch = {k: v for k, v in collate([[rng.integers(3, vocab, 64)] for _ in range(3)]).items() if k != "n_tokens"}
-    three_rows = meter.measure(lambda: ft.training_loss(model, batch, head).backward())
+    three_rows = meter.measure(lambda: training_loss(model, batch, head).backward())
     assert three_rows == pytest.approx(fit.line.bytes_at(3 * 64), rel=0.02)
     assert fit.tokens == AUTO_MAX_TOKENS  # a gigabyte holds far more than the cap of a tiny model's rows
     small = SavedTensorsMeter(free_bytes=fit.line.bytes_at(5 * 64) / 0.8 + fit.extra_bytes / 0.8)
@@ -164,7 +165,7 @@ def fake_gpu(monkeypatch, tokens_per_process: list[int]):
 def test_on_a_gpu_auto_takes_the_smallest_budget_of_all_processes(tmp_path, monkeypatch):
     accelerator, calls = fake_gpu(monkeypatch, [480, 432])
     lines = []
-    config, batching = ft._choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m",
+    config, batching = ft.choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m",
                                            lines.append, on_gpu=True)
     assert (config.batch_size, config.batch_tokens) == (1, 432) and len(calls) == 1
     assert batching["chosen_by"] == "auto" and batching["batch_tokens"] == 432 and batching["per_token_mib"] == 1.0
@@ -175,12 +176,12 @@ def test_a_model_too_large_for_the_gpu_is_refused_with_what_to_try(tmp_path, mon
     accelerator, _ = fake_gpu(monkeypatch, [0, 480])
     with pytest.raises(FinetuneError, match=r"does not fit for training at --max-length 48 on this GPU: one row .* "
                                             r"90\.0 GiB\. Try --gradient-checkpointing, --lora-r 16"):
-        ft._choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m", print, on_gpu=True)
+        ft.choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m", print, on_gpu=True)
 
 
 def test_given_sizes_and_resumed_runs_never_probe(tmp_path, monkeypatch):
     accelerator, calls = fake_gpu(monkeypatch, [480])
-    choose = lambda config: ft._choose_batching(config, tmp_path / "run", accelerator, "m", print, on_gpu=True)  # noqa: E731
+    choose = lambda config: ft.choose_batching(config, tmp_path / "run", accelerator, "m", print, on_gpu=True)  # noqa: E731
     assert choose(FinetuneConfig(max_length=48, batch_size=4))[0].batch_tokens is None
     given = choose(FinetuneConfig(max_length=48, batch_tokens=96))
     assert (given[0].batch_size, given[0].batch_tokens, given[1]["chosen_by"]) == (1, 96, "--batch-tokens")
@@ -199,7 +200,7 @@ def test_fsdp_keeps_one_text_a_step_and_says_how_to_choose(tmp_path, monkeypatch
     accelerator, calls = fake_gpu(monkeypatch, [480])
     accelerator.distributed_type = DistributedType.FSDP
     lines = []
-    config, batching = ft._choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m",
+    config, batching = ft.choose_batching(FinetuneConfig(max_length=48), tmp_path / "run", accelerator, "m",
                                            lines.append, on_gpu=True)
     assert (config.batch_size, config.batch_tokens) == (1, None) and calls == []
     assert "under FSDP" in batching["chosen_by"] and "give --batch-tokens N" in lines[0]

@@ -139,12 +139,13 @@ def test_batch_tokens_auto_predicts_the_peak_of_a_real_step(model_dir):
     CPU in the GPU's place."""
     from accelerate import Accelerator
 
-    from training.finetune import (FinetuneConfig, _build_model, _chunked_head, _fresh_accelerator_state,
-                                   measure_batch_tokens)
+    from training.finetune import FinetuneConfig, measure_batch_tokens
+    from training.finetune.accelerator import fresh_accelerator_state
+    from training.finetune.model import build_model, chunked_head
     from training.memory_fit import GIB, CudaMeter, SavedTensorsMeter
 
     on_gpu = torch.device(GPU).type == "cuda"
-    _fresh_accelerator_state(not on_gpu, "bf16")
+    fresh_accelerator_state(not on_gpu, "bf16")
     acc = Accelerator(cpu=not on_gpu, mixed_precision="bf16")
     config = FinetuneConfig(model=str(model_dir), max_length=256)
     meter = CudaMeter(acc.device) if on_gpu else SavedTensorsMeter(GIB)
@@ -152,8 +153,8 @@ def test_batch_tokens_auto_predicts_the_peak_of_a_real_step(model_dir):
     assert fit.line.per_token_bytes > 0 and fit.tokens >= 256
 
     meter.start()
-    model = _build_model(str(model_dir), config, print).to(acc.device)
-    head = _chunked_head(model, acc, config)
+    model = build_model(str(model_dir), config, print).to(acc.device)
+    head = chunked_head(model, acc, config)
     rng = np.random.default_rng(2)
     vocab = model.get_input_embeddings().num_embeddings
     rows = make_collate(0, packed=False)([[rng.integers(3, vocab, 256)] for _ in range(3)])

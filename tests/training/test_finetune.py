@@ -388,14 +388,14 @@ def test_fsdp_with_lora_or_partial_training_is_refused():
 
     from accelerate.utils import DistributedType
 
-    from training.finetune import _refuse_fsdp_partial
+    from training.finetune.accelerator import refuse_fsdp_partial
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
     for bad in (dict(lora_r=4), dict(trainable_layers=1)):
         with pytest.raises(FinetuneError, match="not supported under FSDP: run it with DDP"):
-            _refuse_fsdp_partial(fsdp, FinetuneConfig(**bad))
-    _refuse_fsdp_partial(fsdp, FinetuneConfig())  # full fine-tuning under FSDP is fine
-    _refuse_fsdp_partial(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), FinetuneConfig(lora_r=4))
+            refuse_fsdp_partial(fsdp, FinetuneConfig(**bad))
+    refuse_fsdp_partial(fsdp, FinetuneConfig())  # full fine-tuning under FSDP is fine
+    refuse_fsdp_partial(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), FinetuneConfig(lora_r=4))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -468,10 +468,11 @@ def test_a_probed_budget_trains_records_and_is_kept_on_resume(home, tiny_model, 
     """The GPU path of `batch_tokens="auto"` through a whole run, on the CPU: the probe measures what
     backward keeps (SavedTensorsMeter) with a free memory that holds three rows of 48 tokens; the run
     trains on those batches and records them, and running it again never probes."""
-    from training import finetune as ft
+    from training.finetune import batching as ft
+    from training.finetune import run as ft_run
     from training.memory_fit import GIB, SavedTensorsMeter
 
-    probe, choose = ft.measure_batch_tokens, ft._choose_batching
+    probe, choose = ft.measure_batch_tokens, ft.choose_batching
     config = FinetuneConfig(model=str(tiny_model), mixture="serialized:1", max_length=48, epochs=2, run_name="auto")
     fit = ft.measure_batch_tokens(str(tiny_model), config, cpu_accelerator(), SavedTensorsMeter(GIB))
     free = (fit.line.bytes_at(3.5 * 48) + fit.extra_bytes) / 0.8  # room for 3.5 rows: three whole ones
@@ -482,7 +483,7 @@ def test_a_probed_budget_trains_records_and_is_kept_on_resume(home, tiny_model, 
         return probe(model_path, config, accelerator, SavedTensorsMeter(free))
 
     monkeypatch.setattr(ft, "measure_batch_tokens", measured)
-    monkeypatch.setattr(ft, "_choose_batching", lambda *a, **kw: choose(*a, **{**kw, "on_gpu": True}))
+    monkeypatch.setattr(ft_run, "choose_batching", lambda *a, **kw: choose(*a, **{**kw, "on_gpu": True}))
     lines = []
     r = finetune(home, DATASET, config, log=lines.append)
     saved = json.loads((r.run_dir / "config.json").read_text())
@@ -542,10 +543,10 @@ def test_a_second_job_on_a_run_being_trained_is_refused(home, tiny_model):
     """Two jobs on one run folder (the same --run-name twice, or the workers a SIGKILLed torchrun leaves
     behind) would write their checkpoints over each other's: the second is refused, naming the folder."""
     from producers.stores.locks import file_lock
-    from training.finetune import _run_lock_path
+    from training.finetune.run_folder import run_lock_path
 
     run_dir = home.root / "runs" / "movielens_100k" / "busy"
-    with file_lock(_run_lock_path(run_dir, 0)):  # another process holds it (a second open is refused alike)
+    with file_lock(run_lock_path(run_dir, 0)):  # another process holds it (a second open is refused alike)
         with pytest.raises(FinetuneError, match=r"busy is being trained by another process.*pgrep"):
             finetune(home, DATASET, cfg(tiny_model, max_steps=1, run_name="busy"))
     assert not run_dir.exists()  # nothing written
@@ -587,11 +588,11 @@ def test_processes_that_accelerate_did_not_join_are_refused(monkeypatch):
     would have trained the whole run into the same folder."""
     from types import SimpleNamespace
 
-    from training.finetune import _require_process_group
+    from training.finetune.accelerator import require_process_group
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FinetuneError, match=r"started as 2 processes.*torchrun --nproc-per-node"):
-        _require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))
-    _require_process_group(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
+        require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))
+    require_process_group(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    _require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))
+    require_process_group(SimpleNamespace(num_processes=1, distributed_type="NO"))

@@ -80,7 +80,8 @@ def test_auto_takes_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, c
     """A V100 (7.0) or T4 (7.5) only emulates bf16, and torch.cuda.is_bf16_supported() still says yes:
     there embedding takes float16 and fine-tuning float32; an A100 (8.0) or H100 (9.0) takes bf16."""
     from training.embed import pick_dtype
-    from training.finetune import FinetuneConfig, _precision
+    from training.finetune import FinetuneConfig
+    from training.finetune.accelerator import auto_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -88,5 +89,5 @@ def test_auto_takes_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, c
     assert native_bf16(gpu) == (capability >= (8, 0)) and not native_bf16(cpu)
     assert pick_dtype("auto", gpu) == getattr(torch, dtype) and pick_dtype("auto", cpu) == torch.float32
     assert pick_dtype("float32", gpu) == torch.float32  # a given dtype is kept
-    assert _precision(FinetuneConfig(), gpu) == precision and _precision(FinetuneConfig(), cpu) == "no"
-    assert _precision(FinetuneConfig(precision="fp16"), gpu) == "fp16"
+    assert auto_precision(FinetuneConfig(), gpu) == precision and auto_precision(FinetuneConfig(), cpu) == "no"
+    assert auto_precision(FinetuneConfig(precision="fp16"), gpu) == "fp16"
