@@ -159,8 +159,10 @@ def _save_model(accelerator, model, tokenizer, folder: Path, marker: dict, lora:
             copy.deepcopy(adapted).merge_and_unload().save_pretrained(tmp)
     else:
         state_dict = accelerator.get_state_dict(model)  # every process (sharded models gather here)
-        accelerator.unwrap_model(model).save_pretrained(tmp, is_main_process=accelerator.is_main_process,
-                                                        state_dict=state_dict)
+        # Process 0 alone touches the folder: save_pretrained with is_main_process=False still creates
+        # and lists it, and a process that lagged there failed once process 0 had renamed it below.
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         write_json(tmp / CHECKPOINT_MARKER, marker)
