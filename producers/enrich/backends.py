@@ -127,13 +127,11 @@ class LocalBackend:
         if self._model is None:
             import torch
 
-            from producers.shared.devices import native_bf16
+            from producers.shared.devices import inference_dtype
             from producers.shared.models import load_causal_lm
 
-            cuda = torch.cuda.is_available()
-            self._device = torch.device("cuda" if cuda else "cpu")
-            # a V100 or T4 only emulates bf16: float16 there (generation needs no loss scaling)
-            dtype = (torch.bfloat16 if native_bf16(self._device) else torch.float16) if cuda else torch.float32
+            self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = inference_dtype(self._device)
             self._log(f"loading {self.options.model} ({self._resolved()}) on {self._device}, {dtype}")
             self._model = load_causal_lm(self._resolved(), dtype=dtype).to(self._device)
         return self._model

@@ -3,7 +3,8 @@
 CoLES and the session encoder call `pick_device`; fine-tuning and embedding call
 `training.hardware.choose_device`, which adds the rank's GPU under torchrun but reads the
 override through `requested_device` too. `native_bf16` says whether a GPU computes in bf16 or
-only emulates it: the LLM enricher, fine-tuning and embedding choose their dtypes by it.
+only emulates it: fine-tuning chooses its precision by it, and `inference_dtype` (the LLM enricher's
+and embedding's `auto` dtype) its float type.
 """
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def native_bf16(device: Any) -> bool:
     import torch
 
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def inference_dtype(device: Any) -> Any:
+    """The torch dtype a forward-only model (embedding, the LLM enricher) runs in by default: float32 on
+    the CPU (exact batch invariance), bfloat16 on a GPU with bf16 tensor cores, float16 on an older GPU
+    (V100, T4), which only emulates bf16 (no loss scaling is needed without a backward)."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16

@@ -5,8 +5,10 @@ then averaged over the text's real tokens (the attention mask), in float32. The 
 range is the authors' `hidden_states[9:]` of `output_hidden_states=True`, where index 0 is the
 embedding output and the last index is the final (normed) hidden state.
 
-The vector does not depend on how texts are batched: padding is masked out of attention and
-of the mean, and positions come from the mask, so left padding gives what right padding gives.
+The vector does not depend on how texts are batched: padding never reaches a real token (right
+padding sits after every real token under the causal mask, so no mask is sent; left padding is
+masked, with positions counted from the mask) and is left out of the mean, so left padding gives
+what right padding gives.
 
 How a run is laid out (per embeddings *set* = one model, checkpoint, layer range and text kind):
 

@@ -370,17 +370,15 @@ def pick_device(device: str = "auto") -> Any:
 
 
 def pick_dtype(dtype: str, device: Any) -> Any:
-    """`auto`: float32 on the CPU (exact batch invariance), bfloat16 on a GPU with bf16 tensor cores, and
-    float16 on an older GPU (V100, T4), which only emulates bf16; vectors that overflow float16 are
-    refused by the embedding loop, not stored."""
+    """`auto`: `producers.shared.devices.inference_dtype` (float32 on the CPU, bfloat16 on a GPU with bf16
+    tensor cores, float16 on an older one); vectors that overflow float16 are refused by the embedding
+    loop, not stored."""
     import torch
 
-    from producers.shared.devices import native_bf16
+    from producers.shared.devices import inference_dtype
 
     if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return inference_dtype(device)
     try:
         chosen = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                   "float16": torch.float16, "fp16": torch.float16}[dtype]
